@@ -1,0 +1,43 @@
+# Two commands do all the set-up: `make run` and `make test` (each creates or reuses .venv).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+SOURCE ?=
+PROFILE ?= cpu
+STORAGE ?=
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: run test ui lint bench venv clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+venv: $(BIN)/.installed
+
+$(AIRFLOW_HOME)/airflow.db: $(BIN)/.installed
+	$(BIN)/airflow db migrate > /dev/null
+
+# The DAG once, end to end, on the embedded default; prints where the report is.
+run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
+	$(BIN)/python -m gender_tasks run --profile "$(PROFILE)" $(if $(SOURCE),--source "$(SOURCE)") $(if $(STORAGE),--storage "$(STORAGE)")
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+# The Airflow UI (and scheduler) on the embedded default: http://localhost:8080
+ui: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
+	$(BIN)/airflow standalone
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf .airflow .data

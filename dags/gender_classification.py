@@ -1,0 +1,136 @@
+"""
+### Gender classification on AI-generated faces
+
+Reproduces *Exploring Gender Classification Performance on AI-Generated Facial Datasets Using
+Transfer Learning Models* end to end:
+
+1. **ingest** the labeled faces (a folder, a zip, `s3://…` or `kaggle:owner/slug`) into object storage,
+   content-addressed;
+2. **split** 70/15/15, stratified and seeded;
+3. **validate** counts, labels and images with Great Expectations (a failure stops the run and says why);
+4. **preprocess** each image once per input size into a cached uint8 array;
+5. **train** the study's four models as mapped tasks (custom CNN, ResNet50, InceptionV3, MobileNetV2);
+6. **report**: one self-contained HTML file, the study's Table 1 beside ours, with uncertainty and audits.
+
+Runs on demand (trigger with the form) or on the cron schedule in `GENDER_SCHEDULE`.
+All logic lives in the `gender_tasks` package; this file only wires it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+MODELS = ["cnn", "resnet50", "inceptionv3", "mobilenetv2"]
+TRAIN_QUEUE = os.environ.get("GENDER_TRAIN_QUEUE", "default")
+TRAIN_POOL = os.environ.get("GENDER_TRAIN_POOL", "default_pool")
+
+
+def _step(name: str, *args, **kwargs):
+    """Call gender_tasks.pipeline.<name>; bad input or settings fail the task without retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+    from gender_tasks import pipeline
+    from gender_tasks.errors import PermanentError
+
+    try:
+        return getattr(pipeline, name)(*args, **kwargs)
+    except PermanentError as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+@dag(
+    dag_id="gender_classification",
+    schedule=os.environ.get("GENDER_SCHEDULE") or None,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["ml", "gender-classification", "paper-reproduction"],
+    default_args={"owner": "ml-platform", "retries": 2, "retry_delay": pendulum.duration(minutes=1)},
+    doc_md=__doc__,
+    params={
+        "source": Param(
+            os.environ.get("GENDER_SOURCE", "kaggle:bwandowando/all-these-people-dont-exist"),
+            type="string", minLength=1, title="Dataset source",
+            description="A folder with female/ and male/ subfolders, a .zip of one, s3://bucket/prefix, "
+            "or kaggle:owner/slug.",
+        ),
+        "storage": Param(
+            os.environ.get("GENDER_STORAGE", ""), type="string", title="Object storage",
+            description="s3://bucket/prefix (AWS or MinIO via AWS_ENDPOINT_URL) or a local folder; "
+            "empty: the embedded default folder.",
+        ),
+        "profile": Param("cpu", type="string", enum=["paper", "cpu", "tiny"], title="Training profile",
+                         description="paper: the study's settings (GPU); cpu: minutes on a laptop; tiny: tests."),
+        "models": Param(MODELS, type="array", title="Models to train",
+                        items={"type": "string", "enum": MODELS}, minItems=1, uniqueItems=True),
+        "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500, title="Epochs",
+                        description="Overrides the profile's epochs for every model (empty: the profile's)."),
+        "image_size": Param(None, type=["null", "integer"], minimum=16, maximum=512, title="Image size (px)",
+                            description="Overrides the profile's input size (InceptionV3 never below 75)."),
+        "weights": Param(None, type=["null", "string"], title="Pretrained weights",
+                         description="none, imagenet, or a folder / s3:// prefix holding <model>.pth "
+                         "(empty: the profile's)."),
+        "seed": Param(42, type="integer", minimum=0, title="Seed", description="For the split, "
+                      "initialisation and augmentation."),
+    },
+)
+def gender_classification():
+    @task
+    def prepare() -> dict:
+        return _step("prepare", dict(get_current_context()["params"]))
+
+    @task
+    def ingest(settings: dict) -> dict:
+        return _step("ingest", settings)
+
+    @task
+    def split(settings: dict, dataset: dict) -> dict:
+        return _step("split", settings, dataset)
+
+    @task
+    def validate(settings: dict, split_info: dict) -> dict:
+        return _step("validate", settings, split_info)
+
+    @task
+    def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
+        return _step("preprocess", settings, dataset, split_info)
+
+    @task
+    def plan_training(settings: dict) -> list[str]:
+        return settings["models"]
+
+    @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, map_index_template="{{ model_name }}")
+    def train(model_name: str, settings: dict, dataset: dict, split_info: dict) -> dict:
+        from gender_tasks import pipeline
+
+        context = get_current_context()
+        context["model_name"] = model_name
+        parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
+        run_key = pipeline.run_key_for(context["run_id"])
+        return _step("train", settings, dataset, split_info, model_name, run_key, parallel_tasks=parallel)
+
+    @task
+    def report(settings: dict, dataset: dict, split_info: dict, validation: dict, trained: list[dict]) -> dict:
+        from gender_tasks import pipeline
+
+        run_id = get_current_context()["run_id"]
+        durations = {"ingest": dataset["seconds"], "split": split_info["seconds"], "validate": validation["seconds"]}
+        durations |= {f"train {t['model']}": t["seconds"] for t in trained}
+        return _step("report", settings, dataset, split_info, validation, pipeline.run_key_for(run_id),
+                     run_id=run_id, task_durations=durations)  # fmt: skip
+
+    settings = prepare()
+    dataset = ingest(settings)
+    split_info = split(settings, dataset)
+    validation = validate(settings, split_info)
+    caches = preprocess(settings, dataset, split_info)
+    trained = train.partial(settings=settings, dataset=dataset, split_info=split_info).expand(
+        model_name=plan_training(settings)
+    )
+    validation >> caches >> trained
+    report(settings, dataset, split_info, validation, trained)
+
+
+gender_classification()

@@ -1,0 +1,117 @@
+"""Command line: `python -m gender_tasks run|predict`.
+
+`run` executes the Airflow DAG once, end to end, in this process (Airflow's `dag.test()`, on the
+embedded default: SQLite metadata database, local-folder storage), then prints where the report is.
+`predict` classifies a folder of images with a trained model of a run and writes a CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DAG_ID = "gender_classification"
+
+
+def airflow_env_defaults() -> None:
+    """The embedded default: an AIRFLOW_HOME inside the checkout, this repo's dags and plugins."""
+    os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow"))
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+    os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    if str(REPO) not in pythonpath.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), pythonpath) if p)
+
+
+def _preflight(conf: dict) -> dict:
+    """Check settings and the source before starting Airflow, so mistakes fail in seconds."""
+    from .config import resolve_settings
+    from .sources import check_kaggle_reachable, is_kaggle
+
+    settings = resolve_settings(conf)
+    if is_kaggle(settings["source"]):
+        check_kaggle_reachable()
+    elif not settings["source"].startswith("s3://") and not Path(settings["source"]).expanduser().exists():
+        from .sources import SourceError
+
+        raise SourceError(
+            f"dataset source {settings['source']!r} does not exist; give a folder with female/ and male/ subfolders"
+        )
+    return settings
+
+
+def run_dag(conf: dict) -> int:
+    from .errors import PermanentError
+
+    try:
+        _preflight(conf)
+    except PermanentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    airflow_env_defaults()
+    from airflow.dag_processing.dagbag import DagBag  # noqa: PLC0415  (Airflow only for this command)
+    from airflow.utils.state import DagRunState
+
+    from .pipeline import run_key_for
+    from .report import report_key
+    from .storage import LocalStorage, open_storage
+
+    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    if bag.import_errors:
+        print(f"error: the DAG files do not import: {bag.import_errors}", file=sys.stderr)
+        return 1
+    dag = bag.dags[DAG_ID]
+    run = dag.test(run_conf=conf)
+    storage = open_storage(conf.get("storage") or "")
+    key = report_key(run_key_for(run.run_id))
+    if run.state != DagRunState.SUCCESS or not storage.exists(key):
+        failed = [ti.task_id for ti in run.get_task_instances() if ti.state == "failed"]
+        print(f"\nerror: run {run.run_id} ended {run.state}; failed task(s): {failed}. "
+              "The task log above says why.", file=sys.stderr)  # fmt: skip
+        return 1
+    where = LocalStorage.local_path(storage, key) if isinstance(storage, LocalStorage) else storage.url(key)
+    print(f"\nRun {run.run_id} succeeded.\nReport: {where}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gender_tasks", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the DAG once, end to end, in this process")
+    run.add_argument("--source", help="folder, .zip, s3://bucket/prefix or kaggle:owner/slug")
+    run.add_argument("--profile", help="paper | cpu | tiny")
+    run.add_argument("--storage", help="s3://bucket/prefix or a local folder (default: ./.data/store)")
+    run.add_argument("--models", help="comma-separated subset of cnn,resnet50,inceptionv3,mobilenetv2")
+    run.add_argument("--epochs", type=int)
+    run.add_argument("--weights", help="none | imagenet | folder or s3:// prefix of <model>.pth")
+    run.add_argument("--conf", default="{}", help="more DAG params as JSON")
+
+    pred = sub.add_parser("predict", help="classify a folder of images with a run's model")
+    pred.add_argument("--model", required=True, help="a model.ts file, or its storage URI")
+    pred.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
+    pred.add_argument("--out", required=True, type=Path, help="CSV to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "run":
+        conf = json.loads(args.conf)
+        for key in ("source", "profile", "storage", "epochs", "weights"):
+            if getattr(args, key) not in (None, ""):
+                conf[key] = getattr(args, key)
+        if args.models:
+            conf["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+        return run_dag(conf)
+
+    from .predict import predict_folder
+
+    n = predict_folder(args.model, args.images, args.out)
+    print(f"wrote {n} predictions to {args.out}")
+    return 0

@@ -1,0 +1,196 @@
+"""Gather every model's outputs into one self-contained HTML report and machine-readable results.
+
+    runs/<run_key>/report.html    the study's Table 1 beside ours, uncertainty, plots, audits
+    runs/<run_key>/results.json   the same numbers as data
+
+The template lives in `include/report.html.j2`; Jinja2 autoescaping keeps text that comes from
+data (file names, labels, settings) from injecting markup. Plots are inline SVG (matplotlib).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import CLASSES
+from .metrics import encode_labels
+from .stats import bootstrap_ci, mcnemar
+from .storage import Storage
+from .train import model_prefix
+
+log = logging.getLogger(__name__)
+
+INCLUDE = Path(__file__).resolve().parent.parent / "include"
+MODEL_LABELS = {"cnn": "CNN", "resnet50": "ResNet50", "inceptionv3": "Inception V3", "mobilenetv2": "MobileNet V2"}
+SIGNIFICANCE = 0.05
+
+
+def report_key(run_key: str) -> str:
+    return f"runs/{run_key}/report.html"
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg") :]  # drop the XML prolog so it can sit inside HTML
+
+
+def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.5, 2.8))
+    ax1.plot(epochs, [h["accuracy"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["val_accuracy"] for h in history], "s--", label="validation")
+    ax1.set(title="Accuracy", xlabel="epoch", ylim=(0, 1.02))
+    ax2.plot(epochs, [h["loss"] for h in history], "o-", label="train")
+    ax2.plot(epochs, [h["val_loss"] for h in history], "s--", label="validation")
+    ax2.set(title="Loss", xlabel="epoch")
+    ax1.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    curves = _svg(fig)
+
+    fig, ax = plt.subplots(figsize=(2.8, 2.6))
+    arr = np.asarray(cm)
+    ax.imshow(arr, cmap="Blues")
+    for (i, j), v in np.ndenumerate(arr):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > arr.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASSES, yticklabels=CLASSES, xlabel="predicted", ylabel="true")
+    ax.set_title("Confusion matrix (test)")
+    confusion = _svg(fig)
+
+    fig, ax = plt.subplots(figsize=(2.8, 2.6))
+    if len(set(np.asarray(y_true).tolist())) == 2:
+        fpr, tpr, _ = roc_curve(y_true, prob)
+        ax.plot(fpr, tpr)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test, male = positive)")
+    roc = _svg(fig)
+    return {"curves": curves, "confusion": confusion, "roc": roc}
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=INCLUDE.parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_model_outputs(storage: Storage, run_key: str, model_name: str) -> dict:
+    prefix = model_prefix(run_key, model_name)
+    return {
+        "metrics": json.loads(storage.get_bytes(f"{prefix}/metrics.json")),
+        "history": json.loads(storage.get_bytes(f"{prefix}/history.json")),
+        "predictions": pd.read_csv(io.BytesIO(storage.get_bytes(f"{prefix}/predictions.csv")), keep_default_na=False),
+    }
+
+
+def build_report(
+    storage: Storage,
+    *,
+    run_key: str,
+    settings: dict,
+    dataset: dict,
+    validation: dict,
+    split_counts: dict,
+    task_durations: dict | None = None,
+    run_id: str | None = None,
+) -> dict:
+    """Write report.html and results.json for a run; returns their URIs and the headline numbers."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    paper = json.loads((INCLUDE / "paper_table1.json").read_text())
+    outputs = {m: load_model_outputs(storage, run_key, m) for m in settings["models"]}
+
+    rows, per_model, test_preds = [], {}, {}
+    for name, out in outputs.items():
+        met, hist, preds = out["metrics"], out["history"], out["predictions"]
+        test = preds[preds["split"] == "test"].sort_values("key")
+        y_true = encode_labels(test["label"])
+        y_pred = encode_labels(test["predicted"])
+        test_preds[name] = (test["key"].tolist(), y_true, y_pred)
+        ci = bootstrap_ci(y_true, y_pred, seed=settings["seed"])
+        ref = paper["models"][name]
+        t = met["test"]
+        rows.append({
+            "model": name, "label": MODEL_LABELS[name],
+            "ours": {"train_accuracy": met["train_accuracy"], "test_accuracy": t["accuracy"],
+                     "precision": t["weighted"]["precision"], "recall": t["weighted"]["recall"],
+                     "f1": t["weighted"]["f1"]},
+            "macro": t["macro"], "paper": ref, "ci": ci, "roc_auc": t["roc_auc"],
+        })  # fmt: skip
+        recalls = t["per_class_recall"]
+        per_model[name] = {
+            "label": MODEL_LABELS[name],
+            "metrics": met,
+            "plots": _plots(hist, t["confusion_matrix"], y_true, test["prob_male"].to_numpy()),
+            "recall_gap": recalls["female"] - recalls["male"],
+        }
+
+    comparisons = []
+    for a, b in itertools.combinations(test_preds, 2):
+        keys_a, y, pa = test_preds[a]
+        keys_b, _, pb = test_preds[b]
+        if keys_a != keys_b:
+            continue  # different test sets cannot be paired
+        res = mcnemar(y, pa, pb)
+        acc_a, acc_b = float((pa == y).mean()), float((pb == y).mean())
+        comparisons.append({"a": MODEL_LABELS[a], "b": MODEL_LABELS[b], "acc_diff": acc_a - acc_b, **res,
+                            "significant": res["p_value"] < SIGNIFICANCE})  # fmt: skip
+
+    totals = {c: sum(split_counts.get(s, {}).get(c, 0) for s in split_counts) for c in CLASSES}
+    balance = {
+        "splits": split_counts,
+        "totals": totals,
+        "imbalance_ratio": max(totals.values()) / max(min(totals.values()), 1),
+    }
+    results = {
+        "run_id": run_id,
+        "run_key": run_key,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": dataset,
+        "settings": settings,
+        "validation": validation,
+        "class_balance": balance,
+        "table": rows,
+        "comparisons": comparisons,
+        "recall_gaps": {m: v["recall_gap"] for m, v in per_model.items()},
+        "task_durations": task_durations or {},
+        "environment": {"code_version": code_version(), "python": platform.python_version(),
+                        "platform": platform.platform(), "machine": platform.machine(),
+                        "devices": sorted({v["metrics"]["device"] for v in per_model.values()})},  # fmt: skip
+    }
+    env = Environment(loader=FileSystemLoader(INCLUDE), autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(
+        r=results, paper=paper, per_model=per_model, alpha=SIGNIFICANCE,
+        settings_json=json.dumps(settings, indent=1, sort_keys=True),
+    )  # fmt: skip
+    storage.put_bytes(f"runs/{run_key}/results.json", json.dumps(results, indent=1, default=str).encode())
+    storage.put_bytes(report_key(run_key), html.encode())
+    log.info("report written to %s", storage.url(report_key(run_key)))
+    return {
+        "report_uri": storage.url(report_key(run_key)),
+        "results_uri": storage.url(f"runs/{run_key}/results.json"),
+        "test_accuracy": {r["model"]: r["ours"]["test_accuracy"] for r in rows},
+    }

@@ -1,0 +1,127 @@
+"""Dataset sources: one string selects where the labeled images come from.
+
+    /path/to/folder            folder-per-class (female/, male/; any case; below one wrapping folder)
+    /path/to/file.zip          the same layout inside a zip
+    s3://bucket/prefix         the same layout under an S3 prefix
+    kaggle:owner/slug          a Kaggle dataset, downloaded through kagglehub
+
+Each resolves to a local folder that `ingest` scans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import PermanentError
+
+log = logging.getLogger(__name__)
+
+KAGGLE_HOST = "www.kaggle.com"
+HOW_TO_USE_A_FOLDER = (
+    "To run on a local copy instead, point the source at a folder with female/ and male/ "
+    "subfolders, e.g. `make run SOURCE=/path/to/faces` (or the DAG param `source`)."
+)
+# A zip entry or a whole archive above these is refused as a decompression bomb.
+MAX_ZIP_TOTAL_BYTES = 20 * 1024**3
+MAX_ZIP_RATIO = 200
+
+
+class SourceError(PermanentError):
+    """The dataset source is missing, unreachable or malformed; the message says what to do."""
+
+
+def is_kaggle(source: str) -> bool:
+    return source.startswith("kaggle:")
+
+
+def check_kaggle_reachable(timeout: float = 5.0) -> None:
+    """Fail within seconds, with the fix, where Kaggle cannot be reached."""
+    if os.environ.get("GENDER_OFFLINE") == "1":
+        raise SourceError(f"Kaggle is not reachable: GENDER_OFFLINE=1 is set. {HOW_TO_USE_A_FOLDER}")
+    try:
+        with socket.create_connection((KAGGLE_HOST, 443), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise SourceError(
+            f"Kaggle ({KAGGLE_HOST}) cannot be reached from this machine ({exc}); no network or a "
+            f"proxy blocks it. {HOW_TO_USE_A_FOLDER}"
+        ) from None
+
+
+def download_kaggle(handle: str) -> Path:
+    """Download (or reuse kagglehub's cache of) a Kaggle dataset; returns its local folder."""
+    check_kaggle_reachable()
+    import kagglehub
+
+    try:
+        return Path(kagglehub.dataset_download(handle))
+    except Exception as exc:  # kagglehub raises several unrelated types
+        raise SourceError(
+            f"downloading the Kaggle dataset {handle!r} failed: {exc}. Public datasets need no "
+            "credentials; private ones need KAGGLE_USERNAME and KAGGLE_KEY (or ~/.kaggle/kaggle.json). "
+            f"{HOW_TO_USE_A_FOLDER}"
+        ) from exc
+
+
+def safe_extract_zip(archive: Path, target: Path) -> Path:
+    """Extract `archive` into `target`, refusing entries that escape it and decompression bombs."""
+    target = target.resolve()
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise SourceError(f"{archive} is not a readable zip file ({exc}); re-download or re-create it") from None
+    with zf:
+        total = 0
+        for info in zf.infolist():
+            dest = (target / info.filename).resolve()
+            if info.filename.startswith("/") or not dest.is_relative_to(target):
+                raise SourceError(
+                    f"zip entry {info.filename!r} in {archive} would be written outside the target folder; "
+                    "the archive is unsafe, re-create it with relative paths only"
+                )
+            total += info.file_size
+            if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO:
+                raise SourceError(
+                    f"zip entry {info.filename!r} in {archive} expands {info.file_size / info.compress_size:.0f}x "
+                    f"(limit {MAX_ZIP_RATIO}x): refused as a decompression bomb; re-create the archive"
+                )
+        if total > MAX_ZIP_TOTAL_BYTES:
+            raise SourceError(
+                f"{archive} would expand to {total / 1e9:.1f} GB (limit {MAX_ZIP_TOTAL_BYTES / 1e9:.0f} GB): "
+                "refused as a decompression bomb"
+            )
+        zf.extractall(target)
+    return target
+
+
+def resolve_source(source: str, workdir: Path | None = None) -> Path:
+    """Return a local folder holding the dataset that `source` names."""
+    if not source:
+        raise SourceError(f"no dataset source given. {HOW_TO_USE_A_FOLDER}")
+    if is_kaggle(source):
+        return download_kaggle(source.removeprefix("kaggle:"))
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="gender-src-"))
+    if source.startswith("s3://"):
+        from .storage import S3Storage, copy_tree_to_local
+
+        bucket, _, prefix = source.removeprefix("s3://").partition("/")
+        files = copy_tree_to_local(S3Storage(bucket), prefix.rstrip("/") + "/" if prefix else "", workdir / "s3")
+        if not files:
+            raise SourceError(f"the S3 source {source} holds no objects; check the bucket and prefix")
+        return workdir / "s3"
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(
+            f"dataset source {source!r} does not exist. Give a folder with female/ and male/ subfolders, "
+            "a .zip of one, s3://bucket/prefix or kaggle:owner/slug"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".zip":
+            raise SourceError(f"dataset source {source!r} is a file but not a .zip; give a folder or a zip")
+        return safe_extract_zip(path, workdir / "zip")
+    return path

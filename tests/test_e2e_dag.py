@@ -1,0 +1,58 @@
+"""The whole DAG, end to end, in-process (Airflow's dag.test()) on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_dag_runs_end_to_end_and_reports_every_model(airflow_db, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    from gender_tasks.pipeline import run_key_for
+    from gender_tasks.storage import LocalStorage
+
+    source = write_dataset(tmp_path / "faces", 24)
+    store = tmp_path / "store"
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["gender_classification"]
+    run = dag.test(run_conf={"source": str(source), "storage": str(store), "profile": "tiny", "epochs": 1})
+    assert run.state == DagRunState.SUCCESS
+
+    storage = LocalStorage(store)
+    run_key = run_key_for(run.run_id)
+    html = storage.get_bytes(f"runs/{run_key}/report.html").decode()
+    results = json.loads(storage.get_bytes(f"runs/{run_key}/results.json"))
+    models = {row["model"]: row for row in results["table"]}
+    assert set(models) == {"cnn", "resnet50", "inceptionv3", "mobilenetv2"}
+    for name, row in models.items():
+        assert f'data-model="{name}"' in html
+        for metric in ("train_accuracy", "test_accuracy", "precision", "recall", "f1"):
+            assert 0.0 <= row["ours"][metric] <= 1.0, (name, metric)
+    assert results["class_balance"]["totals"] == {"female": 24, "male": 24}
+    assert results["validation"]["success"] is True
+    # Mapped training tasks are named after their model in the UI.
+    names = {ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "train"}
+    assert names == {"cnn", "resnet50", "inceptionv3", "mobilenetv2"}
+
+
+@pytest.mark.slow
+def test_bad_data_stops_the_run_at_validation_without_retrying(airflow_db, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    source = write_dataset(tmp_path / "faces", 12)
+    (source / "male" / "corrupt.jpg").write_bytes(b"\xff\xd8 not an image")
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["gender_classification"]
+    run = dag.test(run_conf={"source": str(source), "storage": str(tmp_path / "store"), "profile": "tiny"})
+    assert run.state == DagRunState.FAILED
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["validate"] == TaskInstanceState.FAILED
+    assert states["ingest"] == TaskInstanceState.SUCCESS
+    assert {states["train"], states["report"]} <= {TaskInstanceState.UPSTREAM_FAILED, None}

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import write_dataset
+
+from gender_tasks import pipeline
+from gender_tasks.stats import bootstrap_ci, mcnemar
+from gender_tasks.storage import open_storage
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 1000)
+    pred = np.where(rng.random(1000) < 0.9, y, 1 - y)
+    ci = bootstrap_ci(y, pred)
+    acc = (y == pred).mean()
+    assert ci["accuracy"][0] < acc < ci["accuracy"][1]
+    assert ci["accuracy"][1] - ci["accuracy"][0] < 0.05
+    small = bootstrap_ci(y[:100], pred[:100])
+    assert small["accuracy"][1] - small["accuracy"][0] > ci["accuracy"][1] - ci["accuracy"][0]
+
+
+def test_mcnemar_separates_noise_from_real_differences():
+    y = np.zeros(1000, dtype=int)
+    a = y.copy()
+    b = y.copy()
+    b[:10] = 1  # b wrong on 10 images a gets right
+    a[10:15] = 1  # a wrong on 5 images b gets right
+    assert mcnemar(y, a, b)["p_value"] > 0.05
+    b[:60] = 1
+    res = mcnemar(y, a, b)
+    assert (res["only_a_right"], res["only_b_right"]) == (55, 0)
+    assert res["p_value"] < 0.001
+
+
+@pytest.mark.slow
+def test_report_shows_every_model_and_escapes_data(tmp_path):
+    # A class folder name and a source path that try to inject markup.
+    src = tmp_path / "<script>alert(1)</script>"
+    write_dataset(src, 16)
+    settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                                 "models": ["cnn", "mobilenetv2"], "min_rows": 10, "epochs": 1})  # fmt: skip
+    dataset = pipeline.ingest(settings)
+    split_info = pipeline.split(settings, dataset)
+    validation = pipeline.validate(settings, split_info)
+    pipeline.preprocess(settings, dataset, split_info)
+    for m in settings["models"]:
+        pipeline.train(settings, dataset, split_info, m, "run1")
+    out = pipeline.report(settings, dataset, split_info, validation, "run1", run_id="manual__<b>x</b>")
+    storage = open_storage(settings["storage"])
+    html = storage.get_bytes("runs/run1/report.html").decode()
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
+    assert "<b>x</b>" not in html
+    assert 'data-model="cnn"' in html and 'data-model="mobilenetv2"' in html
+    for section in ("Table 1", "Uncertainty", "Class-balance audit", "Data validation", "Run metadata"):
+        assert section in html
+    assert html.count("<svg") >= 6  # curves, confusion matrix and ROC per model
+    results = json.loads(storage.get_bytes("runs/run1/results.json"))
+    assert {r["model"] for r in results["table"]} == {"cnn", "mobilenetv2"}
+    assert len(results["comparisons"]) == 1
+    assert set(out["test_accuracy"]) == {"cnn", "mobilenetv2"}

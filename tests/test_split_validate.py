@@ -1,0 +1,82 @@
+import pandas as pd
+import pytest
+from conftest import write_dataset
+
+from gender_tasks.config import resolve_settings
+from gender_tasks.ingest import ingest_folder, manifest_key, read_manifest
+from gender_tasks.split import assign_splits, split_counts
+from gender_tasks.validate import ValidationFailed, validate_manifest
+
+
+def _manifest(n_f=60, n_m=40):
+    rows = [{"key": f"k{i}", "label": "female" if i < n_f else "male", "sha256": f"{i:064x}", "bytes": 10,
+             "width": 64, "height": 64, "format": "jpeg", "decodable": True, "error": "",
+             "source_path": f"{'female' if i < n_f else 'male'}/{i}.jpg"} for i in range(n_f + n_m)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_split_is_stratified_seeded_and_70_15_15():
+    m = _manifest(200, 100)
+    a = assign_splits(m, 7, [0.7, 0.15, 0.15])
+    b = assign_splits(m, 7, [0.7, 0.15, 0.15])
+    c = assign_splits(m, 8, [0.7, 0.15, 0.15])
+    assert a["split"].tolist() == b["split"].tolist() != c["split"].tolist()
+    counts = split_counts(a)
+    assert counts["train"] == {"female": 140, "male": 70}
+    assert counts["val"] == {"female": 30, "male": 15} and counts["test"] == {"female": 30, "male": 15}
+
+
+def test_identical_images_share_a_split():
+    m = _manifest(30, 30)
+    m.loc[5, "sha256"] = m.loc[6, "sha256"]
+    s = assign_splits(m, 1, [0.7, 0.15, 0.15])
+    assert s.loc[5, "split"] == s.loc[6, "split"]
+
+
+def _settings(**kw):
+    return resolve_settings({"min_rows": 10, **kw})
+
+
+def test_valid_manifest_passes():
+    m = assign_splits(_manifest(), 1, [0.7, 0.15, 0.15])
+    summary = validate_manifest(m, _settings())
+    assert summary["success"] and summary["evaluated"] == 10 and summary["failed"] == []
+
+
+def test_failures_are_listed_in_words_with_example_files(tmp_path, local_storage):
+    root = write_dataset(tmp_path / "d", 12)
+    (root / "female" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = ingest_folder(root, local_storage)
+    m = assign_splits(read_manifest(local_storage, manifest_key(out["dataset_id"])), 1, [0.7, 0.15, 0.15])
+    with pytest.raises(ValidationFailed) as err:
+        validate_manifest(m, _settings())
+    text = str(err.value)
+    assert "every image decodes" in text and "female/broken.jpg" in text and "Fix:" in text
+
+
+@pytest.mark.parametrize(
+    "mutate, says",
+    [
+        (lambda m: m.assign(label=m["label"].where(m.index != 3, "unknown")), "every label is female or male"),
+        (lambda m: m.assign(sha256=m["sha256"].where(m.index != 4, m.loc[5, "sha256"])), "no image appears twice"),
+        (lambda m: m.assign(width=m["width"].where(m.index != 2, 8)), "at least 32 px"),
+        (lambda m: m[m["label"] == "female"], "both classes are present"),
+        (lambda m: m.iloc[:5], "between 10 and"),
+    ],
+)
+def test_each_expectation_can_fail(mutate, says):
+    m = mutate(assign_splits(_manifest(), 1, [0.7, 0.15, 0.15])).reset_index(drop=True)
+    with pytest.raises(ValidationFailed, match=says):
+        validate_manifest(m, _settings())
+
+
+def test_imbalance_and_leakage_fail():
+    m = assign_splits(_manifest(95, 15), 1, [0.7, 0.15, 0.15])
+    with pytest.raises(ValidationFailed, match="female share between 0.2 and 0.8"):
+        validate_manifest(m, _settings())
+    m = assign_splits(_manifest(), 1, [0.7, 0.15, 0.15])
+    train_row = m.index[m["split"] == "train"][0]
+    test_row = m.index[m["split"] == "test"][0]
+    m.loc[test_row, "sha256"] = m.loc[train_row, "sha256"]
+    with pytest.raises(ValidationFailed, match="no image is in two splits"):
+        validate_manifest(m, _settings())
