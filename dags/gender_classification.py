@@ -117,7 +117,8 @@ def gender_classification():
 
         run_id = get_current_context()["run_id"]
         durations = {"ingest": dataset["seconds"], "split": split_info["seconds"], "validate": validation["seconds"]}
-        durations |= {f"train {t['model']}": t["seconds"] for t in trained}
+        # Index rather than iterate: iterating a mapped result probes one past its end (a logged 404).
+        durations |= {f"train {t['model']}": t["seconds"] for t in (trained[i] for i in range(len(trained)))}
         return _step("report", settings, dataset, split_info, validation, pipeline.run_key_for(run_id),
                      run_id=run_id, task_durations=durations)  # fmt: skip
 

@@ -44,10 +44,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "fine_tune_learning_rate": 1e-4,
         "models": {
-            "cnn": {"image_size": 64, "epochs": 8, "freeze_epochs": 0},
-            "resnet50": {"image_size": 64, "epochs": 3, "freeze_epochs": 0},
-            "inceptionv3": {"image_size": 75, "epochs": 3, "freeze_epochs": 0},
-            "mobilenetv2": {"image_size": 64, "epochs": 3, "freeze_epochs": 0},
+            "cnn": {"image_size": 64, "epochs": 12, "freeze_epochs": 0},
+            "resnet50": {"image_size": 64, "epochs": 5, "freeze_epochs": 0},
+            "inceptionv3": {"image_size": 75, "epochs": 5, "freeze_epochs": 0},
+            "mobilenetv2": {"image_size": 64, "epochs": 5, "freeze_epochs": 0},
         },
     },
     # For tests and smoke checks: the whole DAG in well under a minute per model.
