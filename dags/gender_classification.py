@@ -28,6 +28,13 @@ TRAIN_QUEUE = os.environ.get("GENDER_TRAIN_QUEUE", "default")
 TRAIN_POOL = os.environ.get("GENDER_TRAIN_POOL", "default_pool")
 
 
+def pipeline_run_key() -> str:
+    """The storage folder of the current run (its run id made path-safe)."""
+    from gender_tasks.pipeline import run_key_for
+
+    return run_key_for(get_current_context()["run_id"])
+
+
 def _step(name: str, *args, **kwargs):
     """Call gender_tasks.pipeline.<name>; bad input or settings fail the task without retries."""
     from airflow.sdk.exceptions import AirflowFailException
@@ -74,6 +81,12 @@ def _step(name: str, *args, **kwargs):
                          "(empty: the profile's)."),
         "seed": Param(42, type="integer", minimum=0, title="Seed", description="For the split, "
                       "initialisation and augmentation."),
+        "label_audit": Param(True, type="boolean", title="Label audit",
+                             description="Out-of-fold predictions for every image, ranking likely mislabels."),
+        "external_eval": Param([], type="array", items={"type": "string", "minLength": 1},
+                               title="External evaluation sets",
+                               description="Extra labeled folders every model is evaluated on, each 'path' or "
+                               "'path?<pandas query over its labels.csv>', e.g. '/data/utkface?age >= 16'."),
     },
 )
 def gender_classification():
@@ -103,24 +116,30 @@ def gender_classification():
 
     @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, map_index_template="{{ model_name }}")
     def train(model_name: str, settings: dict, dataset: dict, split_info: dict) -> dict:
-        from gender_tasks import pipeline
-
-        context = get_current_context()
-        context["model_name"] = model_name
+        get_current_context()["model_name"] = model_name
         parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
-        run_key = pipeline.run_key_for(context["run_id"])
-        return _step("train", settings, dataset, split_info, model_name, run_key, parallel_tasks=parallel)
+        return _step("train", settings, dataset, split_info, model_name, pipeline_run_key(), parallel_tasks=parallel)
+
+    @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL)
+    def label_audit(settings: dict, dataset: dict, split_info: dict) -> dict:
+        run_key = pipeline_run_key()
+        parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
+        return _step("label_audit", settings, dataset, split_info, run_key, parallel_tasks=parallel)
 
     @task
-    def report(settings: dict, dataset: dict, split_info: dict, validation: dict, trained: list[dict]) -> dict:
-        from gender_tasks import pipeline
+    def evaluate_external(settings: dict) -> dict:
+        return _step("evaluate_external", settings, pipeline_run_key())
 
+    @task
+    def report(settings: dict, dataset: dict, split_info: dict, validation: dict, trained: list[dict],
+               audit: dict, external: dict) -> dict:  # fmt: skip
         run_id = get_current_context()["run_id"]
         durations = {"ingest": dataset["seconds"], "split": split_info["seconds"], "validate": validation["seconds"]}
         # Index rather than iterate: iterating a mapped result probes one past its end (a logged 404).
         durations |= {f"train {t['model']}": t["seconds"] for t in (trained[i] for i in range(len(trained)))}
-        return _step("report", settings, dataset, split_info, validation, pipeline.run_key_for(run_id),
-                     run_id=run_id, task_durations=durations)  # fmt: skip
+        durations |= {"label audit": audit["seconds"], "external evaluation": external["seconds"]}
+        return _step("report", settings, dataset, split_info, validation, pipeline_run_key(),
+                     run_id=run_id, task_durations=durations, label_audit=audit)  # fmt: skip
 
     settings = prepare()
     dataset = ingest(settings)
@@ -130,8 +149,11 @@ def gender_classification():
     trained = train.partial(settings=settings, dataset=dataset, split_info=split_info).expand(
         model_name=plan_training(settings)
     )
-    validation >> caches >> trained
-    report(settings, dataset, split_info, validation, trained)
+    audit = label_audit(settings, dataset, split_info)
+    external = evaluate_external(settings)
+    validation >> caches >> [trained, audit]
+    trained >> external
+    report(settings, dataset, split_info, validation, trained, audit, external)
 
 
 gender_classification()

@@ -81,7 +81,12 @@ DEFAULTS: dict[str, Any] = {
     "min_class_share": 0.2,
     "min_image_side": 32,
     "max_image_pixels": 40_000_000,
-    "num_workers": 0,
+    "near_duplicate_distance": 4,  # perceptual-hash bits; pairs this close in different splits are flagged
+    "near_duplicates_fatal": False,
+    "label_audit": True,  # out-of-fold predictions for every image, to rank likely mislabels
+    "label_audit_folds": 5,
+    "label_audit_model": "cnn",
+    "external_eval": [],  # extra labeled folders: "path" or "path?<pandas query over its labels.csv>"
 }
 
 
@@ -145,6 +150,20 @@ def resolve_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
                 )
         per_model[name] = spec
     settings["per_model"] = per_model
+
+    if settings["label_audit_model"] not in MODEL_NAMES:
+        raise SettingsError(
+            f"unknown label_audit_model {settings['label_audit_model']!r}; expected one of {list(MODEL_NAMES)}"
+        )
+    if int(settings["label_audit_folds"]) < 2:
+        raise SettingsError(f"label_audit_folds must be at least 2, got {settings['label_audit_folds']}")
+    if isinstance(settings["external_eval"], str):
+        settings["external_eval"] = [settings["external_eval"]] if settings["external_eval"] else []
+    audit_spec = dict(profile["models"][settings["label_audit_model"]])
+    if settings["image_size"] is not None:
+        audit_spec["image_size"] = max(int(settings["image_size"]), MIN_IMAGE_SIZE[settings["label_audit_model"]])
+    audit_spec["freeze_epochs"] = 0
+    settings["label_audit_spec"] = audit_spec
 
     split = [float(x) for x in settings["split"]]
     if len(split) != 3 or abs(sum(split) - 1.0) > 1e-6 or min(split) <= 0:

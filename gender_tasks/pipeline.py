@@ -48,13 +48,17 @@ def prepare(conf: dict) -> dict:
 
 @_timed
 def ingest(settings: dict) -> dict:
+    from .attributes import store_attributes
     from .sources import resolve_source
 
     storage = open_storage(settings["storage"])
     workdir = Path(tempfile.mkdtemp(prefix="gender-ingest-"))
     try:
         root = resolve_source(settings["source"], workdir)
-        return ingest_mod.ingest_folder(root, storage, max_pixels=settings["max_image_pixels"])
+        summary = ingest_mod.ingest_folder(root, storage, max_pixels=settings["max_image_pixels"])
+        manifest = ingest_mod.read_manifest(storage, ingest_mod.manifest_key(summary["dataset_id"]))
+        summary["attributes"] = store_attributes(root, storage, summary["dataset_id"], manifest)
+        return summary
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -89,7 +93,10 @@ def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
 
     storage = open_storage(settings["storage"])
     manifest = ingest_mod.read_manifest(storage, split_info["split_key"])
-    sizes = sorted({spec["image_size"] for spec in settings["per_model"].values()})
+    sizes = {spec["image_size"] for spec in settings["per_model"].values()}
+    if settings["label_audit"]:
+        sizes.add(settings["label_audit_spec"]["image_size"])
+    sizes = sorted(sizes)
     return {"cache_keys": [build_cache(storage, manifest, dataset["dataset_id"], size) for size in sizes]}
 
 
@@ -107,12 +114,34 @@ def train(settings: dict, dataset: dict, split_info: dict, model_name: str, run_
 
 
 @_timed
+def label_audit(settings: dict, dataset: dict, split_info: dict, run_key: str, parallel_tasks: int = 1) -> dict:
+    from .label_audit import run_label_audit
+
+    if not settings["label_audit"]:
+        return {"skipped": "label_audit is off in the settings"}
+    storage = open_storage(settings["storage"])
+    manifest = ingest_mod.read_manifest(storage, split_info["split_key"])
+    return run_label_audit(storage, run_key=run_key, manifest=manifest, dataset_id=dataset["dataset_id"],
+                           settings=settings, parallel_tasks=parallel_tasks)  # fmt: skip
+
+
+@_timed
+def evaluate_external(settings: dict, run_key: str) -> dict:
+    from .external import evaluate_external as evaluate
+
+    storage = open_storage(settings["storage"])
+    return {"sets": [evaluate(storage, run_key=run_key, settings=settings, spec=spec)["name"]
+                     for spec in settings["external_eval"]]}  # fmt: skip
+
+
+@_timed
 def report(settings: dict, dataset: dict, split_info: dict, validation: dict, run_key: str,
-           run_id: str | None = None, task_durations: dict | None = None) -> dict:  # fmt: skip
+           run_id: str | None = None, task_durations: dict | None = None, label_audit: dict | None = None,
+           ) -> dict:  # fmt: skip
     from .report import build_report
 
     storage = open_storage(settings["storage"])
     return build_report(
         storage, run_key=run_key, settings=settings, dataset=dataset, validation=validation,
-        split_counts=split_info["counts"], task_durations=task_durations, run_id=run_id,
+        split_key=split_info["split_key"], task_durations=task_durations, run_id=run_id, label_audit=label_audit,
     )  # fmt: skip

@@ -106,6 +106,58 @@ def load_model_outputs(storage: Storage, run_key: str, model_name: str) -> dict:
     }
 
 
+def _group_accuracy(test: pd.DataFrame, attributes: pd.DataFrame | None, min_n: int = 10) -> list[dict]:
+    """Test accuracy per value of each attribute, and the largest gap between groups of >= min_n images."""
+    if attributes is None or test.empty:
+        return []
+    joined = test.merge(attributes, on="sha256", how="inner")
+    out = []
+    for col in attributes.columns:
+        if col == "sha256":
+            continue
+        groups = [{"group": str(g), "n": len(part), "accuracy": float((part["label"] == part["predicted"]).mean())}
+                  for g, part in joined.groupby(col) if str(g) != ""]  # fmt: skip
+        big = [g for g in groups if g["n"] >= min_n]
+        gap = max(g["accuracy"] for g in big) - min(g["accuracy"] for g in big) if len(big) >= 2 else None
+        out.append({"attribute": col, "groups": sorted(groups, key=lambda g: -g["n"]), "largest_gap": gap})
+    return out
+
+
+def _thumbnail(array: np.ndarray) -> str:
+    import base64
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _label_audit_section(storage: Storage, run_key: str, dataset_id: str, settings: dict, summary: dict | None,
+                         shown: int = 24) -> dict | None:  # fmt: skip
+    from .label_audit import read_audit
+    from .preprocess import load_cache
+
+    table = read_audit(storage, run_key)
+    if table is None:
+        return None
+    images, index = load_cache(storage, dataset_id, settings["label_audit_spec"]["image_size"])
+    sha_of = {k: k.rsplit("/", 1)[-1].split(".")[0] for k in table["key"]}
+    top = []
+    for row in table.head(shown).itertuples():
+        sha = sha_of[row.key]
+        top.append({"source_path": row.source_path, "label": row.label, "split": row.split,
+                    "prob_male": float(row.prob_male), "p_given_label": float(row.p_given_label),
+                    "thumbnail": _thumbnail(images[index[sha]]) if sha in index else None})  # fmt: skip
+    return {"summary": summary or {}, "top": top, "images": len(table),
+            "below_10": int((table["p_given_label"] < 0.1).sum()),
+            "below_50": int((table["p_given_label"] < 0.5).sum())}  # fmt: skip
+
+
+def _external_sets(storage: Storage, run_key: str) -> list[dict]:
+    return [json.loads(storage.get_bytes(k)) for k in storage.list(f"runs/{run_key}/external/") if k.endswith(".json")]
+
+
 def build_report(
     storage: Storage,
     *,
@@ -113,15 +165,24 @@ def build_report(
     settings: dict,
     dataset: dict,
     validation: dict,
-    split_counts: dict,
+    split_key: str,
     task_durations: dict | None = None,
     run_id: str | None = None,
+    label_audit: dict | None = None,
 ) -> dict:
     """Write report.html and results.json for a run; returns their URIs and the headline numbers."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+    from .attributes import read_attributes
+    from .ingest import read_manifest
+    from .split import split_counts as count_splits
+
     paper = json.loads((INCLUDE / "paper_table1.json").read_text())
     outputs = {m: load_model_outputs(storage, run_key, m) for m in settings["models"]}
+    manifest = read_manifest(storage, split_key)
+    split_counts = count_splits(manifest)
+    sha_of_key = dict(zip(manifest["key"], manifest["sha256"]))
+    attributes = read_attributes(storage, dataset["dataset_id"])
 
     rows, per_model, test_preds = [], {}, {}
     for name, out in outputs.items():
@@ -146,6 +207,7 @@ def build_report(
             "metrics": met,
             "plots": _plots(hist, t["confusion_matrix"], y_true, test["prob_male"].to_numpy()),
             "recall_gap": recalls["female"] - recalls["male"],
+            "groups": _group_accuracy(test.assign(sha256=test["key"].map(sha_of_key)), attributes),
         }
 
     comparisons = []
@@ -176,14 +238,21 @@ def build_report(
         "table": rows,
         "comparisons": comparisons,
         "recall_gaps": {m: v["recall_gap"] for m, v in per_model.items()},
+        "group_accuracy": {m: v["groups"] for m, v in per_model.items()},
+        "external": _external_sets(storage, run_key),
         "task_durations": task_durations or {},
         "environment": {"code_version": code_version(), "python": platform.python_version(),
                         "platform": platform.platform(), "machine": platform.machine(),
                         "devices": sorted({v["metrics"]["device"] for v in per_model.values()})},  # fmt: skip
     }
+    audit = _label_audit_section(storage, run_key, dataset["dataset_id"], settings, label_audit)
+    results["label_audit"] = {k: v for k, v in (audit or {}).items() if k != "top"} | {
+        "top": [{k: v for k, v in t.items() if k != "thumbnail"} for t in (audit or {}).get("top", [])]
+    }
     env = Environment(loader=FileSystemLoader(INCLUDE), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        r=results, paper=paper, per_model=per_model, alpha=SIGNIFICANCE,
+        r=results, paper=paper, per_model=per_model, alpha=SIGNIFICANCE, audit=audit,
+        synthetic_accuracy={row["model"]: row["ours"]["test_accuracy"] for row in rows}, labels=MODEL_LABELS,
         settings_json=json.dumps(settings, indent=1, sort_keys=True),
     )  # fmt: skip
     storage.put_bytes(f"runs/{run_key}/results.json", json.dumps(results, indent=1, default=str).encode())

@@ -154,6 +154,75 @@ def export_torchscript(model: torch.nn.Module, model_name: str, image_size: int,
     return buf.getvalue()
 
 
+def train_one_epoch(model, model_name: str, data: SplitData, inputs: _Inputs, optimizer, gen: torch.Generator,
+                    batch_size: int, autocast, *, frozen: bool = False) -> tuple[float, float]:  # fmt: skip
+    """One pass over `data` in the order and with the augmentation that `gen` draws.
+
+    Returns the summed loss and the number of correct predictions (running, on augmented batches).
+    """
+    M.set_train_mode(model_name, model, frozen)
+    n = len(data.labels)
+    order = torch.randperm(n, generator=gen)
+    loss_sum = correct = 0.0
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2 and n >= 2:
+            continue  # batch norm cannot train on a batch of one
+        x = inputs(data.images[idx], augment_params(len(idx), gen))
+        y = data.labels[idx].to(inputs.device)
+        with autocast():
+            logits, aux = _logits(model(x))
+            logits = logits.float()
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            if aux is not None:
+                loss = loss + AUX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(aux.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += float(((logits.detach() >= 0).float() == y).sum())
+    if inputs.device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss_sum, correct
+
+
+def make_autocast(device: torch.device):
+    """bf16 mixed precision on a GPU, full precision on the CPU."""
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    return autocast
+
+
+def setup_model(model_name: str, image_size: int, weights: str, seed: int, device: torch.device):
+    """The model on `device` (channels_last on a GPU) and the matching input pipeline."""
+    is_cuda = device.type == "cuda"
+    if is_cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(seed)
+    model = M.build_model(model_name, image_size, weights if model_name != "cnn" else "none").to(device)
+    if is_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    return model, _Inputs(model_name, device, channels_last=is_cuda)
+
+
+def fit_predict(model_name: str, spec: dict, settings: dict, train: SplitData, predict: SplitData,
+                seed: int) -> np.ndarray:  # fmt: skip
+    """Train a fresh model on `train` for spec's epochs (no checkpoints, no validation) and return
+    P(male) for `predict`: the building block of out-of-fold predictions."""
+    device = pick_device()
+    autocast = make_autocast(device)
+    model, inputs = setup_model(model_name, spec["image_size"], settings["weights"], seed, device)
+    M.set_backbone_frozen(model_name, model, False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
+    for epoch in range(spec["epochs"]):
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        train_one_epoch(model, model_name, train, inputs, optimizer, gen, settings["batch_size"], autocast)
+    prob, _ = predict_proba(model, predict, inputs, settings["batch_size"] * 2, autocast)
+    return prob
+
+
 def train_model(
     storage: Storage,
     *,
@@ -177,12 +246,7 @@ def train_model(
 
     device = pick_device()
     threads = configure_threads(parallel_tasks)
-    is_cuda = device.type == "cuda"
-    if is_cuda:
-        torch.backends.cudnn.benchmark = True
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=is_cuda)
+    autocast = make_autocast(device)
 
     images, index = load_cache(storage, dataset_id, size)
     data = {s: _split_data(manifest, images, index, s) for s in ("train", "val", "test")}
@@ -192,11 +256,7 @@ def train_model(
     if n_train == 0:
         raise ValueError(f"the training split of {dataset_id} is empty; the dataset is too small to train on")
 
-    torch.manual_seed(seed)
-    model = M.build_model(model_name, size, settings["weights"] if model_name != "cnn" else "none").to(device)
-    if is_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    inputs = _Inputs(model_name, device, channels_last=is_cuda)
+    model, inputs = setup_model(model_name, size, settings["weights"], seed, device)
 
     def make_optimizer(frozen: bool):
         lr = settings["learning_rate"] if frozen or freeze_epochs == 0 else settings["fine_tune_learning_rate"]
@@ -231,30 +291,10 @@ def train_model(
             frozen = now_frozen
             optimizer, lr = make_optimizer(frozen)
             log.info("%s: backbone unfrozen at epoch %d; learning rate %.0e", model_name, epoch + 1, lr)
-        M.set_train_mode(model_name, model, frozen)
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)  # order and augmentation, per epoch
-        order = torch.randperm(n_train, generator=gen)
         t0 = time.monotonic()
-        loss_sum = correct = 0.0
-        for start in range(0, n_train, batch_size):
-            idx = order[start : start + batch_size]
-            if len(idx) < 2 and n_train >= 2:
-                continue  # batch norm cannot train on a batch of one
-            x = inputs(train.images[idx], augment_params(len(idx), gen))
-            y = train.labels[idx].to(device)
-            with autocast():
-                logits, aux = _logits(model(x))
-                logits = logits.float()
-                loss = F.binary_cross_entropy_with_logits(logits, y)
-                if aux is not None:
-                    loss = loss + AUX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(aux.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += float(((logits.detach() >= 0).float() == y).sum())
-        if is_cuda:
-            torch.cuda.synchronize()
+        loss_sum, correct = train_one_epoch(model, model_name, train, inputs, optimizer, gen, batch_size,
+                                            autocast, frozen=frozen)  # fmt: skip
         train_time = time.monotonic() - t0
         val_prob, val_loss = predict_proba(model, data["val"], inputs, batch_size * 2, autocast)
         val_acc = float(((val_prob >= 0.5) == data["val"].labels.numpy().astype(bool)).mean()) if len(val_prob) else 0.0

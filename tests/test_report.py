@@ -34,29 +34,57 @@ def test_mcnemar_separates_noise_from_real_differences():
     assert res["p_value"] < 0.001
 
 
+def _with_labels_csv(root, rng_seed=0):
+    """Give a generated dataset a labels.csv with an attribute, as ../shared/data's folders have."""
+    import pandas as pd
+
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    ages = [20 + (i * 7) % 50 for i in range(len(files))]
+    pd.DataFrame({"file": files, "label": [f.split("/")[0] for f in files], "age": ages,
+                  "ethnicity": ["<i>a</i>" if i % 2 else "b" for i in range(len(files))]}).to_csv(
+        root / "labels.csv", index=False)  # fmt: skip
+    return root
+
+
 @pytest.mark.slow
-def test_report_shows_every_model_and_escapes_data(tmp_path):
-    # A class folder name and a source path that try to inject markup.
-    src = tmp_path / "<script>alert(1)</script>"
-    write_dataset(src, 16)
+def test_report_shows_every_section_and_escapes_data(tmp_path):
+    # A source folder name and an attribute value that try to inject markup.
+    src = _with_labels_csv(write_dataset(tmp_path / "<script>alert(1)</script>", 16))
+    external = _with_labels_csv(write_dataset(tmp_path / "real", 10, seed=5))
     settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                                 "models": ["cnn", "mobilenetv2"], "min_rows": 10, "epochs": 1})  # fmt: skip
+                                 "models": ["cnn", "mobilenetv2"], "min_rows": 10, "epochs": 1,
+                                 "label_audit_folds": 3, "external_eval": [str(external) + "?age >= 30"]})  # fmt: skip
     dataset = pipeline.ingest(settings)
+    assert dataset["attributes"] == 2
     split_info = pipeline.split(settings, dataset)
     validation = pipeline.validate(settings, split_info)
     pipeline.preprocess(settings, dataset, split_info)
     for m in settings["models"]:
         pipeline.train(settings, dataset, split_info, m, "run1")
-    out = pipeline.report(settings, dataset, split_info, validation, "run1", run_id="manual__<b>x</b>")
+    audit = pipeline.label_audit(settings, dataset, split_info, "run1")
+    assert audit["images"] == 32 and audit["folds"] == 3
+    ext = pipeline.evaluate_external(settings, "run1")
+    assert ext["sets"] == ["real_age_30"]
+    out = pipeline.report(settings, dataset, split_info, validation, "run1", run_id="manual__<b>x</b>",
+                          label_audit=audit)  # fmt: skip
     storage = open_storage(settings["storage"])
     html = storage.get_bytes("runs/run1/report.html").decode()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
-    assert "<b>x</b>" not in html
+    assert "<b>x</b>" not in html and "<i>a</i>" not in html and "&lt;i&gt;a&lt;/i&gt;" in html
     assert 'data-model="cnn"' in html and 'data-model="mobilenetv2"' in html
-    for section in ("Table 1", "Uncertainty", "Class-balance audit", "Data validation", "Run metadata"):
+    for section in ("Table 1", "Uncertainty", "Class-balance audit", "Accuracy per group", "Label-quality audit",
+                    "External evaluation sets", "Data validation", "Run metadata"):  # fmt: skip
         assert section in html
     assert html.count("<svg") >= 6  # curves, confusion matrix and ROC per model
+    assert html.count('<img src="data:image/png;base64,') == 24  # the most suspicious labels, as thumbnails
     results = json.loads(storage.get_bytes("runs/run1/results.json"))
     assert {r["model"] for r in results["table"]} == {"cnn", "mobilenetv2"}
     assert len(results["comparisons"]) == 1
+    assert {g["attribute"] for g in results["group_accuracy"]["cnn"]} == {"age", "ethnicity"}
+    (ext_set,) = results["external"]
+    assert ext_set["filter"] == "age >= 30" and 0 < ext_set["images"] < 20
+    assert set(ext_set["models"]) == {"cnn", "mobilenetv2"}
+    assert 0 <= ext_set["models"]["cnn"]["accuracy"] <= 1
+    audit_rows = results["label_audit"]["top"]
+    assert [r["p_given_label"] for r in audit_rows] == sorted(r["p_given_label"] for r in audit_rows)
     assert set(out["test_accuracy"]) == {"cnn", "mobilenetv2"}
