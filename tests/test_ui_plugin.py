@@ -1,0 +1,208 @@
+"""The report inside the Airflow UI: the plugin served by a real Airflow API server.
+
+Only logged-in users read reports, no request reads a file outside the reports, and a real browser
+(headless Chromium) loads a finished run's report through the plugin and shows its table.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_ID = "manual__2026-01-01T00:00:00+00:00"
+PASSWORD = "reader-password"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(port: int, method: str, path: str, token: str | None = None, body: dict | None = None):
+    """A raw request: the path goes on the wire exactly as given (no client-side normalisation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=json.dumps(body) if body else None, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A real (tiny) run's report in a storage folder."""
+    from gender_tasks import pipeline
+    from gender_tasks.pipeline import run_key_for
+
+    tmp = tmp_path_factory.mktemp("ui")
+    src = write_dataset(tmp / "faces", 12)
+    settings = pipeline.prepare({"source": str(src), "storage": str(tmp / "store"), "profile": "tiny",
+                                 "models": ["cnn"], "epochs": 1, "label_audit": False})  # fmt: skip
+    dataset = pipeline.ingest(settings)
+    split_info = pipeline.split(settings, dataset)
+    validation = pipeline.validate(settings, split_info)
+    pipeline.preprocess(settings, dataset, split_info)
+    run_key = run_key_for(RUN_ID)
+    pipeline.train(settings, dataset, split_info, "cnn", run_key)
+    pipeline.report(settings, dataset, split_info, validation, run_key, run_id=RUN_ID)
+    (tmp / "store" / "secret.txt").write_text("not a report")
+    return tmp / "store"
+
+
+@pytest.fixture(scope="module")
+def api_server(airflow_db, finished_run, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    (tmp / "passwords.json").write_text(json.dumps({"reader": PASSWORD}))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GENDER_STORAGE": str(finished_run),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "reader:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp / "passwords.json"),
+        "AIRFLOW__API_AUTH__JWT_SECRET": "test-secret-for-the-ui-plugin-test-0123456789",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+    }
+    log = open(tmp / "api-server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"api-server exited: {(tmp / 'api-server.log').read_text()[-3000:]}")
+            try:
+                if _request(port, "GET", "/api/v2/monitor/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"api-server did not start: {(tmp / 'api-server.log').read_text()[-3000:]}")
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def token(api_server) -> str:
+    status, body = _request(api_server, "POST", "/auth/token", body={"username": "reader", "password": PASSWORD})
+    assert status in (200, 201), body
+    return json.loads(body)["access_token"]
+
+
+@pytest.mark.slow
+def test_plugin_is_registered_with_a_run_tab(api_server, token):
+    status, body = _request(api_server, "GET", "/api/v2/plugins", token)
+    assert status == 200, body
+    (plugin,) = [p for p in json.loads(body)["plugins"] if p["name"] == "gender_reports"]
+    views = {v["destination"]: v["href"] for v in plugin["external_views"]}
+    assert views["dag_run"] == "/gender-reports/runs/{RUN_ID}"
+
+
+@pytest.mark.slow
+def test_logged_in_user_reads_the_report(api_server, token):
+    from urllib.parse import quote
+
+    status, body = _request(api_server, "GET", f"/gender-reports/runs/{quote(RUN_ID, safe='')}", token)
+    assert status == 200
+    assert b'id="table1-data"' in body and b'data-model="cnn"' in body
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/gender-reports/runs/x", "/gender-reports/"])
+def test_unauthenticated_requests_are_refused(api_server, path):
+    status, body = _request(api_server, "GET", path)
+    assert status in (401, 403), (status, body[:200])
+    status, _ = _request(api_server, "GET", path, token="not-a-valid-token")
+    assert status in (401, 403)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/gender-reports/runs/../secret.txt",
+        "/gender-reports/runs/..%2Fsecret.txt",
+        "/gender-reports/runs/%2e%2e%2fsecret.txt",
+        "/gender-reports/runs/%2E%2E/%2E%2E/secret.txt",
+        "/gender-reports/runs/..%252f..%252fsecret.txt",
+        "/gender-reports/runs/..",
+        "/gender-reports/runs/%2e%2e",
+        "/gender-reports/runs/....//secret.txt",
+        "/gender-reports/runs/%2Fetc%2Fpasswd",
+        "/gender-reports/runs/..%5c..%5csecret.txt",
+    ],
+)
+def test_path_traversal_is_refused(api_server, token, path):
+    status, body = _request(api_server, "GET", path, token)
+    assert status in (400, 404), (status, body[:200])
+    assert b"not a report" not in body and b"root:" not in body
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.slow
+def test_browser_loads_the_report_through_the_plugin(api_server, token, tmp_path):
+    found = _chromium()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are required under CI (.ci/run installs them)")
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    browser, driver_path = found
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        base = f"http://127.0.0.1:{api_server}"
+        driver.get(f"{base}/gender-reports/runs/x")  # any page of the origin, to set its cookie
+        driver.add_cookie({"name": "_token", "value": token, "path": "/"})
+        from urllib.parse import quote
+
+        driver.get(f"{base}/gender-reports/runs/{quote(RUN_ID, safe='')}")
+        table = driver.find_element(By.ID, "table1-data")
+        rows = table.find_elements(By.CSS_SELECTOR, "tr[data-model]")
+        assert [r.get_attribute("data-model") for r in rows] == ["cnn"]
+        assert "Table 1, reproduced" in driver.find_element(By.TAG_NAME, "h2").text
+        shots = Path(os.environ.get("GENDER_TEST_ARTIFACTS", tmp_path))
+        shots.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(shots / "report-through-plugin.png"))
+        # Without the cookie the same page is refused.
+        driver.delete_all_cookies()
+        driver.get(f"{base}/gender-reports/runs/{quote(RUN_ID, safe='')}")
+        assert "table1-data" not in driver.page_source
+    finally:
+        driver.quit()
