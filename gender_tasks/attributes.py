@@ -65,7 +65,7 @@ def store_attributes(root: Path, storage: Storage, dataset_id: str, manifest: pd
     base = labels_csv.parent
     # Manifest paths are relative to the scanned root; labels.csv paths to its own folder.
     rel = {(root / p).resolve().relative_to(base.resolve()).as_posix(): sha
-           for p, sha in zip(manifest["source_path"], manifest["sha256"])}  # fmt: skip
+           for p, sha in zip(manifest["source_path"], manifest["sha256"], strict=True)}  # fmt: skip
     table = table[table["file"].isin(rel)].reset_index(drop=True)
     attrs = categorical_attributes(table)
     if attrs.empty or not len(attrs.columns):

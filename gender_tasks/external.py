@@ -77,7 +77,8 @@ def evaluate_external(storage: Storage, *, run_key: str, settings: dict, spec: s
         size = int(meta["image_size"])
         if size not in decoded:
             with ThreadPoolExecutor(max_workers=8) as pool:
-                decoded[size] = np.stack(list(pool.map(lambda p: decode_resize(p.read_bytes(), size), table["path"])))
+                decoded[size] = np.stack(list(pool.map(decode_resize, (p.read_bytes() for p in table["path"]),
+                                                       [size] * len(table))))  # fmt: skip
         probs = []
         with torch.inference_mode():
             for start in range(0, len(table), 128):

@@ -25,8 +25,8 @@ def classification_metrics(y_true: np.ndarray, prob_male: np.ndarray, threshold:
     _, per_recall, _, support = precision_recall_fscore_support(
         y_true, y_pred, labels=[0, 1], average=None, zero_division=0
     )
-    out["per_class_recall"] = {c: float(v) for c, v in zip(CLASSES, per_recall)}
-    out["support"] = {c: int(v) for c, v in zip(CLASSES, support)}
+    out["per_class_recall"] = {c: float(v) for c, v in zip(CLASSES, per_recall, strict=True)}
+    out["support"] = {c: int(v) for c, v in zip(CLASSES, support, strict=True)}
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
     out["roc_auc"] = float(roc_auc_score(y_true, prob_male)) if len(set(y_true.tolist())) == 2 else None
     return out

@@ -56,7 +56,7 @@ def predict_folder(model: str | Path, folder: Path, out_csv: Path, batch_size: i
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
         with torch.inference_mode():
             prob = module(x).numpy()
-        for path, p in zip(ok, prob):
+        for path, p in zip(ok, prob, strict=True):
             rows.append({"file": str(path), "predicted": meta["classes"][int(p >= 0.5)],
                          "prob_male": float(p), "error": ""})  # fmt: skip
     out_csv.parent.mkdir(parents=True, exist_ok=True)

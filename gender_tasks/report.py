@@ -15,7 +15,7 @@ import json
 import logging
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +181,7 @@ def build_report(
     outputs = {m: load_model_outputs(storage, run_key, m) for m in settings["models"]}
     manifest = read_manifest(storage, split_key)
     split_counts = count_splits(manifest)
-    sha_of_key = dict(zip(manifest["key"], manifest["sha256"]))
+    sha_of_key = dict(zip(manifest["key"], manifest["sha256"], strict=True))
     attributes = read_attributes(storage, dataset["dataset_id"])
 
     rows, per_model, test_preds = [], {}, {}
@@ -230,7 +230,7 @@ def build_report(
     results = {
         "run_id": run_id,
         "run_key": run_key,
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": dataset,
         "settings": settings,
         "validation": validation,

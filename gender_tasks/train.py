@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import models as M
-from .config import CLASSES
 from .augment import augment_batch, augment_params
+from .config import CLASSES
 from .metrics import classification_metrics, encode_labels
 from .preprocess import load_cache
 from .storage import Storage

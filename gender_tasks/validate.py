@@ -36,7 +36,7 @@ def _validation_frame(manifest: pd.DataFrame, fractions: list[float]) -> pd.Data
     df["min_side"] = df[["width", "height"]].min(axis=1)
     df["is_female"] = (df["label"] == "female").astype(float)
     df["splits_per_image"] = df.groupby("sha256")["split"].transform("nunique")
-    targets = dict(zip(("train", "val", "test"), fractions))
+    targets = dict(zip(("train", "val", "test"), fractions, strict=True))
     class_sizes = df.groupby("label")["sha256"].transform("size")
     share = df.groupby(["label", "split"])["sha256"].transform("size") / class_sizes
     df["split_share_error"] = (share - df["split"].map(targets)).abs()

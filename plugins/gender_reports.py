@@ -17,11 +17,10 @@ DAG_ID = "gender_classification"
 
 def create_app():
     """The FastAPI app (built lazily: the API server calls this once, parsing never does)."""
-    from fastapi import Depends, FastAPI, HTTPException
-    from fastapi.responses import HTMLResponse
-
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.core_api.security import requires_access_dag
+    from fastapi import Depends, FastAPI, HTTPException
+    from fastapi.responses import HTMLResponse
 
     app = FastAPI(title="Gender classification reports", docs_url=None, redoc_url=None, openapi_url=None)
     can_read_runs = Depends(requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=DAG_ID))

@@ -1,0 +1,142 @@
+"""Training throughput: the pipeline's epoch against a bare loop, side by side, same device, one run.
+
+For each model at its profile's input size:
+  pipeline  train_one_epoch over the cached training split: uint8 batch gathering, transfer,
+            per-image augmentation, normalisation, forward, backward, optimizer step
+  bare      forward + backward + optimizer step on a random float tensor of the same shape and
+            batch size, already on the device (the ceiling: no data handling at all)
+and prints images/s for both and the ratio pipeline / bare (target >= 0.90).
+
+    .venv/bin/python bench/train_bench.py [--source ../shared/data/generated_photos] [--profile cpu]
+
+Both are warmed up first (PyTorch's first CPU steps are several times slower than the rest), then
+measured in alternating rounds; the best round of each counts (the least disturbed by other load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gender_tasks import models as M  # noqa: E402
+from gender_tasks import pipeline  # noqa: E402
+from gender_tasks.ingest import read_manifest  # noqa: E402
+from gender_tasks.preprocess import load_cache  # noqa: E402
+from gender_tasks.storage import open_storage  # noqa: E402
+from gender_tasks.train import (  # noqa: E402
+    _split_data,
+    configure_threads,
+    make_autocast,
+    pick_device,
+    setup_model,
+    train_one_epoch,
+)
+
+WARMUP_STEPS = 10
+
+
+def bare_loop(model_name: str, size: int, batch: int, steps: int, device, autocast) -> float:
+    """images/s of forward + backward + Adam step on device-resident random data."""
+    model, _ = setup_model(model_name, size, "none", 0, device)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(batch, 3, size, size, device=device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, device=device) > 0.5).float()
+
+    def step():
+        with autocast():
+            out = model(x)
+            logits = (out[0] if isinstance(out, tuple) else out).squeeze(1).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def pipeline_epoch(model_name: str, size: int, settings: dict, train, device, autocast, seed: int) -> float:
+    """images/s of one whole training epoch as the pipeline runs it (full batches counted)."""
+    model, inputs = setup_model(model_name, size, "none", 0, device)
+    M.set_backbone_frozen(model_name, model, False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = settings["batch_size"]
+    # Warm-up on a few batches of the same data.
+    n_warm = batch * WARMUP_STEPS
+    warm = type(train)(train.images[:n_warm], train.labels[:n_warm], train.keys[:n_warm])
+    train_one_epoch(model, model_name, warm, inputs, opt, torch.Generator().manual_seed(1), batch, autocast)
+    n = len(train.labels)
+    t0 = time.perf_counter()
+    train_one_epoch(model, model_name, train, inputs, opt, torch.Generator().manual_seed(seed), batch, autocast)
+    elapsed = time.perf_counter() - t0
+    trained = n if n % batch != 1 else n - 1  # a trailing batch of one is skipped
+    return trained / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "generated_photos"))
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--models", default="cnn,resnet50,inceptionv3,mobilenetv2")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    settings = pipeline.prepare({"source": args.source, "storage": str(workdir / "store"), "profile": args.profile,
+                                 "models": args.models.split(","), "label_audit": False})  # fmt: skip
+    dataset = pipeline.ingest(settings)
+    split_info = pipeline.split(settings, dataset)
+    pipeline.preprocess(settings, dataset, split_info)
+    storage = open_storage(settings["storage"])
+    manifest = read_manifest(storage, split_info["split_key"])
+
+    device = pick_device()
+    threads = configure_threads(1)
+    autocast = make_autocast(device)
+    hardware = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    print(f"device {device} ({hardware}), torch {torch.__version__}, {threads} threads, profile {args.profile}")
+    print(f"{'model':<12} {'size':>4} {'batch':>5} {'train imgs':>10} {'pipeline img/s':>15} {'bare img/s':>11} "
+          f"{'ratio':>6}")  # fmt: skip
+    worst = None
+    for name in settings["models"]:
+        size, batch = settings["per_model"][name]["image_size"], settings["batch_size"]
+        images, index = load_cache(storage, dataset["dataset_id"], size)
+        train = _split_data(manifest, images, index, "train")
+        steps = max(len(train.labels) // batch, 1)
+        pipe, bare = [], []
+        for r in range(args.rounds):
+            pipe.append(pipeline_epoch(name, size, settings, train, device, autocast, seed=r))
+            bare.append(bare_loop(name, size, batch, steps, device, autocast))
+        ratio = max(pipe) / max(bare)
+        worst = ratio if worst is None else min(worst, ratio)
+        print(f"{name:<12} {size:>4} {batch:>5} {len(train.labels):>10} {max(pipe):>15.1f} {max(bare):>11.1f} "
+              f"{ratio:>6.3f}")  # fmt: skip
+    print(f"lowest ratio {worst:.3f} (target >= 0.90)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
