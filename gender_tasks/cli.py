@@ -44,6 +44,12 @@ def _preflight(conf: dict) -> dict:
         raise SourceError(
             f"dataset source {settings['source']!r} does not exist; give a folder with female/ and male/ subfolders"
         )
+    for spec in settings["external_eval"]:
+        folder = Path(spec.partition("?")[0]).expanduser()
+        if not folder.is_dir():
+            from .sources import SourceError
+
+            raise SourceError(f"external evaluation set {str(folder)!r} is not a folder with female/ and male/")
     return settings
 
 
@@ -92,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--models", help="comma-separated subset of cnn,resnet50,inceptionv3,mobilenetv2")
     run.add_argument("--epochs", type=int)
     run.add_argument("--weights", help="none | imagenet | folder or s3:// prefix of <model>.pth")
+    run.add_argument("--external", action="append", default=[], metavar="FOLDER[?QUERY]",
+                     help="an external evaluation set (repeatable), e.g. '/data/utkface?age >= 16'")
+    run.add_argument("--no-label-audit", action="store_true", help="skip the out-of-fold label audit")
     run.add_argument("--conf", default="{}", help="more DAG params as JSON")
 
     pred = sub.add_parser("predict", help="classify a folder of images with a run's model")
@@ -108,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 conf[key] = getattr(args, key)
         if args.models:
             conf["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+        if args.external:
+            conf["external_eval"] = args.external
+        if args.no_label_audit:
+            conf["label_audit"] = False
         return run_dag(conf)
 
     from .predict import predict_folder
