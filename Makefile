@@ -36,6 +36,11 @@ test: $(BIN)/.installed
 ui: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/airflow standalone
 
+# Benchmarks (not tests): ratios measured side by side in one run; figures go to bench/RESULTS.md.
+bench: $(BIN)/.installed
+	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/ingest_bench.py
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

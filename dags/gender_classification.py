@@ -18,14 +18,53 @@ All logic lives in the `gender_tasks` package; this file only wires it.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 MODELS = ["cnn", "resnet50", "inceptionv3", "mobilenetv2"]
+# Training (and the label audit, which trains too) runs on this Celery queue and pool: in the full stack
+# a `gpu` queue that the GPU workers consume and a `gpu` pool with one slot per GPU.
 TRAIN_QUEUE = os.environ.get("GENDER_TRAIN_QUEUE", "default")
 TRAIN_POOL = os.environ.get("GENDER_TRAIN_POOL", "default_pool")
+# Slowest model first: `train` is mapped over the models slowest first, and this strategy (registered by
+# plugins/gender_scheduling.py) weights map index i as TRAIN_PRIORITY - 10 * i.
+TRAIN_WEIGHT_RULE = "gender_scheduling.SlowestModelFirst"
+TRAIN_PRIORITY = 100
+# The label audit (k folds of the CNN) costs about one transfer model at the paper profile: it starts
+# after the two big models and before the two small ones.
+LABEL_AUDIT_PRIORITY = 85
+
+# The ingested dataset, as an Airflow asset: every ingest emits an event whose extra names the dataset
+# (its content hash), so other DAGs can run when data lands (`schedule=[DATASET_ASSET]`).
+DATASET_ASSET = Asset(name="gender_classification_dataset", uri="x-gender-classification://dataset",
+                      group="dataset")  # fmt: skip
+
+
+def gpu_executor_config() -> dict:
+    """On KubernetesExecutor: ask for GENDER_K8S_GPUS GPUs for the training pods; elsewhere nothing.
+
+    Unset (the default) this imports nothing, so parsing stays cheap where Kubernetes is not used.
+    """
+    gpus = os.environ.get("GENDER_K8S_GPUS", "").strip()
+    if not gpus or gpus == "0":
+        return {}
+    try:
+        from kubernetes.client import models as k8s
+    except ImportError:
+        logging.getLogger(__name__).warning(
+            "GENDER_K8S_GPUS=%s but the kubernetes client is not installed "
+            "(apache-airflow-providers-cncf-kubernetes); no GPU limit set",
+            gpus,
+        )
+        return {}
+    resources = k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": gpus})
+    # "base" is the task container's name in the pods KubernetesExecutor starts.
+    return {
+        "pod_override": k8s.V1Pod(spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="base", resources=resources)]))
+    }
 
 
 def pipeline_run_key() -> str:
@@ -38,6 +77,7 @@ def pipeline_run_key() -> str:
 def _step(name: str, *args, **kwargs):
     """Call gender_tasks.pipeline.<name>; bad input or settings fail the task without retries."""
     from airflow.sdk.exceptions import AirflowFailException
+
     from gender_tasks import pipeline
     from gender_tasks.errors import PermanentError
 
@@ -94,9 +134,14 @@ def gender_classification():
     def prepare() -> dict:
         return _step("prepare", dict(get_current_context()["params"]))
 
-    @task
+    @task(outlets=[DATASET_ASSET])
     def ingest(settings: dict) -> dict:
-        return _step("ingest", settings)
+        dataset = _step("ingest", settings)
+        get_current_context()["outlet_events"][DATASET_ASSET].extra = {
+            "dataset_id": dataset["dataset_id"], "manifest_uri": dataset["manifest_uri"], "images": dataset["images"],
+            "storage": settings["storage"],
+        }  # fmt: skip
+        return dataset
 
     @task
     def split(settings: dict, dataset: dict) -> dict:
@@ -112,19 +157,30 @@ def gender_classification():
 
     @task
     def plan_training(settings: dict) -> list[str]:
-        return settings["models"]
+        from gender_tasks.scheduling import order_slowest_first
 
-    @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, map_index_template="{{ model_name }}")
+        return order_slowest_first(settings["models"])
+
+    @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, map_index_template="{{ model_name }}", priority_weight=TRAIN_PRIORITY,
+          weight_rule=TRAIN_WEIGHT_RULE, executor_config=gpu_executor_config())  # fmt: skip
     def train(model_name: str, settings: dict, dataset: dict, split_info: dict) -> dict:
+        from gender_tasks.scheduling import claim_gpu
+
         get_current_context()["model_name"] = model_name
         parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
-        return _step("train", settings, dataset, split_info, model_name, pipeline_run_key(), parallel_tasks=parallel)
+        with claim_gpu():  # one GPU of this worker's, before anything touches CUDA
+            return _step("train", settings, dataset, split_info, model_name, pipeline_run_key(),
+                         parallel_tasks=parallel)  # fmt: skip
 
-    @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL)
+    @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, priority_weight=LABEL_AUDIT_PRIORITY, weight_rule="absolute",
+          executor_config=gpu_executor_config())  # fmt: skip
     def label_audit(settings: dict, dataset: dict, split_info: dict) -> dict:
+        from gender_tasks.scheduling import claim_gpu
+
         run_key = pipeline_run_key()
         parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
-        return _step("label_audit", settings, dataset, split_info, run_key, parallel_tasks=parallel)
+        with claim_gpu():
+            return _step("label_audit", settings, dataset, split_info, run_key, parallel_tasks=parallel)
 
     @task
     def evaluate_external(settings: dict) -> dict:

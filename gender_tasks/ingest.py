@@ -5,17 +5,20 @@ Layout in storage:
     datasets/<dataset_id>/manifest.csv      one row per image, written last (the commit marker)
 
 The dataset id is derived from the images' hashes and labels, so re-ingesting the same content is
-a no-op that returns the same id. Images that do not decode are kept in the manifest with their
-error, so that validation can stop the run naming every bad file at once.
+a no-op that returns the same id. A scan judges the whole source before anything is written: it
+refuses (IngestError, naming the files and the fix) non-images, unknown or empty class folders,
+unreadable files and decompression bombs (from the header, never decoded). Images that do not
+decode are kept in the manifest with their error, so that validation can stop the run naming
+every bad file at once; each decodable one gets its perceptual hash (`phash`, for near-duplicates).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +27,23 @@ import pandas as pd
 
 from .config import CLASSES
 from .errors import PermanentError
+from .near_duplicates import phash_of_bytes
 from .storage import Storage, put_many
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST_COLUMNS = [
-    "key", "label", "sha256", "bytes", "width", "height", "format", "decodable", "error", "source_path",
+    "key", "label", "sha256", "bytes", "width", "height", "format", "decodable", "error", "source_path", "phash",
 ]  # fmt: skip
+# Text columns, read back as text (a hash of digits only must not turn into a number).
+TEXT_COLUMNS = ("key", "label", "sha256", "format", "error", "source_path", "phash")
+SCAN_WORKERS = 8
+# Uploads are latency-bound: more requests in flight than cores (but past ~16 threads the
+# client's own CPU, signing and parsing under the GIL, slows them down again; see bench/RESULTS.md).
+UPLOAD_WORKERS = 16
+PROGRESS_EVERY_S = 5.0
+PROBLEMS_SHOWN = 10
 
 
 class IngestError(PermanentError):
@@ -74,13 +86,40 @@ def find_class_dirs(root: Path) -> dict[str, Path]:
 @dataclass
 class _Scanned:
     row: dict
-    data: bytes
+    path: Path
+    problem: str = ""  # why ingest refuses this file (unreadable, absurdly large); empty: none
+
+
+class _Progress:
+    """Logs `<what> done/total files (MB, MB/s)` at most every PROGRESS_EVERY_S seconds, and at the end."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.nbytes = what, total, 0
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int, nbytes: int) -> None:
+        self.nbytes += nbytes
+        now = time.monotonic()
+        if done == self.total or now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            log.info("%s %d/%d files, %.1f MB (%.1f MB/s)", self.what, done, self.total, self.nbytes / 1e6,
+                     self.nbytes / max(now - self.started, 1e-6) / 1e6)  # fmt: skip
 
 
 def _describe(path: Path, label: str, root: Path, max_pixels: int) -> _Scanned:
+    """Read, hash and measure one image from its header; nothing is decoded here.
+
+    Everything ingest refuses shows here (unreadable, over the pixel limit), so the whole source
+    is judged before the first upload; decoding waits for `_decode`.
+    """
     from PIL import Image
 
-    data = path.read_bytes()
+    source_path = path.relative_to(root).as_posix()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return _Scanned({"label": label, "source_path": source_path}, path,
+                        f"cannot be read ({exc.strerror or exc}): fix its permissions or replace it")  # fmt: skip
     row = {
         "label": label,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -90,43 +129,81 @@ def _describe(path: Path, label: str, root: Path, max_pixels: int) -> _Scanned:
         "format": "",
         "decodable": False,
         "error": "",
-        "source_path": path.relative_to(root).as_posix(),
+        "source_path": source_path,
+        "phash": "",
     }
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                row["width"], row["height"], row["format"] = img.width, img.height, (img.format or "").lower()
-                if img.width * img.height > max_pixels:
-                    raise ValueError(
-                        f"{img.width}x{img.height} px exceeds the {max_pixels:,} px limit (decompression bomb?)"
-                    )
-                img.load()
-        row["decodable"] = True
-    except Exception as exc:  # PIL raises many types for corrupt data
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            row["width"], row["height"], row["format"] = img.width, img.height, (img.format or "").lower()
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, raised by open() from the header
+        return _Scanned(row, path, f"is refused undecoded as a decompression bomb ({exc}); remove or downscale it")
+    except Exception as exc:  # no header: `_decode` records the error for validation to report
         row["error"] = f"{type(exc).__name__}: {exc}"
-    return _Scanned(row, data)
+    if row["width"] * row["height"] > max_pixels:
+        return _Scanned(row, path, (
+            f"is {row['width']}x{row['height']} px, over the {max_pixels:,} px limit (setting max_image_pixels): "
+            "refused undecoded as a likely decompression bomb; remove or downscale it, or raise max_image_pixels "
+            "if it is genuine"))  # fmt: skip
+    return _Scanned(row, path)
 
 
-def scan_folder(root: Path, *, max_pixels: int = 40_000_000, workers: int = 8) -> list[_Scanned]:
-    """Read and describe every image below the class folders of `root`."""
-    class_dirs = find_class_dirs(root)
+def _decode(data: bytes) -> dict:
+    """Decode an image and hash it perceptually: {decodable, error, phash} for its manifest row.
+
+    JPEGs decode at reduced scale (see near_duplicates.DECODE_SIZE): every entropy-coded byte is
+    still decoded, so truncated or corrupt files fail here as they would at full size.
+    """
+    try:
+        return {"decodable": True, "error": "", "phash": phash_of_bytes(data)}
+    except Exception as exc:  # PIL raises many types for corrupt data; validation names these files
+        return {"decodable": False, "error": f"{type(exc).__name__}: {exc}", "phash": ""}
+
+
+def _list_images(class_dirs: dict[str, Path]) -> list[tuple[Path, str]]:
+    """Every image below the class folders; refuses other files and empty classes, naming them."""
     files: list[tuple[Path, str]] = []
+    not_images: list[Path] = []
     for label, folder in class_dirs.items():
         for path in sorted(folder.rglob("*")):
             if path.is_dir() or path.name.startswith("."):
                 continue  # hidden files: .DS_Store and friends
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise IngestError(
-                    f"{path} is not an image (suffix {path.suffix or 'none'!r}); class folders must hold "
-                    f"only images ({', '.join(sorted(IMAGE_SUFFIXES))}): move or delete it"
-                )
-            files.append((path, label))
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append((path, label))
+            else:
+                not_images.append(path)
+    if not_images:
+        more = f" (and {len(not_images) - 1} more: {', '.join(map(str, not_images[1:PROBLEMS_SHOWN]))})" if len(
+            not_images) > 1 else ""  # fmt: skip
+        raise IngestError(
+            f"{not_images[0]} is not an image (suffix {not_images[0].suffix or 'none'!r}){more}; class folders must "
+            f"hold only images ({', '.join(sorted(IMAGE_SUFFIXES))}): move or delete it"
+        )
     for label, folder in class_dirs.items():
         if not any(lbl == label for _, lbl in files):
             raise IngestError(f"class folder {folder} holds no images; every class needs at least one")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda f: _describe(f[0], f[1], root, max_pixels), files))
+    return files
+
+
+def scan_folder(root: Path, *, max_pixels: int = 40_000_000, workers: int = SCAN_WORKERS) -> list[_Scanned]:
+    """Read, hash and measure (from the header) every image below the class folders of `root`.
+
+    Refuses (IngestError, naming every offending file and the fix) non-image files, empty classes,
+    unreadable files and images over `max_pixels`; images that merely fail to decode are kept, with
+    their error, for validation to report together with the other data checks.
+    """
+    files = _list_images(find_class_dirs(root))
+    progress = _Progress("ingest: scanned", len(files))
+    scanned: list[_Scanned] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
+        for item in pool.map(lambda f: _describe(f[0], f[1], root, max_pixels), files):
+            scanned.append(item)
+            progress.update(len(scanned), item.row.get("bytes", 0))
+    refused = [s for s in scanned if s.problem]
+    if refused:
+        shown = "; ".join(f"{s.path} {s.problem}" for s in refused[:PROBLEMS_SHOWN])
+        more = f" (and {len(refused) - PROBLEMS_SHOWN} more)" if len(refused) > PROBLEMS_SHOWN else ""
+        raise IngestError(f"{len(refused)} file(s) refused, nothing was written: {shown}{more}")
+    return scanned
 
 
 def compute_dataset_id(rows: list[dict]) -> str:
@@ -141,15 +218,37 @@ def _image_key(dataset_id: str, row: dict) -> str:
     return f"{dataset_prefix(dataset_id)}/images/{row['label']}/{row['sha256']}{ext}"
 
 
-def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000) -> dict:
-    """Upload a folder-per-class dataset into `storage`; a no-op if that content is already there."""
+def _load(item: _Scanned, decoded: dict[str, dict]) -> bytes:
+    """The file's bytes again, for upload, after decoding them into `decoded[sha256]`.
+
+    Refuses a file that changed since it was scanned: its key names the content it had then.
+    """
+    data = item.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != item.row["sha256"]:
+        raise IngestError(f"{item.path} changed while it was being ingested; re-run once the source is stable")
+    decoded[item.row["sha256"]] = _decode(data)
+    return data
+
+
+def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
+                  upload_workers: int = UPLOAD_WORKERS) -> dict:  # fmt: skip
+    """Upload a folder-per-class dataset into `storage`; a no-op if that content is already there.
+
+    First a scan reads, hashes and measures every file: everything ingest refuses is found before
+    the first write, and the hashes give the dataset id. Then each image is read again, decoded,
+    perceptually hashed and uploaded, in parallel (decoding overlaps the uploads' network waits,
+    and a large dataset never sits in memory whole). The manifest is written last, as the commit
+    marker: an interrupted upload resumes where it stopped, its objects being content-addressed.
+    """
     started = time.monotonic()
+    storage.check()  # unreachable storage, missing credentials or bucket: fail before the long scan
+    scan_started = time.monotonic()
     scanned = scan_folder(root, max_pixels=max_pixels)
+    scan_seconds = time.monotonic() - scan_started
     rows = [s.row for s in scanned]
     dataset_id = compute_dataset_id(rows)
     for row in rows:
         row["key"] = _image_key(dataset_id, row)
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
     total_bytes = sum(r["bytes"] for r in rows)
     summary = {
         "dataset_id": dataset_id,
@@ -158,36 +257,37 @@ def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000)
         "bytes": total_bytes,
         "uploaded": 0,
         "source_root": str(root),
+        "scan_seconds": round(scan_seconds, 2),
+        "upload_seconds": 0.0,
     }
     if storage.exists(manifest_key(dataset_id)):
         log.info("dataset %s (%d images) is already in %s: nothing to upload", dataset_id, len(rows), storage.uri)
         return summary
 
     present = set(storage.list(f"{dataset_prefix(dataset_id)}/images/"))  # resume an interrupted ingest
-    todo = {}
+    unique: dict[str, _Scanned] = {}
     for s in scanned:
-        if s.row["key"] not in present:
-            todo[s.row["key"]] = s.data  # identical images share one key
-    uploaded = sent_bytes = 0
-    batch: list[tuple[str, bytes]] = []
-    for i, (key, data) in enumerate(todo.items(), 1):
-        batch.append((key, data))
-        if len(batch) == 256 or i == len(todo):
-            uploaded += put_many(storage, batch)
-            sent_bytes += sum(len(d) for _, d in batch)
-            batch = []
-            elapsed = max(time.monotonic() - started, 1e-6)
-            log.info(
-                "ingest %s: %d/%d files uploaded (%.1f MB/s)", dataset_id, uploaded, len(todo), sent_bytes / elapsed / 1e6
-            )
+        unique.setdefault(s.row["key"], s)  # identical images share one key
+    decoded: dict[str, dict] = {}
+    upload_started = time.monotonic()
+    todo = [(key, functools.partial(_load, s, decoded)) for key, s in unique.items() if key not in present]
+    progress = _Progress(f"ingest {dataset_id}: uploaded", len(todo))
+    uploaded = put_many(storage, todo, workers=upload_workers, progress=progress.update)
+    with ThreadPoolExecutor(max_workers=SCAN_WORKERS) as pool:  # uploaded by an interrupted run: only decode
+        list(pool.map(lambda s: _load(s, decoded), [s for key, s in unique.items() if key in present]))
+    for row in rows:
+        row.update(decoded[row["sha256"]])
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
     storage.put_bytes(manifest_key(dataset_id), manifest.to_csv(index=False).encode())
     summary["uploaded"] = uploaded
+    summary["upload_seconds"] = round(time.monotonic() - upload_started, 2)
     log.info(
-        "ingested %s: %d images (%.1f MB), %d uploaded, in %.1fs",
-        dataset_id, len(rows), total_bytes / 1e6, uploaded, time.monotonic() - started,
+        "ingested %s: %d images (%.1f MB), %d uploaded, in %.1fs (scan %.1fs)",
+        dataset_id, len(rows), total_bytes / 1e6, uploaded, time.monotonic() - started, scan_seconds,
     )  # fmt: skip
     return summary
 
 
 def read_manifest(storage: Storage, key: str) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False)
+    return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False,
+                       dtype=dict.fromkeys(TEXT_COLUMNS, str))  # fmt: skip

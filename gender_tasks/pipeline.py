@@ -81,10 +81,16 @@ def split(settings: dict, dataset: dict) -> dict:
 
 @_timed
 def validate(settings: dict, split_info: dict) -> dict:
+    """The data expectations (Great Expectations), then near-duplicates across splits (phash)."""
+    from .near_duplicates import check_near_duplicates
     from .validate import validate_manifest
 
     storage = open_storage(settings["storage"])
-    return validate_manifest(ingest_mod.read_manifest(storage, split_info["split_key"]), settings)
+    manifest = ingest_mod.read_manifest(storage, split_info["split_key"])
+    summary = validate_manifest(manifest, settings)
+    # Manifests from before the phash column get their hashes from the stored images.
+    summary.update(check_near_duplicates(manifest, settings, storage.get_bytes))
+    return summary
 
 
 @_timed

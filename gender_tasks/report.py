@@ -56,7 +56,7 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
     from sklearn.metrics import roc_curve
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6.4, 2.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(5.8, 2.3))
     ax1.plot(epochs, [h["accuracy"] for h in history], "o-", label="train")
     ax1.plot(epochs, [h["val_accuracy"] for h in history], "s--", label="validation")
     ax1.set(title="Accuracy", xlabel="epoch", ylim=(0, 1.02))
@@ -68,7 +68,7 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
         ax.grid(alpha=0.3)
     curves = _svg(fig)
 
-    fig, ax = plt.subplots(figsize=(2.5, 2.4))
+    fig, ax = plt.subplots(figsize=(2.3, 2.2))
     arr = np.asarray(cm)
     ax.imshow(arr, cmap="Blues")
     for (i, j), v in np.ndenumerate(arr):
@@ -77,7 +77,7 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
     ax.set_title("Confusion matrix (test)")
     confusion = _svg(fig)
 
-    fig, ax = plt.subplots(figsize=(2.5, 2.4))
+    fig, ax = plt.subplots(figsize=(2.3, 2.2))
     if len(set(np.asarray(y_true).tolist())) == 2:
         fpr, tpr, _ = roc_curve(y_true, prob)
         ax.plot(fpr, tpr)

@@ -14,7 +14,9 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import PermanentError
@@ -99,6 +101,41 @@ def safe_extract_zip(archive: Path, target: Path) -> Path:
     return target
 
 
+def download_s3_source(source: str, target: Path, *, workers: int = 16) -> Path:
+    """Download every object under an `s3://bucket/prefix` source into `target`, in parallel.
+
+    Uses the pipeline's S3 configuration (AWS variables or the connection in GENDER_S3_CONN_ID).
+    Keys that would land outside `target` are refused before anything is written.
+    """
+    from .storage import open_storage
+
+    storage = open_storage(source)
+    storage.check()
+    keys = [k for k in storage.list("") if not k.endswith("/")]  # "folder" marker objects hold nothing
+    if not keys:
+        raise SourceError(f"the S3 source {source} holds no objects; check the bucket and prefix")
+    target = target.resolve()
+    for key in keys:
+        parts = key.split("/")
+        if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise SourceError(
+                f"the object {storage.uri}/{key} of the S3 source has a key that would be written outside the target "
+                "folder (empty, '.' or '..' parts); rename or remove it"
+            )
+
+    def fetch(key: str) -> None:
+        path = target / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(storage.get_bytes(key))
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3_source") as pool:
+        for _ in pool.map(fetch, keys):
+            pass
+    log.info("downloaded %d objects of %s in %.1fs", len(keys), source, time.monotonic() - started)
+    return target
+
+
 def resolve_source(source: str, workdir: Path | None = None) -> Path:
     """Return a local folder holding the dataset that `source` names."""
     if not source:
@@ -107,13 +144,7 @@ def resolve_source(source: str, workdir: Path | None = None) -> Path:
         return download_kaggle(source.removeprefix("kaggle:"))
     workdir = Path(workdir or tempfile.mkdtemp(prefix="gender-src-"))
     if source.startswith("s3://"):
-        from .storage import S3Storage, copy_tree_to_local
-
-        bucket, _, prefix = source.removeprefix("s3://").partition("/")
-        files = copy_tree_to_local(S3Storage(bucket), prefix.rstrip("/") + "/" if prefix else "", workdir / "s3")
-        if not files:
-            raise SourceError(f"the S3 source {source} holds no objects; check the bucket and prefix")
-        return workdir / "s3"
+        return download_s3_source(source, workdir / "s3")
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(

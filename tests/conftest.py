@@ -82,3 +82,86 @@ def airflow_db():
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
                    env=os.environ.copy(), timeout=600)  # fmt: skip
     return _AIRFLOW_HOME
+
+
+# --- S3: moto's server mode, a real S3 API over HTTP on 127.0.0.1, once per session ---------------
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """The endpoint URL of a local S3 server (moto, threaded, in this process) for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def isolate_aws_env(monkeypatch, tmp_path) -> None:
+    """No AWS configuration from this machine leaks into a test: no ~/.aws files, profile, instance metadata."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "GENDER_S3_CONN_ID"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def s3_env(moto_endpoint, monkeypatch, tmp_path) -> str:
+    """boto3 pointed at the moto server the standard AWS way (variables), with test credentials."""
+    isolate_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    return moto_endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """A fresh, empty bucket on the moto server."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_storage(s3_bucket):
+    from gender_tasks.storage import S3Storage
+
+    return S3Storage(s3_bucket, "pipeline")
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_storage(request):
+    """Each storage backend in turn: a local folder, and a bucket prefix on the moto S3 server."""
+    return request.getfixturevalue("local_storage" if request.param == "local" else "s3_storage")
+
+
+# --- Lines a test wants in pytest's closing summary, shown with or without -s ---------------------
+
+_SUMMARY_KEY = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def terminal_summary(request):
+    """`add(title, text)`: print `text` under `title` in pytest's terminal summary, after the results."""
+
+    def add(title: str, text: str) -> None:
+        request.config.stash.setdefault(_SUMMARY_KEY, []).append((title, text))
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for title, text in config.stash.get(_SUMMARY_KEY, []):
+        terminalreporter.write_sep("-", title)
+        terminalreporter.write_line(text)

@@ -90,3 +90,44 @@ def test_schedule_comes_from_configuration(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "None" in out.stdout or "Never" in out.stdout, out.stdout
+
+
+def test_ingest_emits_the_dataset_asset(dagbag):
+    """Data-aware scheduling: ingest declares the dataset asset as its outlet, so other DAGs can schedule on it."""
+    from airflow.sdk import Asset
+
+    dag = dagbag.dags["gender_classification"]
+    outlets = dag.get_task("ingest").outlets
+    assert outlets == [Asset(name="gender_classification_dataset", uri="x-gender-classification://dataset",
+                             group="dataset")]  # fmt: skip
+    assert not [t.task_id for t in dag.tasks if t.outlets and t.task_id != "ingest"]
+
+
+def test_training_goes_to_the_train_queue_and_pool_slowest_model_first(monkeypatch):
+    """Training and the label audit: GENDER_TRAIN_QUEUE / _POOL, priority by map index; the rest: default."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from gender_tasks.scheduling import order_slowest_first
+
+    monkeypatch.setenv("GENDER_TRAIN_QUEUE", "gpu")
+    monkeypatch.setenv("GENDER_TRAIN_POOL", "gpu")
+    monkeypatch.delenv("GENDER_K8S_GPUS", raising=False)
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    # What the scheduler sees: the DAG after serialization, the plugin's strategy resolved.
+    dag = DagSerialization.from_dict(DagSerialization.to_dict(bag.dags["gender_classification"]))
+    for task in dag.tasks:
+        gpu = task.task_id in ("train", "label_audit")
+        assert (task.queue, task.pool) == (("gpu", "gpu") if gpu else ("default", "default_pool")), task.task_id
+        assert task.executor_config == {}, task.task_id  # no Kubernetes pod override unless asked for
+    train, audit = dag.get_task("train"), dag.get_task("label_audit")
+    weights = [train.weight_rule.get_weight(TaskInstance(task=train, run_id="r", map_index=i, dag_version_id=None))
+               for i in range(4)]  # fmt: skip
+    audit_weight = audit.weight_rule.get_weight(TaskInstance(task=audit, run_id="r", dag_version_id=None))
+    assert weights == sorted(weights, reverse=True) and len(set(weights)) == 4, weights
+    assert weights[1] > audit_weight > weights[2], (weights, audit_weight)  # the audit: after the two big models
+    assert order_slowest_first(["cnn", "mobilenetv2", "resnet50", "inceptionv3"]) == [
+        "inceptionv3", "resnet50", "mobilenetv2", "cnn"]  # fmt: skip
+    assert order_slowest_first(["cnn", "resnet50"]) == ["resnet50", "cnn"]

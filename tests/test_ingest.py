@@ -1,11 +1,34 @@
-import io
+import logging
+import struct
 import zipfile
+import zlib
+from pathlib import Path
 
 import pytest
 from conftest import write_dataset
 
+from gender_tasks import ingest as ingest_mod
 from gender_tasks.ingest import IngestError, find_class_dirs, ingest_folder, manifest_key, read_manifest
 from gender_tasks.sources import SourceError, resolve_source, safe_extract_zip
+from gender_tasks.storage import LocalStorage, StorageConfigError, StorageError, open_storage
+
+
+def assert_nothing_written(storage) -> None:
+    """Not one object (nor a temporary file) anywhere in the storage: a refusal wrote nothing."""
+    if isinstance(storage, LocalStorage):
+        assert [p for p in storage.root.rglob("*") if p.is_file()] == []
+    else:  # the whole bucket, not only the storage's prefix
+        assert storage.client.list_objects_v2(Bucket=storage.bucket).get("KeyCount", 0) == 0
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` px: what a decompression bomb looks like to open()."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_ingest_writes_images_and_manifest_content_addressed(dataset_dir, local_storage):
@@ -17,6 +40,7 @@ def test_ingest_writes_images_and_manifest_content_addressed(dataset_dir, local_
     for row in manifest.itertuples():
         assert row.sha256 in row.key and local_storage.exists(row.key)
     assert (manifest["width"] == 48).all() and (manifest["format"] == "jpeg").all()
+    assert manifest["phash"].str.fullmatch(r"[0-9a-f]{16}").all()  # the perceptual hash, computed once here
 
 
 def test_reingest_is_a_noop_with_the_same_id(dataset_dir, local_storage):
@@ -39,27 +63,30 @@ def test_class_folders_any_case_below_one_wrapping_folder(tmp_path, local_storag
     assert ingest_folder(root, local_storage)["images"] == 8
 
 
-def test_unknown_class_folder_is_named(tmp_path):
+def test_unknown_class_folder_is_named(tmp_path, any_storage):
     root = write_dataset(tmp_path / "d", 3)
     (root / "Unknown").mkdir()
+    (root / "Unknown" / "x.jpg").write_bytes((root / "male" / "male_0000.jpg").read_bytes())
     with pytest.raises(IngestError, match=r"unknown class folder.*Unknown.*rename or remove"):
-        find_class_dirs(root)
+        ingest_folder(root, any_storage)
+    assert_nothing_written(any_storage)
 
 
-def test_non_image_file_is_named(tmp_path, local_storage):
+def test_non_image_file_is_named(tmp_path, any_storage):
     root = write_dataset(tmp_path / "d", 3)
     (root / "male" / "notes.txt").write_text("hello")
-    with pytest.raises(IngestError, match=r"notes\.txt is not an image.*move or delete"):
-        ingest_folder(root, local_storage)
-    assert local_storage.list("") == []  # nothing half-written
+    (root / "female" / "thumbs.db").write_text("hello")
+    with pytest.raises(IngestError, match=r"thumbs\.db is not an image.*1 more.*notes\.txt.*move or delete"):
+        ingest_folder(root, any_storage)
+    assert_nothing_written(any_storage)  # nothing half-written
 
 
-def test_empty_class_is_named(tmp_path, local_storage):
+def test_empty_class_is_named(tmp_path, any_storage):
     root = write_dataset(tmp_path / "d", {"female": 3, "male": 0})
     (root / "male").mkdir(exist_ok=True)
-    with pytest.raises(IngestError, match=r"male holds no images"):
-        ingest_folder(root, local_storage)
-    assert local_storage.list("") == []
+    with pytest.raises(IngestError, match=r"male holds no images; every class needs at least one"):
+        ingest_folder(root, any_storage)
+    assert_nothing_written(any_storage)
 
 
 def test_undecodable_image_is_recorded_for_validation(tmp_path, local_storage):
@@ -128,3 +155,166 @@ def test_kaggle_download_path_uses_kagglehub(monkeypatch, tmp_path):
     path = resolve_source("kaggle:bwandowando/all-these-people-dont-exist")
     assert calls == ["bwandowando/all-these-people-dont-exist"]
     assert set(find_class_dirs(path)) == {"female", "male"}
+
+
+# --- S3: ingest into a bucket prefix, an S3 source, and what storage problems look like ----------
+
+
+def test_ingest_into_s3_prefix_then_reingest_uploads_nothing(dataset_dir, s3_bucket, monkeypatch):
+    from gender_tasks.storage import S3Storage
+
+    storage = open_storage(f"s3://{s3_bucket}/team/pipeline")
+    out = ingest_folder(dataset_dir, storage)
+    assert out["images"] == 40 and out["uploaded"] == 40
+    assert out["manifest_uri"] == f"s3://{s3_bucket}/team/pipeline/datasets/{out['dataset_id']}/manifest.csv"
+    raw = storage.client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert all(o["Key"].startswith(f"team/pipeline/datasets/{out['dataset_id']}/") for o in raw) and len(raw) == 41
+    manifest = read_manifest(storage, manifest_key(out["dataset_id"]))
+    for row in manifest.itertuples():
+        assert storage.exists(row.key) and row.sha256 in row.key
+    assert storage.get_bytes(manifest.key.iloc[0]) == (dataset_dir / manifest.source_path.iloc[0]).read_bytes()
+
+    puts = []
+    original = S3Storage.put_bytes
+    monkeypatch.setattr(S3Storage, "put_bytes", lambda self, k, d: puts.append(k) or original(self, k, d))
+    again = ingest_folder(dataset_dir, open_storage(f"s3://{s3_bucket}/team/pipeline"))
+    assert again["dataset_id"] == out["dataset_id"] and again["uploaded"] == 0 and puts == []
+
+
+def test_interrupted_ingest_leaves_no_manifest_and_resumes(dataset_dir, any_storage, monkeypatch):
+    written = []
+    original = type(any_storage).put_bytes
+
+    def flaky(self, key, data):
+        if len(written) == 15:
+            raise StorageError("connection reset (simulated)")
+        written.append(key)
+        return original(self, key, data)
+
+    monkeypatch.setattr(type(any_storage), "put_bytes", flaky)
+    with pytest.raises(StorageError, match="simulated"):
+        ingest_folder(dataset_dir, any_storage, upload_workers=1)
+    assert not any(k.endswith("manifest.csv") for k in any_storage.list(""))  # not committed: invisible
+    monkeypatch.setattr(type(any_storage), "put_bytes", original)
+    out = ingest_folder(dataset_dir, any_storage)
+    assert out["uploaded"] == 40 - 15 and any_storage.exists(manifest_key(out["dataset_id"]))
+
+
+def test_ingest_logs_progress_files_and_rate(dataset_dir, any_storage, caplog):
+    with caplog.at_level(logging.INFO, logger="gender_tasks.ingest"):
+        out = ingest_folder(dataset_dir, any_storage)
+    text = caplog.text
+    assert "ingest: scanned 40/40 files" in text
+    assert f"ingest {out['dataset_id']}: uploaded 40/40 files" in text and "MB/s" in text
+
+
+def test_s3_source_ingests_like_the_same_local_folder(dataset_dir, s3_bucket, local_storage, tmp_path):
+    storage = open_storage(f"s3://{s3_bucket}")
+    client = storage.client
+    client.put_object(Bucket=s3_bucket, Key="sources/faces/female/", Body=b"")  # a console "folder" marker
+    for path in sorted(dataset_dir.rglob("*.jpg")):
+        client.put_object(Bucket=s3_bucket, Key=f"sources/faces/{path.relative_to(dataset_dir).as_posix()}",
+                          Body=path.read_bytes())  # fmt: skip
+    root = resolve_source(f"s3://{s3_bucket}/sources/faces/", tmp_path / "work")
+    from_s3 = ingest_folder(root, local_storage)
+    from_folder = ingest_folder(dataset_dir, local_storage)
+    assert from_s3["images"] == 40 and from_s3["dataset_id"] == from_folder["dataset_id"]
+
+
+def test_s3_source_that_does_not_exist(s3_bucket, tmp_path):
+    with pytest.raises(SourceError, match=rf"s3://{s3_bucket}/nothing/here holds no objects; check the bucket"):
+        resolve_source(f"s3://{s3_bucket}/nothing/here", tmp_path / "w1")
+    with pytest.raises(StorageConfigError, match=r"bucket 'missing-source-bucket'.*does not exist: create it"):
+        resolve_source("s3://missing-source-bucket/faces", tmp_path / "w2")
+
+
+def test_s3_source_keys_escaping_the_target_are_refused(s3_bucket, tmp_path):
+    client = open_storage(f"s3://{s3_bucket}").client
+    client.put_object(Bucket=s3_bucket, Key="faces/female/ok.jpg", Body=b"x")
+    client.put_object(Bucket=s3_bucket, Key="faces/female/../../../escaped.jpg", Body=b"x")
+    with pytest.raises(SourceError, match=r"faces/female/\.\./\.\./\.\./escaped\.jpg.*outside the target folder"):
+        resolve_source(f"s3://{s3_bucket}/faces", tmp_path / "work")
+    assert not any((tmp_path / "work").rglob("*.jpg")) and not (tmp_path / "escaped.jpg").exists()
+
+
+def test_unreachable_storage_fails_before_the_scan(dataset_dir, monkeypatch, tmp_path):
+    from conftest import isolate_aws_env
+    from test_storage import _closed_port
+
+    isolate_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(ingest_mod, "scan_folder", lambda *a, **k: pytest.fail("scanned before checking storage"))
+    with pytest.raises(StorageError, match=r"cannot reach S3 for s3://bucket/prefix.*AWS_ENDPOINT_URL"):
+        ingest_folder(dataset_dir, open_storage("s3://bucket/prefix"))
+
+
+def test_missing_credentials_refuse_ingest(dataset_dir, moto_endpoint, monkeypatch, tmp_path):
+    from conftest import isolate_aws_env
+
+    isolate_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    says = r"no usable AWS credentials for s3://bucket/prefix.*AWS_ACCESS_KEY_ID"
+    with pytest.raises(StorageConfigError, match=says):
+        ingest_folder(dataset_dir, open_storage("s3://bucket/prefix"))
+
+
+# --- bad files: refused before anything is written, named with the fix ---------------------------
+
+
+def test_decompression_bomb_is_refused_without_decoding(tmp_path, any_storage, monkeypatch):
+    from PIL import ImageFile
+
+    root = write_dataset(tmp_path / "d", 3)
+    (root / "female" / "bomb.png").write_bytes(png_claiming(20_000, 20_000))  # over Pillow's own limit
+    (root / "male" / "large.png").write_bytes(png_claiming(7_000, 7_000))  # under Pillow's, over max_pixels
+    decoded = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
+    with pytest.raises(IngestError) as err:
+        ingest_folder(root, any_storage, max_pixels=40_000_000)
+    text = str(err.value)
+    assert text.startswith("2 file(s) refused, nothing was written")
+    assert "female/bomb.png is refused undecoded as a decompression bomb" in text and "remove or downscale" in text
+    assert "male/large.png is 7000x7000 px, over the 40,000,000 px limit" in text and "raise max_image_pixels" in text
+    assert decoded == []  # judged from the headers alone: not one image was decoded, least of all the bombs
+    assert_nothing_written(any_storage)
+
+
+def test_unreadable_file_is_refused(tmp_path, any_storage):
+    root = write_dataset(tmp_path / "d", 3)
+    (root / "male" / "gone.jpg").symlink_to(tmp_path / "deleted-meanwhile.jpg")  # a dangling link: unreadable
+    with pytest.raises(IngestError, match=r"male/gone\.jpg cannot be read \(No such file or directory\): fix"):
+        ingest_folder(root, any_storage)
+    assert_nothing_written(any_storage)
+
+
+def test_file_changing_during_ingest_is_refused(tmp_path, local_storage, monkeypatch):
+    root = write_dataset(tmp_path / "d", 3)
+    scan = ingest_mod.scan_folder
+
+    def scan_then_edit(*a, **k):
+        out = scan(*a, **k)
+        (root / "female" / "female_0001.jpg").write_bytes(b"edited")
+        return out
+
+    monkeypatch.setattr(ingest_mod, "scan_folder", scan_then_edit)
+    with pytest.raises(IngestError, match=r"female_0001\.jpg changed while it was being ingested; re-run"):
+        ingest_folder(root, local_storage, upload_workers=1)
+    assert not any(k.endswith("manifest.csv") for k in local_storage.list(""))
+
+
+def test_zip_source_with_bad_entries_writes_nothing(tmp_path, local_storage):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("female/ok.jpg", b"x")
+        zf.writestr("female/../../../../tmp/evil.jpg", b"x")
+    from gender_tasks import pipeline
+
+    settings = {"source": str(evil), "storage": str(local_storage.root), "max_image_pixels": 40_000_000}
+    with pytest.raises(SourceError, match=r"female/\.\./\.\./\.\./\.\./tmp/evil\.jpg.*outside the target folder"):
+        pipeline.ingest(settings)
+    assert_nothing_written(local_storage)
+    assert not Path("/tmp/evil.jpg").exists()

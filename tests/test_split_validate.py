@@ -80,3 +80,22 @@ def test_imbalance_and_leakage_fail():
     m.loc[test_row, "sha256"] = m.loc[train_row, "sha256"]
     with pytest.raises(ValidationFailed, match="no image is in two splits"):
         validate_manifest(m, _settings())
+
+
+def test_real_duplicate_and_tiny_files_are_named_by_validation(tmp_path, local_storage):
+    import numpy as np
+    from conftest import make_face
+
+    root = write_dataset(tmp_path / "d", 12)
+    (root / "female" / "again.jpg").write_bytes((root / "female" / "female_0002.jpg").read_bytes())
+    make_face("male", np.random.default_rng(9), size=16).save(root / "male" / "tiny.jpg", "JPEG")
+    out = ingest_folder(root, local_storage)
+    m = assign_splits(read_manifest(local_storage, manifest_key(out["dataset_id"])), 1, [0.7, 0.15, 0.15])
+    assert m.loc[m["source_path"] == "female/again.jpg", "split"].item() == m.loc[
+        m["source_path"] == "female/female_0002.jpg", "split"].item()  # fmt: skip
+    with pytest.raises(ValidationFailed) as err:
+        validate_manifest(m, _settings())
+    text = str(err.value)
+    assert "no image appears twice" in text and "female/again.jpg" in text and "female/female_0002.jpg" in text
+    assert "at least 32 px" in text and "male/tiny.jpg" in text
+    assert "Fix: delete the duplicate files" in text and "Fix: remove the images that are too small" in text

@@ -1,14 +1,83 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
+from conftest import REPO, isolate_aws_env
 
-from gender_tasks.storage import LocalStorage, StorageError, open_storage
+from gender_tasks.errors import PermanentError
+from gender_tasks.storage import LocalStorage, S3Storage, StorageConfigError, StorageError, open_storage, put_many
+
+# --- the interface, on both backends ------------------------------------------------------------
 
 
-def test_local_roundtrip_list_and_exists(local_storage):
-    local_storage.put_bytes("a/b/c.txt", b"hello")
-    local_storage.put_bytes("a/d.txt", b"x")
-    assert local_storage.get_bytes("a/b/c.txt") == b"hello"
-    assert local_storage.exists("a/d.txt") and not local_storage.exists("a/zzz")
-    assert local_storage.list("a/") == ["a/b/c.txt", "a/d.txt"]
+def test_roundtrip_list_and_exists(any_storage):
+    any_storage.put_bytes("a/b/c.txt", b"hello")
+    any_storage.put_bytes("a/d.txt", b"x")
+    any_storage.put_bytes("ab.txt", b"y")
+    assert any_storage.get_bytes("a/b/c.txt") == b"hello"
+    assert any_storage.exists("a/d.txt") and not any_storage.exists("a/zzz")
+    assert any_storage.list("a/") == ["a/b/c.txt", "a/d.txt"]
+    assert any_storage.list("a") == ["a/b/c.txt", "a/d.txt", "ab.txt"]  # a string prefix, as S3 has it
+    assert any_storage.list("") == ["a/b/c.txt", "a/d.txt", "ab.txt"]
+    assert any_storage.list("nothing/") == []
+    any_storage.delete("a/d.txt")
+    assert any_storage.list("a/") == ["a/b/c.txt"]
+
+
+def test_overwrite_replaces_whole_object(any_storage):
+    any_storage.put_bytes("k.bin", b"old" * 1000)
+    any_storage.put_bytes("k.bin", b"new")
+    assert any_storage.get_bytes("k.bin") == b"new"
+
+
+def test_missing_object_names_it(any_storage):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        any_storage.get_bytes("nope.txt")
+
+
+@pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/./b", ""])
+def test_keys_cannot_escape(any_storage, key):
+    with pytest.raises(StorageError, match="invalid storage key"):
+        any_storage.put_bytes(key, b"x")
+
+
+def test_put_many_writes_in_parallel_lazily_and_reports_progress(any_storage):
+    reads = []
+
+    def loader(i):
+        def load():
+            reads.append(i)
+            return f"object {i}".encode()
+
+        return load
+
+    seen = []
+    items = [(f"many/{i:03d}.txt", loader(i)) for i in range(40)] + [("many/plain.txt", b"bytes too")]
+    assert put_many(any_storage, items, workers=8, progress=lambda done, n: seen.append((done, n))) == 41
+    assert sorted(reads) == list(range(40))
+    assert [d for d, _ in seen] == list(range(1, 42)) and sum(n for _, n in seen) == sum(
+        len(f"object {i}") for i in range(40)) + len(b"bytes too")  # fmt: skip
+    assert len(any_storage.list("many/")) == 41 and any_storage.get_bytes("many/007.txt") == b"object 7"
+
+
+def test_put_many_raises_the_first_failure(any_storage):
+    def boom():
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        put_many(any_storage, [("x/ok.txt", b"1"), ("x/bad.txt", boom)], workers=2)
+    assert not any_storage.exists("x/bad.txt")
+
+
+def test_check_passes_on_usable_storage(any_storage):
+    any_storage.check()
+
+
+# --- local specifics ----------------------------------------------------------------------------
 
 
 def test_local_write_is_atomic_and_leaves_no_temp_files(local_storage, monkeypatch):
@@ -16,8 +85,6 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(local_storage, monkeypat
 
     class Boom(Exception):
         pass
-
-    import os
 
     def fail_replace(*a, **k):
         raise Boom()
@@ -30,19 +97,134 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(local_storage, monkeypat
     assert [p.name for p in local_storage.root.iterdir()] == ["k.bin"]
 
 
-@pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/./b", ""])
-def test_keys_cannot_escape(local_storage, key):
-    with pytest.raises(StorageError, match="invalid storage key"):
-        local_storage.put_bytes(key, b"x")
+def test_local_list_hides_writes_in_flight(local_storage):
+    local_storage.put_bytes("d/k.bin", b"x")
+    (local_storage.root / "d" / ".k.bin.abc123.part").write_bytes(b"half")
+    assert local_storage.list("d/") == ["d/k.bin"]
 
 
-def test_open_storage_selects_backend(tmp_path):
+def test_open_storage_selects_backend(tmp_path, s3_env):
     assert isinstance(open_storage(str(tmp_path / "s")), LocalStorage)
     assert isinstance(open_storage((tmp_path / "t").as_uri()), LocalStorage)
+    s3 = open_storage("s3://some-bucket/some/prefix/")
+    assert isinstance(s3, S3Storage) and s3.uri == "s3://some-bucket/some/prefix"
+    assert s3.url("k.txt") == "s3://some-bucket/some/prefix/k.txt"
     with pytest.raises(StorageError, match="unsupported"):
         open_storage("ftp://host/x")
+    with pytest.raises(StorageError, match="names no bucket"):
+        open_storage("s3:///prefix")
 
 
-def test_missing_object_names_it(local_storage):
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
-        local_storage.get_bytes("nope.txt")
+# --- S3: what goes wrong, said with the location and the fix -------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_s3_unreachable_endpoint_names_it_and_the_fix_fast(monkeypatch, tmp_path):
+    isolate_aws_env(monkeypatch, tmp_path)
+    port = _closed_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage = open_storage("s3://some-bucket/pipeline")
+    started = time.monotonic()
+    says = rf"cannot reach S3 for s3://some-bucket/pipeline.*127\.0\.0\.1:{port}"
+    with pytest.raises(StorageError, match=says) as err:
+        storage.check()
+    assert "AWS_ENDPOINT_URL" in str(err.value)
+    assert not isinstance(err.value, PermanentError)  # may be transient: the DAG retries it
+    with pytest.raises(StorageError, match=r"cannot reach S3 for s3://some-bucket/pipeline/k\.txt"):
+        storage.put_bytes("k.txt", b"x")
+    assert time.monotonic() - started < 10
+
+
+def test_s3_missing_credentials_say_how_to_set_them(moto_endpoint, monkeypatch, tmp_path):
+    isolate_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    with pytest.raises(StorageConfigError, match=r"no usable AWS credentials for s3://some-bucket/p") as err:
+        open_storage("s3://some-bucket/p").check()
+    text = str(err.value)
+    assert "AWS_ACCESS_KEY_ID" in text and "AWS_PROFILE" in text and "GENDER_S3_CONN_ID" in text
+    assert isinstance(err.value, PermanentError)  # not retried
+
+
+def test_s3_missing_bucket_says_create_it(s3_env):
+    storage = open_storage("s3://no-such-bucket-here/p")
+    with pytest.raises(StorageConfigError, match=r"bucket 'no-such-bucket-here'.*does not exist: create it"):
+        storage.check()
+    with pytest.raises(StorageConfigError, match=r"does not exist: create it"):
+        storage.list("datasets/")
+
+
+# --- S3 from an Airflow connection (GENDER_S3_CONN_ID) --------------------------------------------
+
+
+def _conn_env(monkeypatch, conn_id: str, conn: dict) -> None:
+    monkeypatch.setenv("GENDER_S3_CONN_ID", conn_id)
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+
+
+def test_airflow_connection_gives_endpoint_and_credentials(moto_endpoint, s3_bucket, monkeypatch, tmp_path):
+    # Only the connection knows the endpoint and the keys: no AWS credentials are set, and
+    # AWS_ENDPOINT_URL points at a closed port, so a working round trip proves both came from it.
+    isolate_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    _conn_env(monkeypatch, "gender_s3_test", {
+        "conn_type": "aws", "login": "conn-access-key", "password": "conn-secret-key",
+        "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"},
+    })  # fmt: skip
+    storage = open_storage(f"s3://{s3_bucket}/via-conn")
+    assert storage.endpoint_url == moto_endpoint
+    storage.check()
+    storage.put_bytes("hello.txt", b"from a connection")
+    assert storage.get_bytes("hello.txt") == b"from a connection"
+
+
+@pytest.mark.parametrize(
+    "conn, says",
+    [
+        (None, r"GENDER_S3_CONN_ID='gender_s3_bad' names no Airflow connection: create it"),
+        ({"conn_type": "http", "host": "example.com"}, r"has type 'http'; it must be of type aws"),
+        ({"conn_type": "aws", "login": "only-a-login"}, r"has a login but no password: set both"),
+        ({"conn_type": "aws", "extra": {"role_arn": "arn:aws:iam::1:role/x"}}, r"\['role_arn'\].*remove the others"),
+    ],
+)
+def test_bad_airflow_connection_is_named_with_the_fix(conn, says, monkeypatch, tmp_path):
+    isolate_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("GENDER_S3_CONN_ID", "gender_s3_bad")
+    monkeypatch.delenv("AIRFLOW_CONN_GENDER_S3_BAD", raising=False)
+    if conn is not None:
+        _conn_env(monkeypatch, "gender_s3_bad", conn)
+    with pytest.raises(StorageConfigError, match=says):
+        open_storage("s3://bucket/p")
+
+
+def test_storage_imports_airflow_only_when_a_connection_is_named(tmp_path):
+    code = (
+        "import sys\n"
+        "from gender_tasks.storage import open_storage\n"
+        "open_storage('s3://bucket/prefix'); open_storage(sys.argv[1])\n"
+        "assert not any(m == 'airflow' or m.startswith('airflow.') for m in sys.modules), 'airflow was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GENDER_S3_CONN_ID"}
+    env.update(AWS_DEFAULT_REGION="us-east-1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store")], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_s3_unknown_profile_or_bad_endpoint_is_named(monkeypatch, tmp_path):
+    isolate_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(StorageConfigError, match=r"cannot open s3://bucket/p: .*no-such-profile.*unset AWS_PROFILE"):
+        open_storage("s3://bucket/p")
+    monkeypatch.delenv("AWS_PROFILE")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "minio:9000")
+    with pytest.raises(StorageConfigError, match=r"minio:9000.*needs a scheme and host, e\.g\. http://minio:9000"):
+        open_storage("s3://bucket/p")

@@ -1,0 +1,161 @@
+"""Near-duplicates: perceptually near-identical images that fall in different splits.
+
+Identical files (same sha256) are caught by validation and kept in one split by `split`; a
+re-encoded, resized or slightly shifted copy of a test image in the training set inflates test
+accuracy just the same. Each image's 64-bit perceptual hash (ImageHash's phash) is computed once,
+at ingest (manifest column `phash`, hex); here every pair of images in different splits is
+compared by Hamming distance with numpy, block by block (10k images: about 2e7 pairs, under a
+second). Pairs within `near_duplicate_distance` bits (default 4) are reported; with
+`near_duplicates_fatal` they stop the run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_DISTANCE = 4
+PAIRS_SHOWN = 50  # the summary travels through XCom: keep it small
+EXAMPLES_IN_MESSAGE = 5
+# JPEGs are decoded at a reduced scale (libjpeg's DCT scaling) no smaller than this: the hash only
+# needs 32x32 px, and every entropy-coded byte is still decoded, so corruption is still detected.
+DECODE_SIZE = 64
+# Pairwise distances are computed this many at a time (uint64 XORs: 4M of them are 32 MB).
+BLOCK_ELEMENTS = 4_000_000
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def image_phash(img) -> str:
+    """The 64-bit perceptual hash of an opened PIL image, as 16 hex digits."""
+    import imagehash
+
+    return str(imagehash.phash(img))
+
+
+def phash_of_bytes(data: bytes) -> str:
+    """Decode an image (JPEGs at reduced scale) and return its phash; raises what PIL raises."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":
+            img.draft("L", (DECODE_SIZE, DECODE_SIZE))
+        img.load()
+        return image_phash(img)
+
+
+def hashes_to_uint64(hexes) -> np.ndarray:
+    return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
+
+
+def cross_group_pairs(hashes: np.ndarray, groups: np.ndarray, max_distance: int,
+                      block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int, int]]:  # fmt: skip
+    """(i, j, distance) for every pair of hashes in different groups at most `max_distance` bits apart.
+
+    Only pairs across groups are compared (train x val, train x test, val x test: under half of
+    all pairs for a 70/15/15 split), in blocks of rows so that memory stays bounded.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    groups = np.asarray(groups)
+    members = {g: np.flatnonzero(groups == g) for g in pd.unique(groups)}
+    pairs: list[tuple[int, int, int]] = []
+    for ga, gb in combinations(members, 2):
+        rows_a, rows_b = members[ga], members[gb]
+        if not len(rows_a) or not len(rows_b):
+            continue
+        hb = hashes[rows_b]
+        step = max(1, block_elements // len(rows_b))
+        for start in range(0, len(rows_a), step):
+            rows = rows_a[start : start + step]
+            dist = np.bitwise_count(hashes[rows, None] ^ hb[None, :])
+            r, c = np.nonzero(dist <= max_distance)
+            pairs.extend(zip(rows[r].tolist(), rows_b[c].tolist(), dist[r, c].tolist(), strict=True))
+    return pairs
+
+
+def _hashes_for(frame: pd.DataFrame, read_bytes: Callable[[str], bytes] | None) -> list[str]:
+    """The frame's phash column; where it is missing or empty (manifests from before the column
+    existed), computed from the stored images with `read_bytes(key)`."""
+    have = frame["phash"].astype(str).tolist() if "phash" in frame.columns else [""] * len(frame)
+    missing = [i for i, h in enumerate(have) if not h]
+    if missing:
+        if read_bytes is None:
+            raise ValueError(
+                f"{len(missing)} image(s) have no phash in the manifest and no way to read them was given "
+                "(pass read_bytes, or re-ingest the dataset)"
+            )
+        log.info("near-duplicates: computing the phash of %d image(s) the manifest lacks", len(missing))
+        keys = frame["key"].iloc[missing].tolist()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for i, h in zip(missing, pool.map(lambda k: phash_of_bytes(read_bytes(k)), keys), strict=True):
+                have[i] = h
+    return have
+
+
+def find_near_duplicates(manifest: pd.DataFrame, max_distance: int = DEFAULT_MAX_DISTANCE,
+                         read_bytes: Callable[[str], bytes] | None = None) -> list[dict]:  # fmt: skip
+    """Every pair of decodable images in different splits whose phashes differ in at most
+    `max_distance` bits, closest first: {a, b (source paths), split_a, split_b, label_a, label_b, distance}."""
+    decodable = manifest["decodable"].astype(str).str.lower().eq("true")
+    frame = manifest[decodable & manifest["split"].isin(SPLIT_ORDER)].reset_index(drop=True)
+    if frame.empty:
+        return []
+    hashes = hashes_to_uint64(_hashes_for(frame, read_bytes))
+    rank = frame["split"].map(SPLIT_ORDER.index).to_numpy()
+    out = []
+    for i, j, dist in cross_group_pairs(hashes, rank, int(max_distance)):
+        a, b = (i, j) if rank[i] < rank[j] else (j, i)  # the earlier split first: train before val before test
+        ra, rb = frame.iloc[a], frame.iloc[b]
+        out.append({"a": ra["source_path"], "b": rb["source_path"], "split_a": ra["split"], "split_b": rb["split"],
+                    "label_a": ra["label"], "label_b": rb["label"], "distance": int(dist)})  # fmt: skip
+    return sorted(out, key=lambda p: (p["distance"], p["a"], p["b"]))
+
+
+def check_near_duplicates(manifest: pd.DataFrame, settings: dict,
+                          read_bytes: Callable[[str], bytes] | None = None) -> dict:  # fmt: skip
+    """The near-duplicate part of the validation summary; raises ValidationFailed when there are
+    near-duplicates across splits and the setting `near_duplicates_fatal` is true."""
+    max_distance = int(settings.get("near_duplicate_distance", DEFAULT_MAX_DISTANCE))
+    fatal = bool(settings.get("near_duplicates_fatal", False))
+    pairs = find_near_duplicates(manifest, max_distance, read_bytes)
+    summary = {"near_duplicates": pairs[:PAIRS_SHOWN], "near_duplicate_count": len(pairs),
+               "near_duplicate_distance": max_distance}  # fmt: skip
+    if pairs:
+        log.warning("%d near-duplicate pair(s) across splits (phash distance <= %d), e.g. %s",
+                    len(pairs), max_distance, _describe_pairs(pairs[:EXAMPLES_IN_MESSAGE]))  # fmt: skip
+        if fatal:
+            raise _failure(pairs, max_distance)
+    return summary
+
+
+def _pair_text(p: dict) -> str:
+    return f"{p['a']} ({p['split_a']}) ~ {p['b']} ({p['split_b']}), distance {p['distance']}"
+
+
+def _describe_pairs(pairs: list[dict]) -> str:
+    return "; ".join(_pair_text(p) for p in pairs)
+
+
+FIX = (
+    "delete one image of each pair from the source and re-run; or, if they are genuinely different images, "
+    "lower near_duplicate_distance or set near_duplicates_fatal to false to only report them"
+)
+
+
+def _failure(pairs: list[dict], max_distance: int):
+    from .validate import ValidationFailed
+
+    examples = [_pair_text(p) for p in pairs[:EXAMPLES_IN_MESSAGE]]
+    failure = {"expectation": "no_near_duplicates_across_splits", "column": "phash",
+               "says": f"no two images in different splits are near-identical (phash distance <= {max_distance})",
+               "detail": f"{len(pairs)} pair(s)", "examples": examples, "fix": FIX}  # fmt: skip
+    message = (f"{len(pairs)} near-duplicate pair(s) across splits (phash distance <= {max_distance}), "
+               f"e.g. {'; '.join(examples)}. Fix: {FIX}")  # fmt: skip
+    return ValidationFailed(message, [failure])

@@ -1,0 +1,110 @@
+"""Where and in which order the training tasks run: slowest model first, one GPU per task.
+
+No Airflow here. The DAG maps `train` over `order_slowest_first(models)`, and the priority weight
+strategy in plugins/gender_scheduling.py gives map index 0 the highest priority, so with fewer GPUs
+than models the longest job starts first (longest-processing-time-first, the classic rule for
+finishing a batch of parallel jobs soonest).
+
+`claim_gpu` gives each training task a GPU of its own when a worker holds several: the `gpu` pool
+bounds how many tasks run at once cluster-wide, a worker's Celery concurrency (one per GPU) bounds
+them per machine, and this picks which of the machine's GPUs a task gets.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Slowest first, by the work one run does: training FLOPs per image (forward + backward, measured with
+# torch.utils.flop_counter at each profile's input size) times the profile's epochs.
+#   paper (224 px, InceptionV3 299 px): inceptionv3 ~342, resnet50 ~243, mobilenetv2 ~123, cnn ~55 GFLOP
+#   cpu   (64 px, InceptionV3 75 px):   resnet50 ~9.9, inceptionv3 ~6.0, mobilenetv2 ~5.0, cnn ~2.1 GFLOP
+# The paper profile (the one meant for GPUs, where the order matters) decides the fixed order; at the
+# small profiles the two transfer models swap places, but both still go before the two small ones.
+TRAINING_ORDER = ("inceptionv3", "resnet50", "mobilenetv2", "cnn")
+
+GPU_LOCK_DIR_VAR = "GENDER_GPU_LOCK_DIR"
+
+
+def order_slowest_first(models: Iterable[str]) -> list[str]:
+    """`models` in TRAINING_ORDER (unknown names, which settings validation rejects anyway, go last)."""
+    rank = {name: i for i, name in enumerate(TRAINING_ORDER)}
+    return sorted(dict.fromkeys(models), key=lambda m: rank.get(m, len(rank)))
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries, without initialising CUDA.
+
+    CUDA reads CUDA_VISIBLE_DEVICES once, when a process first touches it, so the choice must be
+    made before torch asks whether CUDA is available: hence nvidia-smi rather than torch here.
+    """
+    preset = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if preset is not None:
+        return [d.strip() for d in preset.split(",") if d.strip() and d.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("nvidia-smi is present but failed (%s); training on the CPU", exc)
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+class GpuClaim:
+    """One GPU held by this process (through an exclusive file lock) until `release()` or exit."""
+
+    def __init__(self, gpu: str | None, handle=None):
+        self.gpu = gpu
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file drops the lock
+            self._handle = None
+
+    def __enter__(self) -> GpuClaim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim_gpu(gpus: list[str] | None = None, lock_dir: str | Path | None = None) -> GpuClaim:
+    """Pin this process to one GPU no other process on this machine holds; a no-op without GPUs.
+
+    Sets CUDA_VISIBLE_DEVICES to the claimed GPU, so the training code's plain `cuda` device is it.
+    Where every GPU is taken (more concurrent tasks than GPUs: a worker's concurrency set above its
+    GPU count), the task shares one rather than wait, and says so.
+    """
+    gpus = visible_gpus() if gpus is None else gpus
+    if not gpus:
+        return GpuClaim(None)
+    folder = Path(lock_dir or os.environ.get(GPU_LOCK_DIR_VAR) or Path(tempfile.gettempdir()) / "gender-gpu-locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    for gpu in gpus:
+        handle = open(folder / f"gpu-{gpu.replace('/', '_')}.lock", "a+")  # held open until release()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        log.info("training on GPU %s (of %s)", gpu, ",".join(gpus))
+        return GpuClaim(gpu, handle)
+    shared = gpus[os.getpid() % len(gpus)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = shared
+    log.warning("all %d GPUs of this machine are taken by other tasks; sharing GPU %s. Set the worker's "
+                "concurrency to its GPU count and the gpu pool's slots to the GPUs of all workers",
+                len(gpus), shared)  # fmt: skip
+    return GpuClaim(shared)
