@@ -44,6 +44,7 @@ from gender_tasks.train import (  # noqa: E402
 )
 
 WARMUP_STEPS = 10
+BARE_BATCHES = 16
 
 
 def bare_loop(model_name: str, size: int, batch: int, steps: int, device, autocast) -> float:
@@ -51,12 +52,17 @@ def bare_loop(model_name: str, size: int, batch: int, steps: int, device, autoca
     model, _ = setup_model(model_name, size, "none", 0, device)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.rand(batch, 3, size, size, device=device)
+    # Distinct random batches: one batch repeated is memorised within steps, and the shrinking
+    # activations and gradients turn denormal, which makes CPU arithmetic slower than on real data.
+    pool = [torch.rand(batch, 3, size, size, device=device) for _ in range(min(steps, BARE_BATCHES))]
     if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, device=device) > 0.5).float()
+        pool = [x.contiguous(memory_format=torch.channels_last) for x in pool]
+    labels = [(torch.rand(batch, device=device) > 0.5).float() for _ in pool]
+    counter = iter(range(10**9))
 
     def step():
+        i = next(counter) % len(pool)
+        x, y = pool[i], labels[i]
         with autocast():
             out = model(x)
             logits = (out[0] if isinstance(out, tuple) else out).squeeze(1).float()
