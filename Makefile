@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 SOURCE ?=
 PROFILE ?= cpu
 STORAGE ?=
+EXTERNAL ?=
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
@@ -27,7 +28,7 @@ $(AIRFLOW_HOME)/airflow.db: $(BIN)/.installed
 
 # The DAG once, end to end, on the embedded default; prints where the report is.
 run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
-	$(BIN)/python -m gender_tasks run --profile "$(PROFILE)" $(if $(SOURCE),--source "$(SOURCE)") $(if $(STORAGE),--storage "$(STORAGE)")
+	$(BIN)/python -m gender_tasks run --profile "$(PROFILE)" $(if $(SOURCE),--source "$(SOURCE)") $(if $(STORAGE),--storage "$(STORAGE)") $(if $(EXTERNAL),--external "$(EXTERNAL)")
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -16,8 +16,10 @@ measured in alternating rounds; the best round of each counts (the least disturb
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -111,6 +113,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
 
     workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     settings = pipeline.prepare({"source": args.source, "storage": str(workdir / "store"), "profile": args.profile,
                                  "models": args.models.split(","), "label_audit": False})  # fmt: skip
     dataset = pipeline.ingest(settings)

@@ -99,34 +99,73 @@ def _step(name: str, *args, **kwargs):
     params={
         "source": Param(
             os.environ.get("GENDER_SOURCE", "kaggle:bwandowando/all-these-people-dont-exist"),
-            type="string", minLength=1, title="Dataset source",
+            type="string",
+            minLength=1,
+            title="Dataset source",
             description="A folder with female/ and male/ subfolders, a .zip of one, s3://bucket/prefix, "
             "or kaggle:owner/slug.",
         ),
         "storage": Param(
-            os.environ.get("GENDER_STORAGE", ""), type="string", title="Object storage",
+            os.environ.get("GENDER_STORAGE", ""),
+            type="string",
+            title="Object storage",
             description="s3://bucket/prefix (AWS or MinIO via AWS_ENDPOINT_URL) or a local folder; "
             "empty: the embedded default folder.",
         ),
-        "profile": Param("cpu", type="string", enum=["paper", "cpu", "tiny"], title="Training profile",
-                         description="paper: the study's settings (GPU); cpu: minutes on a laptop; tiny: tests."),
-        "models": Param(MODELS, type="array", title="Models to train",
-                        items={"type": "string", "enum": MODELS}, minItems=1, uniqueItems=True),
-        "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500, title="Epochs",
-                        description="Overrides the profile's epochs for every model (empty: the profile's)."),
-        "image_size": Param(None, type=["null", "integer"], minimum=16, maximum=512, title="Image size (px)",
-                            description="Overrides the profile's input size (InceptionV3 never below 75)."),
-        "weights": Param(None, type=["null", "string"], title="Pretrained weights",
-                         description="none, imagenet, or a folder / s3:// prefix holding <model>.pth "
-                         "(empty: the profile's)."),
-        "seed": Param(42, type="integer", minimum=0, title="Seed", description="For the split, "
-                      "initialisation and augmentation."),
-        "label_audit": Param(True, type="boolean", title="Label audit",
-                             description="Out-of-fold predictions for every image, ranking likely mislabels."),
-        "external_eval": Param([], type="array", items={"type": "string", "minLength": 1},
-                               title="External evaluation sets",
-                               description="Extra labeled folders every model is evaluated on, each 'path' or "
-                               "'path?<pandas query over its labels.csv>', e.g. '/data/utkface?age >= 16'."),
+        "profile": Param(
+            "cpu",
+            type="string",
+            enum=["paper", "cpu", "tiny"],
+            title="Training profile",
+            description="paper: the study's settings (GPU); cpu: minutes on a laptop; tiny: tests.",
+        ),
+        "models": Param(
+            MODELS,
+            type="array",
+            title="Models to train",
+            items={"type": "string", "enum": MODELS},
+            minItems=1,
+            uniqueItems=True,
+        ),
+        "epochs": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=500,
+            title="Epochs",
+            description="Overrides the profile's epochs for every model (empty: the profile's).",
+        ),
+        "image_size": Param(
+            None,
+            type=["null", "integer"],
+            minimum=16,
+            maximum=512,
+            title="Image size (px)",
+            description="Overrides the profile's input size (InceptionV3 never below 75).",
+        ),
+        "weights": Param(
+            None,
+            type=["null", "string"],
+            title="Pretrained weights",
+            description="none, imagenet, or a folder / s3:// prefix holding <model>.pth (empty: the profile's).",
+        ),
+        "seed": Param(
+            42, type="integer", minimum=0, title="Seed", description="For the split, initialisation and augmentation."
+        ),
+        "label_audit": Param(
+            True,
+            type="boolean",
+            title="Label audit",
+            description="Out-of-fold predictions for every image, ranking likely mislabels.",
+        ),
+        "external_eval": Param(
+            [],
+            type="array",
+            items={"type": "string", "minLength": 1},
+            title="External evaluation sets",
+            description="Extra labeled folders every model is evaluated on, each 'path' or "
+            "'path?<pandas query over its labels.csv>', e.g. '/data/utkface?age >= 16'.",
+        ),
     },
 )
 def gender_classification():

@@ -15,8 +15,9 @@ MAX_ROTATION_DEG = 10.0
 MAX_ZOOM = 0.10
 
 
-def augment_params(n: int, generator: torch.Generator, *, max_rotation_deg: float = MAX_ROTATION_DEG,
-                   max_zoom: float = MAX_ZOOM) -> dict[str, torch.Tensor]:
+def augment_params(
+    n: int, generator: torch.Generator, *, max_rotation_deg: float = MAX_ROTATION_DEG, max_zoom: float = MAX_ZOOM
+) -> dict[str, torch.Tensor]:
     """Per-image parameters: flip (bool), rotation (radians), zoom factor (>1 zooms in)."""
     flip = torch.rand(n, generator=generator) < 0.5
     angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation_deg)

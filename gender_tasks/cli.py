@@ -98,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--models", help="comma-separated subset of cnn,resnet50,inceptionv3,mobilenetv2")
     run.add_argument("--epochs", type=int)
     run.add_argument("--weights", help="none | imagenet | folder or s3:// prefix of <model>.pth")
-    run.add_argument("--external", action="append", default=[], metavar="FOLDER[?QUERY]",
-                     help="an external evaluation set (repeatable), e.g. '/data/utkface?age >= 16'")
+    run.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="FOLDER[?QUERY]",
+        help="an external evaluation set (repeatable), e.g. '/data/utkface?age >= 16'",
+    )
     run.add_argument("--no-label-audit", action="store_true", help="skip the out-of-fold label audit")
     run.add_argument("--conf", default="{}", help="more DAG params as JSON")
 

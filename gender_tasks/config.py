@@ -148,8 +148,7 @@ def resolve_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
                 spec["image_size"] = MIN_IMAGE_SIZE[name]  # the one model that cannot go smaller
             else:
                 raise SettingsError(
-                    f"image_size {spec['image_size']} is too small for {name}; "
-                    f"use at least {MIN_IMAGE_SIZE[name]}"
+                    f"image_size {spec['image_size']} is too small for {name}; use at least {MIN_IMAGE_SIZE[name]}"
                 )
         per_model[name] = spec
     settings["per_model"] = per_model

@@ -39,7 +39,9 @@ def parse_spec(spec: str) -> tuple[Path, str | None, str]:
     path, _, query = spec.partition("?")
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ExternalSetError(f"external evaluation set {path!r} is not a folder; give a folder with female/ and male/")
+        raise ExternalSetError(
+            f"external evaluation set {path!r} is not a folder; give a folder with female/ and male/"
+        )
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", root.name + (f"_{query}" if query else "")).strip("_")
     return root, query.strip() or None, name
 

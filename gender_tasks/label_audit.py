@@ -48,6 +48,7 @@ def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, d
     started = time.monotonic()
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
+
         def subset(idx):
             return SplitData(x[idx], torch.from_numpy(y[idx].astype(np.float32)), rows["key"].iloc[idx].tolist())
 

@@ -241,9 +241,13 @@ def build_report(
         "group_accuracy": {m: v["groups"] for m, v in per_model.items()},
         "external": _external_sets(storage, run_key),
         "task_durations": task_durations or {},
-        "environment": {"code_version": code_version(), "python": platform.python_version(),
-                        "platform": platform.platform(), "machine": platform.machine(),
-                        "devices": sorted({v["metrics"]["device"] for v in per_model.values()})},  # fmt: skip
+        "environment": {
+            "code_version": code_version(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "devices": sorted({v["metrics"]["device"] for v in per_model.values()}),
+        },  # fmt: skip
     }
     audit = _label_audit_section(storage, run_key, dataset["dataset_id"], settings, label_audit)
     results["label_audit"] = {k: v for k, v in (audit or {}).items() if k != "top"} | {

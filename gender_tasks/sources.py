@@ -137,14 +137,17 @@ def download_s3_source(source: str, target: Path, *, workers: int = 16) -> Path:
 
 
 def resolve_source(source: str, workdir: Path | None = None) -> Path:
-    """Return a local folder holding the dataset that `source` names."""
+    """Return a local folder holding the dataset that `source` names.
+
+    S3 and zip sources are copied below `workdir` (the caller removes it; default: a new temporary
+    folder, which is then the caller's to remove).
+    """
     if not source:
         raise SourceError(f"no dataset source given. {HOW_TO_USE_A_FOLDER}")
     if is_kaggle(source):
         return download_kaggle(source.removeprefix("kaggle:"))
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="gender-src-"))
     if source.startswith("s3://"):
-        return download_s3_source(source, workdir / "s3")
+        return download_s3_source(source, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "s3")
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(
@@ -154,5 +157,5 @@ def resolve_source(source: str, workdir: Path | None = None) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".zip":
             raise SourceError(f"dataset source {source!r} is a file but not a .zip; give a folder or a zip")
-        return safe_extract_zip(path, workdir / "zip")
+        return safe_extract_zip(path, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "zip")
     return path

@@ -26,9 +26,7 @@ def assign_splits(manifest: pd.DataFrame, seed: int, fractions: list[float]) -> 
     stratify = unique["label"] if unique["label"].value_counts().min() >= 3 else None
     train, rest = train_test_split(unique, train_size=train_f, stratify=stratify, random_state=seed)
     stratify_rest = rest["label"] if stratify is not None and rest["label"].value_counts().min() >= 2 else None
-    val, test = train_test_split(
-        rest, test_size=test_f / (val_f + test_f), stratify=stratify_rest, random_state=seed
-    )
+    val, test = train_test_split(rest, test_size=test_f / (val_f + test_f), stratify=stratify_rest, random_state=seed)
     split_of = {**dict.fromkeys(train["sha256"], "train"), **dict.fromkeys(val["sha256"], "val"),
                 **dict.fromkeys(test["sha256"], "test")}  # fmt: skip
     out = manifest.copy()

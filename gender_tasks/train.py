@@ -1,10 +1,10 @@
 """Train one model on the cached arrays, checkpointing every epoch, and write its outputs.
 
-    runs/<run_key>/models/<model>/checkpoint.pt    after every epoch (a retry resumes from it)
-    runs/<run_key>/models/<model>/metrics.json     test metrics, train accuracy, settings, timings
-    runs/<run_key>/models/<model>/history.json     per-epoch loss / accuracy, train and validation
-    runs/<run_key>/models/<model>/predictions.csv  every image's probability of "male", with its split
-    runs/<run_key>/models/<model>/model.ts         TorchScript: float [0,1] NCHW in, P(male) out
+runs/<run_key>/models/<model>/checkpoint.pt    after every epoch (a retry resumes from it)
+runs/<run_key>/models/<model>/metrics.json     test metrics, train accuracy, settings, timings
+runs/<run_key>/models/<model>/history.json     per-epoch loss / accuracy, train and validation
+runs/<run_key>/models/<model>/predictions.csv  every image's probability of "male", with its split
+runs/<run_key>/models/<model>/model.ts         TorchScript: float [0,1] NCHW in, P(male) out
 """
 
 from __future__ import annotations

@@ -66,6 +66,11 @@ class GenderReportsPlugin(AirflowPlugin):
             "destination": "dag_run",
             "url_route": "comparison-report",
         },
-        {"name": "Gender classification reports", "href": f"{URL_PREFIX}/", "destination": "nav",
-         "category": "browse", "url_route": "gender-reports"},  # fmt: skip
+        {
+            "name": "Gender classification reports",
+            "href": f"{URL_PREFIX}/",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "gender-reports",
+        },  # fmt: skip
     ]

@@ -5,8 +5,10 @@ Tests never read ../shared/data: every image here is generated.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="gender-airflow-test-"))
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
 
 # Before anything imports Airflow: an isolated metadata database and this repo's DAGs.
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)

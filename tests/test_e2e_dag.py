@@ -56,3 +56,42 @@ def test_bad_data_stops_the_run_at_validation_without_retrying(airflow_db, tmp_p
     assert states["validate"] == TaskInstanceState.FAILED
     assert states["ingest"] == TaskInstanceState.SUCCESS
     assert {states["train"], states["report"]} <= {TaskInstanceState.UPSTREAM_FAILED, None}
+
+
+@pytest.mark.slow
+def test_dag_runs_on_s3_storage_and_a_second_run_uploads_nothing(airflow_db, tmp_path, s3_bucket):
+    """The whole DAG with its storage in a bucket of a real S3 API (moto's server on 127.0.0.1)."""
+    import boto3
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    from gender_tasks.pipeline import run_key_for
+    from gender_tasks.storage import S3Storage
+
+    source = write_dataset(tmp_path / "faces", 16)
+    conf = {"source": str(source), "storage": f"s3://{s3_bucket}/pipeline", "profile": "tiny", "epochs": 1,
+            "models": ["cnn", "mobilenetv2"], "label_audit": False}  # fmt: skip
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["gender_classification"]
+    first = dag.test(run_conf=conf)
+    assert first.state == DagRunState.SUCCESS
+    storage = S3Storage(s3_bucket, "pipeline")
+    results = json.loads(storage.get_bytes(f"runs/{run_key_for(first.run_id)}/results.json"))
+    dataset_id = results["dataset"]["dataset_id"]
+    images = [k for k in storage.list(f"datasets/{dataset_id}/images/")]
+    assert len(images) == 32 and results["dataset"]["uploaded"] == 32
+    assert storage.exists(f"datasets/{dataset_id}/manifest.csv")
+    assert storage.exists(f"runs/{run_key_for(first.run_id)}/report.html")
+
+    s3 = boto3.client("s3")
+    before = _objects(s3, s3_bucket, "pipeline/datasets/")
+    second = dag.test(run_conf=conf)
+    assert second.state == DagRunState.SUCCESS
+    again = json.loads(storage.get_bytes(f"runs/{run_key_for(second.run_id)}/results.json"))
+    assert again["dataset"]["dataset_id"] == dataset_id and again["dataset"]["uploaded"] == 0
+    # The dataset, its split and its caches: nothing new, nothing rewritten (same content and timestamps).
+    assert _objects(s3, s3_bucket, "pipeline/datasets/") == before
+
+
+def _objects(s3, bucket: str, prefix: str) -> dict:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages for o in page.get("Contents", [])}

@@ -55,6 +55,8 @@ def test_invalid_trigger_settings_are_rejected_by_the_form(dag, conf):
 
 def test_valid_trigger_settings_pass(dag):
     params = copy.deepcopy(dag.params)
-    params.update({"models": ["cnn", "resnet50"], "epochs": 3, "profile": "tiny", "external_eval": ["/data/x?age >= 16"]})
+    params.update(
+        {"models": ["cnn", "resnet50"], "epochs": 3, "profile": "tiny", "external_eval": ["/data/x?age >= 16"]}
+    )
     resolved = params.validate()
     assert resolved["models"] == ["cnn", "resnet50"] and resolved["epochs"] == 3
