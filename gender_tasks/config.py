@@ -86,6 +86,9 @@ DEFAULTS: dict[str, Any] = {
     # so a run that makes near-duplicates fatal uses 2 unless a distance is given explicitly.
     "near_duplicate_distance": None,
     "near_duplicates_fatal": False,
+    # Images this close (phash bits) are kept in one split, so a copy cannot leak test data into
+    # training; -1 keeps only byte-identical images together.
+    "split_group_distance": 2,
     "label_audit": True,  # out-of-fold predictions for every image, to rank likely mislabels
     "label_audit_folds": 5,
     "label_audit_model": "cnn",
@@ -158,6 +161,10 @@ def resolve_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if not 0 <= int(settings["near_duplicate_distance"]) <= 64:
         raise SettingsError(
             f"near_duplicate_distance must be between 0 and 64 bits, got {settings['near_duplicate_distance']}"
+        )
+    if not -1 <= int(settings["split_group_distance"]) <= 64:
+        raise SettingsError(
+            f"split_group_distance must be -1 (off) or 0-64 bits, got {settings['split_group_distance']}"
         )
     if settings["label_audit_model"] not in MODEL_NAMES:
         raise SettingsError(

@@ -55,6 +55,20 @@ def hashes_to_uint64(hexes) -> np.ndarray:
     return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
 
 
+def pairs_within(hashes: np.ndarray, max_distance: int, block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
+    """(i, j), i < j, for every pair of `hashes` at most `max_distance` bits apart (blockwise, bounded memory)."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    pairs: list[tuple[int, int]] = []
+    step = max(1, block_elements // max(n, 1))
+    for start in range(0, n, step):
+        rows = np.arange(start, min(start + step, n))
+        dist = np.bitwise_count(hashes[rows, None] ^ hashes[None, :])
+        r, c = np.nonzero((dist <= max_distance) & (np.arange(n)[None, :] > rows[:, None]))
+        pairs.extend(zip(rows[r].tolist(), c.tolist(), strict=True))
+    return pairs
+
+
 def cross_group_pairs(hashes: np.ndarray, groups: np.ndarray, max_distance: int,
                       block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int, int]]:  # fmt: skip
     """(i, j, distance) for every pair of hashes in different groups at most `max_distance` bits apart.
@@ -97,6 +111,16 @@ def _hashes_for(frame: pd.DataFrame, read_bytes: Callable[[str], bytes] | None) 
             for i, h in zip(missing, pool.map(lambda k: phash_of_bytes(read_bytes(k)), keys), strict=True):
                 have[i] = h
     return have
+
+
+def with_phash(manifest: pd.DataFrame, read_bytes: Callable[[str], bytes]) -> pd.DataFrame:
+    """`manifest` with a complete `phash` column for its decodable images (older manifests lack it)."""
+    out = manifest.copy()
+    if "phash" not in out.columns:
+        out["phash"] = ""
+    decodable = out["decodable"].astype(str).str.lower().eq("true")
+    out.loc[decodable, "phash"] = _hashes_for(out[decodable], read_bytes)
+    return out
 
 
 def find_near_duplicates(manifest: pd.DataFrame, max_distance: int = DEFAULT_MAX_DISTANCE,

@@ -67,12 +67,17 @@ def ingest(settings: dict) -> dict:
 def split(settings: dict, dataset: dict) -> dict:
     storage = open_storage(settings["storage"])
     dataset_id = dataset["dataset_id"]
-    key = split_key(dataset_id, settings["seed"], settings["split"])
+    distance = int(settings["split_group_distance"])
+    key = split_key(dataset_id, settings["seed"], settings["split"], distance)
     if storage.exists(key):
         manifest = ingest_mod.read_manifest(storage, key)
     else:
-        manifest = assign_splits(ingest_mod.read_manifest(storage, ingest_mod.manifest_key(dataset_id)),
-                                 settings["seed"], settings["split"])  # fmt: skip
+        source = ingest_mod.read_manifest(storage, ingest_mod.manifest_key(dataset_id))
+        if distance >= 0 and "phash" not in source.columns:  # a dataset ingested before phash existed
+            from .near_duplicates import with_phash
+
+            source = with_phash(source, storage.get_bytes)
+        manifest = assign_splits(source, settings["seed"], settings["split"], distance)
         storage.put_bytes(key, manifest.to_csv(index=False).encode())
     counts = split_counts(manifest)
     log.info("split %s: %s", dataset_id, counts)

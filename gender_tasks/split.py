@@ -1,7 +1,9 @@
 """Stratified, seeded train/val/test split of a manifest (70/15/15 by default).
 
-Identical images (same sha256) always land in the same split, so a duplicate can never leak
-test data into training even before validation flags it.
+Identical images (same sha256) always land in the same split, and so do near-identical ones
+(perceptual hashes within `near_duplicate_distance` bits, the same picture re-encoded, resized or
+recoloured): a copy of a test image in the training set would inflate test accuracy. Validation
+still reports near-duplicates across splits at its own, looser distance.
 """
 
 from __future__ import annotations
@@ -14,15 +16,42 @@ from .ingest import dataset_prefix
 SPLITS = ("train", "val", "test")
 
 
-def split_key(dataset_id: str, seed: int, fractions: list[float]) -> str:
+def split_key(dataset_id: str, seed: int, fractions: list[float], group_distance: int = -1) -> str:
     tag = "-".join(str(round(f * 100)) for f in fractions)
-    return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}.csv"
+    grouping = f"-nd{group_distance}" if group_distance >= 0 else ""
+    return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}{grouping}.csv"
 
 
-def assign_splits(manifest: pd.DataFrame, seed: int, fractions: list[float]) -> pd.DataFrame:
-    """Return a copy of `manifest` with a `split` column, stratified by label."""
+def near_duplicate_groups(manifest: pd.DataFrame, max_distance: int) -> pd.Series:
+    """A group id per row: the sha256 of one member of its cluster of near-identical images
+    (perceptual hashes linked by pairs within `max_distance` bits); its own sha256 if it has none."""
+    group = manifest["sha256"].copy()
+    if max_distance < 0 or "phash" not in manifest.columns:
+        return group
+    from .near_duplicates import hashes_to_uint64, pairs_within
+
+    hashed = manifest[manifest["phash"].astype(str) != ""].drop_duplicates("sha256")
+    shas = hashed["sha256"].tolist()
+    parent = list(range(len(shas)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs_within(hashes_to_uint64(hashed["phash"]), max_distance):
+        parent[root(j)] = root(i)
+    group_of = {sha: shas[root(i)] for i, sha in enumerate(shas)}
+    return group.map(lambda sha: group_of.get(sha, sha))
+
+
+def assign_splits(manifest: pd.DataFrame, seed: int, fractions: list[float], group_distance: int = -1) -> pd.DataFrame:
+    """Return a copy of `manifest` with a `split` column, stratified by label; images within
+    `group_distance` phash bits of each other share a split (-1: only identical content does)."""
     train_f, val_f, test_f = fractions
-    unique = manifest.drop_duplicates("sha256")[["sha256", "label"]]
+    grouped = manifest.assign(sha256=near_duplicate_groups(manifest, group_distance))
+    unique = grouped.drop_duplicates("sha256")[["sha256", "label"]]
     stratify = unique["label"] if unique["label"].value_counts().min() >= 3 else None
     train, rest = train_test_split(unique, train_size=train_f, stratify=stratify, random_state=seed)
     stratify_rest = rest["label"] if stratify is not None and rest["label"].value_counts().min() >= 2 else None
@@ -30,7 +59,7 @@ def assign_splits(manifest: pd.DataFrame, seed: int, fractions: list[float]) -> 
     split_of = {**dict.fromkeys(train["sha256"], "train"), **dict.fromkeys(val["sha256"], "val"),
                 **dict.fromkeys(test["sha256"], "test")}  # fmt: skip
     out = manifest.copy()
-    out["split"] = out["sha256"].map(split_of)
+    out["split"] = grouped["sha256"].map(split_of)
     return out
 
 

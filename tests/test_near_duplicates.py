@@ -13,6 +13,7 @@ from gender_tasks.near_duplicates import (
     check_near_duplicates,
     cross_group_pairs,
     find_near_duplicates,
+    hashes_to_uint64,
     phash_of_bytes,
 )
 from gender_tasks.split import assign_splits
@@ -102,13 +103,14 @@ def test_summary_is_capped_and_counted():
 def test_pipeline_validate_reports_near_duplicates_and_stops_when_fatal(tmp_path, local_storage):
     root = write_dataset(tmp_path / "faces", 12)
     (root / "female" / "female_0003_copy.jpg").write_bytes(_near_copy(root / "female" / "female_0003.jpg"))
-    settings = resolve_settings({"min_rows": 10, "storage": str(local_storage.root)})
+    # Split grouping off, so that a seed can put the copy in another split than its original.
+    settings = resolve_settings({"min_rows": 10, "storage": str(local_storage.root), "split_group_distance": -1})
     dataset = pipeline.ingest({**settings, "source": str(root)})
     manifest = read_manifest(local_storage, manifest_key(dataset["dataset_id"]))
     pair = {"female/female_0003.jpg", "female/female_0003_copy.jpg"}
 
     def pair_splits(seed):
-        m = assign_splits(manifest, seed, settings["split"])
+        m = assign_splits(manifest, seed, settings["split"], settings["split_group_distance"])
         return set(m.loc[m["source_path"].isin(pair), "split"])
 
     # The split is seeded and deterministic: take the first seed that separates the two.
@@ -127,3 +129,37 @@ def test_pipeline_validate_reports_near_duplicates_and_stops_when_fatal(tmp_path
     assert "female/female_0003.jpg" in text and "female/female_0003_copy.jpg" in text
     assert "Fix: delete one image of each pair" in text and "near_duplicates_fatal" in text
     assert err.value.failures[0]["expectation"] == "no_near_duplicates_across_splits"
+
+
+def test_split_keeps_near_copies_together(tmp_path, local_storage):
+    root = write_dataset(tmp_path / "faces", 12)
+    (root / "female" / "female_0003_copy.jpg").write_bytes(_near_copy(root / "female" / "female_0003.jpg"))
+    dataset = pipeline.ingest(resolve_settings({"source": str(root), "storage": str(local_storage.root)}))
+    manifest = read_manifest(local_storage, manifest_key(dataset["dataset_id"]))
+    pair = manifest["source_path"].isin({"female/female_0003.jpg", "female/female_0003_copy.jpg"})
+    a, b = manifest.loc[pair, "sha256"].tolist(), manifest.loc[pair, "phash"].tolist()
+    assert a[0] != a[1]  # a near-copy, not identical content
+    assert int(np.bitwise_count(hashes_to_uint64(b[:1]) ^ hashes_to_uint64(b[1:]))[0]) <= 2
+    separated = 0
+    for seed in range(30):
+        grouped = assign_splits(manifest, seed, [0.7, 0.15, 0.15], 2)
+        assert grouped.loc[pair, "split"].nunique() == 1, seed
+        plain = assign_splits(manifest, seed, [0.7, 0.15, 0.15], -1)
+        separated += plain.loc[pair, "split"].nunique() == 2
+    assert separated > 0  # without grouping, some seeds do separate them
+
+
+def test_pairs_within_match_brute_force():
+    from gender_tasks.near_duplicates import pairs_within
+
+    rng = np.random.default_rng(3)
+    hashes = rng.integers(0, 2**63, size=300, dtype=np.uint64)
+    hashes[50] = hashes[7] ^ np.uint64(0b101)  # 2 bits from 7
+    hashes[200] = hashes[7]  # identical to 7
+    brute = sorted(
+        (i, j)
+        for i, j in itertools.combinations(range(len(hashes)), 2)
+        if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= 2
+    )
+    assert sorted(pairs_within(hashes, 2, block_elements=1000)) == brute
+    assert (7, 50) in brute and (7, 200) in brute and (50, 200) in brute
