@@ -24,7 +24,9 @@ import os
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-MODELS = ["cnn", "resnet50", "inceptionv3", "mobilenetv2"]
+from gender_tasks.config import MODEL_NAMES, PROFILES  # plain data: no heavy imports at parse time
+
+MODELS = list(MODEL_NAMES)
 # Training (and the label audit, which trains too) runs on this Celery queue and pool: in the full stack
 # a `gpu` queue that the GPU workers consume and a `gpu` pool with one slot per GPU.
 TRAIN_QUEUE = os.environ.get("GENDER_TRAIN_QUEUE", "default")
@@ -115,7 +117,7 @@ def _step(name: str, *args, **kwargs):
         "profile": Param(
             "cpu",
             type="string",
-            enum=["paper", "cpu", "tiny"],
+            enum=list(PROFILES),
             title="Training profile",
             description="paper: the study's settings (GPU); cpu: minutes on a laptop; tiny: tests.",
         ),

@@ -31,25 +31,17 @@ def airflow_env_defaults() -> None:
 
 
 def _preflight(conf: dict) -> dict:
-    """Check settings and the source before starting Airflow, so mistakes fail in seconds."""
+    """Check settings, the source and the external sets before starting Airflow, so mistakes fail in seconds."""
     from .config import resolve_settings
-    from .sources import check_kaggle_reachable, is_kaggle
+    from .sources import check_source
 
     settings = resolve_settings(conf)
-    if is_kaggle(settings["source"]):
-        check_kaggle_reachable()
-    elif not settings["source"].startswith("s3://") and not Path(settings["source"]).expanduser().exists():
-        from .sources import SourceError
+    check_source(settings["source"])
+    if settings["external_eval"]:
+        from .external import parse_spec  # imports torch: only when there are sets to check
 
-        raise SourceError(
-            f"dataset source {settings['source']!r} does not exist; give a folder with female/ and male/ subfolders"
-        )
-    for spec in settings["external_eval"]:
-        folder = Path(spec.partition("?")[0]).expanduser()
-        if not folder.is_dir():
-            from .sources import SourceError
-
-            raise SourceError(f"external evaluation set {str(folder)!r} is not a folder with female/ and male/")
+        for spec in settings["external_eval"]:
+            parse_spec(spec)
     return settings
 
 

@@ -288,6 +288,11 @@ def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
     return summary
 
 
+def decodable_mask(manifest: pd.DataFrame) -> pd.Series:
+    """Which rows decode: `decodable` as booleans, whether the frame holds bools or their text."""
+    return manifest["decodable"].astype(str).str.lower().eq("true")
+
+
 def read_manifest(storage: Storage, key: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False,
                        dtype=dict.fromkeys(TEXT_COLUMNS, str))  # fmt: skip

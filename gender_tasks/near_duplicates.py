@@ -115,10 +115,12 @@ def _hashes_for(frame: pd.DataFrame, read_bytes: Callable[[str], bytes] | None) 
 
 def with_phash(manifest: pd.DataFrame, read_bytes: Callable[[str], bytes]) -> pd.DataFrame:
     """`manifest` with a complete `phash` column for its decodable images (older manifests lack it)."""
+    from .ingest import decodable_mask  # ingest imports this module
+
     out = manifest.copy()
     if "phash" not in out.columns:
         out["phash"] = ""
-    decodable = out["decodable"].astype(str).str.lower().eq("true")
+    decodable = decodable_mask(out)
     out.loc[decodable, "phash"] = _hashes_for(out[decodable], read_bytes)
     return out
 
@@ -127,7 +129,9 @@ def find_near_duplicates(manifest: pd.DataFrame, max_distance: int = DEFAULT_MAX
                          read_bytes: Callable[[str], bytes] | None = None) -> list[dict]:  # fmt: skip
     """Every pair of decodable images in different splits whose phashes differ in at most
     `max_distance` bits, closest first: {a, b (source paths), split_a, split_b, label_a, label_b, distance}."""
-    decodable = manifest["decodable"].astype(str).str.lower().eq("true")
+    from .ingest import decodable_mask  # ingest imports this module
+
+    decodable = decodable_mask(manifest)
     frame = manifest[decodable & manifest["split"].isin(SPLIT_ORDER)].reset_index(drop=True)
     if frame.empty:
         return []

@@ -134,7 +134,7 @@ def _thumbnail(array: np.ndarray) -> str:
 
 
 def _label_audit_section(storage: Storage, run_key: str, dataset_id: str, settings: dict, summary: dict | None,
-                         shown: int = 24) -> dict | None:  # fmt: skip
+                         sha_of_key: dict[str, str], shown: int = 24) -> dict | None:  # fmt: skip
     from .label_audit import read_audit
     from .preprocess import load_cache
 
@@ -142,10 +142,9 @@ def _label_audit_section(storage: Storage, run_key: str, dataset_id: str, settin
     if table is None:
         return None
     images, index = load_cache(storage, dataset_id, settings["label_audit_spec"]["image_size"])
-    sha_of = {k: k.rsplit("/", 1)[-1].split(".")[0] for k in table["key"]}
     top = []
     for row in table.head(shown).itertuples():
-        sha = sha_of[row.key]
+        sha = sha_of_key[row.key]
         top.append({"source_path": row.source_path, "label": row.label, "split": row.split,
                     "prob_male": float(row.prob_male), "p_given_label": float(row.p_given_label),
                     "thumbnail": _thumbnail(images[index[sha]]) if sha in index else None})  # fmt: skip
@@ -249,7 +248,7 @@ def build_report(
             "devices": sorted({v["metrics"]["device"] for v in per_model.values()}),
         },  # fmt: skip
     }
-    audit = _label_audit_section(storage, run_key, dataset["dataset_id"], settings, label_audit)
+    audit = _label_audit_section(storage, run_key, dataset["dataset_id"], settings, label_audit, sha_of_key)
     results["label_audit"] = {k: v for k, v in (audit or {}).items() if k != "top"} | {
         "top": [{k: v for k, v in t.items() if k != "thumbnail"} for t in (audit or {}).get("top", [])]
     }

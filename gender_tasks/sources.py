@@ -56,8 +56,8 @@ def check_kaggle_reachable(timeout: float = 5.0) -> None:
 
 
 def download_kaggle(handle: str) -> Path:
-    """Download (or reuse kagglehub's cache of) a Kaggle dataset; returns its local folder."""
-    check_kaggle_reachable()
+    """Download (or reuse kagglehub's cache of) a Kaggle dataset; returns its local folder.
+    (`check_source` has made sure Kaggle can be reached.)"""
     import kagglehub
 
     try:
@@ -136,26 +136,37 @@ def download_s3_source(source: str, target: Path, *, workers: int = 16) -> Path:
     return target
 
 
-def resolve_source(source: str, workdir: Path | None = None) -> Path:
-    """Return a local folder holding the dataset that `source` names.
-
-    S3 and zip sources are copied below `workdir` (the caller removes it; default: a new temporary
-    folder, which is then the caller's to remove).
-    """
+def check_source(source: str) -> None:
+    """The checks that cost nothing (no download, no extraction): fail in seconds, with the fix."""
     if not source:
         raise SourceError(f"no dataset source given. {HOW_TO_USE_A_FOLDER}")
     if is_kaggle(source):
-        return download_kaggle(source.removeprefix("kaggle:"))
+        check_kaggle_reachable()
+        return
     if source.startswith("s3://"):
-        return download_s3_source(source, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "s3")
+        return
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(
             f"dataset source {source!r} does not exist. Give a folder with female/ and male/ subfolders, "
             "a .zip of one, s3://bucket/prefix or kaggle:owner/slug"
         )
+    if path.is_file() and path.suffix.lower() != ".zip":
+        raise SourceError(f"dataset source {source!r} is a file but not a .zip; give a folder or a zip")
+
+
+def resolve_source(source: str, workdir: Path | None = None) -> Path:
+    """Return a local folder holding the dataset that `source` names.
+
+    S3 and zip sources are copied below `workdir` (the caller removes it; default: a new temporary
+    folder, which is then the caller's to remove).
+    """
+    check_source(source)
+    if is_kaggle(source):
+        return download_kaggle(source.removeprefix("kaggle:"))
+    if source.startswith("s3://"):
+        return download_s3_source(source, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "s3")
+    path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix.lower() != ".zip":
-            raise SourceError(f"dataset source {source!r} is a file but not a .zip; give a folder or a zip")
         return safe_extract_zip(path, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "zip")
     return path

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import PermanentError
+from .ingest import decodable_mask
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class ValidationFailed(PermanentError):
 
 def _validation_frame(manifest: pd.DataFrame, fractions: list[float]) -> pd.DataFrame:
     df = manifest.copy()
-    df["decodable"] = df["decodable"].astype(str).str.lower().eq("true")
+    df["decodable"] = decodable_mask(df)
     df["min_side"] = df[["width", "height"]].min(axis=1)
     df["is_female"] = (df["label"] == "female").astype(float)
     df["splits_per_image"] = df.groupby("sha256")["split"].transform("nunique")
