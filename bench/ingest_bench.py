@@ -6,7 +6,7 @@ SOURCE is a folder-per-class dataset (default: ../shared/data/utkface_crop_part1
 images). The script starts `moto_server` on 127.0.0.1 as a subprocess (its own process, so it does
 not share a GIL with what is measured), warms the page cache, then times, each as a subprocess:
 
-  1. ours:    gender_tasks.ingest.ingest_folder into s3://bench-ours/pipeline (scan: read, sha256,
+  1. ours:    gender_tasks.data.ingest.ingest_folder into s3://bench-ours/pipeline (scan: read, sha256,
               header check, decode, phash; then parallel uploads; then the manifest);
   2. awscli:  aws s3 sync of the class folders into s3://bench-awscli/sync;
   3. ours again: the same ingest, which must upload nothing.
@@ -40,7 +40,7 @@ log = logging.getLogger("ingest_bench")
 
 
 def class_files(root: Path) -> list[Path]:
-    from gender_tasks.ingest import IMAGE_SUFFIXES, find_class_dirs
+    from gender_tasks.data.folders import IMAGE_SUFFIXES, find_class_dirs
 
     return [p for d in find_class_dirs(root).values() for p in sorted(d.rglob("*"))
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
@@ -48,7 +48,7 @@ def class_files(root: Path) -> list[Path]:
 
 def make_subset(root: Path, n: int) -> Path:
     """The first n images of each class, as symlinks in a temporary folder (nothing is copied)."""
-    from gender_tasks.ingest import find_class_dirs
+    from gender_tasks.data.folders import find_class_dirs
 
     out = Path(tempfile.mkdtemp(prefix="ingest-bench-subset-"))
     for label, folder in find_class_dirs(root).items():
@@ -100,7 +100,7 @@ def timed(cmd: list[str], env: dict, server_pid: int) -> dict:
 
 def run_ours(source: str, storage_uri: str, upload_workers: int) -> None:
     """The measured side of 'ours' (a subprocess of this script): one ingest, its summary as JSON."""
-    from gender_tasks.ingest import ingest_folder
+    from gender_tasks.data.ingest import ingest_folder
     from gender_tasks.storage import open_storage
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
@@ -121,8 +121,7 @@ def main() -> None:
     parser.add_argument("--upload-workers", type=int, default=0, help="ingest's upload threads (default: its own)")
     parser.add_argument("--run-ours", nargs=2, metavar=("SOURCE", "STORAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from gender_tasks.ingest import UPLOAD_WORKERS
+    from gender_tasks.data.ingest import UPLOAD_WORKERS
 
     workers = args.upload_workers or UPLOAD_WORKERS
     if args.run_ours:
@@ -141,7 +140,7 @@ def main() -> None:
     env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench-access-key",
            "AWS_SECRET_ACCESS_KEY": "bench-secret-key", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
-           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "PYTHONPATH": str(REPO)}  # fmt: skip
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}  # fmt: skip
     env.pop("GENDER_S3_CONN_ID", None)
     os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                            "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")})  # fmt: skip

@@ -28,22 +28,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from gender_tasks import models as M  # noqa: E402
-from gender_tasks import pipeline  # noqa: E402
-from gender_tasks.ingest import read_manifest  # noqa: E402
-from gender_tasks.preprocess import load_cache  # noqa: E402
-from gender_tasks.storage import open_storage  # noqa: E402
-from gender_tasks.train import (  # noqa: E402
-    _split_data,
-    configure_threads,
-    make_autocast,
-    pick_device,
-    setup_model,
-    train_one_epoch,
-)
+from gender_tasks import pipeline
+from gender_tasks.data.manifest import read_manifest
+from gender_tasks.data.preprocess import load_cache
+from gender_tasks.models.network import set_backbone_frozen
+from gender_tasks.settings import Settings
+from gender_tasks.storage import open_storage
+from gender_tasks.training.batches import split_data
+from gender_tasks.training.devices import configure_threads, make_autocast, pick_device
+from gender_tasks.training.loop import setup_model, train_one_epoch
 
 WARMUP_STEPS = 10
 BARE_BATCHES = 16
@@ -85,12 +78,12 @@ def bare_loop(model_name: str, size: int, batch: int, steps: int, device, autoca
     return steps * batch / (time.perf_counter() - t0)
 
 
-def pipeline_epoch(model_name: str, size: int, settings: dict, train, device, autocast, seed: int) -> float:
+def pipeline_epoch(model_name: str, size: int, settings: Settings, train, device, autocast, seed: int) -> float:
     """images/s of one whole training epoch as the pipeline runs it (full batches counted)."""
     model, inputs = setup_model(model_name, size, "none", 0, device)
-    M.set_backbone_frozen(model_name, model, False)
+    set_backbone_frozen(model_name, model, False)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = settings["batch_size"]
+    batch = settings.batch_size
     # Warm-up on a few batches of the same data.
     n_warm = batch * WARMUP_STEPS
     warm = type(train)(train.images[:n_warm], train.labels[:n_warm], train.keys[:n_warm])
@@ -105,7 +98,7 @@ def pipeline_epoch(model_name: str, size: int, settings: dict, train, device, au
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "generated_photos"))
+    parser.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "shared/data/generated_photos"))
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--models", default="cnn,resnet50,inceptionv3,mobilenetv2")
     parser.add_argument("--rounds", type=int, default=2)
@@ -114,12 +107,14 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    settings = pipeline.prepare({"source": args.source, "storage": str(workdir / "store"), "profile": args.profile,
-                                 "models": args.models.split(","), "label_audit": False})  # fmt: skip
+    settings = Settings.from_dict(pipeline.prepare({
+        "source": args.source, "storage": str(workdir / "store"), "profile": args.profile,
+        "models": args.models.split(","), "label_audit": False,
+    }))  # fmt: skip
     dataset = pipeline.ingest(settings)
     split_info = pipeline.split(settings, dataset)
     pipeline.preprocess(settings, dataset, split_info)
-    storage = open_storage(settings["storage"])
+    storage = open_storage(settings.storage)
     manifest = read_manifest(storage, split_info["split_key"])
 
     device = pick_device()
@@ -130,10 +125,10 @@ def main() -> int:
     print(f"{'model':<12} {'size':>4} {'batch':>5} {'train imgs':>10} {'pipeline img/s':>15} {'bare img/s':>11} "
           f"{'ratio':>6}")  # fmt: skip
     worst = None
-    for name in settings["models"]:
-        size, batch = settings["per_model"][name]["image_size"], settings["batch_size"]
+    for name in settings.models:
+        size, batch = settings.per_model[name].image_size, settings.batch_size
         images, index = load_cache(storage, dataset["dataset_id"], size)
-        train = _split_data(manifest, images, index, "train")
+        train = split_data(manifest, images, index, "train")
         steps = max(len(train.labels) // batch, 1)
         pipe, bare = [], []
         for r in range(args.rounds):

@@ -24,9 +24,8 @@ import os
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-from gender_tasks.config import MODEL_NAMES, PROFILES  # plain data: no heavy imports at parse time
+from gender_tasks.settings import form_fields  # plain data: no heavy imports at parse time
 
-MODELS = list(MODEL_NAMES)
 # Training (and the label audit, which trains too) runs on this Celery queue and pool: in the full stack
 # a `gpu` queue that the GPU workers consume and a `gpu` pool with one slot per GPU.
 TRAIN_QUEUE = os.environ.get("GENDER_TRAIN_QUEUE", "default")
@@ -71,7 +70,7 @@ def gpu_executor_config() -> dict:
 
 def pipeline_run_key() -> str:
     """The storage folder of the current run (its run id made path-safe)."""
-    from gender_tasks.pipeline import run_key_for
+    from gender_tasks.layout import run_key_for
 
     return run_key_for(get_current_context()["run_id"])
 
@@ -98,77 +97,8 @@ def _step(name: str, *args, **kwargs):
     tags=["ml", "gender-classification", "paper-reproduction"],
     default_args={"owner": "ml-platform", "retries": 2, "retry_delay": pendulum.duration(minutes=1)},
     doc_md=__doc__,
-    params={
-        "source": Param(
-            os.environ.get("GENDER_SOURCE", "kaggle:bwandowando/all-these-people-dont-exist"),
-            type="string",
-            minLength=1,
-            title="Dataset source",
-            description="A folder with female/ and male/ subfolders, a .zip of one, s3://bucket/prefix, "
-            "or kaggle:owner/slug.",
-        ),
-        "storage": Param(
-            os.environ.get("GENDER_STORAGE", ""),
-            type="string",
-            title="Object storage",
-            description="s3://bucket/prefix (AWS or MinIO via AWS_ENDPOINT_URL) or a local folder; "
-            "empty: the embedded default folder.",
-        ),
-        "profile": Param(
-            "cpu",
-            type="string",
-            enum=list(PROFILES),
-            title="Training profile",
-            description="paper: the study's settings (GPU); cpu: minutes on a laptop; tiny: tests.",
-        ),
-        "models": Param(
-            MODELS,
-            type="array",
-            title="Models to train",
-            items={"type": "string", "enum": MODELS},
-            minItems=1,
-            uniqueItems=True,
-        ),
-        "epochs": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            maximum=500,
-            title="Epochs",
-            description="Overrides the profile's epochs for every model (empty: the profile's).",
-        ),
-        "image_size": Param(
-            None,
-            type=["null", "integer"],
-            minimum=16,
-            maximum=512,
-            title="Image size (px)",
-            description="Overrides the profile's input size (InceptionV3 never below 75).",
-        ),
-        "weights": Param(
-            None,
-            type=["null", "string"],
-            title="Pretrained weights",
-            description="none, imagenet, or a folder / s3:// prefix holding <model>.pth (empty: the profile's).",
-        ),
-        "seed": Param(
-            42, type="integer", minimum=0, title="Seed", description="For the split, initialisation and augmentation."
-        ),
-        "label_audit": Param(
-            True,
-            type="boolean",
-            title="Label audit",
-            description="Out-of-fold predictions for every image, ranking likely mislabels.",
-        ),
-        "external_eval": Param(
-            [],
-            type="array",
-            items={"type": "string", "minLength": 1},
-            title="External evaluation sets",
-            description="Extra labeled folders every model is evaluated on, each 'path' or "
-            "'path?<pandas query over its labels.csv>', e.g. '/data/utkface?age >= 16'.",
-        ),
-    },
+    # The trigger form, built from gender_tasks.settings.RunConfig: one source of defaults and limits.
+    params={name: Param(**spec) for name, spec in form_fields().items()},
 )
 def gender_classification():
     @task

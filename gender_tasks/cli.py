@@ -25,22 +25,19 @@ def airflow_env_defaults() -> None:
     os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    pythonpath = os.environ.get("PYTHONPATH", "")
-    if str(REPO) not in pythonpath.split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), pythonpath) if p)
 
 
 def _preflight(conf: dict) -> dict:
     """Check settings, the source and the external sets before starting Airflow, so mistakes fail in seconds."""
-    from .config import resolve_settings
-    from .sources import check_source
+    from .data.sources import check_source
+    from .settings import resolve_settings
 
     settings = resolve_settings(conf)
-    check_source(settings["source"])
-    if settings["external_eval"]:
-        from .external import parse_spec  # imports torch: only when there are sets to check
+    check_source(settings.source)
+    if settings.external_eval:
+        from .evaluation.external import parse_spec  # imports torch: only when there are sets to check
 
-        for spec in settings["external_eval"]:
+        for spec in settings.external_eval:
             parse_spec(spec)
     return settings
 
@@ -58,8 +55,7 @@ def run_dag(conf: dict) -> int:
     from airflow.dag_processing.dagbag import DagBag  # noqa: PLC0415  (Airflow only for this command)
     from airflow.utils.state import DagRunState
 
-    from .pipeline import run_key_for
-    from .report import report_key
+    from .layout import report_key, run_key_for
     from .storage import LocalStorage, open_storage
 
     bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             conf["label_audit"] = False
         return run_dag(conf)
 
-    from .predict import predict_folder
+    from .evaluation.predict import predict_folder
 
     n = predict_folder(args.model, args.images, args.out)
     print(f"wrote {n} predictions to {args.out}")

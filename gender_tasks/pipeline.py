@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from . import ingest as ingest_mod
-from .config import resolve_settings
-from .split import assign_splits, split_counts, split_key
+from . import layout
+from .data.manifest import read_manifest, write_manifest
+from .settings import as_settings, resolve_settings
 from .storage import open_storage
 
 log = logging.getLogger(__name__)
@@ -35,28 +34,26 @@ def _timed(fn):
     return wrapper
 
 
-def run_key_for(run_id: str) -> str:
-    """A storage-safe folder name for an Airflow run id (which holds ':' and '+')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
-
-
 def prepare(conf: dict) -> dict:
+    """The run's resolved settings, as the JSON every later step receives."""
     settings = resolve_settings(conf)
-    settings["storage"] = open_storage(settings["storage"]).uri  # resolve the default once, for every task
-    return settings
+    # The default storage is resolved once, here, so that every task uses the same.
+    return settings.replace(storage=open_storage(settings.storage).uri).to_dict()
 
 
 @_timed
 def ingest(settings: dict) -> dict:
-    from .attributes import store_attributes
-    from .sources import resolve_source
+    from .data.attributes import store_attributes
+    from .data.ingest import ingest_folder
+    from .data.sources import resolve_source
 
-    storage = open_storage(settings["storage"])
+    settings = as_settings(settings)
+    storage = open_storage(settings.storage)
     workdir = Path(tempfile.mkdtemp(prefix="gender-ingest-"))
     try:
-        root = resolve_source(settings["source"], workdir)
-        summary = ingest_mod.ingest_folder(root, storage, max_pixels=settings["max_image_pixels"])
-        manifest = ingest_mod.read_manifest(storage, ingest_mod.manifest_key(summary["dataset_id"]))
+        root = resolve_source(settings.source, workdir)
+        summary = ingest_folder(root, storage, max_pixels=settings.max_image_pixels)
+        manifest = read_manifest(storage, layout.manifest_key(summary["dataset_id"]))
         summary["attributes"] = store_attributes(root, storage, summary["dataset_id"], manifest)
         return summary
     finally:
@@ -65,20 +62,19 @@ def ingest(settings: dict) -> dict:
 
 @_timed
 def split(settings: dict, dataset: dict) -> dict:
-    storage = open_storage(settings["storage"])
-    dataset_id = dataset["dataset_id"]
-    distance = int(settings["split_group_distance"])
-    key = split_key(dataset_id, settings["seed"], settings["split"], distance)
-    if storage.exists(key):
-        manifest = ingest_mod.read_manifest(storage, key)
-    else:
-        source = ingest_mod.read_manifest(storage, ingest_mod.manifest_key(dataset_id))
-        if distance >= 0 and "phash" not in source.columns:  # a dataset ingested before phash existed
-            from .near_duplicates import with_phash
+    from .data.split import assign_splits, split_counts
 
-            source = with_phash(source, storage.get_bytes)
-        manifest = assign_splits(source, settings["seed"], settings["split"], distance)
-        storage.put_bytes(key, manifest.to_csv(index=False).encode())
+    settings = as_settings(settings)
+    storage = open_storage(settings.storage)
+    dataset_id = dataset["dataset_id"]
+    distance = int(settings.split_group_distance)
+    key = layout.split_key(dataset_id, settings.seed, list(settings.split), distance)
+    if storage.exists(key):
+        manifest = read_manifest(storage, key)
+    else:
+        source = read_manifest(storage, layout.manifest_key(dataset_id))
+        manifest = assign_splits(source, settings.seed, list(settings.split), distance)
+        write_manifest(storage, key, manifest)
     counts = split_counts(manifest)
     log.info("split %s: %s", dataset_id, counts)
     return {"split_key": key, "counts": counts}
@@ -87,26 +83,27 @@ def split(settings: dict, dataset: dict) -> dict:
 @_timed
 def validate(settings: dict, split_info: dict) -> dict:
     """The data expectations (Great Expectations), then near-duplicates across splits (phash)."""
-    from .near_duplicates import check_near_duplicates
-    from .validate import validate_manifest
+    from .data.near_duplicates import check_near_duplicates
+    from .data.validate import validate_manifest
 
-    storage = open_storage(settings["storage"])
-    manifest = ingest_mod.read_manifest(storage, split_info["split_key"])
+    settings = as_settings(settings)
+    storage = open_storage(settings.storage)
+    manifest = read_manifest(storage, split_info["split_key"])
     summary = validate_manifest(manifest, settings)
-    # Manifests from before the phash column get their hashes from the stored images.
-    summary.update(check_near_duplicates(manifest, settings, storage.get_bytes))
+    summary.update(check_near_duplicates(manifest, settings.near_duplicate_distance, settings.near_duplicates_fatal))
     return summary
 
 
 @_timed
 def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
-    from .preprocess import build_cache
+    from .data.preprocess import build_cache
 
-    storage = open_storage(settings["storage"])
-    manifest = ingest_mod.read_manifest(storage, split_info["split_key"])
-    sizes = {spec["image_size"] for spec in settings["per_model"].values()}
-    if settings["label_audit"]:
-        sizes.add(settings["label_audit_spec"]["image_size"])
+    settings = as_settings(settings)
+    storage = open_storage(settings.storage)
+    manifest = read_manifest(storage, split_info["split_key"])
+    sizes = {spec.image_size for spec in settings.per_model.values()}
+    if settings.label_audit:
+        sizes.add(settings.label_audit_spec.image_size)
     sizes = sorted(sizes)
     return {"cache_keys": [build_cache(storage, manifest, dataset["dataset_id"], size) for size in sizes]}
 
@@ -114,10 +111,11 @@ def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
 @_timed
 def train(settings: dict, dataset: dict, split_info: dict, model_name: str, run_key: str,
           parallel_tasks: int = 1) -> dict:  # fmt: skip
-    from .train import train_model
+    from .training.trainer import train_model
 
-    storage = open_storage(settings["storage"])
-    manifest = ingest_mod.read_manifest(storage, split_info["split_key"])
+    settings = as_settings(settings)
+    storage = open_storage(settings.storage)
+    manifest = read_manifest(storage, split_info["split_key"])
     return train_model(
         storage, run_key=run_key, model_name=model_name, manifest=manifest,
         dataset_id=dataset["dataset_id"], settings=settings, parallel_tasks=parallel_tasks,
@@ -126,32 +124,35 @@ def train(settings: dict, dataset: dict, split_info: dict, model_name: str, run_
 
 @_timed
 def label_audit(settings: dict, dataset: dict, split_info: dict, run_key: str, parallel_tasks: int = 1) -> dict:
-    from .label_audit import run_label_audit
+    from .training.label_audit import run_label_audit
 
-    if not settings["label_audit"]:
+    settings = as_settings(settings)
+    if not settings.label_audit:
         return {"skipped": "label_audit is off in the settings"}
-    storage = open_storage(settings["storage"])
-    manifest = ingest_mod.read_manifest(storage, split_info["split_key"])
+    storage = open_storage(settings.storage)
+    manifest = read_manifest(storage, split_info["split_key"])
     return run_label_audit(storage, run_key=run_key, manifest=manifest, dataset_id=dataset["dataset_id"],
                            settings=settings, parallel_tasks=parallel_tasks)  # fmt: skip
 
 
 @_timed
 def evaluate_external(settings: dict, run_key: str) -> dict:
-    from .external import evaluate_external as evaluate
+    from .evaluation.external import evaluate_external as evaluate
 
-    storage = open_storage(settings["storage"])
+    settings = as_settings(settings)
+    storage = open_storage(settings.storage)
     return {"sets": [evaluate(storage, run_key=run_key, settings=settings, spec=spec)["name"]
-                     for spec in settings["external_eval"]]}  # fmt: skip
+                     for spec in settings.external_eval]}  # fmt: skip
 
 
 @_timed
 def report(settings: dict, dataset: dict, split_info: dict, validation: dict, run_key: str,
            run_id: str | None = None, task_durations: dict | None = None, label_audit: dict | None = None,
            ) -> dict:  # fmt: skip
-    from .report import build_report
+    from .reporting.report import build_report
 
-    storage = open_storage(settings["storage"])
+    settings = as_settings(settings)
+    storage = open_storage(settings.storage)
     return build_report(
         storage, run_key=run_key, settings=settings, dataset=dataset, validation=validation,
         split_key=split_info["split_key"], task_durations=task_durations, run_id=run_id, label_audit=label_audit,

@@ -21,23 +21,24 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from .models.registry import get_model_spec
+
 log = logging.getLogger(__name__)
 
-# Slowest first, by the work one run does: training FLOPs per image (forward + backward, measured with
-# torch.utils.flop_counter at each profile's input size) times the profile's epochs.
+# Slowest first, by the work one run does: the registry's relative_cost, training FLOPs per image
+# (forward + backward, measured with torch.utils.flop_counter at each profile's input size) times the
+# profile's epochs.
 #   paper (224 px, InceptionV3 299 px): inceptionv3 ~342, resnet50 ~243, mobilenetv2 ~123, cnn ~55 GFLOP
 #   cpu   (64 px, InceptionV3 75 px):   resnet50 ~9.9, inceptionv3 ~6.0, mobilenetv2 ~5.0, cnn ~2.1 GFLOP
 # The paper profile (the one meant for GPUs, where the order matters) decides the fixed order; at the
 # small profiles the two transfer models swap places, but both still go before the two small ones.
-TRAINING_ORDER = ("inceptionv3", "resnet50", "mobilenetv2", "cnn")
 
 GPU_LOCK_DIR_VAR = "GENDER_GPU_LOCK_DIR"
 
 
 def order_slowest_first(models: Iterable[str]) -> list[str]:
-    """`models` in TRAINING_ORDER (unknown names, which settings validation rejects anyway, go last)."""
-    rank = {name: i for i, name in enumerate(TRAINING_ORDER)}
-    return sorted(dict.fromkeys(models), key=lambda m: rank.get(m, len(rank)))
+    """`models`, the costliest to train first (by the registry's relative_cost; ties keep their order)."""
+    return sorted(dict.fromkeys(models), key=lambda m: -get_model_spec(m).relative_cost)
 
 
 def visible_gpus() -> list[str]:

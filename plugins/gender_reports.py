@@ -27,7 +27,7 @@ def create_app():
 
     @app.get("/runs/{run_id:path}", response_class=HTMLResponse, dependencies=[can_read_runs])
     def report(run_id: str) -> HTMLResponse:
-        from gender_tasks.report_access import ReportNotFound, read_report
+        from gender_tasks.reporting.access import ReportNotFound, read_report
 
         try:
             html = read_report(run_id)
@@ -37,7 +37,7 @@ def create_app():
 
     @app.get("/", response_class=HTMLResponse, dependencies=[can_read_runs])
     def index() -> HTMLResponse:
-        from gender_tasks.report_access import render_index
+        from gender_tasks.reporting.access import render_index
 
         return HTMLResponse(render_index(URL_PREFIX))
 

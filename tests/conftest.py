@@ -27,8 +27,6 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
 os.environ["GX_ANALYTICS_ENABLED"] = "False"
 os.environ["GENDER_TORCH_THREADS"] = os.environ.get("GENDER_TORCH_THREADS", "2")
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-sys.path.insert(0, str(REPO))
 for noisy in ("great_expectations", "matplotlib", "PIL"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 

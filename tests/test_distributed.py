@@ -353,7 +353,7 @@ def test_celery_stack_runs_training_on_the_gpu_worker_side_by_side(request, tmp_
     stack, api = request.getfixturevalue("celery_stack")
     startup_s = time.monotonic() - started
 
-    from gender_tasks.pipeline import run_key_for
+    from gender_tasks.layout import run_key_for
 
     source = write_dataset(tmp_path / "faces", 16)
     store = tmp_path / "store"

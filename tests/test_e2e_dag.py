@@ -16,7 +16,7 @@ def test_dag_runs_end_to_end_and_reports_every_model(airflow_db, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState
 
-    from gender_tasks.pipeline import run_key_for
+    from gender_tasks.layout import run_key_for
     from gender_tasks.storage import LocalStorage
 
     source = write_dataset(tmp_path / "faces", 24)
@@ -65,7 +65,7 @@ def test_dag_runs_on_s3_storage_and_a_second_run_uploads_nothing(airflow_db, tmp
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState
 
-    from gender_tasks.pipeline import run_key_for
+    from gender_tasks.layout import run_key_for
     from gender_tasks.storage import S3Storage
 
     source = write_dataset(tmp_path / "faces", 16)

@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 from conftest import write_dataset
 
-from gender_tasks import ingest as ingest_mod
-from gender_tasks.ingest import IngestError, find_class_dirs, ingest_folder, manifest_key, read_manifest
-from gender_tasks.sources import SourceError, resolve_source, safe_extract_zip
+from gender_tasks.data import ingest as ingest_mod
+from gender_tasks.data.folders import IngestError, find_class_dirs
+from gender_tasks.data.ingest import ingest_folder
+from gender_tasks.data.manifest import read_manifest
+from gender_tasks.data.sources import SourceError, resolve_source, safe_extract_zip
+from gender_tasks.layout import manifest_key
 from gender_tasks.storage import LocalStorage, StorageConfigError, StorageError, open_storage
 
 
@@ -145,7 +148,7 @@ def test_kaggle_unreachable_fails_fast_with_the_fix(monkeypatch):
 def test_kaggle_download_path_uses_kagglehub(monkeypatch, tmp_path):
     import kagglehub
 
-    from gender_tasks import sources
+    from gender_tasks.data import sources
 
     root = write_dataset(tmp_path / "kaggle-cache" / "ThisPersonDoesNotExist", 2,
                          folder_names={"female": "Female", "male": "Male"})  # fmt: skip
@@ -201,7 +204,7 @@ def test_interrupted_ingest_leaves_no_manifest_and_resumes(dataset_dir, any_stor
 
 
 def test_ingest_logs_progress_files_and_rate(dataset_dir, any_storage, caplog):
-    with caplog.at_level(logging.INFO, logger="gender_tasks.ingest"):
+    with caplog.at_level(logging.INFO, logger="gender_tasks.data.ingest"):
         out = ingest_folder(dataset_dir, any_storage)
     text = caplog.text
     assert "ingest: scanned 40/40 files" in text
@@ -312,8 +315,9 @@ def test_zip_source_with_bad_entries_writes_nothing(tmp_path, local_storage):
         zf.writestr("female/ok.jpg", b"x")
         zf.writestr("female/../../../../tmp/evil.jpg", b"x")
     from gender_tasks import pipeline
+    from gender_tasks.settings import resolve_settings
 
-    settings = {"source": str(evil), "storage": str(local_storage.root), "max_image_pixels": 40_000_000}
+    settings = resolve_settings({"source": str(evil), "storage": str(local_storage.root)})
     with pytest.raises(SourceError, match=r"female/\.\./\.\./\.\./\.\./tmp/evil\.jpg.*outside the target folder"):
         pipeline.ingest(settings)
     assert_nothing_written(local_storage)

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from gender_tasks import models as M
-from gender_tasks.augment import augment_batch, augment_params
+from gender_tasks.errors import PermanentError
+from gender_tasks.models import network as M
+from gender_tasks.models.transfer import INCEPTION_AUX_MIN_SIZE
+from gender_tasks.training.augment import augment_batch, augment_params
 
 SIZES = {"cnn": 32, "resnet50": 32, "inceptionv3": 75, "mobilenetv2": 32}
-AUX_SIZE = M.INCEPTION_AUX_MIN_SIZE
+AUX_SIZE = INCEPTION_AUX_MIN_SIZE
 
 
 @pytest.mark.parametrize("name", list(SIZES))
@@ -74,7 +76,7 @@ def test_offline_weights_from_a_state_dict_file(tmp_path):
     torch.save(reference.state_dict(), tmp_path / "mobilenetv2.pth")
     model = M.build_model("mobilenetv2", 32, str(tmp_path))
     assert torch.equal(model.features[0][0].weight, reference.features[0][0].weight)
-    with pytest.raises(FileNotFoundError, match=r"resnet50\.pth"):
+    with pytest.raises(PermanentError, match=r"resnet50\.pth"):
         M.build_model("resnet50", 32, str(tmp_path))
 
 

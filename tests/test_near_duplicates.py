@@ -7,17 +7,18 @@ import pytest
 from conftest import write_dataset
 
 from gender_tasks import pipeline
-from gender_tasks.config import resolve_settings
-from gender_tasks.ingest import manifest_key, read_manifest
-from gender_tasks.near_duplicates import (
+from gender_tasks.data.images import phash_of_bytes
+from gender_tasks.data.manifest import read_manifest
+from gender_tasks.data.near_duplicates import (
     check_near_duplicates,
     cross_group_pairs,
     find_near_duplicates,
     hashes_to_uint64,
-    phash_of_bytes,
 )
-from gender_tasks.split import assign_splits
-from gender_tasks.validate import ValidationFailed
+from gender_tasks.data.split import assign_splits
+from gender_tasks.data.validate import ValidationFailed
+from gender_tasks.layout import manifest_key
+from gender_tasks.settings import resolve_settings
 
 
 def test_blockwise_pairs_match_brute_force():
@@ -74,27 +75,13 @@ def test_near_copy_flagged_only_across_splits(tmp_path):
     assert find_near_duplicates(same_split, max_distance=4) == []
 
 
-def test_missing_phash_is_computed_from_storage(tmp_path):
-    root = write_dataset(tmp_path / "d", 2)
-    data = {p.name: p.read_bytes() for p in root.rglob("*.jpg")}
-    data["copy.jpg"] = _near_copy(root / "male" / "male_0000.jpg")
-    manifest = _manifest([("male/male_0000.jpg", "train", data["male_0000.jpg"]),
-                          ("male/copy.jpg", "val", data["copy.jpg"])])  # fmt: skip
-    old = manifest.drop(columns="phash")  # a manifest written before the column existed
-    reads = []
-    pairs = find_near_duplicates(old, 4, read_bytes=lambda key: reads.append(key) or data[key.rpartition("/")[2]])
-    assert pairs == find_near_duplicates(manifest, 4) and len(pairs) == 1 and sorted(reads) == sorted(old["key"])
-    with pytest.raises(ValueError, match="no phash in the manifest.*pass read_bytes, or re-ingest"):
-        find_near_duplicates(old, 4)
-
-
 def test_summary_is_capped_and_counted():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**62, size=60)
     rows = [{"key": f"k{i}", "label": "female", "sha256": f"{i:064x}", "decodable": True,
              "split": "train" if i % 2 == 0 else "test", "source_path": f"female/{i}.jpg",
              "phash": f"{int(base[i // 2]):016x}"} for i in range(120)]  # fmt: skip
-    summary = check_near_duplicates(pd.DataFrame(rows), {"near_duplicate_distance": 0})
+    summary = check_near_duplicates(pd.DataFrame(rows), max_distance=0, fatal=False)
     assert summary["near_duplicate_count"] == 60 and len(summary["near_duplicates"]) == 50
     assert summary["near_duplicate_distance"] == 0
     assert set(summary["near_duplicates"][0]) == {"a", "b", "split_a", "split_b", "label_a", "label_b", "distance"}
@@ -104,8 +91,9 @@ def test_pipeline_validate_reports_near_duplicates_and_stops_when_fatal(tmp_path
     root = write_dataset(tmp_path / "faces", 12)
     (root / "female" / "female_0003_copy.jpg").write_bytes(_near_copy(root / "female" / "female_0003.jpg"))
     # Split grouping off, so that a seed can put the copy in another split than its original.
-    settings = resolve_settings({"min_rows": 10, "storage": str(local_storage.root), "split_group_distance": -1})
-    dataset = pipeline.ingest({**settings, "source": str(root)})
+    settings = resolve_settings({"min_rows": 10, "storage": str(local_storage.root), "split_group_distance": -1,
+                                 "source": str(root)}).to_dict()  # fmt: skip
+    dataset = pipeline.ingest(settings)
     manifest = read_manifest(local_storage, manifest_key(dataset["dataset_id"]))
     pair = {"female/female_0003.jpg", "female/female_0003_copy.jpg"}
 
@@ -150,7 +138,7 @@ def test_split_keeps_near_copies_together(tmp_path, local_storage):
 
 
 def test_pairs_within_match_brute_force():
-    from gender_tasks.near_duplicates import pairs_within
+    from gender_tasks.data.near_duplicates import pairs_within
 
     rng = np.random.default_rng(3)
     hashes = rng.integers(0, 2**63, size=300, dtype=np.uint64)

@@ -5,7 +5,7 @@ import pytest
 from conftest import write_dataset
 
 from gender_tasks import pipeline
-from gender_tasks.stats import bootstrap_ci, mcnemar
+from gender_tasks.evaluation.stats import bootstrap_ci, mcnemar
 from gender_tasks.storage import open_storage
 
 

@@ -2,10 +2,12 @@ import pandas as pd
 import pytest
 from conftest import write_dataset
 
-from gender_tasks.config import resolve_settings
-from gender_tasks.ingest import ingest_folder, manifest_key, read_manifest
-from gender_tasks.split import assign_splits, split_counts
-from gender_tasks.validate import ValidationFailed, validate_manifest
+from gender_tasks.data.ingest import ingest_folder
+from gender_tasks.data.manifest import read_manifest
+from gender_tasks.data.split import assign_splits, split_counts
+from gender_tasks.data.validate import ValidationFailed, validate_manifest
+from gender_tasks.layout import manifest_key
+from gender_tasks.settings import resolve_settings
 
 
 def _manifest(n_f=60, n_m=40):

@@ -5,9 +5,12 @@ import pytest
 from conftest import write_dataset
 
 from gender_tasks import pipeline
-from gender_tasks.predict import predict_folder
+from gender_tasks.evaluation.predict import predict_folder
+from gender_tasks.layout import model_prefix
+from gender_tasks.settings import Settings, TrainPlan
 from gender_tasks.storage import open_storage
-from gender_tasks.train import model_prefix, train_model
+from gender_tasks.training import trainer
+from gender_tasks.training.trainer import train_model
 
 
 @pytest.fixture
@@ -23,7 +26,7 @@ def prepared(tmp_path):
 
 
 def _manifest(settings, split_info):
-    from gender_tasks.ingest import read_manifest
+    from gender_tasks.data.manifest import read_manifest
 
     return read_manifest(open_storage(settings["storage"]), split_info["split_key"])
 
@@ -40,16 +43,28 @@ def test_training_writes_every_output(prepared):
     assert out["seconds"] > 0
 
 
-def test_resume_continues_after_the_last_checkpoint(prepared, caplog):
+class _Killed(Exception):
+    pass
+
+
+def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatch):
     settings, dataset, split_info = prepared
     storage = open_storage(settings["storage"])
     manifest = _manifest(settings, split_info)
-    settings = {**settings, "per_model": {**settings["per_model"], "mobilenetv2": {"image_size": 32, "epochs": 3,
-                                                                                   "freeze_epochs": 1}}}  # fmt: skip
+    settings = Settings.from_dict(settings)
+    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": TrainPlan(32, 3, 1)})
     kwargs = dict(run_key="r2", model_name="mobilenetv2", manifest=manifest, dataset_id=dataset["dataset_id"],
                   settings=settings)  # fmt: skip
-    stopped = train_model(storage, stop_after_epoch=1, **kwargs)  # "killed" after epoch 1
-    assert stopped == {"model": "mobilenetv2", "stopped_after_epoch": 1}
+    save = trainer.save_checkpoint
+
+    def save_then_die(*args, epoch, **kw):  # the process is killed right after epoch 1's checkpoint
+        save(*args, epoch=epoch, **kw)
+        raise _Killed
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train_model(storage, **kwargs)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
     caplog.set_level("INFO")
     train_model(storage, **kwargs)
     assert "resuming from the checkpoint of epoch 1/3" in caplog.text

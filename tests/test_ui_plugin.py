@@ -48,7 +48,7 @@ def _request(port: int, method: str, path: str, token: str | None = None, body: 
 def finished_run(tmp_path_factory):
     """A real (tiny) run's report in a storage folder."""
     from gender_tasks import pipeline
-    from gender_tasks.pipeline import run_key_for
+    from gender_tasks.layout import run_key_for
 
     tmp = tmp_path_factory.mktemp("ui")
     src = write_dataset(tmp / "faces", 12)

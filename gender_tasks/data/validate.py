@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import PermanentError
-from .ingest import decodable_mask
+from ..errors import PermanentError
+from ..resources import include_path
+from .manifest import decodable_mask
 
 log = logging.getLogger(__name__)
 
-SUITE_PATH = Path(__file__).resolve().parent.parent / "include" / "expectations" / "manifest_suite.json"
+SUITE_PATH = include_path("expectations", "manifest_suite.json")
 EXAMPLES_SHOWN = 5
 
 
@@ -85,7 +86,7 @@ def validate_manifest(manifest: pd.DataFrame, settings: dict, suite_path: Path =
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     spec = json.loads(suite_path.read_text())
-    frame = _validation_frame(manifest, settings["split"]).reset_index(drop=True)
+    frame = _validation_frame(manifest, settings.split).reset_index(drop=True)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (
@@ -96,11 +97,11 @@ def validate_manifest(manifest: pd.DataFrame, settings: dict, suite_path: Path =
     )
     suite = ExpectationSuite(name=spec["name"], expectations=spec["expectations"], meta=spec.get("meta"))
     params = {
-        "min_rows": settings["min_rows"],
-        "max_rows": settings["max_rows"],
-        "min_class_share": settings["min_class_share"],
-        "max_class_share": 1 - settings["min_class_share"],
-        "min_image_side": settings["min_image_side"],
+        "min_rows": settings.min_rows,
+        "max_rows": settings.max_rows,
+        "min_class_share": settings.min_class_share,
+        "max_class_share": 1 - settings.min_class_share,
+        "min_image_side": settings.min_image_side,
     }
     result = batch.validate(suite, expectation_parameters=params)
     failures = [_describe_failure(r, frame) for r in result.results if not r.success]

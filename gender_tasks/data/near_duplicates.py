@@ -3,7 +3,7 @@
 Identical files (same sha256) are caught by validation and kept in one split by `split`; a
 re-encoded, resized or slightly shifted copy of a test image in the training set inflates test
 accuracy just the same. Each image's 64-bit perceptual hash (ImageHash's phash) is computed once,
-at ingest (manifest column `phash`, hex); here every pair of images in different splits is
+at ingest (manifest column `phash`, hex; see images.phash_of_bytes); here every pair of images in different splits is
 compared by Hamming distance with numpy, block by block (10k images: about 2e7 pairs, under a
 second). Pairs within `near_duplicate_distance` bits (default 4) are reported; with
 `near_duplicates_fatal` they stop the run.
@@ -11,44 +11,23 @@ second). Pairs within `near_duplicate_distance` bits (default 4) are reported; w
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 
 import numpy as np
 import pandas as pd
+
+from .manifest import decodable_mask
+from .validate import ValidationFailed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DISTANCE = 4
 PAIRS_SHOWN = 50  # the summary travels through XCom: keep it small
 EXAMPLES_IN_MESSAGE = 5
-# JPEGs are decoded at a reduced scale (libjpeg's DCT scaling) no smaller than this: the hash only
-# needs 32x32 px, and every entropy-coded byte is still decoded, so corruption is still detected.
-DECODE_SIZE = 64
 # Pairwise distances are computed this many at a time (uint64 XORs: 4M of them are 32 MB).
 BLOCK_ELEMENTS = 4_000_000
 SPLIT_ORDER = ("train", "val", "test")
-
-
-def image_phash(img) -> str:
-    """The 64-bit perceptual hash of an opened PIL image, as 16 hex digits."""
-    import imagehash
-
-    return str(imagehash.phash(img))
-
-
-def phash_of_bytes(data: bytes) -> str:
-    """Decode an image (JPEGs at reduced scale) and return its phash; raises what PIL raises."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format == "JPEG":
-            img.draft("L", (DECODE_SIZE, DECODE_SIZE))
-        img.load()
-        return image_phash(img)
 
 
 def hashes_to_uint64(hexes) -> np.ndarray:
@@ -94,48 +73,14 @@ def cross_group_pairs(hashes: np.ndarray, groups: np.ndarray, max_distance: int,
     return pairs
 
 
-def _hashes_for(frame: pd.DataFrame, read_bytes: Callable[[str], bytes] | None) -> list[str]:
-    """The frame's phash column; where it is missing or empty (manifests from before the column
-    existed), computed from the stored images with `read_bytes(key)`."""
-    have = frame["phash"].astype(str).tolist() if "phash" in frame.columns else [""] * len(frame)
-    missing = [i for i, h in enumerate(have) if not h]
-    if missing:
-        if read_bytes is None:
-            raise ValueError(
-                f"{len(missing)} image(s) have no phash in the manifest and no way to read them was given "
-                "(pass read_bytes, or re-ingest the dataset)"
-            )
-        log.info("near-duplicates: computing the phash of %d image(s) the manifest lacks", len(missing))
-        keys = frame["key"].iloc[missing].tolist()
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            for i, h in zip(missing, pool.map(lambda k: phash_of_bytes(read_bytes(k)), keys), strict=True):
-                have[i] = h
-    return have
-
-
-def with_phash(manifest: pd.DataFrame, read_bytes: Callable[[str], bytes]) -> pd.DataFrame:
-    """`manifest` with a complete `phash` column for its decodable images (older manifests lack it)."""
-    from .ingest import decodable_mask  # ingest imports this module
-
-    out = manifest.copy()
-    if "phash" not in out.columns:
-        out["phash"] = ""
-    decodable = decodable_mask(out)
-    out.loc[decodable, "phash"] = _hashes_for(out[decodable], read_bytes)
-    return out
-
-
-def find_near_duplicates(manifest: pd.DataFrame, max_distance: int = DEFAULT_MAX_DISTANCE,
-                         read_bytes: Callable[[str], bytes] | None = None) -> list[dict]:  # fmt: skip
+def find_near_duplicates(manifest: pd.DataFrame, max_distance: int = DEFAULT_MAX_DISTANCE) -> list[dict]:
     """Every pair of decodable images in different splits whose phashes differ in at most
     `max_distance` bits, closest first: {a, b (source paths), split_a, split_b, label_a, label_b, distance}."""
-    from .ingest import decodable_mask  # ingest imports this module
-
     decodable = decodable_mask(manifest)
     frame = manifest[decodable & manifest["split"].isin(SPLIT_ORDER)].reset_index(drop=True)
     if frame.empty:
         return []
-    hashes = hashes_to_uint64(_hashes_for(frame, read_bytes))
+    hashes = hashes_to_uint64(frame["phash"])
     rank = frame["split"].map(SPLIT_ORDER.index).to_numpy()
     out = []
     for i, j, dist in cross_group_pairs(hashes, rank, int(max_distance)):
@@ -146,13 +91,10 @@ def find_near_duplicates(manifest: pd.DataFrame, max_distance: int = DEFAULT_MAX
     return sorted(out, key=lambda p: (p["distance"], p["a"], p["b"]))
 
 
-def check_near_duplicates(manifest: pd.DataFrame, settings: dict,
-                          read_bytes: Callable[[str], bytes] | None = None) -> dict:  # fmt: skip
+def check_near_duplicates(manifest: pd.DataFrame, max_distance: int, fatal: bool) -> dict:
     """The near-duplicate part of the validation summary; raises ValidationFailed when there are
     near-duplicates across splits and the setting `near_duplicates_fatal` is true."""
-    max_distance = int(settings.get("near_duplicate_distance", DEFAULT_MAX_DISTANCE))
-    fatal = bool(settings.get("near_duplicates_fatal", False))
-    pairs = find_near_duplicates(manifest, max_distance, read_bytes)
+    pairs = find_near_duplicates(manifest, max_distance)
     summary = {"near_duplicates": pairs[:PAIRS_SHOWN], "near_duplicate_count": len(pairs),
                "near_duplicate_distance": max_distance}  # fmt: skip
     if pairs:
@@ -178,8 +120,6 @@ FIX = (
 
 
 def _failure(pairs: list[dict], max_distance: int):
-    from .validate import ValidationFailed
-
     examples = [_pair_text(p) for p in pairs[:EXAMPLES_IN_MESSAGE]]
     failure = {"expectation": "no_near_duplicates_across_splits", "column": "phash",
                "says": f"no two images in different splits are near-identical (phash distance <= {max_distance})",

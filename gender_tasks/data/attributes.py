@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .ingest import dataset_prefix, find_class_dirs
-from .storage import Storage
+from ..layout import attributes_key
+from ..storage import Storage
+from .folders import find_class_dirs
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,6 @@ log = logging.getLogger(__name__)
 NOT_ATTRIBUTES = {"file", "label", "width", "height", "source_path", "source_zip", "zip_blob", "zip_member",
                   "categories", "gp_confidence", "sha256", "key", "bytes", "format"}  # fmt: skip
 MAX_GROUPS = 12
-
-
-def attributes_key(dataset_id: str) -> str:
-    return f"{dataset_prefix(dataset_id)}/attributes.csv"
 
 
 def find_labels_csv(root: Path) -> Path | None:

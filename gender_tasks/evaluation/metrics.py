@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from .config import CLASSES
+from ..settings import CLASSES
 
 
 def encode_labels(labels) -> np.ndarray:

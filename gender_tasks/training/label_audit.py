@@ -10,7 +10,6 @@ over the whole dataset (stratified, seeded), with a fast model (the study's CNN 
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 
@@ -19,30 +18,34 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from .metrics import encode_labels
-from .preprocess import load_cache
-from .storage import Storage
-from .train import SplitData, configure_threads, fit_predict
+from ..data.preprocess import load_cache
+from ..errors import PermanentError
+from ..evaluation.metrics import encode_labels
+from ..layout import label_audit_key
+from ..settings import Settings
+from ..storage import Storage
+from .batches import SplitData
+from .devices import configure_threads
+from .loop import fit_predict
 
 log = logging.getLogger(__name__)
 
 
-def audit_key(run_key: str) -> str:
-    return f"runs/{run_key}/label_audit.csv"
-
-
-def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, dataset_id: str, settings: dict,
+def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
                     parallel_tasks: int = 1) -> dict:  # fmt: skip
-    spec = settings["label_audit_spec"]
-    model_name, folds, seed = settings["label_audit_model"], int(settings["label_audit_folds"]), settings["seed"]
+    spec = settings.label_audit_spec
+    model_name, folds, seed = settings.label_audit_model, int(settings.label_audit_folds), settings.seed
     configure_threads(parallel_tasks)
     rows = manifest.drop_duplicates("sha256").reset_index(drop=True)
-    images, index = load_cache(storage, dataset_id, spec["image_size"])
+    images, index = load_cache(storage, dataset_id, spec.image_size)
     x = torch.from_numpy(images[np.fromiter((index[s] for s in rows["sha256"]), dtype=np.int64, count=len(rows))])
     y = encode_labels(rows["label"])
     folds = min(folds, int(np.bincount(y, minlength=2).min()))
     if folds < 2:
-        raise ValueError("the label audit needs at least two images of each class")
+        raise PermanentError(
+            "the label audit needs at least two images of each class; add images or switch the audit off "
+            "(label_audit: false)"
+        )
     prob = np.full(len(rows), np.nan, dtype=np.float32)
     fold_of = np.zeros(len(rows), dtype=np.int64)
     started = time.monotonic()
@@ -60,15 +63,9 @@ def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, d
     table["prob_male"] = prob
     table["p_given_label"] = np.where(y == 1, prob, 1 - prob)
     table = table.sort_values("p_given_label").reset_index(drop=True)
-    storage.put_bytes(audit_key(run_key), table.to_csv(index=False).encode())
+    storage.put_bytes(label_audit_key(run_key), table.to_csv(index=False).encode())
     suspicious = int((table["p_given_label"] < 0.1).sum())
     log.info("label audit: %d of %d images have P(given label) < 0.1", suspicious, len(table))
-    return {"audit_uri": storage.url(audit_key(run_key)), "images": len(table), "folds": folds,
+    return {"audit_uri": storage.url(label_audit_key(run_key)), "images": len(table), "folds": folds,
             "model": model_name, "suspicious": suspicious,
             "out_of_fold_accuracy": float(((prob >= 0.5) == (y == 1)).mean())}  # fmt: skip
-
-
-def read_audit(storage: Storage, run_key: str) -> pd.DataFrame | None:
-    if not storage.exists(audit_key(run_key)):
-        return None
-    return pd.read_csv(io.BytesIO(storage.get_bytes(audit_key(run_key))), keep_default_na=False)

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .ingest import IMAGE_SUFFIXES
-from .preprocess import decode_resize
+from ..data.folders import IMAGE_SUFFIXES
+from ..data.images import decode_resize
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def load_exported(model: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
     """Load a model.ts from a path or a storage URI (s3://bucket/.../model.ts, file://...)."""
     text = str(model)
     if text.startswith(("s3://", "file://")):
-        from .storage import open_storage
+        from ..storage import open_storage
 
         parent, _, name = text.rpartition("/")
         data = open_storage(parent).get_bytes(name)

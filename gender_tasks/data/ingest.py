@@ -25,62 +25,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import CLASSES
-from .errors import PermanentError
-from .near_duplicates import phash_of_bytes
-from .storage import Storage, put_many
+from .. import layout
+from ..storage import Storage, put_many
+from .folders import IMAGE_SUFFIXES, IngestError, find_class_dirs
+from .images import phash_of_bytes
+from .manifest import MANIFEST_COLUMNS, write_manifest
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-MANIFEST_COLUMNS = [
-    "key", "label", "sha256", "bytes", "width", "height", "format", "decodable", "error", "source_path", "phash",
-]  # fmt: skip
-# Text columns, read back as text (a hash of digits only must not turn into a number).
-TEXT_COLUMNS = ("key", "label", "sha256", "format", "error", "source_path", "phash")
 SCAN_WORKERS = 8
 # Uploads are latency-bound: more requests in flight than cores (but past ~16 threads the
 # client's own CPU, signing and parsing under the GIL, slows them down again; see bench/RESULTS.md).
 UPLOAD_WORKERS = 16
 PROGRESS_EVERY_S = 5.0
 PROBLEMS_SHOWN = 10
-
-
-class IngestError(PermanentError):
-    """The source's layout is wrong; the message names the offending item and the fix."""
-
-
-def dataset_prefix(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}"
-
-
-def manifest_key(dataset_id: str) -> str:
-    return f"{dataset_prefix(dataset_id)}/manifest.csv"
-
-
-def find_class_dirs(root: Path) -> dict[str, Path]:
-    """Map each class to its folder under `root`, names matched case-insensitively.
-
-    The class folders may sit one wrapping folder down (Kaggle's `ThisPersonDoesNotExist/Female`).
-    Any other folder beside them is an error: its images would silently be dropped.
-    """
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    by_name = {p.name.lower(): p for p in subdirs}
-    if not set(CLASSES) & set(by_name) and len(subdirs) == 1:
-        return find_class_dirs(subdirs[0])
-    unknown = [p.name for p in subdirs if p.name.lower() not in CLASSES]
-    missing = [c for c in CLASSES if c not in by_name]
-    if missing and not unknown:
-        raise IngestError(
-            f"{root} has no {' or '.join(missing)} folder; a dataset needs one folder per class "
-            f"named {' and '.join(CLASSES)} (any case)"
-        )
-    if unknown:
-        raise IngestError(
-            f"unknown class folder(s) {unknown} in {root}: the classes are exactly {list(CLASSES)}; "
-            "rename or remove the folder(s)"
-        )
-    return {c: by_name[c] for c in CLASSES}
 
 
 @dataclass
@@ -150,8 +108,8 @@ def _describe(path: Path, label: str, root: Path, max_pixels: int) -> _Scanned:
 def _decode(data: bytes) -> dict:
     """Decode an image and hash it perceptually: {decodable, error, phash} for its manifest row.
 
-    JPEGs decode at reduced scale (see near_duplicates.DECODE_SIZE): every entropy-coded byte is
-    still decoded, so truncated or corrupt files fail here as they would at full size.
+    JPEGs decode at reduced scale (see images.phash_of_bytes): every entropy-coded byte is still
+    decoded, so truncated or corrupt files fail here as they would at full size.
     """
     try:
         return {"decodable": True, "error": "", "phash": phash_of_bytes(data)}
@@ -213,11 +171,6 @@ def compute_dataset_id(rows: list[dict]) -> str:
     return "ds-" + digest.hexdigest()[:16]
 
 
-def _image_key(dataset_id: str, row: dict) -> str:
-    ext = Path(row["source_path"]).suffix.lower() or ".bin"
-    return f"{dataset_prefix(dataset_id)}/images/{row['label']}/{row['sha256']}{ext}"
-
-
 def _load(item: _Scanned, decoded: dict[str, dict]) -> bytes:
     """The file's bytes again, for upload, after decoding them into `decoded[sha256]`.
 
@@ -248,11 +201,11 @@ def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
     rows = [s.row for s in scanned]
     dataset_id = compute_dataset_id(rows)
     for row in rows:
-        row["key"] = _image_key(dataset_id, row)
+        row["key"] = layout.image_key(dataset_id, row["label"], row["sha256"], row["source_path"])
     total_bytes = sum(r["bytes"] for r in rows)
     summary = {
         "dataset_id": dataset_id,
-        "manifest_uri": storage.url(manifest_key(dataset_id)),
+        "manifest_uri": storage.url(layout.manifest_key(dataset_id)),
         "images": len(rows),
         "bytes": total_bytes,
         "uploaded": 0,
@@ -260,11 +213,11 @@ def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
         "scan_seconds": round(scan_seconds, 2),
         "upload_seconds": 0.0,
     }
-    if storage.exists(manifest_key(dataset_id)):
+    if storage.exists(layout.manifest_key(dataset_id)):
         log.info("dataset %s (%d images) is already in %s: nothing to upload", dataset_id, len(rows), storage.uri)
         return summary
 
-    present = set(storage.list(f"{dataset_prefix(dataset_id)}/images/"))  # resume an interrupted ingest
+    present = set(storage.list(layout.images_prefix(dataset_id)))  # resume an interrupted ingest
     unique: dict[str, _Scanned] = {}
     for s in scanned:
         unique.setdefault(s.row["key"], s)  # identical images share one key
@@ -278,7 +231,7 @@ def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
     for row in rows:
         row.update(decoded[row["sha256"]])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
-    storage.put_bytes(manifest_key(dataset_id), manifest.to_csv(index=False).encode())
+    write_manifest(storage, layout.manifest_key(dataset_id), manifest)
     summary["uploaded"] = uploaded
     summary["upload_seconds"] = round(time.monotonic() - upload_started, 2)
     log.info(
@@ -286,13 +239,3 @@ def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
         dataset_id, len(rows), total_bytes / 1e6, uploaded, time.monotonic() - started, scan_seconds,
     )  # fmt: skip
     return summary
-
-
-def decodable_mask(manifest: pd.DataFrame) -> pd.Series:
-    """Which rows decode: `decodable` as booleans, whether the frame holds bools or their text."""
-    return manifest["decodable"].astype(str).str.lower().eq("true")
-
-
-def read_manifest(storage: Storage, key: str) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False,
-                       dtype=dict.fromkeys(TEXT_COLUMNS, str))  # fmt: skip

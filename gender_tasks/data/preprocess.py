@@ -16,28 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from .ingest import dataset_prefix
-from .storage import Storage
+from ..layout import cache_key
+from ..storage import Storage
+from .images import decode_resize
 
 log = logging.getLogger(__name__)
-
-
-def cache_key(dataset_id: str, size: int) -> str:
-    return f"{dataset_prefix(dataset_id)}/cache/{size}px.npz"
-
-
-def decode_resize(data: bytes, size: int) -> np.ndarray:
-    """Decode an image to RGB and resize it to size x size (JPEG draft mode decodes at a reduced
-    scale when the target is much smaller, which is several times faster)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return np.asarray(img, dtype=np.uint8)
 
 
 def build_cache(storage: Storage, manifest: pd.DataFrame, dataset_id: str, size: int, *, workers: int = 8) -> str:

@@ -21,21 +21,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import CLASSES
-from .metrics import encode_labels
-from .stats import bootstrap_ci, mcnemar
-from .storage import Storage
-from .train import model_prefix
+from .. import layout
+from ..data.attributes import read_attributes
+from ..data.manifest import read_manifest
+from ..data.preprocess import load_cache
+from ..data.split import split_counts as count_splits
+from ..evaluation.metrics import encode_labels
+from ..evaluation.stats import bootstrap_ci, mcnemar
+from ..models.registry import get_model_spec, model_names
+from ..resources import include_path
+from ..settings import CLASSES, Settings
+from ..storage import Storage
 
 log = logging.getLogger(__name__)
 
-INCLUDE = Path(__file__).resolve().parent.parent / "include"
-MODEL_LABELS = {"cnn": "CNN", "resnet50": "ResNet50", "inceptionv3": "Inception V3", "mobilenetv2": "MobileNet V2"}
 SIGNIFICANCE = 0.05
 
 
-def report_key(run_key: str) -> str:
-    return f"runs/{run_key}/report.html"
+def _label(model_name: str) -> str:
+    return get_model_spec(model_name).display_name
 
 
 def _svg(fig) -> str:
@@ -90,7 +94,11 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
 def code_version() -> str:
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=INCLUDE.parent, capture_output=True, text=True, timeout=5
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -98,11 +106,13 @@ def code_version() -> str:
 
 
 def load_model_outputs(storage: Storage, run_key: str, model_name: str) -> dict:
-    prefix = model_prefix(run_key, model_name)
+    def read(name: str) -> bytes:
+        return storage.get_bytes(layout.model_file_key(run_key, model_name, name))
+
     return {
-        "metrics": json.loads(storage.get_bytes(f"{prefix}/metrics.json")),
-        "history": json.loads(storage.get_bytes(f"{prefix}/history.json")),
-        "predictions": pd.read_csv(io.BytesIO(storage.get_bytes(f"{prefix}/predictions.csv")), keep_default_na=False),
+        "metrics": json.loads(read("metrics.json")),
+        "history": json.loads(read("history.json")),
+        "predictions": pd.read_csv(io.BytesIO(read("predictions.csv")), keep_default_na=False),
     }
 
 
@@ -133,15 +143,20 @@ def _thumbnail(array: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _label_audit_section(storage: Storage, run_key: str, dataset_id: str, settings: dict, summary: dict | None,
-                         sha_of_key: dict[str, str], shown: int = 24) -> dict | None:  # fmt: skip
-    from .label_audit import read_audit
-    from .preprocess import load_cache
+def read_audit(storage: Storage, run_key: str) -> pd.DataFrame | None:
+    """The label audit's table (training.label_audit writes it), or None where the audit did not run."""
+    key = layout.label_audit_key(run_key)
+    if not storage.exists(key):
+        return None
+    return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False)
 
+
+def _label_audit_section(storage: Storage, run_key: str, dataset_id: str, settings: Settings, summary: dict | None,
+                         sha_of_key: dict[str, str], shown: int = 24) -> dict | None:  # fmt: skip
     table = read_audit(storage, run_key)
     if table is None:
         return None
-    images, index = load_cache(storage, dataset_id, settings["label_audit_spec"]["image_size"])
+    images, index = load_cache(storage, dataset_id, settings.label_audit_spec.image_size)
     top = []
     for row in table.head(shown).itertuples():
         sha = sha_of_key[row.key]
@@ -154,14 +169,16 @@ def _label_audit_section(storage: Storage, run_key: str, dataset_id: str, settin
 
 
 def _external_sets(storage: Storage, run_key: str) -> list[dict]:
-    return [json.loads(storage.get_bytes(k)) for k in storage.list(f"runs/{run_key}/external/") if k.endswith(".json")]
+    return [
+        json.loads(storage.get_bytes(k)) for k in storage.list(layout.external_prefix(run_key)) if k.endswith(".json")
+    ]
 
 
 def build_report(
     storage: Storage,
     *,
     run_key: str,
-    settings: dict,
+    settings: Settings,
     dataset: dict,
     validation: dict,
     split_key: str,
@@ -172,12 +189,8 @@ def build_report(
     """Write report.html and results.json for a run; returns their URIs and the headline numbers."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    from .attributes import read_attributes
-    from .ingest import read_manifest
-    from .split import split_counts as count_splits
-
-    paper = json.loads((INCLUDE / "paper_table1.json").read_text())
-    outputs = {m: load_model_outputs(storage, run_key, m) for m in settings["models"]}
+    paper = json.loads(include_path("paper_table1.json").read_text())
+    outputs = {m: load_model_outputs(storage, run_key, m) for m in settings.models}
     manifest = read_manifest(storage, split_key)
     split_counts = count_splits(manifest)
     sha_of_key = dict(zip(manifest["key"], manifest["sha256"], strict=True))
@@ -190,11 +203,11 @@ def build_report(
         y_true = encode_labels(test["label"])
         y_pred = encode_labels(test["predicted"])
         test_preds[name] = (test["key"].tolist(), y_true, y_pred)
-        ci = bootstrap_ci(y_true, y_pred, seed=settings["seed"])
-        ref = paper["models"][name]
+        ci = bootstrap_ci(y_true, y_pred, seed=settings.seed)
+        ref = paper["models"].get(name)  # None: a model the study did not train
         t = met["test"]
         rows.append({
-            "model": name, "label": MODEL_LABELS[name],
+            "model": name, "label": _label(name),
             "ours": {"train_accuracy": met["train_accuracy"], "test_accuracy": t["accuracy"],
                      "precision": t["weighted"]["precision"], "recall": t["weighted"]["recall"],
                      "f1": t["weighted"]["f1"]},
@@ -202,7 +215,7 @@ def build_report(
         })  # fmt: skip
         recalls = t["per_class_recall"]
         per_model[name] = {
-            "label": MODEL_LABELS[name],
+            "label": _label(name),
             "metrics": met,
             "plots": _plots(hist, t["confusion_matrix"], y_true, test["prob_male"].to_numpy()),
             "recall_gap": recalls["female"] - recalls["male"],
@@ -217,7 +230,7 @@ def build_report(
             continue  # different test sets cannot be paired
         res = mcnemar(y, pa, pb)
         acc_a, acc_b = float((pa == y).mean()), float((pb == y).mean())
-        comparisons.append({"a": MODEL_LABELS[a], "b": MODEL_LABELS[b], "acc_diff": acc_a - acc_b, **res,
+        comparisons.append({"a": _label(a), "b": _label(b), "acc_diff": acc_a - acc_b, **res,
                             "significant": res["p_value"] < SIGNIFICANCE})  # fmt: skip
 
     totals = {c: sum(split_counts.get(s, {}).get(c, 0) for s in split_counts) for c in CLASSES}
@@ -231,7 +244,7 @@ def build_report(
         "run_key": run_key,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": dataset,
-        "settings": settings,
+        "settings": settings.to_dict(),
         "validation": validation,
         "class_balance": balance,
         "table": rows,
@@ -252,17 +265,18 @@ def build_report(
     results["label_audit"] = {k: v for k, v in (audit or {}).items() if k != "top"} | {
         "top": [{k: v for k, v in t.items() if k != "thumbnail"} for t in (audit or {}).get("top", [])]
     }
-    env = Environment(loader=FileSystemLoader(INCLUDE), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(loader=FileSystemLoader(include_path()), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         r=results, paper=paper, per_model=per_model, alpha=SIGNIFICANCE, audit=audit,
-        synthetic_accuracy={row["model"]: row["ours"]["test_accuracy"] for row in rows}, labels=MODEL_LABELS,
-        settings_json=json.dumps(settings, indent=1, sort_keys=True),
+        synthetic_accuracy={row["model"]: row["ours"]["test_accuracy"] for row in rows},
+        labels={name: _label(name) for name in model_names()},
+        settings_json=json.dumps(settings.to_dict(), indent=1, sort_keys=True),
     )  # fmt: skip
-    storage.put_bytes(f"runs/{run_key}/results.json", json.dumps(results, indent=1, default=str).encode())
-    storage.put_bytes(report_key(run_key), html.encode())
-    log.info("report written to %s", storage.url(report_key(run_key)))
+    storage.put_bytes(layout.results_key(run_key), json.dumps(results, indent=1, default=str).encode())
+    storage.put_bytes(layout.report_key(run_key), html.encode())
+    log.info("report written to %s", storage.url(layout.report_key(run_key)))
     return {
-        "report_uri": storage.url(report_key(run_key)),
-        "results_uri": storage.url(f"runs/{run_key}/results.json"),
+        "report_uri": storage.url(layout.report_key(run_key)),
+        "results_uri": storage.url(layout.results_key(run_key)),
         "test_accuracy": {r["model"]: r["ours"]["test_accuracy"] for r in rows},
     }

@@ -19,7 +19,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import PermanentError
+from ..errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def download_s3_source(source: str, target: Path, *, workers: int = 16) -> Path:
     Uses the pipeline's S3 configuration (AWS variables or the connection in GENDER_S3_CONN_ID).
     Keys that would land outside `target` are refused before anything is written.
     """
-    from .storage import open_storage
+    from ..storage import open_storage
 
     storage = open_storage(source)
     storage.check()

@@ -19,14 +19,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import PermanentError
-from .ingest import IMAGE_SUFFIXES, find_class_dirs
+from .. import layout
+from ..data.attributes import find_labels_csv
+from ..data.folders import IMAGE_SUFFIXES, find_class_dirs
+from ..data.images import decode_resize
+from ..errors import PermanentError
+from ..settings import Settings
+from ..storage import Storage
 from .metrics import classification_metrics, encode_labels
 from .predict import load_exported
-from .preprocess import decode_resize
 from .stats import bootstrap_ci
-from .storage import Storage
-from .train import model_prefix
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,6 @@ def parse_spec(spec: str) -> tuple[Path, str | None, str]:
 
 def list_labeled_images(root: Path, query: str | None) -> pd.DataFrame:
     """(path, label) of every image below the class folders, filtered by `query` over labels.csv."""
-    from .attributes import find_labels_csv
-
     rows = [{"path": p, "label": label} for label, folder in find_class_dirs(root).items()
             for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
     table = pd.DataFrame(rows)
@@ -69,13 +69,13 @@ def list_labeled_images(root: Path, query: str | None) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def evaluate_external(storage: Storage, *, run_key: str, settings: dict, spec: str) -> dict:
+def evaluate_external(storage: Storage, *, run_key: str, settings: Settings, spec: str) -> dict:
     root, query, name = parse_spec(spec)
     table = list_labeled_images(root, query)
     y = encode_labels(table["label"])
     results, decoded = {}, {}
-    for model_name in settings["models"]:
-        module, meta = load_exported(storage.url(f"{model_prefix(run_key, model_name)}/model.ts"))
+    for model_name in settings.models:
+        module, meta = load_exported(storage.url(layout.model_file_key(run_key, model_name, "model.ts")))
         size = int(meta["image_size"])
         if size not in decoded:
             with ThreadPoolExecutor(max_workers=8) as pool:
@@ -88,10 +88,10 @@ def evaluate_external(storage: Storage, *, run_key: str, settings: dict, spec: s
                 probs.append(module(x).numpy())
         prob = np.concatenate(probs)
         metrics = classification_metrics(y, prob)
-        metrics["ci"] = bootstrap_ci(y, (prob >= 0.5).astype(int), seed=settings["seed"])
+        metrics["ci"] = bootstrap_ci(y, (prob >= 0.5).astype(int), seed=settings.seed)
         results[model_name] = metrics
         log.info("external %s: %s accuracy %.3f on %d images", name, model_name, metrics["accuracy"], len(table))
     out = {"name": name, "source": str(root), "filter": query, "images": len(table),
            "counts": table["label"].value_counts().to_dict(), "models": results}  # fmt: skip
-    storage.put_bytes(f"runs/{run_key}/external/{name}.json", json.dumps(out, indent=1).encode())
+    storage.put_bytes(layout.external_key(run_key, name), json.dumps(out, indent=1).encode())
     return out

@@ -11,15 +11,9 @@ from __future__ import annotations
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from .ingest import dataset_prefix
+from .near_duplicates import hashes_to_uint64, pairs_within
 
 SPLITS = ("train", "val", "test")
-
-
-def split_key(dataset_id: str, seed: int, fractions: list[float], group_distance: int = -1) -> str:
-    tag = "-".join(str(round(f * 100)) for f in fractions)
-    grouping = f"-nd{group_distance}" if group_distance >= 0 else ""
-    return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}{grouping}.csv"
 
 
 def near_duplicate_groups(manifest: pd.DataFrame, max_distance: int) -> pd.Series:
@@ -28,8 +22,6 @@ def near_duplicate_groups(manifest: pd.DataFrame, max_distance: int) -> pd.Serie
     group = manifest["sha256"].copy()
     if max_distance < 0 or "phash" not in manifest.columns:
         return group
-    from .near_duplicates import hashes_to_uint64, pairs_within
-
     hashed = manifest[manifest["phash"].astype(str) != ""].drop_duplicates("sha256")
     shas = hashed["sha256"].tolist()
     parent = list(range(len(shas)))

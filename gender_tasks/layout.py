@@ -1,0 +1,114 @@
+"""Where every artifact lives in object storage: the one owner of the storage layout.
+
+Every key the pipeline reads or writes is built here, and nothing here imports more than the
+standard library, so the UI plugin can find a report without loading the training stack.
+
+    datasets/<dataset_id>/images/<label>/<sha256>.<ext>   the images, content-addressed
+    datasets/<dataset_id>/manifest.csv                    one row per image; written last (commit marker)
+    datasets/<dataset_id>/attributes.csv                  optional per-image attributes (labels.csv)
+    datasets/<dataset_id>/splits/seed<seed>-<fractions>[-nd<d>].csv   the manifest with its split column
+    datasets/<dataset_id>/cache/<size>px.npz              decoded, resized uint8 arrays
+    runs/<run_key>/models/<model>/...                     metrics, history, predictions, checkpoint, model.ts
+    runs/<run_key>/label_audit.csv                        out-of-fold predictions for every image
+    runs/<run_key>/external/<set>.json                    external evaluation sets
+    runs/<run_key>/report.html, results.json              the comparison report and its numbers
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+DATASETS = "datasets"
+RUNS = "runs"
+
+# A run key holds only these characters; anything else in an Airflow run id (':' '+' ' ') becomes '_'.
+_UNSAFE_RUN_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+SAFE_RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def run_key_for(run_id: str) -> str:
+    """A storage-safe folder name for an Airflow run id (which holds ':' and '+')."""
+    return _UNSAFE_RUN_KEY_CHARS.sub("_", run_id).strip("_") or "run"
+
+
+# --- datasets ---------------------------------------------------------------------------------------
+
+
+def dataset_prefix(dataset_id: str) -> str:
+    return f"{DATASETS}/{dataset_id}"
+
+
+def images_prefix(dataset_id: str) -> str:
+    return f"{dataset_prefix(dataset_id)}/images/"
+
+
+def image_key(dataset_id: str, label: str, sha256: str, source_path: str) -> str:
+    """Content-addressed: the same bytes under the same label always get the same key."""
+    ext = PurePosixPath(source_path).suffix.lower() or ".bin"
+    return f"{images_prefix(dataset_id)}{label}/{sha256}{ext}"
+
+
+def manifest_key(dataset_id: str) -> str:
+    return f"{dataset_prefix(dataset_id)}/manifest.csv"
+
+
+def attributes_key(dataset_id: str) -> str:
+    return f"{dataset_prefix(dataset_id)}/attributes.csv"
+
+
+def split_key(dataset_id: str, seed: int, fractions: list[float], group_distance: int = -1) -> str:
+    tag = "-".join(str(round(f * 100)) for f in fractions)
+    grouping = f"-nd{group_distance}" if group_distance >= 0 else ""
+    return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}{grouping}.csv"
+
+
+def cache_key(dataset_id: str, size: int) -> str:
+    return f"{dataset_prefix(dataset_id)}/cache/{size}px.npz"
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+
+def run_prefix(run_key: str) -> str:
+    return f"{RUNS}/{run_key}"
+
+
+def model_prefix(run_key: str, model_name: str) -> str:
+    return f"{run_prefix(run_key)}/models/{model_name}"
+
+
+def model_file_key(run_key: str, model_name: str, name: str) -> str:
+    """One file of a trained model: checkpoint.pt, metrics.json, history.json, predictions.csv,
+    model.ts, model_card.json."""
+    return f"{model_prefix(run_key, model_name)}/{name}"
+
+
+def label_audit_key(run_key: str) -> str:
+    return f"{run_prefix(run_key)}/label_audit.csv"
+
+
+def external_prefix(run_key: str) -> str:
+    return f"{run_prefix(run_key)}/external/"
+
+
+def external_key(run_key: str, set_name: str) -> str:
+    return f"{external_prefix(run_key)}{set_name}.json"
+
+
+def report_key(run_key: str) -> str:
+    return f"{run_prefix(run_key)}/report.html"
+
+
+def results_key(run_key: str) -> str:
+    return f"{run_prefix(run_key)}/results.json"
+
+
+def report_run_keys(keys: list[str]) -> list[str]:
+    """The run keys among `keys` (a listing of runs/) that have a finished report, newest name first."""
+    found = []
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == RUNS and parts[2] == "report.html":
+            found.append(parts[1])
+    return sorted(found, reverse=True)

@@ -1,0 +1,306 @@
+"""A run's settings: what a user sets (`RunConfig`, the one source of defaults) and what a run uses
+(`Settings`: the config resolved against its profile and the model registry, immutable and typed).
+
+Settings travel between Airflow tasks as plain JSON (`to_dict` / `Settings.from_dict`) and are saved
+next to the outputs. The DAG's trigger form is built from `RunConfig`'s fields (`form_fields`), so
+the form and the code cannot disagree about a default. Nothing here imports more than the model
+registry, which is plain data: the DAG imports this module while Airflow parses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PermanentError
+from .models.registry import STUDY_MODELS, get_model_spec, model_names
+
+CLASSES = ("female", "male")  # label ids follow the study's Keras loader (sorted names): female 0, male 1
+WEIGHT_CHOICES = ("none", "imagenet")
+KAGGLE_DATASET = "kaggle:bwandowando/all-these-people-dont-exist"
+
+
+class SettingsError(PermanentError):
+    """A run setting is missing, unknown or out of range; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The settings a training profile gives every model; per-model plans live in the model registry."""
+
+    description: str
+    weights: str
+    batch_size: int
+    learning_rate: float
+    fine_tune_learning_rate: float
+
+
+PROFILES: dict[str, Profile] = {
+    # The study's settings (sections 3 and 4); the per-model epochs and sizes are in the registry.
+    "paper": Profile("The study's settings: ImageNet weights, 224/299 px, 20 / 10 epochs. Meant for a GPU.",
+                     weights="imagenet", batch_size=32, learning_rate=1e-3, fine_tune_learning_rate=1e-5),
+    "cpu": Profile("Small images, few epochs, weights from scratch: a full run in minutes on a laptop CPU.",
+                   weights="none", batch_size=32, learning_rate=1e-3, fine_tune_learning_rate=1e-4),
+    "tiny": Profile("Tests and smoke checks only: tiny images, one or two epochs.",
+                    weights="none", batch_size=16, learning_rate=1e-3, fine_tune_learning_rate=1e-4),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How one model trains in this run: input size, epochs, and how many of them are frozen."""
+
+    image_size: int
+    epochs: int
+    freeze_epochs: int
+
+
+def _form(title: str, description: str = "", **schema) -> dict:
+    """Field metadata: how the setting shows on the trigger form (a JSON-schema fragment)."""
+    return {"form": {"title": title, **({"description": description} if description else {}), **schema}}
+
+
+def default_source() -> str:
+    return os.environ.get("GENDER_SOURCE") or KAGGLE_DATASET
+
+
+def default_storage() -> str:
+    return os.environ.get("GENDER_STORAGE", "")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a user may set for a run, with the defaults. Fields with `form` metadata are on the trigger form."""
+
+    source: str = field(default_factory=default_source, metadata=_form(
+        "Dataset source", "A folder with female/ and male/ subfolders, a .zip of one, s3://bucket/prefix, "
+        "or kaggle:owner/slug.", type="string", minLength=1))  # fmt: skip
+    storage: str = field(default_factory=default_storage, metadata=_form(
+        "Object storage", "s3://bucket/prefix (AWS or MinIO via AWS_ENDPOINT_URL) or a local folder; "
+        "empty: the embedded default folder.", type="string"))  # fmt: skip
+    profile: str = field(default="cpu", metadata=_form(
+        "Training profile", "paper: the study's settings (GPU); cpu: minutes on a laptop; tiny: tests.",
+        type="string", enum=list(PROFILES)))  # fmt: skip
+    models: tuple[str, ...] = field(default=STUDY_MODELS, metadata=_form(
+        "Models to train", type="array", items={"type": "string"}, minItems=1, uniqueItems=True))  # fmt: skip
+    epochs: int | None = field(default=None, metadata=_form(
+        "Epochs", "Overrides the profile's epochs for every model (empty: the profile's).",
+        type=["null", "integer"], minimum=1, maximum=500))  # fmt: skip
+    image_size: int | None = field(default=None, metadata=_form(
+        "Image size (px)", "Overrides the profile's input size (InceptionV3 never below 75).",
+        type=["null", "integer"], minimum=16, maximum=512))  # fmt: skip
+    weights: str | None = field(default=None, metadata=_form(
+        "Pretrained weights", "none, imagenet, or a folder / s3:// prefix holding <model>.pth (empty: the profile's).",
+        type=["null", "string"]))  # fmt: skip
+    seed: int = field(default=42, metadata=_form(
+        "Seed", "For the split, initialisation and augmentation.", type="integer", minimum=0))  # fmt: skip
+    split: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    min_rows: int = 10
+    max_rows: int = 1_000_000
+    min_class_share: float = 0.2
+    min_image_side: int = 32
+    max_image_pixels: int = 40_000_000
+    # Perceptual-hash (64-bit phash) distance under which two images in different splits are flagged.
+    # On real face crops, pairs at 0-2 bits were the same picture; at 4 some were different people,
+    # so a run that makes near-duplicates fatal uses 2 unless a distance is given explicitly.
+    near_duplicate_distance: int | None = None
+    near_duplicates_fatal: bool = False
+    # Images this close (phash bits) are kept in one split, so a copy cannot leak test data into
+    # training; -1 keeps only byte-identical images together.
+    split_group_distance: int = 2
+    label_audit: bool = field(default=True, metadata=_form(
+        "Label audit", "Out-of-fold predictions for every image, ranking likely mislabels.", type="boolean"))  # fmt: skip
+    label_audit_folds: int = 5
+    label_audit_model: str = "cnn"
+    external_eval: tuple[str, ...] = field(default=(), metadata=_form(
+        "External evaluation sets", "Extra labeled folders every model is evaluated on, each 'path' or "
+        "'path?<pandas query over its labels.csv>', e.g. '/data/utkface?age >= 16'.",
+        type="array", items={"type": "string", "minLength": 1}))  # fmt: skip
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """The defaults with `overrides` applied (None values keep the default); unknown names are refused."""
+        overrides = dict(overrides or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise SettingsError(f"unknown setting(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def form_fields() -> dict[str, dict]:
+    """The trigger form's fields: {name: {"default": ..., title, description, JSON-schema keys}}."""
+    defaults = RunConfig()
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        if "form" in f.metadata:
+            value = getattr(defaults, f.name)
+            out[f.name] = {"default": list(value) if isinstance(value, tuple) else value, **f.metadata["form"]}
+    out["models"]["items"] = {**out["models"]["items"], "enum": list(model_names())}  # whatever is registered
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(RunConfig):
+    """A resolved run: the config with every default filled in, plus what follows from it."""
+
+    batch_size: int
+    learning_rate: float
+    fine_tune_learning_rate: float
+    per_model: dict[str, TrainPlan]
+    label_audit_spec: TrainPlan
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON (lists, dicts, numbers): what travels through XCom and is saved with the outputs."""
+        return json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        data = dict(data)
+        data["per_model"] = {m: TrainPlan(**p) for m, p in data["per_model"].items()}
+        data["label_audit_spec"] = TrainPlan(**data["label_audit_spec"])
+        for key in ("models", "split", "external_eval"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def json_safe(value):
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def as_settings(value: Settings | dict) -> Settings:
+    """Settings from either form (a task receives them as the dict XCom carried)."""
+    return value if isinstance(value, Settings) else Settings.from_dict(value)
+
+
+# --- resolution --------------------------------------------------------------------------------------
+
+
+def resolve_settings(overrides: dict[str, Any] | RunConfig | None = None) -> Settings:
+    """The complete settings of a run: defaults, then the profile, then `overrides`; refuses bad values."""
+    config = overrides if isinstance(overrides, RunConfig) else RunConfig.from_overrides(overrides)
+    if config.profile not in PROFILES:
+        raise SettingsError(f"unknown profile {config.profile!r}; expected one of {sorted(PROFILES)}")
+    profile = PROFILES[config.profile]
+    models = _resolve_models(config.models)
+    _check_ranges(config)
+    return Settings(
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(RunConfig)}
+        | {
+            "models": models,
+            "weights": _resolve_weights(config.weights or profile.weights),
+            "seed": int(config.seed),
+            "split": _resolve_split(config.split),
+            "near_duplicate_distance": _near_duplicate_distance(config),
+            "external_eval": _as_tuple(config.external_eval),
+        },
+        batch_size=profile.batch_size,
+        learning_rate=profile.learning_rate,
+        fine_tune_learning_rate=profile.fine_tune_learning_rate,
+        per_model={name: _train_plan(name, config) for name in models},
+        label_audit_spec=_label_audit_plan(config),
+    )
+
+
+def _as_tuple(value) -> tuple:
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return tuple(value)
+
+
+def _resolve_models(models) -> tuple[str, ...]:
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    known = model_names()
+    bad = [m for m in models if m not in known]
+    if bad or not models:
+        raise SettingsError(f"unknown model(s) {bad or list(models)!r}; expected some of {list(known)}")
+    return tuple(m for m in known if m in models)  # canonical (registry) order, no repeats
+
+
+def _resolve_weights(weights: str) -> str:
+    if weights not in WEIGHT_CHOICES and not _is_weights_location(weights):
+        raise SettingsError(
+            f"unknown weights {weights!r}; expected 'none', 'imagenet', or a folder / s3:// prefix "
+            "holding <model>.pth state dicts"
+        )
+    return weights
+
+
+def _is_weights_location(value: str) -> bool:
+    return isinstance(value, str) and (value.startswith(("s3://", "file://", "/")) or value.startswith("."))
+
+
+def _resolve_split(split) -> tuple[float, ...]:
+    fractions = tuple(float(x) for x in split)
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) <= 0:
+        raise SettingsError(f"split must be three positive fractions summing to 1, got {list(fractions)}")
+    return fractions
+
+
+def _near_duplicate_distance(config: RunConfig) -> int:
+    distance = config.near_duplicate_distance
+    if distance is None:
+        distance = 2 if config.near_duplicates_fatal else 4
+    if not 0 <= int(distance) <= 64:
+        raise SettingsError(f"near_duplicate_distance must be between 0 and 64 bits, got {distance}")
+    return int(distance)
+
+
+def _check_ranges(config: RunConfig) -> None:
+    if not -1 <= int(config.split_group_distance) <= 64:
+        raise SettingsError(f"split_group_distance must be -1 (off) or 0-64 bits, got {config.split_group_distance}")
+    if config.label_audit_model not in model_names():
+        raise SettingsError(
+            f"unknown label_audit_model {config.label_audit_model!r}; expected one of {list(model_names())}"
+        )
+    if int(config.label_audit_folds) < 2:
+        raise SettingsError(f"label_audit_folds must be at least 2, got {config.label_audit_folds}")
+
+
+def _profile_plan(name: str, profile: str):
+    plans = get_model_spec(name).profiles
+    if profile not in plans:
+        raise SettingsError(
+            f"model {name!r} has no plan for profile {profile!r}; its registry entry lists {list(plans)}"
+        )
+    return plans[profile]
+
+
+def _train_plan(name: str, config: RunConfig) -> TrainPlan:
+    base = _profile_plan(name, config.profile)
+    size, epochs, freeze = base.image_size, base.epochs, base.freeze_epochs
+    if config.epochs is not None:
+        if int(config.epochs) < 1:
+            raise SettingsError(f"epochs must be at least 1, got {config.epochs}")
+        # Keep the profile's frozen/unfrozen proportion.
+        frac = freeze / epochs
+        epochs = int(config.epochs)
+        freeze = min(epochs - 1, round(frac * epochs)) if epochs > 1 else 0
+    if config.image_size is not None:
+        size = int(config.image_size)
+    minimum = get_model_spec(name).min_image_size
+    if size < minimum:
+        if config.image_size is not None and get_model_spec(name).raise_small_inputs:
+            size = minimum  # a run-wide size applies to the other models; this one cannot go smaller
+        else:
+            raise SettingsError(f"image_size {size} is too small for {name}; use at least {minimum}")
+    return TrainPlan(image_size=size, epochs=epochs, freeze_epochs=freeze)
+
+
+def _label_audit_plan(config: RunConfig) -> TrainPlan:
+    name = config.label_audit_model
+    base = _profile_plan(name, config.profile)
+    size = base.image_size
+    if config.image_size is not None:
+        size = max(int(config.image_size), get_model_spec(name).min_image_size)
+    return TrainPlan(image_size=size, epochs=base.epochs, freeze_epochs=0)

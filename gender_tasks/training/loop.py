@@ -1,0 +1,107 @@
+"""The training loop: one epoch, predictions, and a model set up on its device.
+
+Kept short and free of I/O, like torchvision's references/classification: `trainer` adds storage,
+checkpoints and outputs around it; the label audit uses `fit_predict`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.network import build_model, set_backbone_frozen, set_train_mode
+from ..settings import Settings, TrainPlan
+from .augment import augment_params
+from .batches import Inputs, SplitData
+from .devices import make_autocast, pick_device
+
+AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
+
+
+def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(out, tuple):
+        return out[0].squeeze(1), out[1].squeeze(1)
+    return out.squeeze(1), None
+
+
+@torch.inference_mode()
+def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autocast) -> tuple[np.ndarray, float]:
+    """P(male) for every image of `data`, and the mean BCE loss."""
+    model.eval()
+    probs, loss_sum = [], 0.0
+    for start in range(0, len(data.labels), batch_size):
+        x = inputs(data.images[start : start + batch_size])
+        y = data.labels[start : start + batch_size].to(inputs.device)
+        with autocast():
+            logits, _ = _logits(model(x))
+        logits = logits.float()
+        loss_sum += float(F.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
+        probs.append(torch.sigmoid(logits).cpu())
+    n = max(len(data.labels), 1)
+    return (torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)), loss_sum / n
+
+
+def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, optimizer, gen: torch.Generator,
+                    batch_size: int, autocast, *, frozen: bool = False) -> tuple[float, float]:  # fmt: skip
+    """One pass over `data` in the order and with the augmentation that `gen` draws.
+
+    Returns the summed loss and the number of correct predictions (running, on augmented batches).
+    """
+    set_train_mode(model_name, model, frozen)
+    n = len(data.labels)
+    order = torch.randperm(n, generator=gen)
+    loss_sum = correct = 0.0
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2 and n >= 2:
+            continue  # batch norm cannot train on a batch of one
+        x = inputs(data.images[idx], augment_params(len(idx), gen))
+        y = data.labels[idx].to(inputs.device)
+        with autocast():
+            logits, aux = _logits(model(x))
+            logits = logits.float()
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            if aux is not None:
+                loss = loss + AUX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(aux.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += float(((logits.detach() >= 0).float() == y).sum())
+    if inputs.device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss_sum, correct
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's order and augmentation: the same for a seed, whether resumed or not."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def setup_model(model_name: str, image_size: int, weights: str, seed: int, device: torch.device):
+    """The model on `device` (channels_last on a GPU) and the matching input pipeline."""
+    is_cuda = device.type == "cuda"
+    if is_cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(seed)
+    model = build_model(model_name, image_size, weights).to(device)
+    if is_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    return model, Inputs(model_name, device, channels_last=is_cuda)
+
+
+def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: SplitData, predict: SplitData,
+                seed: int) -> np.ndarray:  # fmt: skip
+    """Train a fresh model on `train` for the plan's epochs (no checkpoints, no validation) and return
+    P(male) for `predict`: the building block of out-of-fold predictions."""
+    device = pick_device()
+    autocast = make_autocast(device)
+    model, inputs = setup_model(model_name, plan.image_size, settings.weights, seed, device)
+    set_backbone_frozen(model_name, model, False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    for epoch in range(plan.epochs):
+        train_one_epoch(model, model_name, train, inputs, optimizer, epoch_generator(seed, epoch),
+                        settings.batch_size, autocast)  # fmt: skip
+    prob, _ = predict_proba(model, predict, inputs, settings.batch_size * 2, autocast)
+    return prob

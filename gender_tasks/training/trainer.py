@@ -1,0 +1,215 @@
+"""Train one model of a run on the preprocessed cache, resumably, and write its outputs.
+
+runs/<run_key>/models/<model>/checkpoint.pt    after every epoch (a retry resumes from it)
+runs/<run_key>/models/<model>/metrics.json     test metrics, train accuracy, settings, timings
+runs/<run_key>/models/<model>/history.json     per-epoch loss / accuracy, train and validation
+runs/<run_key>/models/<model>/predictions.csv  every image's probability of "male", with its split
+runs/<run_key>/models/<model>/model.ts         TorchScript: float [0,1] NCHW in, P(male) out
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import layout
+from ..data.preprocess import load_cache
+from ..errors import PermanentError
+from ..evaluation.metrics import classification_metrics
+from ..models.network import set_backbone_frozen
+from ..models.registry import get_model_spec
+from ..settings import Settings, TrainPlan
+from ..storage import Storage
+from .batches import Inputs, SplitData, split_data
+from .checkpoint import load_checkpoint, save_checkpoint
+from .devices import configure_threads, device_name, make_autocast, pick_device
+from .export import export_torchscript
+from .loop import epoch_generator, predict_proba, setup_model, train_one_epoch
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class TrainingDataError(PermanentError):
+    """The data cannot train this model (an empty split, one class only); the message says what to do."""
+
+
+@dataclass
+class TrainingRun:
+    """One model's training in progress: what it trains on and with, and what it has done so far."""
+
+    model_name: str
+    plan: TrainPlan
+    settings: Settings
+    dataset_id: str
+    data: dict[str, SplitData]
+    model: torch.nn.Module
+    inputs: Inputs
+    autocast: object
+    device: torch.device
+    threads: int
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+    def file_key(self, run_key: str, name: str) -> str:
+        return layout.model_file_key(run_key, self.model_name, name)
+
+
+def train_model(storage: Storage, *, run_key: str, model_name: str, manifest: pd.DataFrame, dataset_id: str,
+                settings: Settings, parallel_tasks: int = 1) -> dict:  # fmt: skip
+    """Train `model_name` as `settings` say, resuming from its checkpoint, and write its outputs.
+
+    Returns a small summary dict (XCom-safe).
+    """
+    run = _start(storage, model_name, manifest, dataset_id, settings, parallel_tasks)
+    _fit(storage, run, layout.model_file_key(run_key, model_name, "checkpoint.pt"))
+    return _write_outputs(storage, run_key, run)
+
+
+def _start(storage: Storage, model_name: str, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
+           parallel_tasks: int) -> TrainingRun:  # fmt: skip
+    plan = settings.per_model[model_name]
+    device = pick_device()
+    threads = configure_threads(parallel_tasks)
+    images, index = load_cache(storage, dataset_id, plan.image_size)
+    data = {s: split_data(manifest, images, index, s) for s in SPLITS}
+    del images
+    if len(data["train"]) == 0:
+        raise TrainingDataError(
+            f"the training split of {dataset_id} is empty; the dataset is too small to train on: add images"
+        )
+    model, inputs = setup_model(model_name, plan.image_size, settings.weights, settings.seed, device)
+    return TrainingRun(model_name, plan, settings, dataset_id, data, model, inputs, make_autocast(device), device,
+                       threads)  # fmt: skip
+
+
+def _optimizer(run: TrainingRun, frozen: bool) -> tuple[torch.optim.Optimizer, float]:
+    """Adam over the trainable parameters: the base rate while frozen (or never frozen), else fine-tuning's."""
+    s = run.settings
+    lr = s.learning_rate if frozen or run.plan.freeze_epochs == 0 else s.fine_tune_learning_rate
+    set_backbone_frozen(run.model_name, run.model, frozen)
+    return torch.optim.Adam([p for p in run.model.parameters() if p.requires_grad], lr=lr), lr
+
+
+def _resume(storage: Storage, run: TrainingRun, ckpt_key: str):
+    """The first epoch to train and the optimizer to train it with, from the checkpoint if there is one."""
+    plan = run.plan
+    frozen = plan.freeze_epochs > 0
+    state = load_checkpoint(storage, ckpt_key)
+    if state is None:
+        return 0, frozen, *_optimizer(run, frozen)
+    run.model.load_state_dict(state["model"])
+    run.history = state["history"]
+    start = state["epoch"] + 1
+    frozen = start < plan.freeze_epochs
+    optimizer, lr = _optimizer(run, frozen)
+    if state["frozen"] == frozen:
+        optimizer.load_state_dict(state["optimizer"])
+    log.info("%s: resuming from the checkpoint of epoch %d/%d", run.model_name, start, plan.epochs)
+    return start, frozen, optimizer, lr
+
+
+def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
+    plan, s, name = run.plan, run.settings, run.model_name
+    start_epoch, frozen, optimizer, lr = _resume(storage, run, ckpt_key)
+    train, val = run.data["train"], run.data["val"]
+    log.info(
+        "%s: %d train / %d val / %d test images at %dpx, %d epochs (%d frozen), batch %d, %s, %d threads",
+        name, len(train), len(val), len(run.data["test"]), plan.image_size, plan.epochs, plan.freeze_epochs,
+        s.batch_size, run.device, run.threads,
+    )  # fmt: skip
+    started = time.monotonic()
+    for epoch in range(start_epoch, plan.epochs):
+        now_frozen = epoch < plan.freeze_epochs
+        if now_frozen != frozen:
+            frozen = now_frozen
+            optimizer, lr = _optimizer(run, frozen)
+            log.info("%s: backbone unfrozen at epoch %d; learning rate %.0e", name, epoch + 1, lr)
+        t0 = time.monotonic()
+        loss_sum, correct = train_one_epoch(run.model, name, train, run.inputs, optimizer,
+                                            epoch_generator(s.seed, epoch), s.batch_size, run.autocast,
+                                            frozen=frozen)  # fmt: skip
+        train_time = time.monotonic() - t0
+        val_prob, val_loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast)
+        val_acc = float(((val_prob >= 0.5) == val.labels.numpy().astype(bool)).mean()) if len(val_prob) else 0.0
+        record = {"epoch": epoch + 1, "frozen": frozen, "learning_rate": lr, "loss": loss_sum / len(train),
+                  "accuracy": correct / len(train), "val_loss": val_loss, "val_accuracy": val_acc,
+                  "images_per_s": len(train) / train_time, "seconds": time.monotonic() - t0}  # fmt: skip
+        run.history.append(record)
+        save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=epoch, frozen=frozen,
+                        history=run.history)  # fmt: skip
+        _log_epoch(run, record, started, epoch - start_epoch + 1)
+    run.train_seconds = time.monotonic() - started
+
+
+def _log_epoch(run: TrainingRun, record: dict, started: float, epochs_done: int) -> None:
+    eta = (run.plan.epochs - record["epoch"]) * (time.monotonic() - started) / epochs_done
+    log.info(
+        "%s epoch %d/%d: loss %.4f acc %.3f val_loss %.4f val_acc %.3f | %.0f images/s | ETA %.0fs",
+        run.model_name, record["epoch"], run.plan.epochs, record["loss"], record["accuracy"], record["val_loss"],
+        record["val_accuracy"], record["images_per_s"], eta,
+    )  # fmt: skip
+
+
+def _predictions(run: TrainingRun) -> tuple[pd.DataFrame, dict | None]:
+    """Every image's P(male) with its split and label, and the test metrics."""
+    frames, test_metrics = [], None
+    for split, d in run.data.items():
+        if not len(d):
+            continue
+        prob, _ = predict_proba(run.model, d, run.inputs, run.settings.batch_size * 2, run.autocast)
+        frames.append(pd.DataFrame({"key": d.keys, "split": split, "label_id": d.labels.numpy().astype(int),
+                                    "prob_male": prob}))  # fmt: skip
+        if split == "test":
+            test_metrics = classification_metrics(d.labels.numpy().astype(int), prob)
+    preds = pd.concat(frames, ignore_index=True)
+    preds["label"] = preds["label_id"].map({0: "female", 1: "male"})
+    preds["predicted"] = np.where(preds["prob_male"] >= 0.5, "male", "female")
+    return preds.drop(columns="label_id"), test_metrics
+
+
+def _write_outputs(storage: Storage, run_key: str, run: TrainingRun) -> dict:
+    s, name = run.settings, run.model_name
+    preds, test_metrics = _predictions(run)
+    storage.put_bytes(run.file_key(run_key, "predictions.csv"), preds.to_csv(index=False).encode())
+    storage.put_bytes(run.file_key(run_key, "history.json"), json.dumps(run.history, indent=1).encode())
+    last = run.history[-1]
+    metrics = {
+        "model": name,
+        # As in the study (Keras' history): the last epoch's running accuracy on augmented training batches.
+        "train_accuracy": last["accuracy"],
+        "val_accuracy": last["val_accuracy"],
+        "test": test_metrics,
+        "epochs": len(run.history),
+        "image_size": run.plan.image_size,
+        "freeze_epochs": run.plan.freeze_epochs,
+        "weights": s.weights if _takes_weights(name) else "none",
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "train_seconds": run.train_seconds,
+        "mean_images_per_s": float(np.mean([h["images_per_s"] for h in run.history])),
+        "device": str(run.device),
+        "device_name": device_name(run.device),
+        "torch_threads": run.threads,
+        "torch_version": torch.__version__,
+    }
+    storage.put_bytes(run.file_key(run_key, "metrics.json"), json.dumps(metrics, indent=1).encode())
+    card = {"dataset_id": run.dataset_id, "source": s.source, "seed": s.seed, "profile": s.profile,
+            "test_metrics": test_metrics, "epochs": len(run.history)}  # fmt: skip
+    storage.put_bytes(run.file_key(run_key, "model.ts"), export_torchscript(run.model, name, run.plan.image_size, card))
+    storage.put_bytes(run.file_key(run_key, "model_card.json"), json.dumps({**metrics, **card}, indent=1).encode())
+    accuracy = test_metrics["accuracy"] if test_metrics else float("nan")
+    f1 = test_metrics["weighted"]["f1"] if test_metrics else float("nan")
+    log.info("%s done: train acc %.3f, test acc %.3f, weighted F1 %.3f", name, metrics["train_accuracy"], accuracy, f1)
+    return {"model": name, "metrics_uri": storage.url(run.file_key(run_key, "metrics.json")),
+            "test_accuracy": test_metrics["accuracy"] if test_metrics else None}  # fmt: skip
+
+
+def _takes_weights(model_name: str) -> bool:
+    return get_model_spec(model_name).pretrained
