@@ -31,12 +31,23 @@ def airflow_env_defaults() -> None:
 
 
 def _preflight(conf: dict) -> dict:
-    """Check settings, the source and the external sets before starting Airflow, so mistakes fail in seconds."""
+    """Check settings, the source, the storage and the external sets before starting Airflow, so mistakes
+    (and a dead storage endpoint) fail in seconds."""
     from .config import resolve_settings
+    from .errors import PermanentError
     from .sources import check_source
+    from .storage import StorageConfigError, StorageError, open_storage
 
     settings = resolve_settings(conf)
     check_source(settings["source"])
+    try:
+        open_storage(settings["storage"]).check()  # reachable, bucket there, writable: bounded, see storage.py
+    except StorageError as exc:
+        if isinstance(exc, PermanentError):
+            raise
+        # Unreachable is retryable inside the DAG, but nothing retries a pre-flight: starting Airflow
+        # only to have every task fail on it helps no one, so it ends the command like bad settings.
+        raise StorageConfigError(str(exc)) from exc
     if settings["external_eval"]:
         from .external import parse_spec  # imports torch: only when there are sets to check
 
