@@ -39,7 +39,8 @@ CONN_ID_VAR = "GENDER_S3_CONN_ID"
 #   - a closed port is refused at once: 5 attempts take well under a second;
 #   - a blackholed host: 5 x S3_CONNECT_TIMEOUT_S, under a minute;
 #   - an endpoint that accepts and never answers: 5 x S3_READ_TIMEOUT_S = 100 s. Without a read
-#     timeout botocore waits 60 s per attempt: 5 minutes a request, 20 minutes a task with its retries.
+#     timeout botocore waits 60 s per attempt: it was 6 attempts (see total_max_attempts below), so
+#     6 minutes a request and 20 minutes a task with its Airflow retries.
 # The exception that results, StorageError, stays retryable by Airflow (not a PermanentError): an
 # unreachable endpoint is transient by nature (a MinIO restart, a network partition), and the DAG's
 # retries (2, a minute apart) outlast such an outage where botocore's sub-second backoff cannot. So a
@@ -244,7 +245,9 @@ class S3Storage:
             from botocore.exceptions import ProfileNotFound
 
             config = Config(
-                retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                # total_max_attempts counts the first try; botocore's `max_attempts` counts only the
+                # retries (so 5 meant 6 attempts), unlike AWS_MAX_ATTEMPTS, which counts them all.
+                retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,
                 max_pool_connections=64,  # at least as many as put_many's threads
@@ -252,7 +255,7 @@ class S3Storage:
             # check()'s own client: the same session and endpoint, fewer attempts and shorter timeouts
             # (never longer than the ones configured), made only when check() first runs.
             check_config = Config(
-                retries={"max_attempts": min(S3_CHECK_MAX_ATTEMPTS, self.max_attempts), "mode": "standard"},
+                retries={"total_max_attempts": min(S3_CHECK_MAX_ATTEMPTS, self.max_attempts), "mode": "standard"},
                 connect_timeout=min(S3_CHECK_CONNECT_TIMEOUT_S, self.connect_timeout),
                 read_timeout=min(S3_CHECK_READ_TIMEOUT_S, self.read_timeout),
             )
