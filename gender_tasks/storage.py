@@ -131,6 +131,24 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary file renamed into place: no reader sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, so other users (a web
+    # server, a worker under another uid) could not read what the pipeline wrote. os.open with
+    # 0o666 lets the kernel apply the umask (and default ACLs), as for any ordinary file; O_EXCL
+    # and a random name keep concurrent writers of one key apart.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class LocalStorage:
     """A directory on this machine: the embedded default."""
 
@@ -151,14 +169,15 @@ class LocalStorage:
         """Fail fast, before any long work, where the folder cannot be created or (if `writable`) written.
 
         Writing proves it where os.access cannot (read-only mounts, ACLs, a full disk, root squash):
-        a probe object goes through put_bytes, the path every write takes, and is deleted.
+        a probe object is written the way put_bytes writes (not through it: the probe is no data write
+        that callers or tests count) and deleted.
         """
         try:
             self.root.mkdir(parents=True, exist_ok=True)  # again: it may have gone since __init__
             if writable:
-                key = _probe_key()
-                self.put_bytes(key, PROBE_BODY)
-                self.delete(key)
+                probe = self._path(_probe_key())
+                _write_atomically(probe, PROBE_BODY)
+                probe.unlink()
                 try:
                     (self.root / PROBE_PREFIX).rmdir()
                 except OSError:
@@ -173,21 +192,7 @@ class LocalStorage:
             ) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, so other users (a web
-        # server, a worker under another uid) could not read what the pipeline wrote. os.open with
-        # 0o666 lets the kernel apply the umask (and default ACLs), as for any ordinary file; O_EXCL
-        # and a random name keep concurrent writers of one key apart.
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_atomically(self._path(key), data)
 
     def get_bytes(self, key: str) -> bytes:
         try:
