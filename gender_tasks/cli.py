@@ -36,10 +36,12 @@ def _preflight(conf: dict) -> dict:
     from .config import resolve_settings
     from .errors import PermanentError
     from .sources import check_source
-    from .storage import StorageConfigError, StorageError, open_storage
+    from .storage import CONN_ID_VAR, StorageConfigError, StorageError, open_storage
 
     settings = resolve_settings(conf)
     check_source(settings["source"])
+    if os.environ.get(CONN_ID_VAR, "").strip():
+        airflow_env_defaults()  # the connection is looked up in the AIRFLOW_HOME the run will use
     try:
         open_storage(settings["storage"]).check()  # reachable, bucket there, writable: bounded, see storage.py
     except StorageError as exc:

@@ -281,3 +281,22 @@ def test_cli_run_on_a_dead_storage_exits_2_without_importing_airflow(endpoint, r
     done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "error: cannot reach S3 for s3://b/p" in done.stderr and url in done.stderr
+
+
+class _AirflowReached(Exception):
+    pass
+
+
+def test_cli_preflight_passes_a_usable_storage_and_refuses_an_unwritable_folder(s3_bucket, dataset_dir, tmp_path,
+                                                                               monkeypatch, capsys):  # fmt: skip
+    from gender_tasks import cli
+
+    def airflow_started():
+        raise _AirflowReached()
+
+    monkeypatch.setattr(cli, "airflow_env_defaults", airflow_started)
+    with pytest.raises(_AirflowReached):  # the pre-flight passed: the run went on to start Airflow
+        cli.main(["run", "--storage", f"s3://{s3_bucket}/p", "--source", str(dataset_dir)])
+    (tmp_path / "a-file").write_text("not a folder")
+    assert cli.main(["run", "--storage", str(tmp_path / "a-file" / "store"), "--source", str(dataset_dir)]) == 2
+    assert "a-file/store" in capsys.readouterr().err
