@@ -28,12 +28,25 @@ def airflow_env_defaults() -> None:
 
 
 def _preflight(conf: dict) -> dict:
-    """Check settings, the source and the external sets before starting Airflow, so mistakes fail in seconds."""
+    """Check settings, the source, the storage and the external sets before starting Airflow, so mistakes
+    (and a dead storage endpoint) fail in seconds."""
     from .data.sources import check_source
+    from .errors import PermanentError
     from .settings import resolve_settings
+    from .storage import CONN_ID_VAR, StorageConfigError, StorageError, open_storage
 
     settings = resolve_settings(conf)
     check_source(settings.source)
+    if os.environ.get(CONN_ID_VAR, "").strip():
+        airflow_env_defaults()  # the connection is looked up in the AIRFLOW_HOME the run will use
+    try:
+        open_storage(settings.storage).check()  # reachable, bucket there, writable: bounded, see storage.py
+    except StorageError as exc:
+        if isinstance(exc, PermanentError):
+            raise
+        # Unreachable is retryable inside the DAG, but nothing retries a pre-flight: starting Airflow
+        # only to have every task fail on it helps no one, so it ends the command like bad settings.
+        raise StorageConfigError(str(exc)) from exc
     if settings.external_eval:
         from .evaluation.external import parse_spec  # imports torch: only when there are sets to check
 

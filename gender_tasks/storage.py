@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -29,10 +30,41 @@ log = logging.getLogger(__name__)
 DEFAULT_LOCAL_ROOT = Path(os.environ.get("GENDER_DATA_DIR", Path(__file__).resolve().parent.parent / ".data"))
 
 CONN_ID_VAR = "GENDER_S3_CONN_ID"
-# Retries ride out a blip; AWS_MAX_ATTEMPTS (the standard variable) overrides the count.
+# How long a dead S3 endpoint can hold things up, and why.
+#
+# botocore's "standard" retry mode retries only what can pass (connection errors, timeouts, 5xx,
+# throttling), with jittered exponential backoff; 4xx errors (no bucket, access denied) fail at once.
+# Its backoff for connection errors is short (50 ms doubling), so the attempts of one request on a
+# dead endpoint cost about attempts x timeout:
+#   - a closed port is refused at once: 5 attempts take well under a second;
+#   - a blackholed host: 5 x S3_CONNECT_TIMEOUT_S, under a minute;
+#   - an endpoint that accepts and never answers: 5 x S3_READ_TIMEOUT_S = 100 s. Without a read
+#     timeout botocore waits 60 s per attempt: it was 6 attempts (see total_max_attempts below), so
+#     6 minutes a request and 20 minutes a task with its Airflow retries.
+# The exception that results, StorageError, stays retryable by Airflow (not a PermanentError): an
+# unreachable endpoint is transient by nature (a MinIO restart, a network partition), and the DAG's
+# retries (2, a minute apart) outlast such an outage where botocore's sub-second backoff cannot. So a
+# task on a dead endpoint spends at most about 3 x 100 s + 2 x 60 s, some 7 minutes; ingest, which
+# starts with the fast check() below, about 3 x 11 s + 2 x 60 s. `python -m gender_tasks run` checks
+# the storage before Airflow starts (cli._preflight), so there a dead endpoint fails in seconds.
+#
+# AWS_MAX_ATTEMPTS (the standard variable) overrides the attempt count.
 S3_MAX_ATTEMPTS = 5
 # botocore's default connect timeout is 60 s, which makes an unreachable endpoint look like a hang.
 S3_CONNECT_TIMEOUT_S = 10.0
+# The wait for each answer (botocore: 60 s). S3 answers within a second or two; 20 s leaves room for
+# a MinIO on slow disks that stores a large object before it answers.
+S3_READ_TIMEOUT_S = 20.0
+# check() is the "fail before any long work" path: 2 attempts (one blip forgiven), short timeouts, so
+# a dead endpoint fails it in about 2 x 5 s and even a server that answers the first request and
+# hangs the next two (head, put, delete) stays within 30 s.
+S3_CHECK_MAX_ATTEMPTS = 2
+S3_CHECK_CONNECT_TIMEOUT_S = 3.0
+S3_CHECK_READ_TIMEOUT_S = 5.0
+# check() proves a storage writable by writing and deleting a small object under this reserved key;
+# list() never shows it.
+PROBE_PREFIX = ".gender-probe"
+PROBE_BODY = b"gender_tasks storage check: safe to delete\n"
 # Extras of an Airflow `aws` connection that this package understands; any other is refused, not ignored.
 CONN_EXTRAS = ("endpoint_url", "region_name", "aws_session_token", "profile_name", "verify")
 HOW_TO_SET_CREDENTIALS = (
@@ -52,7 +84,7 @@ class StorageConfigError(StorageError, PermanentError):
 class Storage(Protocol):
     uri: str
 
-    def check(self) -> None: ...
+    def check(self, *, writable: bool = True) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
@@ -69,9 +101,27 @@ def _check_key(key: str) -> str:
 
 
 def _is_temp(key: str) -> bool:
-    """A local write in flight (see LocalStorage.put_bytes): never listed."""
+    """A local write in flight (see LocalStorage.put_bytes) or a check() probe: never listed."""
     name = key.rpartition("/")[2]
-    return name.startswith(".") and name.endswith(".part")
+    return (name.startswith(".") and name.endswith(".part")) or key.startswith(PROBE_PREFIX + "/")
+
+
+def _probe_key() -> str:
+    return f"{PROBE_PREFIX}/{uuid.uuid4().hex}"
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name`; unset or empty: `default`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise StorageConfigError(f"{name}={raw!r} is not a positive number of seconds; set e.g. {name}={default:g}")
+    return value
 
 
 def _check_prefix(prefix: str) -> str:
@@ -79,6 +129,24 @@ def _check_prefix(prefix: str) -> str:
     if prefix:
         _check_key(prefix.removesuffix("/"))
     return prefix
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary file renamed into place: no reader sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, so other users (a web
+    # server, a worker under another uid) could not read what the pipeline wrote. os.open with
+    # 0o666 lets the kernel apply the umask (and default ACLs), as for any ordinary file; O_EXCL
+    # and a random name keep concurrent writers of one key apart.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class LocalStorage:
@@ -97,24 +165,34 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def check(self) -> None:
-        """Fail fast, before any long work, where the folder cannot be written."""
-        if not os.access(self.root, os.W_OK | os.X_OK):
+    def check(self, *, writable: bool = True) -> None:
+        """Fail fast, before any long work, where the folder cannot be created or (if `writable`) written.
+
+        Writing proves it where os.access cannot (read-only mounts, ACLs, a full disk, root squash):
+        a probe object is written the way put_bytes writes (not through it: the probe is no data write
+        that callers or tests count) and deleted.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)  # again: it may have gone since __init__
+            if writable:
+                probe = self._path(_probe_key())
+                _write_atomically(probe, PROBE_BODY)
+                probe.unlink()
+                try:
+                    (self.root / PROBE_PREFIX).rmdir()
+                except OSError:
+                    pass  # another check's probe is in it, or it is gone already: either is fine
+            elif not os.access(self.root, os.R_OK | os.X_OK):
+                raise PermissionError(f"no read access to {self.root}")
+        except OSError as exc:
+            what = "written" if writable else "read"
             raise StorageConfigError(
-                f"the storage folder {self.root} is not writable; fix its permissions or choose another folder"
-            )
+                f"the storage folder {self.root} cannot be {what} ({exc}); fix its permissions or choose another "
+                "folder (--storage, GENDER_STORAGE or the DAG param storage)"
+            ) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(self._path(key), data)
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -156,7 +234,7 @@ class S3Storage:
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, client=None,
                  credentials: dict | None = None, region_name: str | None = None, profile_name: str | None = None,
                  verify: bool | str | None = None, max_attempts: int | None = None,
-                 connect_timeout: float | None = None):  # fmt: skip
+                 connect_timeout: float | None = None, read_timeout: float | None = None):  # fmt: skip
         import boto3
         from botocore.config import Config
 
@@ -164,22 +242,35 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.max_attempts = max_attempts or _env_attempts()
+        self.connect_timeout = connect_timeout or _env_seconds("GENDER_S3_CONNECT_TIMEOUT", S3_CONNECT_TIMEOUT_S)
+        self.read_timeout = read_timeout or _env_seconds("GENDER_S3_READ_TIMEOUT", S3_READ_TIMEOUT_S)
+        self._make_check_client: Callable[[], object] | None = None
         if client is None:
             from botocore.exceptions import ProfileNotFound
 
-            max_attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
-            connect_timeout = connect_timeout or float(
-                os.environ.get("GENDER_S3_CONNECT_TIMEOUT") or S3_CONNECT_TIMEOUT_S
-            )
             config = Config(
-                retries={"max_attempts": max_attempts, "mode": "standard"},
-                connect_timeout=connect_timeout,
+                # total_max_attempts counts the first try; botocore's `max_attempts` counts only the
+                # retries (so 5 meant 6 attempts), unlike AWS_MAX_ATTEMPTS, which counts them all.
+                retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
                 max_pool_connections=64,  # at least as many as put_many's threads
+            )
+            # check()'s own client: the same session and endpoint, fewer attempts and shorter timeouts
+            # (never longer than the ones configured), made only when check() first runs.
+            check_config = Config(
+                retries={"total_max_attempts": min(S3_CHECK_MAX_ATTEMPTS, self.max_attempts), "mode": "standard"},
+                connect_timeout=min(S3_CHECK_CONNECT_TIMEOUT_S, self.connect_timeout),
+                read_timeout=min(S3_CHECK_READ_TIMEOUT_S, self.read_timeout),
             )
             try:
                 session = boto3.session.Session(**(credentials or {}), region_name=region_name,
                                                 profile_name=profile_name)  # fmt: skip
                 client = session.client("s3", endpoint_url=self.endpoint_url, verify=verify, config=config)
+                self._make_check_client = lambda: session.client(
+                    "s3", endpoint_url=self.endpoint_url, verify=verify, config=check_config
+                )
             except ProfileNotFound as exc:
                 raise StorageConfigError(
                     f"cannot open {self.uri}: {exc}; define that profile in ~/.aws/config, or unset AWS_PROFILE"
@@ -191,12 +282,19 @@ class S3Storage:
                 ) from None
         self.client = client
 
+    @cached_property
+    def _check_client(self):
+        """The client check() uses: bounded, see S3_CHECK_*. A client given to __init__ is used as it is."""
+        return self._make_check_client() if self._make_check_client else self.client
+
     def _key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _where(self, location: str) -> str:
-        return f"{location} (endpoint {self.endpoint_url or 'AWS default'})"
+        # The client's endpoint also covers AWS_ENDPOINT_URL_S3 and the AWS default for the region.
+        endpoint = self.endpoint_url or getattr(getattr(self.client, "meta", None), "endpoint_url", None)
+        return f"{location} (endpoint {endpoint or 'AWS default'})"
 
     def _explain(self, exc: Exception, location: str) -> StorageError:
         """Turn a botocore error into one that says what is wrong and what to do."""
@@ -205,6 +303,13 @@ class S3Storage:
         where = self._where(location)
         if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
             return StorageConfigError(f"no usable AWS credentials for {where}: {exc}. To fix, {HOW_TO_SET_CREDENTIALS}")
+        if isinstance(exc, bx.ReadTimeoutError):
+            return StorageError(
+                f"cannot reach S3 for {where}: the endpoint accepted the connection but did not answer ({exc}). "
+                "The server is hung or is not an S3 server (a wrong port?): check that AWS_ENDPOINT_URL (or the "
+                f"endpoint_url of the connection in {CONN_ID_VAR}) points at a working S3 or MinIO, or raise "
+                "GENDER_S3_READ_TIMEOUT if it is merely slow"
+            )
         unreachable = (
             bx.EndpointConnectionError,
             bx.ConnectTimeoutError,
@@ -237,18 +342,37 @@ class S3Storage:
             f"`aws s3 mb s3://{self.bucket}`, or the MinIO console) or fix the storage URI"
         )
 
-    def check(self) -> None:
-        """Fail fast, with the fix, where the bucket cannot be used (before any long work)."""
+    def check(self, *, writable: bool = True) -> None:
+        """Fail fast, with the fix, where the bucket cannot be used (before any long work).
+
+        Proves the endpoint answers, the bucket exists and (if `writable`) that these credentials may
+        write under this prefix: a small probe object is put and deleted (a reserved key, see
+        PROBE_PREFIX). Uses the bounded check client, so a dead endpoint fails within seconds.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
+        client = self._check_client
+        location = self.uri
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            client.head_bucket(Bucket=self.bucket)
+            if not writable:
+                return
+            probe = self._key(_probe_key())
+            location = f"{self.uri} (writing the probe object s3://{self.bucket}/{probe})"
+            client.put_object(Bucket=self.bucket, Key=probe, Body=PROBE_BODY)
+            location = f"{self.uri} (deleting the probe object s3://{self.bucket}/{probe})"
+            try:
+                client.delete_object(Bucket=self.bucket, Key=probe)
+            except ClientError as exc:
+                # Writing works, which is what the pipeline needs (it never deletes): say so, go on.
+                log.warning("could not delete the storage probe s3://%s/%s (%s); it is safe to delete", self.bucket,
+                            probe, exc)  # fmt: skip
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
                 raise self._no_bucket() from None
-            raise self._explain(exc, self.uri) from exc
+            raise self._explain(exc, location) from exc
         except BotoCoreError as exc:
-            raise self._explain(exc, self.uri) from exc
+            raise self._explain(exc, location) from exc
 
     def put_bytes(self, key: str, data: bytes) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -295,7 +419,7 @@ class S3Storage:
                 keys.extend(obj["Key"][len(base) :] for obj in page.get("Contents", []))
         except (BotoCoreError, ClientError) as exc:
             raise self._explain(exc, f"s3://{self.bucket}/{base}{prefix}") from exc
-        return sorted(keys)
+        return sorted(k for k in keys if not k.startswith(PROBE_PREFIX + "/"))
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -307,6 +431,15 @@ class S3Storage:
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def _env_attempts() -> int:
+    raw = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
+    if not raw:
+        return S3_MAX_ATTEMPTS
+    if not raw.isdigit() or int(raw) < 1:
+        raise StorageConfigError(f"AWS_MAX_ATTEMPTS={raw!r} is not a whole number of attempts >= 1; set e.g. 5")
+    return int(raw)
 
 
 def default_storage_uri() -> str:

@@ -110,7 +110,7 @@ def download_s3_source(source: str, target: Path, *, workers: int = 16) -> Path:
     from ..storage import open_storage
 
     storage = open_storage(source)
-    storage.check()
+    storage.check(writable=False)  # a source is only read: no write probe
     keys = [k for k in storage.list("") if not k.endswith("/")]  # "folder" marker objects hold nothing
     if not keys:
         raise SourceError(f"the S3 source {source} holds no objects; check the bucket and prefix")
