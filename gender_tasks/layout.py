@@ -59,8 +59,9 @@ def attributes_key(dataset_id: str) -> str:
 
 def split_key(dataset_id: str, seed: int, fractions: list[float], group_distance: int = -1) -> str:
     tag = "-".join(str(round(f * 100)) for f in fractions)
+    # "-balanced": splits made before the row-balanced (group-aware) assignment are not reused under its key.
     grouping = f"-nd{group_distance}" if group_distance >= 0 else ""
-    return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}{grouping}.csv"
+    return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}{grouping}-balanced.csv"
 
 
 def cache_key(dataset_id: str, size: int) -> str:

@@ -101,3 +101,57 @@ def test_real_duplicate_and_tiny_files_are_named_by_validation(tmp_path, local_s
     assert "no image appears twice" in text and "female/again.jpg" in text and "female/female_0002.jpg" in text
     assert "at least 32 px" in text and "male/tiny.jpg" in text
     assert "Fix: delete the duplicate files" in text and "Fix: remove the images that are too small" in text
+
+
+def _grouped_manifest(n_rows: int, seed: int = 0, max_group: int = 20):
+    """A manifest of planted near-duplicate clusters (1 to `max_group` images, phashes 0-1 bit from
+    the cluster's centre), about half of the rows in groups of 2 or more; `cluster` names the truth."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < n_rows:
+        sizes.append(int(rng.integers(2, max_group + 1)) if rng.random() < 0.1 else 1)
+    rows = []
+    for cluster, size in enumerate(sizes):
+        centre = int(rng.integers(0, 2**63)) | (int(rng.integers(0, 2)) << 63)
+        label = "female" if rng.random() < 0.6 else "male"
+        for member in range(size):
+            flip = 1 << int(rng.integers(0, 64)) if member else 0
+            i = len(rows)
+            rows.append({"key": f"k{i}", "label": label, "sha256": f"{i:064x}", "bytes": 10, "width": 64,
+                         "height": 64, "format": "jpeg", "decodable": True, "error": "",
+                         "source_path": f"{label}/{i}.jpg", "phash": f"{centre ^ flip:016x}", "cluster": cluster})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_grouped_split_hits_proportions_in_rows_and_keeps_groups_whole():
+    m = _grouped_manifest(6000)
+    assert m.groupby("cluster").size().max() >= 15 and (m.groupby("cluster").size() > 1).sum() > 100
+    a = assign_splits(m, 3, [0.7, 0.15, 0.15], group_distance=2)
+    assert a.groupby("cluster")["split"].nunique().max() == 1, "a group straddles splits"
+    assert a.groupby("split_group")["split"].nunique().max() == 1
+    for label, rows in a.groupby("label"):
+        largest = rows.groupby("split_group").size().max()
+        for split, target in zip(("train", "val", "test"), (0.7, 0.15, 0.15), strict=True):
+            off = abs((rows["split"] == split).sum() - target * len(rows))
+            assert off <= largest, f"{label} {split}: {off:.1f} rows off, largest group {largest}"
+    assert validate_manifest(a.drop(columns="cluster"), _settings())["success"]
+
+    b = assign_splits(m, 3, [0.7, 0.15, 0.15], group_distance=2)
+    c = assign_splits(m, 4, [0.7, 0.15, 0.15], group_distance=2)
+    assert a["split"].tolist() == b["split"].tolist() != c["split"].tolist()
+
+
+def test_share_tolerance_is_one_largest_group_not_more():
+    from gender_tasks.data.validate import _validation_frame
+
+    m = assign_splits(_grouped_manifest(3000, seed=1), 5, [0.7, 0.15, 0.15], group_distance=2)
+    frame = _validation_frame(m, [0.7, 0.15, 0.15])
+    for _label, rows in frame.groupby("label"):
+        largest = rows.groupby("split_group").size().max()
+        assert rows["split_share_tolerance"].iloc[0] == pytest.approx(max(0.01, largest / len(rows)), abs=1e-6)
+    # A split that is more than one largest group off fails.
+    females = m.index[(m["label"] == "female") & (m["split"] == "train")][:60]
+    with pytest.raises(ValidationFailed, match="split proportions"):
+        validate_manifest(m.assign(split=m["split"].where(~m.index.isin(females), "test")), _settings())

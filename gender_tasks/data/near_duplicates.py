@@ -4,8 +4,9 @@ Identical files (same sha256) are caught by validation and kept in one split by 
 re-encoded, resized or slightly shifted copy of a test image in the training set inflates test
 accuracy just the same. Each image's 64-bit perceptual hash (ImageHash's phash) is computed once,
 at ingest (manifest column `phash`, hex; see images.phash_of_bytes); here every pair of images in different splits is
-compared by Hamming distance with numpy, block by block (10k images: about 2e7 pairs, under a
-second). Pairs within `near_duplicate_distance` bits (default 4) are reported; with
+compared by Hamming distance: by multi-index hashing (gender_tasks.data.hamming, 1e5 images in
+seconds), or at large distances exactly, every pair with numpy, block by block (10k images: about
+2e7 pairs, under a second). Pairs within `near_duplicate_distance` bits (default 4) are reported; with
 `near_duplicates_fatal` they stop the run.
 """
 
@@ -17,6 +18,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
+from .hamming import cross_group_pairs_indexed, pairs_within_indexed, uses_index
 from .manifest import decodable_mask
 from .validate import ValidationFailed
 
@@ -35,7 +37,25 @@ def hashes_to_uint64(hexes) -> np.ndarray:
 
 
 def pairs_within(hashes: np.ndarray, max_distance: int, block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
-    """(i, j), i < j, for every pair of `hashes` at most `max_distance` bits apart (blockwise, bounded memory)."""
+    """(i, j), i < j, sorted, for every pair of `hashes` at most `max_distance` bits apart: multi-index
+    hashing (gender_tasks.data.hamming) up to its distance limit, beyond it the exact search."""
+    if uses_index(max_distance):
+        return pairs_within_indexed(hashes, max_distance)
+    return pairs_within_exact(hashes, max_distance, block_elements)
+
+
+def cross_group_pairs(hashes: np.ndarray, groups: np.ndarray, max_distance: int,
+                      block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int, int]]:  # fmt: skip
+    """`cross_group_pairs_exact`'s answer, in its order, by multi-index hashing up to its distance limit."""
+    if uses_index(max_distance):
+        return cross_group_pairs_indexed(hashes, groups, max_distance)
+    return cross_group_pairs_exact(hashes, groups, max_distance, block_elements)
+
+
+def pairs_within_exact(hashes: np.ndarray, max_distance: int,
+                       block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:  # fmt: skip
+    """(i, j), i < j, for every pair of `hashes` at most `max_distance` bits apart (all pairs compared,
+    blockwise, bounded memory): the reference the indexed search is tested against."""
     hashes = np.asarray(hashes, dtype=np.uint64)
     n = len(hashes)
     pairs: list[tuple[int, int]] = []
@@ -48,8 +68,8 @@ def pairs_within(hashes: np.ndarray, max_distance: int, block_elements: int = BL
     return pairs
 
 
-def cross_group_pairs(hashes: np.ndarray, groups: np.ndarray, max_distance: int,
-                      block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int, int]]:  # fmt: skip
+def cross_group_pairs_exact(hashes: np.ndarray, groups: np.ndarray, max_distance: int,
+                            block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int, int]]:  # fmt: skip
     """(i, j, distance) for every pair of hashes in different groups at most `max_distance` bits apart.
 
     Only pairs across groups are compared (train x val, train x test, val x test: under half of

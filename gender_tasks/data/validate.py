@@ -42,9 +42,18 @@ def _validation_frame(manifest: pd.DataFrame, fractions: list[float]) -> pd.Data
     class_sizes = df.groupby("label")["sha256"].transform("size")
     share = df.groupby(["label", "split"])["sha256"].transform("size") / class_sizes
     df["split_share_error"] = (share - df["split"].map(targets)).abs()
-    # One point, or the rounding of one image in a small class.
-    df["split_share_tolerance"] = (1.0 / class_sizes).clip(lower=0.01) + 1e-9
+    # One point, or the one unavoidable misfit of the split: a class's largest group of images kept
+    # together (one image without grouping, so the rounding of one image in a small class).
+    df["split_share_tolerance"] = (_largest_group_rows(df) / class_sizes).clip(lower=0.01) + 1e-9
     return df
+
+
+def _largest_group_rows(df: pd.DataFrame) -> pd.Series:
+    """Per row, the size (rows of its class) of its class's largest group kept in one split:
+    `split_group` from the split, or identical content (sha256) for manifests without it."""
+    group = df["split_group"] if "split_group" in df.columns else df["sha256"]
+    largest = df.assign(group=group).groupby(["label", "group"]).size().groupby("label").max()
+    return df["label"].map(largest)
 
 
 def _quiet_gx() -> None:
