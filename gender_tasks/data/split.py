@@ -12,12 +12,25 @@ groups counts groups, not rows, and drifted by 1,350 rows on 20,000 faces).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
 from .near_duplicates import hashes_to_uint64, pairs_within
 
 SPLITS = ("train", "val", "test")
+
+
+def min_groups_per_class(fractions) -> int:
+    """The fewest distinct images a class needs for every split to get at least one of them.
+
+    With n single images, `_fill_splits` gives a split of share f its first image once n*f >= 1:
+    each placement goes to the largest deficit, so no split's deficit ever falls below the share
+    n*f of one still empty, and the deficits end summing to zero. Hence ceil(1 / smallest share).
+    """
+    shares = [f / sum(fractions) for f in fractions]
+    return math.ceil(1 / min(shares) - 1e-9)
 
 
 def near_duplicate_groups(manifest: pd.DataFrame, max_distance: int) -> pd.Series:
