@@ -84,15 +84,12 @@ class _Progress:
                      self.nbytes / max(now - self.started, 1e-6) / 1e6)  # fmt: skip
 
 
-def _describe(path: Path, label: str, root: Path, limits: Limits) -> _Scanned:
-    """Read, hash, measure and decode one image: everything ingest refuses about a file shows here.
+def _describe(path: Path, label: str, root: Path, limits: Limits, judged: dict[str, tuple[dict, str]]) -> _Scanned:
+    """Read and hash one file; judge its content once per distinct content (`judged`, by sha256).
 
-    The header is judged before decoding, so a decompression bomb is refused undecoded. JPEGs
-    decode at reduced scale for the perceptual hash (see images.phash_of_bytes): every
-    entropy-coded byte is still decoded, so truncated or corrupt files fail as at full size.
+    10,000 copies of one image are read and hashed 10,000 times but decoded once (and then all
+    refused as copies).
     """
-    from PIL import Image
-
     source_path = path.relative_to(root).as_posix()
     row = {"label": label, "source_path": source_path, "sha256": "", "bytes": 0, "width": 0, "height": 0,
            "format": "", "decodable": False, "error": "", "phash": ""}  # fmt: skip
@@ -100,31 +97,46 @@ def _describe(path: Path, label: str, root: Path, limits: Limits) -> _Scanned:
         data = read_regular(path, limits.max_file_bytes)
     except OSError as exc:
         return _Scanned(row, path, f"cannot be read ({exc.strerror or exc}): fix its permissions or replace it")
-    row.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    sha = hashlib.sha256(data).hexdigest()
+    if sha not in judged:  # two threads may judge the same content at once: the same answer twice
+        judged[sha] = _judge(data, limits)
+    content, problem = judged[sha]
+    row.update(content, sha256=sha, bytes=len(data))
+    return _Scanned(row, path, problem)
+
+
+def _judge(data: bytes, limits: Limits) -> tuple[dict, str]:
+    """What a file's content is (its manifest fields) and why ingest refuses it ('' if it does not).
+
+    The header is judged before decoding, so a decompression bomb is refused undecoded. JPEGs
+    decode at reduced scale for the perceptual hash (see images.phash_of_bytes): every
+    entropy-coded byte is still decoded, so truncated or corrupt files fail as at full size.
+    """
+    from PIL import Image
+
+    row: dict = {}
     if not data:
-        return _Scanned(row, path, "is empty (0 bytes): remove it, or replace it with the image")
+        return row, "is empty (0 bytes): remove it, or replace it with the image"
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            row["width"], row["height"], row["format"] = img.width, img.height, (img.format or "").lower()
+            row.update(width=img.width, height=img.height, format=(img.format or "").lower())
     except Image.DecompressionBombError as exc:  # Pillow's own limit, raised by open() from the header
-        return _Scanned(row, path, f"is refused undecoded as a decompression bomb ({exc}); remove or downscale it")
+        return row, f"is refused undecoded as a decompression bomb ({exc}); remove or downscale it"
     except Exception as exc:  # PIL raises many types for what is not an image
-        return _Scanned(row, path, f"is not an image Pillow can read ({type(exc).__name__}: {exc}): remove or replace it")
+        return row, f"is not an image Pillow can read ({type(exc).__name__}: {exc}): remove or replace it"
+    size = f"{row['width']}x{row['height']} px"
     if row["width"] * row["height"] > limits.max_pixels:
-        return _Scanned(row, path, (
-            f"is {row['width']}x{row['height']} px, over the {limits.max_pixels:,} px limit (setting max_image_pixels): "
-            "refused undecoded as a likely decompression bomb; remove or downscale it, or raise max_image_pixels "
-            "if it is genuine"))  # fmt: skip
+        return row, (f"is {size}, over the {limits.max_pixels:,} px limit (setting max_image_pixels): refused undecoded "
+                     "as a likely decompression bomb; remove or downscale it, or raise max_image_pixels if it is genuine")  # fmt: skip
     if min(row["width"], row["height"]) < limits.min_side:
-        return _Scanned(row, path, (
-            f"is {row['width']}x{row['height']} px, under the {limits.min_side} px minimum on its shorter side "
-            "(setting min_image_side): remove it, or lower min_image_side"))  # fmt: skip
+        return row, (f"is {size}, under the {limits.min_side} px minimum on its shorter side (setting min_image_side): "
+                     "remove it, or lower min_image_side")  # fmt: skip
     try:
         row.update(decodable=True, phash=phash_of_bytes(data))
     except Exception as exc:  # truncated or corrupt data
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        return _Scanned(row, path, f"does not decode ({row['error']}): the file is truncated or corrupt; replace it")
-    return _Scanned(row, path)
+        row.update(decodable=False, error=f"{type(exc).__name__}: {exc}")
+        return row, f"does not decode ({row['error']}): the file is truncated or corrupt; replace it"
+    return row, ""
 
 
 def _refuse_copies(scanned: list[_Scanned]) -> None:
@@ -172,8 +184,9 @@ def scan_folder(root: Path, limits: Limits | None = None, *, workers: int = SCAN
     files = list_images(root, max_file_bytes=limits.max_file_bytes, max_total_bytes=limits.max_source_bytes)
     progress = _Progress("ingest: scanned", len(files))
     scanned: list[_Scanned] = []
+    judged: dict[str, tuple[dict, str]] = {}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
-        for item in pool.map(lambda f: _describe(f[0], f[1], root, limits), files):
+        for item in pool.map(lambda f: _describe(f[0], f[1], root, limits, judged), files):
             scanned.append(item)
             progress.update(len(scanned), item.row["bytes"])
     refused = [s for s in scanned if s.problem]

@@ -23,14 +23,13 @@ SPLITS = ("train", "val", "test")
 
 
 def min_groups_per_class(fractions) -> int:
-    """The fewest distinct images a class needs for every split to get at least one of them.
+    """The fewest distinct images a class needs for the split to put at least one in every split.
 
-    With n single images, `_fill_splits` gives a split of share f its first image once n*f >= 1:
-    each placement goes to the largest deficit, so no split's deficit ever falls below the share
-    n*f of one still empty, and the deficits end summing to zero. Hence ceil(1 / smallest share).
+    Found by running the split's own placement (`_fill_splits`) on n single images, n = 1, 2, …;
+    it ends by ceil(1 / smallest share), where every split's target is a whole image or more.
     """
-    shares = [f / sum(fractions) for f in fractions]
-    return math.ceil(1 / min(shares) - 1e-9)
+    bound = math.ceil(sum(fractions) / min(fractions) - 1e-9)
+    return next(n for n in range(1, bound + 1) if len(set(_fill_splits([1] * n, fractions))) == len(fractions))
 
 
 def near_duplicate_groups(manifest: pd.DataFrame, max_distance: int) -> pd.Series:
