@@ -264,16 +264,28 @@ CASES = {
     "fifo": (fifo, r"female/pipe\.jpg is a FIFO \(named pipe\), not a regular file: remove it"),
     "socket": (socket_file, r"male/sock\.jpg is a socket, not a regular file: remove it"),
     "link to /dev/zero": (link_to_dev_zero, r"female/zero\.jpg is a symbolic link to /dev/zero, outside the source"),
-    "link to a text file outside": (link_to_text_outside, r"female/secret\.jpg is a symbolic link to \S*/secret\.txt, "
-                                    r"outside the source folder .*copy the file in or remove the link"),
+    "link to a text file outside": (
+        link_to_text_outside,
+        r"female/secret\.jpg is a symbolic link to \S*/secret\.txt, "
+        r"outside the source folder .*copy the file in or remove the link",
+    ),
     "linked subfolder outside": (linked_subfolder_outside, r"female/more is a symbolic link to \S*elsewhere/female"),
-    "linked class folder outside": (linked_class_folder_outside, r"/male is a symbolic link to \S*elsewhere/male, "
-                                    r"outside the source folder .*point the source at the real folder"),
+    "linked class folder outside": (
+        linked_class_folder_outside,
+        r"/male is a symbolic link to \S*elsewhere/male, "
+        r"outside the source folder .*point the source at the real folder",
+    ),
     "link loop": (link_loop, r"female/loop leads to a folder already scanned .*remove the link"),
     "Female beside female": (case_colliding_classes, r"two folders for one class, 'Female' and 'female'.*merge them"),
-    "file over the size limit": (file_over_the_size_limit, r"male/huge\.jpg is 0\.1 MB, over the 0 MB per-file limit "
-                                 r"\(setting max_file_bytes\).*raise max_file_bytes"),
-    "source over the total limit": (source_over_the_total_limit, r"over the 0\.0 GB limit \(setting max_source_bytes\)"),
+    "file over the size limit": (
+        file_over_the_size_limit,
+        r"male/huge\.jpg is 6\d\.\d kB, over the 50\.0 kB per-file limit "
+        r"\(setting max_file_bytes\).*raise max_file_bytes",
+    ),
+    "source over the total limit": (
+        source_over_the_total_limit,
+        r"faces holds \d+\.\d kB of images, over the 10\.0 kB limit \(setting max_source_bytes\)",
+    ),
     "non-UTF-8 name": (non_utf8_name, r"female/caf\\xe9\.jpg has a name that is not valid UTF-8: rename it"),
     "control character in a name": (control_character_name, r"male/two\\nlines\.jpg has control characters .*rename"),
     "labels.csv ragged row": (labels_ragged, r"labels\.csv line 3 has 3 fields, the header has 2: fix that row"),
@@ -281,20 +293,35 @@ CASES = {
     "labels.csv in latin-1": (labels_latin1, r"labels\.csv line 2 is not UTF-8 \(byte 0xf6\): re-save it as UTF-8"),
     "labels.csv linked from outside": (labels_link_outside, r"labels\.csv is a symbolic link to \S*other\.csv"),
     "empty zip": (empty_zip, r"empty\.zip holds no files; zip the folder that has female/ and male/"),
-    "10,000 copies of one image": (ten_thousand_copies, r"male/\S+\.jpg \(male\), .* and 9,998 more copies are the "
-                                   r"same image.*Delete the copies"),
-    "too few distinct images": (too_few_distinct_images, r"too few distinct images .*male 3.*needs at least 5 per "
-                                r"class.*add images"),
-    "one image in both classes": (same_image_in_both_classes, r"female/female_0001\.jpg \(female\), \S*male/also_male"
-                                  r"\.jpg \(male\) are the same image under both labels"),
+    "10,000 copies of one image": (
+        ten_thousand_copies,
+        r"male/\S+\.jpg \(male\), .* and 9,998 more copies are the "
+        r"same image.*Delete the copies",
+    ),
+    "too few distinct images": (
+        too_few_distinct_images,
+        r"too few distinct images .*male 3.*needs at least 5 per "
+        r"class.*add images",
+    ),
+    "one image in both classes": (
+        same_image_in_both_classes,
+        r"female/female_0001\.jpg \(female\), \S*male/also_male"
+        r"\.jpg \(male\) are the same image under both labels",
+    ),
     "truncated jpeg": (truncated_jpeg, r"female/cut\.jpg does not decode .*truncated or corrupt; replace it"),
     "zero bytes": (zero_bytes, r"male/empty\.jpg is empty \(0 bytes\): remove it"),
     "text as jpg": (text_as_jpg, r"female/notes\.jpg is not an image Pillow can read .*remove or replace it"),
     "1x1 image": (one_pixel, r"male/dot\.png is 1x1 px, under the 32 px minimum .*lower min_image_side"),
-    "zip over the total limit": (zip_over_the_total_limit, r"faces\.zip would expand to .* over the 0\.0 GB limit "
-                                 r"\(setting max_source_bytes\): refused before unpacking"),
-    "zip larger than the free disk": (zip_larger_than_the_free_disk, r"faces\.zip would expand to .* GB free .*"
-                                      r"refused before unpacking; free disk space"),
+    "zip over the total limit": (
+        zip_over_the_total_limit,
+        r"faces\.zip would expand to \d+\.\d kB, over the 20\.0 kB limit "
+        r"\(setting max_source_bytes\): refused before unpacking",
+    ),
+    "zip larger than the free disk": (
+        zip_larger_than_the_free_disk,
+        r"faces\.zip would expand to \d+\.\d kB but \S+ has 5\.0 kB free .*"
+        r"refused before unpacking; free disk space",
+    ),
     "zip slip": (zip_slip, r"female/\.\./\.\./\.\./\.\./tmp/evil\.jpg.*outside the target folder"),
     "zip bomb": (zip_bomb, r"female/a\.jpg.*expands \d+x .*decompression bomb"),
     "not a zip": (not_a_zip, r"faces\.zip is not a readable zip file"),
@@ -330,20 +357,17 @@ def test_hostile_source_is_refused_up_front(case, any_storage, tmp_path, monkeyp
 
 
 def test_symlinked_subfolder_inside_the_source_is_followed(tmp_path, local_storage):
+    """Links that stay inside the source are followed, folders and files alike (as git-annex lays
+    out a dataset: names in place, content under a hidden folder)."""
     root = write_dataset(tmp_path / "faces", PER_CLASS)
-    write_dataset(root / ".store", {"female": 3}, seed=7, folder_names={"female": "batch2"})
-    (root / "female" / "batch2").symlink_to(root / ".store" / "batch2")  # as git-annex and friends lay out files
-    (root / "male" / "alias.jpg").symlink_to(root / ".store" / "batch2" / "female_0000.jpg")
-    (root / ".store" / "batch2" / "female_0000.jpg").rename(root / ".store" / "m.jpg")
-    write_dataset(root / ".store", {"male": 1}, seed=8, folder_names={"male": "x"})
-    (root / "male" / "alias.jpg").unlink()
-    (root / "male" / "alias.jpg").symlink_to(root / ".store" / "x" / "male_0000.jpg")
+    write_dataset(root / ".store", {"female": 3, "male": 1}, seed=7)
+    (root / "female" / "batch2").symlink_to(root / ".store" / "female")
+    (root / "male" / "alias.jpg").symlink_to(root / ".store" / "male" / "male_0000.jpg")
     settings = resolve_settings({"source": str(root), "storage": local_storage.uri}).to_dict()
     out = pipeline.ingest(settings)
     manifest = read_manifest(local_storage, manifest_key(out["dataset_id"]))
-    paths = set(manifest["source_path"])
-    assert {"female/batch2/female_0001.jpg", "female/batch2/female_0002.jpg", "male/alias.jpg"} <= paths
-    assert out["images"] == 2 * PER_CLASS + 3
+    assert {f"female/batch2/female_{i:04d}.jpg" for i in range(3)} | {"male/alias.jpg"} <= set(manifest["source_path"])
+    assert out["images"] == 2 * PER_CLASS + 4
 
 
 def test_hidden_entries_are_skipped_and_said(tmp_path, local_storage, caplog):

@@ -88,7 +88,9 @@ def read_labels_table(path: Path, root: Path | None = None) -> pd.DataFrame:
                     "fix that row (a comma inside a value needs quotes)"
                 )
     except csv.Error as exc:
-        raise LabelsError(f"{shown(path)} line {reader.line_num} cannot be parsed as CSV ({exc}): fix that row") from None
+        raise LabelsError(
+            f"{shown(path)} line {reader.line_num} cannot be parsed as CSV ({exc}): fix that row"
+        ) from None
     return pd.read_csv(io.StringIO(text))
 
 

@@ -38,6 +38,14 @@ def shown(path: Path | str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def human_bytes(n: float) -> str:
+    """A byte count as people read it: 12.3 kB, 4.5 MB, 10.0 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def name_problem(name: str) -> str:
     """Why a file name is refused ('' if it is not): names travel into CSV, logs, HTML and S3 keys."""
     try:
@@ -111,7 +119,9 @@ def _follow(path: Path, root_real: Path, found: SourceFiles) -> os.stat_result |
                 return None
         return st
     except OSError as exc:
-        found.problems.append(f"{shown(path)} cannot be read ({exc.strerror or exc}): fix its permissions or replace it")
+        found.problems.append(
+            f"{shown(path)} cannot be read ({exc.strerror or exc}): fix its permissions or replace it"
+        )
         return None
 
 
@@ -135,7 +145,9 @@ def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found:
         if stat.S_ISDIR(st.st_mode):
             real = os.path.realpath(path)
             if real in seen:  # a link back up, or a second path to the same images
-                found.problems.append(f"{shown(path)} leads to a folder already scanned ({shown(real)}): remove the link")
+                found.problems.append(
+                    f"{shown(path)} leads to a folder already scanned ({shown(real)}): remove the link"
+                )
                 continue
             seen.add(real)
             _walk(path, label, root_real, max_file_bytes, found, seen)
@@ -146,7 +158,7 @@ def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found:
             found.not_images.append(path)
         elif st.st_size > max_file_bytes:
             found.problems.append(
-                f"{shown(path)} is {st.st_size / 1e6:.1f} MB, over the {max_file_bytes / 1e6:.0f} MB per-file limit "
+                f"{shown(path)} is {human_bytes(st.st_size)}, over the {human_bytes(max_file_bytes)} per-file limit "
                 "(setting max_file_bytes): remove or downscale it, or raise max_file_bytes if it is genuine"
             )
         else:
@@ -156,7 +168,9 @@ def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found:
 def _refuse(what: str, items: list[str]) -> None:
     if items:
         more = f" (and {len(items) - PROBLEMS_SHOWN} more)" if len(items) > PROBLEMS_SHOWN else ""
-        raise IngestError(f"{len(items)} {what} refused, nothing was written: {'; '.join(items[:PROBLEMS_SHOWN])}{more}")
+        raise IngestError(
+            f"{len(items)} {what} refused, nothing was written: {'; '.join(items[:PROBLEMS_SHOWN])}{more}"
+        )
 
 
 def list_images(root: Path, *, max_file_bytes: int, max_total_bytes: int) -> list[tuple[Path, str, int]]:
@@ -192,7 +206,7 @@ def list_images(root: Path, *, max_file_bytes: int, max_total_bytes: int) -> lis
     total = sum(size for _, _, size in found.files)
     if total > max_total_bytes:
         raise IngestError(
-            f"{shown(root)} holds {total / 1e9:.2f} GB of images, over the {max_total_bytes / 1e9:.1f} GB limit "
+            f"{shown(root)} holds {human_bytes(total)} of images, over the {human_bytes(max_total_bytes)} limit "
             "(setting max_source_bytes): ingest a subset, or raise max_source_bytes"
         )
     return found.files
@@ -211,5 +225,5 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
             raise OSError(errno.EINVAL, "no longer a regular file")
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise OSError(errno.EFBIG, f"grew over the {max_bytes / 1e6:.0f} MB per-file limit (max_file_bytes)")
+        raise OSError(errno.EFBIG, f"grew over the {human_bytes(max_bytes)} per-file limit (max_file_bytes)")
     return data

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import PermanentError
 from ..settings import RunConfig
+from .folders import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _check_zip_size(archive: Path, target: Path, total: int, max_bytes: int) -> 
     """Refuse an archive that would unpack over the source limit, or into more than the free disk."""
     if total > max_bytes:
         raise SourceError(
-            f"{archive} would expand to {total / 1e9:.2f} GB, over the {max_bytes / 1e9:.1f} GB limit "
+            f"{archive} would expand to {human_bytes(total)}, over the {human_bytes(max_bytes)} limit "
             "(setting max_source_bytes): refused before unpacking; unpack it yourself and give the folder, "
             "or raise max_source_bytes"
         )
@@ -85,8 +86,8 @@ def _check_zip_size(archive: Path, target: Path, total: int, max_bytes: int) -> 
     free = shutil.disk_usage(existing).free
     if total + DISK_SPARE_BYTES > free:
         raise SourceError(
-            f"{archive} would expand to {total / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free "
-            f"(and {DISK_SPARE_BYTES / 1e9:.0f} GB is kept spare): refused before unpacking; free disk space, "
+            f"{archive} would expand to {human_bytes(total)} but {existing} has {human_bytes(free)} free "
+            f"(and {human_bytes(DISK_SPARE_BYTES)} is kept spare): refused before unpacking; free disk space, "
             "or set TMPDIR to a larger disk"
         )
 
