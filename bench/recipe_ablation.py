@@ -80,8 +80,11 @@ CONFIGS: dict[str, dict] = {
     "combo_best_tta": {"base": "combo", "best_epoch": True, "tta": True},
     "combo_ep2x": {**COMBO, "epochs": {"cnn": 24, "resnet50": 10, "inceptionv3": 10, "mobilenetv2": 10}},
     "combo_ep2x_tta": {"base": "combo_ep2x", "tta": True},
-    "combo_ep2x_full": {**COMBO, "augment": "full",
-                        "epochs": {"cnn": 24, "resnet50": 10, "inceptionv3": 10, "mobilenetv2": 10}},  # fmt: skip
+    "combo_ep2x_full": {
+        **COMBO,
+        "augment": "full",
+        "epochs": {"cnn": 24, "resnet50": 10, "inceptionv3": 10, "mobilenetv2": 10},
+    },  # fmt: skip
     "combo_ep2x_full_tta": {"base": "combo_ep2x_full", "tta": True},
 }
 
@@ -389,7 +392,9 @@ def main(argv=None) -> None:
 
 def audit_main(a, configs, seeds, manifest, arrays, y_all) -> None:
     path = a.records.with_name("recipe_ablation_audit.jsonl")
-    done = {(r["config"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+    done = (
+        {(r["config"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+    )
     for config in configs:
         for seed in seeds:
             if (config, seed) not in done and not a.table_only:
