@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gender_tasks.augment import augment_batch, augment_params  # noqa: E402
+from gender_tasks.evaluation.repeats import corrected_resampled_ttest  # noqa: E402
 from gender_tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model, uses_imagenet_normalisation  # noqa: E402
 from gender_tasks.near_duplicates import phash_of_bytes  # noqa: E402
 from gender_tasks.preprocess import decode_resize  # noqa: E402
@@ -302,12 +303,13 @@ def table_rows(configs, models, seeds, records, manifest, y_all) -> list[dict]:
                 val.append(accuracy(pv, y_all[splits[s]["val"]]))
                 test.append(accuracy(pt, y_all[splits[s]["test"]]))
                 secs.append(rec["train_seconds"])
+                found = rec
                 test_probs[s].append(pt)
                 got.append(s)
             if got:
                 rows.append({"config": config, "model": model, "seeds": len(got), "val": fmt(val), "test": fmt(test),
-                             "seconds": f"{np.mean(secs):.1f}", "s_per_epoch": f"{np.mean(secs) / rec['epochs']:.2f}",
-                             "size": rec["size"], "epochs": rec["epochs"]})  # fmt: skip
+                             "seconds": f"{np.mean(secs):.1f}", "s_per_epoch": f"{np.mean(secs) / found['epochs']:.2f}",
+                             "size": found["size"], "epochs": found["epochs"]})  # fmt: skip
         ens = [accuracy(np.mean(p, axis=0), y_all[splits[s]["test"]]) for s, p in test_probs.items()
                if len(p) == len(models) and len(models) > 1]  # fmt: skip
         if ens:
@@ -322,6 +324,35 @@ def print_table(rows: list[dict]) -> None:
     print("|" + "|".join("---" for _ in cols) + "|")
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+
+
+def test_accuracies(config, model, seeds, records, splits, y_all) -> dict[int, float]:
+    """{seed: test accuracy} of `model` under `config` for the seeds that have a run."""
+    train_name, r = recipe(config)
+    out = {}
+    for s in seeds:
+        rec = records.get(run_key(train_name, model, s))
+        if rec is not None:
+            _, pt = read_run(rec, r, y_all[splits[s]["val"]])
+            out[s] = accuracy(pt, y_all[splits[s]["test"]])
+    return out
+
+
+def print_comparisons(reference, configs, models, seeds, records, manifest, y_all) -> None:
+    """Each configuration against `reference`, per model: the corrected resampled t-test over seeds."""
+    splits = {s: split_indices(manifest, s) for s in seeds}
+    n_train, n_test = len(splits[seeds[0]]["train"]), len(splits[seeds[0]]["test"])
+    print(
+        f"\n| config vs {reference} | model | seeds | mean difference | t (corrected) | p |\n|---|---|---|---|---|---|"
+    )
+    for model in models:
+        ref = test_accuracies(reference, model, seeds, records, splits, y_all)
+        for config in configs:
+            acc = test_accuracies(config, model, seeds, records, splits, y_all)
+            diffs = [acc[s] - ref[s] for s in seeds if s in acc and s in ref]
+            if config != reference and diffs:
+                res = corrected_resampled_ttest(diffs, n_train, n_test)
+                print(f"| {config} | {model} | {res['n']} | {res['mean']:+.3f} | {res['t']:.2f} | {res['p']:.3f} |")
 
 
 # ---------------------------------------------------------------- label audit
@@ -359,6 +390,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", default="cnn,mobilenetv2")
     ap.add_argument("--configs", default="baseline,flip")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compare", default="", help="also test every configuration against this one (corrected t-test)")
     ap.add_argument("--table-only", action="store_true", help="print the table from the records, train nothing")
     ap.add_argument("--audit", action="store_true", help="5-fold out-of-fold label audit with the CNN instead")
     return ap.parse_args(argv)
@@ -388,6 +420,8 @@ def main(argv=None) -> None:
                     f.write(json.dumps(rec) + "\n")
                 print(f"# {train_name} {model} seed {seed}: {rec['train_seconds']:.1f}s", flush=True)
     print_table(table_rows(configs, models, seeds, records, manifest, y_all))
+    if a.compare:
+        print_comparisons(a.compare, configs, models, seeds, records, manifest, y_all)
 
 
 def audit_main(a, configs, seeds, manifest, arrays, y_all) -> None:
