@@ -1,4 +1,6 @@
-"""Batch augmentation on the training device: horizontal flip, slight rotation and zoom.
+"""Batch augmentation on the training device: horizontal flip, slight rotation and zoom ("full", the
+study's), or horizontal flips only ("flip": at 64 px the affine warp mostly adds blur and border
+artefacts; see bench/RESULTS.md, "Recipe ablation").
 
 Every image of a batch draws its own parameters (torchvision's v2 transforms applied to a batch
 tensor draw one set for the whole batch). One affine grid per image, one grid_sample per batch.
@@ -16,10 +18,13 @@ MAX_ZOOM = 0.10
 
 
 def augment_params(
-    n: int, generator: torch.Generator, *, max_rotation_deg: float = MAX_ROTATION_DEG, max_zoom: float = MAX_ZOOM
+    n: int, generator: torch.Generator, *, max_rotation_deg: float = MAX_ROTATION_DEG, max_zoom: float = MAX_ZOOM,
+    mode: str = "full",
 ) -> dict[str, torch.Tensor]:
-    """Per-image parameters: flip (bool), rotation (radians), zoom factor (>1 zooms in)."""
+    """Per-image parameters: flip (bool), rotation (radians), zoom factor (>1 zooms in); "flip": flips only."""
     flip = torch.rand(n, generator=generator) < 0.5
+    if mode == "flip":
+        return {"flip": flip}
     angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation_deg)
     zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_zoom
     return {"flip": flip, "angle": angle, "zoom": zoom}
@@ -29,6 +34,8 @@ def augment_batch(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Ten
     """Apply per-image flip/rotation/zoom to a float NCHW batch (reflection padding, as Keras)."""
     n = x.shape[0]
     flip = params["flip"].to(x.device)
+    if "angle" not in params:  # flips only: an exact mirror, no resampling
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     angle = params["angle"].to(x.device, x.dtype)
     scale = 1.0 / params["zoom"].to(x.device, x.dtype)  # sampling a smaller window zooms in
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from ..models.network import build_model, set_backbone_frozen, set_train_mode
-from ..settings import Settings, TrainPlan
+from ..settings import Recipe, Settings, TrainPlan
 from .augment import augment_params
 from .batches import Inputs, SplitData
 from .devices import make_autocast, pick_device
+from .recipe import make_optimizer, make_scheduler, steps_per_epoch
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
 
@@ -26,8 +27,10 @@ def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.inference_mode()
-def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autocast) -> tuple[np.ndarray, float]:
-    """P(male) for every image of `data`, and the mean BCE loss."""
+def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autocast,
+                  tta: bool = False) -> tuple[np.ndarray, float]:  # fmt: skip
+    """P(male) for every image of `data`, and the mean BCE loss; with `tta` the mean P(male) of each
+    image and its mirror image."""
     model.eval()
     probs, loss_sum = [], 0.0
     for start in range(0, len(data.labels), batch_size):
@@ -35,16 +38,21 @@ def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autoc
         y = data.labels[start : start + batch_size].to(inputs.device)
         with autocast():
             logits, _ = _logits(model(x))
-        logits = logits.float()
-        loss_sum += float(F.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
-        probs.append(torch.sigmoid(logits).cpu())
+            mirrored = _logits(model(x.flip(3)))[0] if tta else None
+        prob = torch.sigmoid(logits.float())
+        if mirrored is not None:
+            prob = (prob + torch.sigmoid(mirrored.float())) / 2
+        loss_sum += float(F.binary_cross_entropy(prob.clamp(1e-7, 1 - 1e-7), y, reduction="sum"))
+        probs.append(prob.cpu())
     n = max(len(data.labels), 1)
     return (torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)), loss_sum / n
 
 
 def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, optimizer, gen: torch.Generator,
-                    batch_size: int, autocast, *, frozen: bool = False) -> tuple[float, float]:  # fmt: skip
-    """One pass over `data` in the order and with the augmentation that `gen` draws.
+                    batch_size: int, autocast, *, frozen: bool = False, recipe: Recipe = Recipe(),
+                    scheduler=None) -> tuple[float, float]:  # fmt: skip
+    """One pass over `data` in the order and with the augmentation that `gen` draws; the recipe sets the
+    augmentation and label smoothing, and `scheduler` (if any) steps after every optimizer step.
 
     Returns the summed loss and the number of correct predictions (running, on augmented batches).
     """
@@ -56,17 +64,20 @@ def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, opt
         idx = order[start : start + batch_size]
         if len(idx) < 2 and n >= 2:
             continue  # batch norm cannot train on a batch of one
-        x = inputs(data.images[idx], augment_params(len(idx), gen))
+        x = inputs(data.images[idx], augment_params(len(idx), gen, mode=recipe.augmentation))
         y = data.labels[idx].to(inputs.device)
+        target = y * (1 - recipe.label_smoothing) + 0.5 * recipe.label_smoothing
         with autocast():
             logits, aux = _logits(model(x))
             logits = logits.float()
-            loss = F.binary_cross_entropy_with_logits(logits, y)
+            loss = F.binary_cross_entropy_with_logits(logits, target)
             if aux is not None:
-                loss = loss + AUX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(aux.float(), y)
+                loss = loss + AUX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(aux.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += float(loss.detach()) * len(idx)
         correct += float(((logits.detach() >= 0).float() == y).sum())
     if inputs.device.type == "cuda":
@@ -94,14 +105,17 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
 def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: SplitData, predict: SplitData,
                 seed: int) -> np.ndarray:  # fmt: skip
     """Train a fresh model on `train` for the plan's epochs (no checkpoints, no validation) and return
-    P(male) for `predict`: the building block of out-of-fold predictions."""
+    P(male) for `predict` (the settings' recipe: optimizer, schedule, smoothing, augmentation, TTA):
+    the building block of out-of-fold predictions."""
     device = pick_device()
     autocast = make_autocast(device)
+    recipe = settings.recipe
     model, inputs = setup_model(model_name, plan.image_size, settings.weights, seed, device)
     set_backbone_frozen(model_name, model, False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    optimizer = make_optimizer(model.parameters(), settings.learning_rate, recipe)
+    scheduler = make_scheduler(optimizer, recipe, plan.epochs * steps_per_epoch(len(train), settings.batch_size))
     for epoch in range(plan.epochs):
         train_one_epoch(model, model_name, train, inputs, optimizer, epoch_generator(seed, epoch),
-                        settings.batch_size, autocast)  # fmt: skip
-    prob, _ = predict_proba(model, predict, inputs, settings.batch_size * 2, autocast)
+                        settings.batch_size, autocast, recipe=recipe, scheduler=scheduler)  # fmt: skip
+    prob, _ = predict_proba(model, predict, inputs, settings.batch_size * 2, autocast, tta=recipe.tta)
     return prob

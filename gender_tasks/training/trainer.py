@@ -31,6 +31,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, pick_device
 from .export import export_torchscript
 from .loop import epoch_generator, predict_proba, setup_model, train_one_epoch
+from .recipe import make_optimizer, make_scheduler, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,22 @@ def _start(storage: Storage, model_name: str, manifest: pd.DataFrame, dataset_id
                        threads)  # fmt: skip
 
 
-def _optimizer(run: TrainingRun, frozen: bool) -> tuple[torch.optim.Optimizer, float]:
-    """Adam over the trainable parameters: the base rate while frozen (or never frozen), else fine-tuning's."""
+def _optimizer(run: TrainingRun, frozen: bool, epoch: int = 0):
+    """The recipe's optimizer over the trainable parameters (the base rate while frozen or never frozen,
+    else fine-tuning's) and its per-step schedule, continued from the first step of `epoch`.
+
+    Returns (optimizer, scheduler, peak learning rate)."""
     s = run.settings
     lr = s.learning_rate if frozen or run.plan.freeze_epochs == 0 else s.fine_tune_learning_rate
     set_backbone_frozen(run.model_name, run.model, frozen)
-    return torch.optim.Adam([p for p in run.model.parameters() if p.requires_grad], lr=lr), lr
+    optimizer = make_optimizer(run.model.parameters(), lr, s.recipe)
+    per_epoch = steps_per_epoch(len(run.data["train"]), s.batch_size)
+    return optimizer, make_scheduler(optimizer, s.recipe, run.plan.epochs * per_epoch, epoch * per_epoch), lr
 
 
 def _resume(storage: Storage, run: TrainingRun, ckpt_key: str):
-    """The first epoch to train and the optimizer to train it with, from the checkpoint if there is one."""
+    """The first epoch to train and the optimizer and schedule to train it with, from the checkpoint if
+    there is one (the schedule's state too, so a resumed run takes the same learning rates)."""
     plan = run.plan
     frozen = plan.freeze_epochs > 0
     state = load_checkpoint(storage, ckpt_key)
@@ -109,16 +116,18 @@ def _resume(storage: Storage, run: TrainingRun, ckpt_key: str):
     run.history = state["history"]
     start = state["epoch"] + 1
     frozen = start < plan.freeze_epochs
-    optimizer, lr = _optimizer(run, frozen)
+    optimizer, scheduler, lr = _optimizer(run, frozen, start)
     if state["frozen"] == frozen:
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
     log.info("%s: resuming from the checkpoint of epoch %d/%d", run.model_name, start, plan.epochs)
-    return start, frozen, optimizer, lr
+    return start, frozen, optimizer, scheduler, lr
 
 
 def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
     plan, s, name = run.plan, run.settings, run.model_name
-    start_epoch, frozen, optimizer, lr = _resume(storage, run, ckpt_key)
+    start_epoch, frozen, optimizer, scheduler, lr = _resume(storage, run, ckpt_key)
     train, val = run.data["train"], run.data["val"]
     log.info(
         "%s: %d train / %d val / %d test images at %dpx, %d epochs (%d frozen), batch %d, %s, %d threads",
@@ -130,21 +139,22 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
         now_frozen = epoch < plan.freeze_epochs
         if now_frozen != frozen:
             frozen = now_frozen
-            optimizer, lr = _optimizer(run, frozen)
+            optimizer, scheduler, lr = _optimizer(run, frozen, epoch)
             log.info("%s: backbone unfrozen at epoch %d; learning rate %.0e", name, epoch + 1, lr)
         t0 = time.monotonic()
         loss_sum, correct = train_one_epoch(run.model, name, train, run.inputs, optimizer,
                                             epoch_generator(s.seed, epoch), s.batch_size, run.autocast,
-                                            frozen=frozen)  # fmt: skip
+                                            frozen=frozen, recipe=s.recipe, scheduler=scheduler)  # fmt: skip
         train_time = time.monotonic() - t0
-        val_prob, val_loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast)
+        val_prob, val_loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast, s.recipe.tta)
         val_acc = float(((val_prob >= 0.5) == val.labels.numpy().astype(bool)).mean()) if len(val_prob) else 0.0
-        record = {"epoch": epoch + 1, "frozen": frozen, "learning_rate": lr, "loss": loss_sum / len(train),
+        # The rate of the epoch's last step (the peak rate under a constant schedule).
+        record = {"epoch": epoch + 1, "frozen": frozen, "learning_rate": optimizer.param_groups[0]["lr"], "loss": loss_sum / len(train),
                   "accuracy": correct / len(train), "val_loss": val_loss, "val_accuracy": val_acc,
                   "images_per_s": len(train) / train_time, "seconds": time.monotonic() - t0}  # fmt: skip
         run.history.append(record)
         save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=epoch, frozen=frozen,
-                        history=run.history)  # fmt: skip
+                        history=run.history, scheduler=scheduler)  # fmt: skip
         _log_epoch(run, record, started, epoch - start_epoch + 1)
     run.train_seconds = time.monotonic() - started
 
@@ -164,7 +174,8 @@ def _predictions(run: TrainingRun) -> tuple[pd.DataFrame, dict | None]:
     for split, d in run.data.items():
         if not len(d):
             continue
-        prob, _ = predict_proba(run.model, d, run.inputs, run.settings.batch_size * 2, run.autocast)
+        prob, _ = predict_proba(run.model, d, run.inputs, run.settings.batch_size * 2, run.autocast,
+                                run.settings.recipe.tta)  # fmt: skip
         frames.append(pd.DataFrame({"key": d.keys, "split": split, "label_id": d.labels.numpy().astype(int),
                                     "prob_male": prob}))  # fmt: skip
         if split == "test":
@@ -202,7 +213,8 @@ def _write_outputs(storage: Storage, run_key: str, run: TrainingRun) -> dict:
     storage.put_bytes(run.file_key(run_key, "metrics.json"), json.dumps(metrics, indent=1).encode())
     card = {"dataset_id": run.dataset_id, "source": s.source, "seed": s.seed, "profile": s.profile,
             "test_metrics": test_metrics, "epochs": len(run.history)}  # fmt: skip
-    storage.put_bytes(run.file_key(run_key, "model.ts"), export_torchscript(run.model, name, run.plan.image_size, card))
+    model_ts = export_torchscript(run.model, name, run.plan.image_size, card, tta=s.recipe.tta)
+    storage.put_bytes(run.file_key(run_key, "model.ts"), model_ts)
     storage.put_bytes(run.file_key(run_key, "model_card.json"), json.dumps({**metrics, **card}, indent=1).encode())
     accuracy = test_metrics["accuracy"] if test_metrics else float("nan")
     f1 = test_metrics["weighted"]["f1"] if test_metrics else float("nan")
