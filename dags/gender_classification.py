@@ -9,7 +9,8 @@ Transfer Learning Models* end to end:
 2. **split** 70/15/15, stratified and seeded;
 3. **validate** counts, labels and images with Great Expectations (a failure stops the run and says why);
 4. **preprocess** each image once per input size into a cached uint8 array;
-5. **train** the study's four models as mapped tasks (custom CNN, ResNet50, InceptionV3, MobileNetV2);
+5. **train** the study's four models as mapped tasks (custom CNN, ResNet50, InceptionV3, MobileNetV2), once per
+   repeat (`repeats`: new split and seeds each), then their **ensemble** (mean probability);
 6. **report**: one self-contained HTML file, the study's Table 1 beside ours, with uncertainty and audits.
 
 Runs on demand (trigger with the form) or on the cron schedule in `GENDER_SCHEDULE`.
@@ -127,21 +128,25 @@ def gender_classification():
         return _step("preprocess", settings, dataset, split_info)
 
     @task
-    def plan_training(settings: dict) -> list[str]:
-        from gender_tasks.scheduling import order_slowest_first
+    def plan_training(settings: dict) -> list[dict]:
+        from gender_tasks.scheduling import training_plan
 
-        return order_slowest_first(settings["models"])
+        return training_plan(settings["models"], settings["repeats"])
 
     @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, map_index_template="{{ model_name }}", priority_weight=TRAIN_PRIORITY,
           weight_rule=TRAIN_WEIGHT_RULE, executor_config=gpu_executor_config())  # fmt: skip
-    def train(model_name: str, settings: dict, dataset: dict, split_info: dict) -> dict:
+    def train(model_name: str, repeat: int, label: str, settings: dict, dataset: dict, split_info: dict) -> dict:
         from gender_tasks.scheduling import claim_gpu
 
-        get_current_context()["model_name"] = model_name
+        get_current_context()["model_name"] = label  # "resnet50", or "resnet50 #2" in a run with repeats
         parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
         with claim_gpu():  # one GPU of this worker's, before anything touches CUDA
             return _step("train", settings, dataset, split_info, model_name, pipeline_run_key(),
-                         parallel_tasks=parallel)  # fmt: skip
+                         parallel_tasks=parallel, repeat=repeat)  # fmt: skip
+
+    @task
+    def ensemble(settings: dict) -> dict:
+        return _step("ensemble", settings, pipeline_run_key())
 
     @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, priority_weight=LABEL_AUDIT_PRIORITY, weight_rule="absolute",
           executor_config=gpu_executor_config())  # fmt: skip
@@ -159,12 +164,14 @@ def gender_classification():
 
     @task
     def report(settings: dict, dataset: dict, split_info: dict, validation: dict, trained: list[dict],
-               audit: dict, external: dict) -> dict:  # fmt: skip
+               ensembled: dict, audit: dict, external: dict) -> dict:  # fmt: skip
         run_id = get_current_context()["run_id"]
         durations = {"ingest": dataset["seconds"], "split": split_info["seconds"], "validate": validation["seconds"]}
         # Index rather than iterate: iterating a mapped result probes one past its end (a logged 404).
-        durations |= {f"train {t['model']}": t["seconds"] for t in (trained[i] for i in range(len(trained)))}
-        durations |= {"label audit": audit["seconds"], "external evaluation": external["seconds"]}
+        durations |= {f"train {t['model']}" + (f" #{t['repeat']}" if t.get("repeat") else ""): t["seconds"]
+                      for t in (trained[i] for i in range(len(trained)))}  # fmt: skip
+        durations |= {"ensemble": ensembled["seconds"], "label audit": audit["seconds"],
+                      "external evaluation": external["seconds"]}  # fmt: skip
         return _step("report", settings, dataset, split_info, validation, pipeline_run_key(),
                      run_id=run_id, task_durations=durations, label_audit=audit)  # fmt: skip
 
@@ -173,14 +180,15 @@ def gender_classification():
     split_info = split(settings, dataset)
     validation = validate(settings, split_info)
     caches = preprocess(settings, dataset, split_info)
-    trained = train.partial(settings=settings, dataset=dataset, split_info=split_info).expand(
-        model_name=plan_training(settings)
+    trained = train.partial(settings=settings, dataset=dataset, split_info=split_info).expand_kwargs(
+        plan_training(settings)
     )
+    ensembled = ensemble(settings)
     audit = label_audit(settings, dataset, split_info)
     external = evaluate_external(settings)
     validation >> caches >> [trained, audit]
-    trained >> external
-    report(settings, dataset, split_info, validation, trained, audit, external)
+    trained >> ensembled >> external
+    report(settings, dataset, split_info, validation, trained, ensembled, audit, external)
 
 
 gender_classification()

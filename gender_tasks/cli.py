@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FOLDER[?QUERY]",
         help="an external evaluation set (repeatable), e.g. '/data/utkface?age >= 16'",
     )
+    run.add_argument("--repeats", type=int, help="rerun the split and every model with seeds seed..seed+N-1")
     run.add_argument("--no-label-audit", action="store_true", help="skip the out-of-fold label audit")
     run.add_argument("--conf", default="{}", help="more DAG params as JSON")
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         conf = json.loads(args.conf)
-        for key in ("source", "profile", "storage", "epochs", "weights"):
+        for key in ("source", "profile", "storage", "epochs", "weights", "repeats"):
             if getattr(args, key) not in (None, ""):
                 conf[key] = getattr(args, key)
         if args.models:

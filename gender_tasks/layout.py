@@ -9,6 +9,9 @@ standard library, so the UI plugin can find a report without loading the trainin
     datasets/<dataset_id>/splits/seed<seed>-<fractions>[-nd<d>].csv   the manifest with its split column
     datasets/<dataset_id>/cache/<size>px.npz              decoded, resized uint8 arrays
     runs/<run_key>/models/<model>/...                     metrics, history, predictions, checkpoint, model.ts
+    runs/<run_key>/models/ensemble/...                    the mean probability of the run's models (no checkpoint)
+    runs/<run_key>/repeats/<r>/models/<model>/...         repeat r >= 1 of a run with repeats (seed + r); repeat 0
+                                                          is the run's own folder, as in a run without repeats
     runs/<run_key>/label_audit.csv                        out-of-fold predictions for every image
     runs/<run_key>/external/<set>.json                    external evaluation sets
     runs/<run_key>/report.html, results.json              the comparison report and its numbers
@@ -73,6 +76,12 @@ def cache_key(dataset_id: str, size: int) -> str:
 
 def run_prefix(run_key: str) -> str:
     return f"{RUNS}/{run_key}"
+
+
+def repeat_run_key(run_key: str, repeat: int) -> str:
+    """The run key that repeat `repeat` writes its models under: the run's own for repeat 0 (so a run
+    with one repeat looks as it always did), runs/<run_key>/repeats/<r>/ for the others."""
+    return run_key if int(repeat) == 0 else f"{run_key}/repeats/{int(repeat)}"
 
 
 def model_prefix(run_key: str, model_name: str) -> str:

@@ -63,11 +63,17 @@ def ingest(settings: dict) -> dict:
 
 @_timed
 def split(settings: dict, dataset: dict) -> dict:
-    from .data.split import assign_splits, split_counts
-
+    """One split per repeat (seed + r); the top-level split_key / counts are repeat 0's."""
     settings = as_settings(settings)
     storage = open_storage(settings.storage)
-    dataset_id = dataset["dataset_id"]
+    repeats = [_split_one(storage, settings.for_repeat(r), dataset["dataset_id"]) | {"repeat": r}
+               for r in range(settings.repeats)]  # fmt: skip
+    return {"split_key": repeats[0]["split_key"], "counts": repeats[0]["counts"], "repeats": repeats}
+
+
+def _split_one(storage, settings, dataset_id: str) -> dict:
+    from .data.split import assign_splits, split_counts
+
     distance = int(settings.split_group_distance)
     key = layout.split_key(dataset_id, settings.seed, list(settings.split), distance)
     if storage.exists(key):
@@ -77,8 +83,13 @@ def split(settings: dict, dataset: dict) -> dict:
         manifest = assign_splits(source, settings.seed, list(settings.split), distance)
         write_manifest(storage, key, manifest)
     counts = split_counts(manifest)
-    log.info("split %s: %s", dataset_id, counts)
-    return {"split_key": key, "counts": counts}
+    log.info("split %s (seed %d): %s", dataset_id, settings.seed, counts)
+    return {"split_key": key, "counts": counts, "seed": settings.seed}
+
+
+def repeat_split_key(split_info: dict, repeat: int) -> str:
+    """The split of repeat `repeat` (split_info from `split`)."""
+    return split_info.get("repeats", [split_info])[int(repeat)]["split_key"]
 
 
 @_timed
@@ -89,10 +100,15 @@ def validate(settings: dict, split_info: dict) -> dict:
 
     settings = as_settings(settings)
     storage = open_storage(settings.storage)
-    manifest = read_manifest(storage, split_info["split_key"])
-    summary = validate_manifest(manifest, settings)
-    summary.update(check_near_duplicates(manifest, settings.near_duplicate_distance, settings.near_duplicates_fatal))
-    return summary
+    summaries = []
+    for r in range(len(split_info.get("repeats", [split_info]))):  # every repeat's split: each must hold
+        manifest = read_manifest(storage, repeat_split_key(split_info, r))
+        summary = validate_manifest(manifest, settings)
+        summary.update(check_near_duplicates(manifest, settings.near_duplicate_distance,
+                                             settings.near_duplicates_fatal))  # fmt: skip
+        summaries.append(summary)
+    # The report shows repeat 0's checks in detail, and whether every repeat's passed.
+    return summaries[0] | {"repeats_success": [bool(s.get("success")) for s in summaries]}
 
 
 @_timed
@@ -111,16 +127,29 @@ def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
 
 @_timed
 def train(settings: dict, dataset: dict, split_info: dict, model_name: str, run_key: str,
-          parallel_tasks: int = 1) -> dict:  # fmt: skip
+          parallel_tasks: int = 1, repeat: int = 0) -> dict:  # fmt: skip
+    """Train one model of one repeat: its own split and seed (seed + repeat), its own storage folder."""
     from .training.trainer import train_model
+
+    settings = as_settings(settings).for_repeat(repeat)
+    storage = open_storage(settings.storage)
+    manifest = read_manifest(storage, repeat_split_key(split_info, repeat))
+    out = train_model(
+        storage, run_key=layout.repeat_run_key(run_key, repeat), model_name=model_name, manifest=manifest,
+        dataset_id=dataset["dataset_id"], settings=settings, parallel_tasks=parallel_tasks,
+    )  # fmt: skip
+    return out | {"repeat": int(repeat)}
+
+
+@_timed
+def ensemble(settings: dict, run_key: str) -> dict:
+    """The ensemble (mean P(male)) of every repeat's trained models, exported beside them."""
+    from .training.ensemble import build_ensemble
 
     settings = as_settings(settings)
     storage = open_storage(settings.storage)
-    manifest = read_manifest(storage, split_info["split_key"])
-    return train_model(
-        storage, run_key=run_key, model_name=model_name, manifest=manifest,
-        dataset_id=dataset["dataset_id"], settings=settings, parallel_tasks=parallel_tasks,
-    )  # fmt: skip
+    return {"repeats": [build_ensemble(storage, run_key=layout.repeat_run_key(run_key, r),
+                                       settings=settings.for_repeat(r)) for r in range(settings.repeats)]}  # fmt: skip
 
 
 @_timed
@@ -157,4 +186,5 @@ def report(settings: dict, dataset: dict, split_info: dict, validation: dict, ru
     return build_report(
         storage, run_key=run_key, settings=settings, dataset=dataset, validation=validation,
         split_key=split_info["split_key"], task_durations=task_durations, run_id=run_id, label_audit=label_audit,
+        repeat_split_keys=[repeat_split_key(split_info, r) for r in range(settings.repeats)],
     )  # fmt: skip

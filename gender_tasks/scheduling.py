@@ -41,6 +41,13 @@ def order_slowest_first(models: Iterable[str]) -> list[str]:
     return sorted(dict.fromkeys(models), key=lambda m: -get_model_spec(m).relative_cost)
 
 
+def training_plan(models: Iterable[str], repeats: int = 1) -> list[dict]:
+    """The mapped training tasks: one per (model, repeat), every repeat of the costliest model first, with
+    the label the UI shows ("resnet50", or "resnet50 #2" when a run has repeats)."""
+    return [{"model_name": m, "repeat": r, "label": m if repeats == 1 else f"{m} #{r}"}
+            for m in order_slowest_first(models) for r in range(int(repeats))]  # fmt: skip
+
+
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries, without initialising CUDA.
 

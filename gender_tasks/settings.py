@@ -17,6 +17,8 @@ from typing import Any
 from .errors import PermanentError
 from .models.registry import STUDY_MODELS, get_model_spec, model_names
 
+# The ensemble's name in storage keys, tables and results: the mean P(male) of a run's trained models.
+ENSEMBLE = "ensemble"
 CLASSES = ("female", "male")  # label ids follow the study's Keras loader (sorted names): female 0, male 1
 WEIGHT_CHOICES = ("none", "imagenet")
 KAGGLE_DATASET = "kaggle:bwandowando/all-these-people-dont-exist"
@@ -45,6 +47,8 @@ class Recipe:
     tta: bool = False  # predict the mean P(male) of the image and its mirror image (also in the export)
 
 
+STUDY_RECIPE = Recipe()  # the study's: what the `paper` profile uses
+
 # The stronger recipe chosen by the ablation in bench/RESULTS.md ("Recipe ablation (issue 11)", 3 seeds):
 # +0.02-0.03 test accuracy per model at the same sizes and epochs, and a third of the seed-to-seed spread.
 STRONG_RECIPE = Recipe(optimizer="adamw", weight_decay=0.05, schedule="warmup_cosine", warmup_fraction=0.15,
@@ -60,7 +64,7 @@ class Profile:
     batch_size: int
     learning_rate: float  # the peak rate under a schedule
     fine_tune_learning_rate: float
-    recipe: Recipe = Recipe()
+    recipe: Recipe = STUDY_RECIPE
 
 
 PROFILES: dict[str, Profile] = {

@@ -56,3 +56,56 @@ def test_every_model_has_a_plan_for_every_profile():
         for plan in plans.values():
             assert 0 <= plan.freeze_epochs < plan.epochs
             assert plan.image_size >= get_model_spec(name).min_image_size
+
+
+def test_the_paper_profile_is_exactly_the_studys_recipe():
+    from gender_tasks.settings import STUDY_RECIPE, Recipe
+
+    s = resolve_settings({"profile": "paper"})
+    # Adam at a constant 1e-3 (fine-tuning 1e-5), batch 32, flip + rotation + zoom, plain BCE, no TTA.
+    assert s.recipe == STUDY_RECIPE == Recipe(optimizer="adam", weight_decay=0.0, schedule="constant",
+                                              warmup_fraction=0.0, label_smoothing=0.0, augmentation="full",
+                                              tta=False)  # fmt: skip
+    assert (s.learning_rate, s.fine_tune_learning_rate, s.batch_size, s.weights) == (1e-3, 1e-5, 32, "imagenet")
+    assert {m: (p.image_size, p.epochs, p.freeze_epochs) for m, p in s.per_model.items()} == {
+        "cnn": (224, 20, 0),
+        "resnet50": (224, 10, 5),
+        "inceptionv3": (299, 10, 5),
+        "mobilenetv2": (224, 10, 5),
+    }
+    assert s.repeats == 1
+
+
+def test_the_cpu_profile_uses_the_ablations_recipe():
+    s = resolve_settings({"profile": "cpu"})
+    r = s.recipe
+    assert (r.optimizer, r.weight_decay, r.schedule, r.warmup_fraction) == ("adamw", 0.05, "warmup_cosine", 0.15)
+    assert (r.label_smoothing, r.augmentation, r.tta) == (0.1, "flip", True)
+    assert (s.learning_rate, s.batch_size) == (2e-3, 32)
+    assert {m: (p.image_size, p.epochs) for m, p in s.per_model.items()} == {
+        "cnn": (64, 12),
+        "resnet50": (64, 5),
+        "inceptionv3": (75, 5),
+        "mobilenetv2": (64, 5),
+    }
+    assert resolve_settings({"profile": "tiny"}).recipe == r
+
+
+def test_repeats_are_checked_and_each_repeat_gets_its_own_seed():
+    s = resolve_settings({"profile": "tiny", "repeats": 3, "seed": 7})
+    assert [s.for_repeat(r).seed for r in range(s.repeats)] == [7, 8, 9]
+    with pytest.raises(SettingsError, match="repeats"):
+        resolve_settings({"repeats": 0})
+
+
+def test_the_warmup_cosine_schedule_rises_then_decays_to_zero():
+    from gender_tasks.settings import PROFILES, STUDY_RECIPE
+    from gender_tasks.training.recipe import lr_factor, steps_per_epoch
+
+    recipe = PROFILES["cpu"].recipe
+    factors = [lr_factor(s, 100, recipe) for s in range(100)]
+    assert factors[0] == pytest.approx(1 / 15) and factors[14] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[14:], factors[15:], strict=False))  # decays after the warm-up
+    assert lr_factor(100, 100, recipe) == pytest.approx(0.0)
+    assert {lr_factor(s, 100, STUDY_RECIPE) for s in range(100)} == {1.0}
+    assert steps_per_epoch(65, 32) == 2 and steps_per_epoch(66, 32) == 3  # a last batch of one is skipped

@@ -85,3 +85,61 @@ def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
     assert n == 8 and len(table) == 8
     assert set(table["predicted"]) <= {"female", "male"}
     assert table["prob_male"].between(0, 1).all()
+
+
+def test_a_resumed_run_takes_the_same_learning_rates_as_an_uninterrupted_one(prepared, monkeypatch):
+    """The schedule's state rides in the checkpoint: killed after epoch 1 and resumed, the per-step
+    warm-up/cosine rates (and the unfreeze's new optimizer) continue where they were."""
+    settings, dataset, split_info = prepared
+    storage = open_storage(settings["storage"])
+    settings = Settings.from_dict(settings)
+    assert settings.recipe.schedule == "warmup_cosine"
+    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": TrainPlan(32, 3, 1)})
+    kwargs = dict(model_name="mobilenetv2", manifest=_manifest(settings.to_dict(), split_info),
+                  dataset_id=dataset["dataset_id"], settings=settings)  # fmt: skip
+    train_model(storage, run_key="whole", **kwargs)
+    save = trainer.save_checkpoint
+
+    def save_then_die(*args, epoch, **kw):
+        save(*args, epoch=epoch, **kw)
+        raise _Killed
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train_model(storage, run_key="resumed", **kwargs)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    train_model(storage, run_key="resumed", **kwargs)
+
+    def rates(run_key):
+        return [
+            h["learning_rate"]
+            for h in json.loads(storage.get_bytes(f"{model_prefix(run_key, 'mobilenetv2')}/history.json"))
+        ]
+
+    assert rates("resumed") == pytest.approx(rates("whole"))
+    assert rates("whole")[-1] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at 0
+
+
+def test_the_ensemble_is_evaluated_and_its_export_loads_with_predict(prepared, tmp_path):
+    from gender_tasks.cli import main
+
+    settings, dataset, split_info = prepared
+    for model in ("cnn", "mobilenetv2"):
+        pipeline.train(settings, dataset, split_info, model, "r4")
+    out = pipeline.ensemble(settings, "r4")
+    assert out["repeats"][0]["model"] == "ensemble"
+    storage = open_storage(settings["storage"])
+    prefix = model_prefix("r4", "ensemble")
+    metrics = json.loads(storage.get_bytes(f"{prefix}/metrics.json"))
+    assert metrics["members"] == ["cnn", "mobilenetv2"] and 0 <= metrics["test"]["accuracy"] <= 1
+    preds = pd.read_csv(storage.local_path(f"{prefix}/predictions.csv"))
+    members = [pd.read_csv(storage.local_path(f"{model_prefix('r4', m)}/predictions.csv"))
+               for m in ("cnn", "mobilenetv2")]  # fmt: skip
+    mean = (members[0].set_index("key")["prob_male"] + members[1].set_index("key")["prob_male"]) / 2
+    assert preds.set_index("key")["prob_male"].to_numpy() == pytest.approx(mean.loc[preds["key"]].to_numpy())
+
+    images = write_dataset(tmp_path / "new", 3, seed=5)
+    model_ts = storage.url(f"{prefix}/model.ts")
+    assert main(["predict", "--model", model_ts, "--images", str(images), "--out", str(tmp_path / "e.csv")]) == 0
+    table = pd.read_csv(tmp_path / "e.csv")
+    assert len(table) == 6 and table["prob_male"].between(0, 1).all() and set(table["predicted"]) <= {"female", "male"}

@@ -24,7 +24,7 @@ from ..data.attributes import find_labels_csv, read_labels_table
 from ..data.folders import IMAGE_SUFFIXES, find_class_dirs
 from ..data.images import decode_resize
 from ..errors import PermanentError
-from ..settings import Settings
+from ..settings import ENSEMBLE, Settings
 from ..storage import Storage
 from .metrics import classification_metrics, encode_labels
 from .predict import load_exported
@@ -74,7 +74,8 @@ def evaluate_external(storage: Storage, *, run_key: str, settings: Settings, spe
     table = list_labeled_images(root, query)
     y = encode_labels(table["label"])
     results, decoded = {}, {}
-    for model_name in settings.models:
+    ensemble = [ENSEMBLE] if storage.exists(layout.model_file_key(run_key, ENSEMBLE, "model.ts")) else []
+    for model_name in [*settings.models, *ensemble]:
         module, meta = load_exported(storage.url(layout.model_file_key(run_key, model_name, "model.ts")))
         size = int(meta["image_size"])
         if size not in decoded:

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import platform
 import subprocess
 from datetime import UTC, datetime
@@ -27,10 +28,11 @@ from ..data.manifest import read_manifest
 from ..data.preprocess import load_cache
 from ..data.split import split_counts as count_splits
 from ..evaluation.metrics import encode_labels
+from ..evaluation.repeats import pairwise_corrected_tests, rank_first_counts, summarise_repeats
 from ..evaluation.stats import bootstrap_ci, mcnemar
 from ..models.registry import get_model_spec, model_names
 from ..resources import include_path
-from ..settings import CLASSES, Settings
+from ..settings import CLASSES, ENSEMBLE, PROFILES, Settings, resolve_settings
 from ..storage import Storage
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,11 @@ log = logging.getLogger(__name__)
 SIGNIFICANCE = 0.05
 
 
+TABLE_METRICS = ("train_accuracy", "test_accuracy", "precision", "recall", "f1")
+
+
 def _label(model_name: str) -> str:
-    return get_model_spec(model_name).display_name
+    return "Ensemble (mean probability)" if model_name == ENSEMBLE else get_model_spec(model_name).display_name
 
 
 def _svg(fig) -> str:
@@ -109,11 +114,101 @@ def load_model_outputs(storage: Storage, run_key: str, model_name: str) -> dict:
     def read(name: str) -> bytes:
         return storage.get_bytes(layout.model_file_key(run_key, model_name, name))
 
+    history_key = layout.model_file_key(run_key, model_name, "history.json")
     return {
         "metrics": json.loads(read("metrics.json")),
-        "history": json.loads(read("history.json")),
+        "history": json.loads(read("history.json")) if storage.exists(history_key) else [],  # none for the ensemble
         "predictions": pd.read_csv(io.BytesIO(read("predictions.csv")), keep_default_na=False),
     }
+
+
+def _reported_models(storage: Storage, run_key: str, settings: Settings) -> list[str]:
+    """The run's models, then the ensemble where the run made one."""
+    has_ensemble = storage.exists(layout.model_file_key(run_key, ENSEMBLE, "metrics.json"))
+    return [*settings.models, *([ENSEMBLE] if has_ensemble else [])]
+
+
+def _table_values(metrics: dict) -> dict:
+    t = metrics["test"]
+    return {"train_accuracy": metrics["train_accuracy"], "test_accuracy": t["accuracy"],
+            "precision": t["weighted"]["precision"], "recall": t["weighted"]["recall"], "f1": t["weighted"]["f1"],
+            "roc_auc": t["roc_auc"]}  # fmt: skip
+
+
+def _mcnemar_pairs(test_preds: dict) -> list[dict]:
+    """McNemar for every pair of models scored on the same test images."""
+    out = []
+    for a, b in itertools.combinations(test_preds, 2):
+        keys_a, y, pa = test_preds[a]
+        keys_b, _, pb = test_preds[b]
+        if keys_a != keys_b:
+            continue  # different test sets cannot be paired
+        res = mcnemar(y, pa, pb)
+        acc_a, acc_b = float((pa == y).mean()), float((pb == y).mean())
+        out.append({"a": _label(a), "b": _label(b), "acc_diff": acc_a - acc_b, **res,
+                    "significant": res["p_value"] < SIGNIFICANCE})  # fmt: skip
+    return out
+
+
+def _test_predictions(preds: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    test = preds[preds["split"] == "test"].sort_values("key")
+    return test["key"].tolist(), encode_labels(test["label"]), encode_labels(test["predicted"])
+
+
+def _repeats_section(storage: Storage, run_key: str, settings: Settings, models: list[str],
+                     repeat_split_keys: list[str]) -> dict | None:  # fmt: skip
+    """Over the repeats (seed + r, each its own split): mean, std, range and t-interval per model and
+    metric, how often each model ranks first, Nadeau & Bengio's corrected resampled t-test per pair, and
+    in how many repeats McNemar's test called each pair significant."""
+    if settings.repeats < 2:
+        return None
+    per_repeat, mcnemar_hits = [], {}
+    for r in range(settings.repeats):
+        key = layout.repeat_run_key(run_key, r)
+        outputs = {m: load_model_outputs(storage, key, m) for m in models}
+        per_repeat.append({m: _table_values(o["metrics"]) for m, o in outputs.items()})
+        for c in _mcnemar_pairs({m: _test_predictions(o["predictions"]) for m, o in outputs.items()}):
+            mcnemar_hits[(c["a"], c["b"])] = mcnemar_hits.get((c["a"], c["b"]), 0) + int(c["significant"])
+    counts = count_splits(read_manifest(storage, repeat_split_keys[0]))
+    n_train, n_test = (sum(counts.get(s, {}).values()) for s in ("train", "test"))
+    tests = pairwise_corrected_tests(per_repeat, n_train=n_train, n_test=n_test)
+    for t in tests:
+        t["significant"] = not math.isnan(t["p"]) and bool(t["p"] < SIGNIFICANCE)  # NaN: not testable
+        t["mcnemar_significant_repeats"] = mcnemar_hits.get((_label(t["a"]), _label(t["b"])), 0)
+        t["a_label"], t["b_label"] = _label(t["a"]), _label(t["b"])
+    return {"repeats": settings.repeats, "seeds": [settings.seed + r for r in range(settings.repeats)],
+            "summary": summarise_repeats(per_repeat), "rank_first": rank_first_counts(per_repeat),
+            "corrected_tests": tests, "n_train": n_train, "n_test": n_test, "per_repeat": per_repeat}  # fmt: skip
+
+
+def _describe_recipe(settings: Settings) -> dict[str, str]:
+    r, lr = settings.recipe, settings.learning_rate
+    optimiser = f"{'AdamW' if r.optimizer == 'adamw' else 'Adam'}, learning rate {lr:g}"
+    if r.weight_decay:
+        optimiser += f", weight decay {r.weight_decay:g}"
+    if any(p.freeze_epochs for p in settings.per_model.values()):
+        optimiser += f" (fine-tuning {settings.fine_tune_learning_rate:g})"
+    schedule = ("constant" if r.schedule == "constant" else
+                f"per step: linear warm-up over {r.warmup_fraction:.0%} of the steps, then cosine to 0")  # fmt: skip
+    return {
+        "Weights": settings.weights,
+        "Input size (px)": ", ".join(f"{_label(m)} {p.image_size}" for m, p in settings.per_model.items()),
+        "Epochs (frozen)": ", ".join(f"{_label(m)} {p.epochs} ({p.freeze_epochs})" for m, p in settings.per_model.items()),
+        "Batch": str(settings.batch_size),
+        "Optimiser": optimiser,
+        "Schedule": schedule,
+        "Loss": "BCE" + (f", label smoothing {r.label_smoothing:g}" if r.label_smoothing else ""),
+        "Augmentation": "horizontal flips" if r.augmentation == "flip" else "flips, rotation ±10°, zoom ±10 %",
+        "Test-time augmentation": "mean of the image and its mirror" if r.tta else "none",
+        "Weights kept": "last epoch",
+    }  # fmt: skip
+
+
+def _setup_comparison(settings: Settings) -> list[dict]:
+    """This run's training setup beside the study's (the `paper` profile) for Table 1's caption."""
+    study = _describe_recipe(resolve_settings({"profile": "paper", "models": list(settings.models)}))
+    ours = _describe_recipe(settings)
+    return [{"setting": k, "ours": ours[k], "study": study[k], "same": ours[k] == study[k]} for k in ours]
 
 
 def _group_accuracy(test: pd.DataFrame, attributes: pd.DataFrame | None, min_n: int = 10) -> list[dict]:
@@ -185,12 +280,18 @@ def build_report(
     task_durations: dict | None = None,
     run_id: str | None = None,
     label_audit: dict | None = None,
+    repeat_split_keys: list[str] | None = None,
 ) -> dict:
-    """Write report.html and results.json for a run; returns their URIs and the headline numbers."""
+    """Write report.html and results.json for a run; returns their URIs and the headline numbers.
+
+    Every per-image section reads repeat 0 (the run's own folder); with repeats, Table 1 shows the
+    mean over the repeats with its 95% t-interval, and the repeats section the rest."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     paper = json.loads(include_path("paper_table1.json").read_text())
-    outputs = {m: load_model_outputs(storage, run_key, m) for m in settings.models}
+    models = _reported_models(storage, run_key, settings)
+    outputs = {m: load_model_outputs(storage, run_key, m) for m in models}
+    repeats = _repeats_section(storage, run_key, settings, models, repeat_split_keys or [split_key])
     manifest = read_manifest(storage, split_key)
     split_counts = count_splits(manifest)
     sha_of_key = dict(zip(manifest["key"], manifest["sha256"], strict=True))
@@ -200,19 +301,21 @@ def build_report(
     for name, out in outputs.items():
         met, hist, preds = out["metrics"], out["history"], out["predictions"]
         test = preds[preds["split"] == "test"].sort_values("key")
-        y_true = encode_labels(test["label"])
-        y_pred = encode_labels(test["predicted"])
-        test_preds[name] = (test["key"].tolist(), y_true, y_pred)
+        test_preds[name] = _test_predictions(preds)
+        _, y_true, y_pred = test_preds[name]
         ci = bootstrap_ci(y_true, y_pred, seed=settings.seed)
-        ref = paper["models"].get(name)  # None: a model the study did not train
+        ref = paper["models"].get(name)  # None: a model the study did not train (and the ensemble)
         t = met["test"]
-        rows.append({
-            "model": name, "label": _label(name),
-            "ours": {"train_accuracy": met["train_accuracy"], "test_accuracy": t["accuracy"],
-                     "precision": t["weighted"]["precision"], "recall": t["weighted"]["recall"],
-                     "f1": t["weighted"]["f1"]},
-            "macro": t["macro"], "paper": ref, "ci": ci, "roc_auc": t["roc_auc"],
-        })  # fmt: skip
+        first = {k: v for k, v in _table_values(met).items() if k in TABLE_METRICS}
+        row = {"model": name, "label": _label(name), "ours": first, "first": first, "macro": t["macro"],
+               "paper": ref, "ci": ci, "roc_auc": t["roc_auc"], "repeat_ci": None}  # fmt: skip
+        if repeats:  # Table 1's "ours": the mean over the repeats, with its 95% t-interval
+            summary = repeats["summary"][name]
+            row["ours"] = {k: summary[k]["mean"] for k in TABLE_METRICS}
+            row["repeat_ci"] = {k: [summary[k]["ci_low"], summary[k]["ci_high"]] for k in TABLE_METRICS}
+        rows.append(row)
+        if name == ENSEMBLE:
+            continue  # no training history, parameters or device of its own
         recalls = t["per_class_recall"]
         per_model[name] = {
             "label": _label(name),
@@ -222,16 +325,7 @@ def build_report(
             "groups": _group_accuracy(test.assign(sha256=test["key"].map(sha_of_key)), attributes),
         }
 
-    comparisons = []
-    for a, b in itertools.combinations(test_preds, 2):
-        keys_a, y, pa = test_preds[a]
-        keys_b, _, pb = test_preds[b]
-        if keys_a != keys_b:
-            continue  # different test sets cannot be paired
-        res = mcnemar(y, pa, pb)
-        acc_a, acc_b = float((pa == y).mean()), float((pb == y).mean())
-        comparisons.append({"a": _label(a), "b": _label(b), "acc_diff": acc_a - acc_b, **res,
-                            "significant": res["p_value"] < SIGNIFICANCE})  # fmt: skip
+    comparisons = _mcnemar_pairs(test_preds)
 
     totals = {c: sum(split_counts.get(s, {}).get(c, 0) for s in split_counts) for c in CLASSES}
     balance = {
@@ -248,6 +342,8 @@ def build_report(
         "validation": validation,
         "class_balance": balance,
         "table": rows,
+        "setup": _setup_comparison(settings),
+        "repeats": repeats,
         "comparisons": comparisons,
         "recall_gaps": {m: v["recall_gap"] for m, v in per_model.items()},
         "group_accuracy": {m: v["groups"] for m, v in per_model.items()},
@@ -269,8 +365,9 @@ def build_report(
     html = env.get_template("report.html.j2").render(
         r=results, paper=paper, per_model=per_model, alpha=SIGNIFICANCE, audit=audit,
         synthetic_accuracy={row["model"]: row["ours"]["test_accuracy"] for row in rows},
-        labels={name: _label(name) for name in model_names()},
+        labels={name: _label(name) for name in [*model_names(), ENSEMBLE]},
         settings_json=json.dumps(settings.to_dict(), indent=1, sort_keys=True),
+        profile_description=PROFILES[settings.profile].description,
     )  # fmt: skip
     storage.put_bytes(layout.results_key(run_key), json.dumps(results, indent=1, default=str).encode())
     storage.put_bytes(layout.report_key(run_key), html.encode())

@@ -18,7 +18,11 @@ MAX_ZOOM = 0.10
 
 
 def augment_params(
-    n: int, generator: torch.Generator, *, max_rotation_deg: float = MAX_ROTATION_DEG, max_zoom: float = MAX_ZOOM,
+    n: int,
+    generator: torch.Generator,
+    *,
+    max_rotation_deg: float = MAX_ROTATION_DEG,
+    max_zoom: float = MAX_ZOOM,
     mode: str = "full",
 ) -> dict[str, torch.Tensor]:
     """Per-image parameters: flip (bool), rotation (radians), zoom factor (>1 zooms in); "flip": flips only."""

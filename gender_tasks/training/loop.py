@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.network import build_model, set_backbone_frozen, set_train_mode
-from ..settings import Recipe, Settings, TrainPlan
+from ..settings import STUDY_RECIPE, Recipe, Settings, TrainPlan
 from .augment import augment_params
 from .batches import Inputs, SplitData
 from .devices import make_autocast, pick_device
@@ -49,7 +49,7 @@ def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autoc
 
 
 def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, optimizer, gen: torch.Generator,
-                    batch_size: int, autocast, *, frozen: bool = False, recipe: Recipe = Recipe(),
+                    batch_size: int, autocast, *, frozen: bool = False, recipe: Recipe = STUDY_RECIPE,
                     scheduler=None) -> tuple[float, float]:  # fmt: skip
     """One pass over `data` in the order and with the augmentation that `gen` draws; the recipe sets the
     augmentation and label smoothing, and `scheduler` (if any) steps after every optimizer step.
