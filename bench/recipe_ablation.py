@@ -33,12 +33,17 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gender_tasks.augment import augment_batch, augment_params  # noqa: E402
+from gender_tasks.data.images import decode_resize, phash_of_bytes  # noqa: E402
+from gender_tasks.data.split import assign_splits  # noqa: E402
 from gender_tasks.evaluation.repeats import corrected_resampled_ttest  # noqa: E402
-from gender_tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model, uses_imagenet_normalisation  # noqa: E402
-from gender_tasks.near_duplicates import phash_of_bytes  # noqa: E402
-from gender_tasks.preprocess import decode_resize  # noqa: E402
-from gender_tasks.split import assign_splits  # noqa: E402
+from gender_tasks.models.network import build_model  # noqa: E402
+from gender_tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_model_spec  # noqa: E402
+from gender_tasks.training.augment import augment_batch, augment_params  # noqa: E402
+
+
+def uses_imagenet_normalisation(model: str) -> bool:
+    return get_model_spec(model).imagenet_normalised
+
 
 MODELS = ("cnn", "resnet50", "inceptionv3", "mobilenetv2")
 MIN_SIZE = {"cnn": 16, "resnet50": 32, "inceptionv3": 75, "mobilenetv2": 32}

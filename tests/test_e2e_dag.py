@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_dataset
 
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_dag_runs_end_to_end_and_reports_every_model(airflow_db, tmp_path):
+def test_dag_runs_end_to_end_with_repeats_an_ensemble_and_the_corrected_test(airflow_db, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState
 
@@ -22,7 +23,8 @@ def test_dag_runs_end_to_end_and_reports_every_model(airflow_db, tmp_path):
     source = write_dataset(tmp_path / "faces", 24)
     store = tmp_path / "store"
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["gender_classification"]
-    run = dag.test(run_conf={"source": str(source), "storage": str(store), "profile": "tiny", "epochs": 1})
+    run = dag.test(run_conf={"source": str(source), "storage": str(store), "profile": "tiny", "epochs": 1,
+                             "repeats": 3, "external_eval": [str(write_dataset(tmp_path / "ext", 4, seed=3))]})  # fmt: skip
     assert run.state == DagRunState.SUCCESS
 
     storage = LocalStorage(store)
@@ -30,16 +32,38 @@ def test_dag_runs_end_to_end_and_reports_every_model(airflow_db, tmp_path):
     html = storage.get_bytes(f"runs/{run_key}/report.html").decode()
     results = json.loads(storage.get_bytes(f"runs/{run_key}/results.json"))
     models = {row["model"]: row for row in results["table"]}
-    assert set(models) == {"cnn", "resnet50", "inceptionv3", "mobilenetv2"}
+    assert set(models) == {"cnn", "resnet50", "inceptionv3", "mobilenetv2", "ensemble"}
+    assert models["ensemble"]["paper"] is None  # the study had no ensemble: its column stays empty
+    repeats = results["repeats"]
+    assert repeats["repeats"] == 3 and repeats["seeds"] == [42, 43, 44]
     for name, row in models.items():
         assert f'data-model="{name}"' in html
         for metric in ("train_accuracy", "test_accuracy", "precision", "recall", "f1"):
             assert 0.0 <= row["ours"][metric] <= 1.0, (name, metric)
+            # Table 1's "ours" is the mean over the repeats, with its interval.
+            summary = repeats["summary"][name][metric]
+            assert row["ours"][metric] == summary["mean"] and summary["n"] == 3
+            assert summary["min"] <= summary["mean"] <= summary["max"]
+        per_repeat = [r[name]["test_accuracy"] for r in repeats["per_repeat"]]
+        assert repeats["summary"][name]["test_accuracy"]["std"] == pytest.approx(np.std(per_repeat, ddof=1))
+    assert sum(repeats["rank_first"].values()) == pytest.approx(3)
+    assert len(repeats["corrected_tests"]) == 10  # every pair of 4 models and the ensemble
+    assert all(t["df"] == 2 for t in repeats["corrected_tests"])
+    for section in ('id="repeats-summary"', 'id="rank-first"', 'id="corrected-tests"', "Nadeau", 'id="setup-data"'):
+        assert section in html, section
+    # Every repeat trained in its own folder, on its own split.
+    splits = {
+        json.loads(storage.get_bytes(f"{prefix}models/cnn/model_card.json"))["seed"]
+        for prefix in (f"runs/{run_key}/", f"runs/{run_key}/repeats/1/", f"runs/{run_key}/repeats/2/")
+    }
+    assert splits == {42, 43, 44}
+    assert storage.exists(f"runs/{run_key}/repeats/2/models/ensemble/model.ts")
+    assert set(results["external"][0]["models"]) == set(models)  # the ensemble too, from its export
     assert results["class_balance"]["totals"] == {"female": 24, "male": 24}
     assert results["validation"]["success"] is True
     # Mapped training tasks are named after their model in the UI.
     names = {ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "train"}
-    assert names == {"cnn", "resnet50", "inceptionv3", "mobilenetv2"}
+    assert names == {f"{m} #{r}" for m in ("cnn", "resnet50", "inceptionv3", "mobilenetv2") for r in range(3)}
 
 
 @pytest.mark.slow
