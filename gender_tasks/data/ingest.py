@@ -19,7 +19,8 @@ import hashlib
 import io
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..storage import Storage, put_many
 from .folders import IMAGE_SUFFIXES, IngestError, find_class_dirs
 from .images import phash_of_bytes
 from .manifest import MANIFEST_COLUMNS, write_manifest
+from .parallel import cpu_pool
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ SCAN_WORKERS = 8
 UPLOAD_WORKERS = 16
 PROGRESS_EVERY_S = 5.0
 PROBLEMS_SHOWN = 10
+# Images per decode job sent to a worker process, and the set size below which processes cost more
+# to start (each imports this module) than they save.
+DECODE_CHUNK = 256
+MIN_IMAGES_FOR_PROCESSES = 1024
 
 
 @dataclass
@@ -171,16 +177,36 @@ def compute_dataset_id(rows: list[dict]) -> str:
     return "ds-" + digest.hexdigest()[:16]
 
 
-def _load(item: _Scanned, decoded: dict[str, dict]) -> bytes:
-    """The file's bytes again, for upload, after decoding them into `decoded[sha256]`.
-
-    Refuses a file that changed since it was scanned: its key names the content it had then.
-    """
-    data = item.path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != item.row["sha256"]:
-        raise IngestError(f"{item.path} changed while it was being ingested; re-run once the source is stable")
-    decoded[item.row["sha256"]] = _decode(data)
+def _read_checked(path: Path, sha256: str) -> bytes:
+    """The file's bytes again; refuses a file that changed since it was scanned: its key names the
+    content it had then."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise IngestError(f"{path} changed while it was being ingested; re-run once the source is stable")
     return data
+
+
+def _decode_files(files: list[tuple[str, str]]) -> list[dict]:
+    """Runs in a worker process: decode and perceptually hash each (path, sha256)."""
+    return [_decode(_read_checked(Path(path), sha)) for path, sha in files]
+
+
+def _decode_all(decoder: Executor, items: list[_Scanned]) -> Callable[[], dict[str, dict]]:
+    """Queue every image's decoding on `decoder` (it overlaps the uploads); returns a function that
+    waits for it and gives {sha256: {decodable, error, phash}}, logging progress."""
+    chunks = [items[i : i + DECODE_CHUNK] for i in range(0, len(items), DECODE_CHUNK)]
+    jobs = [decoder.submit(_decode_files, [(str(s.path), s.row["sha256"]) for s in chunk]) for chunk in chunks]
+
+    def results() -> dict[str, dict]:
+        decoded: dict[str, dict] = {}
+        progress = _Progress("ingest: decoded", len(items))
+        for chunk, job in zip(chunks, jobs, strict=True):
+            for item, result in zip(chunk, job.result(), strict=True):
+                decoded[item.row["sha256"]] = result
+            progress.update(len(decoded), sum(s.row["bytes"] for s in chunk))
+        return decoded
+
+    return results
 
 
 def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
@@ -221,13 +247,16 @@ def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
     unique: dict[str, _Scanned] = {}
     for s in scanned:
         unique.setdefault(s.row["key"], s)  # identical images share one key
-    decoded: dict[str, dict] = {}
     upload_started = time.monotonic()
-    todo = [(key, functools.partial(_load, s, decoded)) for key, s in unique.items() if key not in present]
-    progress = _Progress(f"ingest {dataset_id}: uploaded", len(todo))
-    uploaded = put_many(storage, todo, workers=upload_workers, progress=progress.update)
-    with ThreadPoolExecutor(max_workers=SCAN_WORKERS) as pool:  # uploaded by an interrupted run: only decode
-        list(pool.map(lambda s: _load(s, decoded), [s for key, s in unique.items() if key in present]))
+    # Decoding and perceptual hashing (CPU, partly under the GIL) in one process per core; uploads
+    # (waiting on the network) on threads meanwhile. Images an interrupted run uploaded are only decoded.
+    with cpu_pool(len(unique), None, MIN_IMAGES_FOR_PROCESSES) as decoder:
+        wait_decoded = _decode_all(decoder, list(unique.values()))
+        todo = [(key, functools.partial(_read_checked, s.path, s.row["sha256"])) for key, s in unique.items()
+                if key not in present]  # fmt: skip
+        progress = _Progress(f"ingest {dataset_id}: uploaded", len(todo))
+        uploaded = put_many(storage, todo, workers=upload_workers, progress=progress.update)
+        decoded = wait_decoded()
     for row in rows:
         row.update(decoded[row["sha256"]])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
