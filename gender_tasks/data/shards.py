@@ -311,6 +311,7 @@ def iterate_batches(reader: ShardReader, rows: np.ndarray, labels: np.ndarray, b
     """(images uint8 NHWC, labels) torch batches of the split's cache `rows` in the seed's order:
     from one in-memory array when the split fits `memory_budget` bytes, else streamed from the
     shards through a DataLoader (`workers` processes, pinned memory if asked)."""
+    import torch
     from torch.utils.data import DataLoader
 
     if reader.nbytes(len(rows)) <= memory_budget:
@@ -318,4 +319,5 @@ def iterate_batches(reader: ShardReader, rows: np.ndarray, labels: np.ndarray, b
         return
     log.info("shards: %d images exceed the memory budget (%d MB): streaming batches", len(rows), memory_budget >> 20)
     dataset = ShardBatches(reader, rows, labels, batch_size, seed, epoch)
-    yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+    yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                          generator=torch.Generator())  # leaves torch's global generator (dropout's) alone

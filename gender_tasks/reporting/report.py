@@ -36,6 +36,8 @@ from ..storage import Storage
 log = logging.getLogger(__name__)
 
 SIGNIFICANCE = 0.05
+GROUPS_SHOWN = 20  # per attribute, the largest
+ROC_POINTS = 400  # vertices of a plotted ROC curve, whatever the test set's size
 
 
 def _label(model_name: str) -> str:
@@ -84,7 +86,8 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
     fig, ax = plt.subplots(figsize=(2.3, 2.2))
     if len(set(np.asarray(y_true).tolist())) == 2:
         fpr, tpr, _ = roc_curve(y_true, prob)
-        ax.plot(fpr, tpr)
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).round().astype(int))
+        ax.plot(fpr[keep], tpr[keep])  # thinned: the SVG's size does not grow with the test set
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test, male = positive)")
     roc = _svg(fig)
@@ -129,7 +132,9 @@ def _group_accuracy(test: pd.DataFrame, attributes: pd.DataFrame | None, min_n: 
                   for g, part in joined.groupby(col) if str(g) != ""]  # fmt: skip
         big = [g for g in groups if g["n"] >= min_n]
         gap = max(g["accuracy"] for g in big) - min(g["accuracy"] for g in big) if len(big) >= 2 else None
-        out.append({"attribute": col, "groups": sorted(groups, key=lambda g: -g["n"]), "largest_gap": gap})
+        # The largest groups only: an attribute with thousands of values (an id) must not make the page huge.
+        shown = sorted(groups, key=lambda g: -g["n"])[:GROUPS_SHOWN]
+        out.append({"attribute": col, "groups": shown, "group_count": len(groups), "largest_gap": gap})
     return out
 
 

@@ -82,8 +82,10 @@ class StreamedSplit:
         positions = np.arange(len(self)) if order is None else order.numpy()
         cut = [positions[start : start + batch_size] for start in range(0, len(self), batch_size)]
         dataset = ShardBatches(self.reader, self.rows, self.labels.numpy(), batches=cut)
+        # Its own generator: a DataLoader otherwise draws its workers' seed from torch's global one, which
+        # dropout draws from too, and the streamed model would train differently from the in-memory one.
         yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.workers,
-                              pin_memory=self.pin_memory)  # fmt: skip
+                              pin_memory=self.pin_memory, generator=torch.Generator())  # fmt: skip
 
     def subset(self, positions: np.ndarray) -> StreamedSplit:
         positions = np.asarray(positions, dtype=np.int64)
