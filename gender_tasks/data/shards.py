@@ -319,5 +319,6 @@ def iterate_batches(reader: ShardReader, rows: np.ndarray, labels: np.ndarray, b
         return
     log.info("shards: %d images exceed the memory budget (%d MB): streaming batches", len(rows), memory_budget >> 20)
     dataset = ShardBatches(reader, rows, labels, batch_size, seed, epoch)
+    # Its own generator: torch's global one (dropout's) is left alone.
     yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                          generator=torch.Generator())  # leaves torch's global generator (dropout's) alone
+                          generator=torch.Generator())  # fmt: skip
