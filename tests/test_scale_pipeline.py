@@ -10,7 +10,6 @@ import torch
 from conftest import write_dataset
 
 from gender_tasks import layout, pipeline
-from gender_tasks.data import ingest as ingest_mod
 from gender_tasks.data.images import decode_resize
 from gender_tasks.data.manifest import read_manifest
 from gender_tasks.data.shards import MEMORY_BUDGET_ENV, ShardReader, memory_budget
@@ -105,16 +104,3 @@ def test_memory_budget_setting(monkeypatch):
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "lots")
     with pytest.raises(PermanentError, match="GENDER_MEMORY_BUDGET_MB='lots'.*megabytes"):
         memory_budget()
-
-
-def test_ingest_decoding_in_worker_processes_gives_the_same_manifest(tmp_path, monkeypatch):
-    src = write_dataset(tmp_path / "faces", 6)
-    manifests = []
-    for name, threshold in (("threads", 10**9), ("processes", 0)):
-        monkeypatch.setattr(ingest_mod, "MIN_IMAGES_FOR_PROCESSES", threshold)
-        monkeypatch.setattr(ingest_mod, "DECODE_CHUNK", 5)
-        storage = open_storage(str(tmp_path / name))
-        summary = ingest_mod.ingest_folder(src, storage)
-        manifests.append(read_manifest(storage, layout.manifest_key(summary["dataset_id"])))
-    pd.testing.assert_frame_equal(manifests[0], manifests[1])
-    assert manifests[1]["phash"].str.len().eq(16).all()
