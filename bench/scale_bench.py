@@ -99,16 +99,18 @@ def _split_manifest(state: dict):
 def step_ingest(state: dict, workdir: Path) -> dict:
     from gender_tasks import pipeline
 
-    settings = pipeline.prepare({"source": str(workdir / "faces"), "storage": str(workdir / "store"), "min_rows": 10})
-    state["settings"] = settings
-    state["dataset"] = pipeline.ingest(settings)
+    state["run"] = pipeline.ingest(
+        pipeline.prepare({"source": str(workdir / "faces"), "storage": str(workdir / "store"), "min_rows": 10})
+    )
+    state["settings"], state["dataset"] = state["run"]["settings"], state["run"]["dataset"]
     return {"images": state["dataset"].get("images", "")}
 
 
 def step_split(state: dict, workdir: Path) -> dict:
     from gender_tasks import pipeline
 
-    state["split_info"] = pipeline.split(state["settings"], state["dataset"])
+    state["run"] = pipeline.split(state["run"])
+    state["split_info"] = state["run"]["split"]
     return {"counts": state["split_info"]["counts"]}
 
 
@@ -117,7 +119,7 @@ def step_validate(state: dict, workdir: Path) -> dict:
     from gender_tasks.data.validate import ValidationFailed
 
     try:
-        summary = pipeline.validate(state["settings"], state["split_info"])
+        summary = pipeline.validate(state["run"])["validation"]
         return {"passed": True, "near_duplicate_count": summary["near_duplicate_count"]}
     except ValidationFailed as exc:
         return {"passed": False, "failed": [f["says"] for f in exc.failures]}

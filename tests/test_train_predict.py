@@ -16,13 +16,10 @@ from gender_tasks.training.trainer import train_model
 @pytest.fixture
 def prepared(tmp_path):
     src = write_dataset(tmp_path / "faces", 20)
-    settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                                 "models": ["cnn", "mobilenetv2"], "min_rows": 10})  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    split_info = pipeline.split(settings, dataset)
-    pipeline.validate(settings, split_info)
-    pipeline.preprocess(settings, dataset, split_info)
-    return settings, dataset, split_info
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                            "models": ["cnn", "mobilenetv2"], "min_rows": 10})  # fmt: skip
+    run = pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+    return run
 
 
 def _manifest(settings, split_info):
@@ -32,10 +29,9 @@ def _manifest(settings, split_info):
 
 
 def test_training_writes_every_output(prepared):
-    settings, dataset, split_info = prepared
-    out = pipeline.train(settings, dataset, split_info, "cnn", "r1")
-    storage = open_storage(settings["storage"])
-    prefix = model_prefix("r1", "cnn")
+    out = pipeline.train(prepared, "cnn")
+    storage = open_storage(prepared["storage"])
+    prefix = model_prefix(prepared["run_key"], "cnn")
     for name in ("metrics.json", "history.json", "predictions.csv", "model.ts", "model_card.json", "checkpoint.pt"):
         assert storage.exists(f"{prefix}/{name}"), name
     metrics = json.loads(storage.get_bytes(f"{prefix}/metrics.json"))
@@ -48,7 +44,7 @@ class _Killed(Exception):
 
 
 def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatch):
-    settings, dataset, split_info = prepared
+    settings, dataset, split_info = prepared["settings"], prepared["dataset"], prepared["split"]
     storage = open_storage(settings["storage"])
     manifest = _manifest(settings, split_info)
     settings = Settings.from_dict(settings)
@@ -75,9 +71,9 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
 
 
 def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
-    settings, dataset, split_info = prepared
-    pipeline.train(settings, dataset, split_info, "cnn", "r3")
-    storage = open_storage(settings["storage"])
+    run = {**prepared, "run_key": "r3"}
+    pipeline.train(run, "cnn")
+    storage = open_storage(run["storage"])
     model_uri = storage.url(f"{model_prefix('r3', 'cnn')}/model.ts")
     images = write_dataset(tmp_path / "new", 4, seed=9)
     n = predict_folder(model_uri, images, tmp_path / "pred.csv")
@@ -85,3 +81,16 @@ def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
     assert n == 8 and len(table) == 8
     assert set(table["predicted"]) <= {"female", "male"}
     assert table["prob_male"].between(0, 1).all()
+
+
+def test_a_running_epoch_logs_its_progress(caplog):
+    from gender_tasks.training.loop import progress_logger
+
+    caplog.set_level("INFO", logger="gender_tasks.training.loop")
+    report = progress_logger("cnn epoch 1/12", every_s=0)
+    report(1024, 8000)
+    report(8000, 8000)  # the epoch's own summary line follows; no "100%" progress line
+    assert [r.getMessage() for r in caplog.records] == ["cnn epoch 1/12: 1,024/8,000 images (12%)"]
+    quiet = progress_logger("cnn epoch 2/12", every_s=3600)
+    quiet(16, 8000)
+    assert len(caplog.records) == 1

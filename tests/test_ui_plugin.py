@@ -48,19 +48,13 @@ def _request(port: int, method: str, path: str, token: str | None = None, body: 
 def finished_run(tmp_path_factory):
     """A real (tiny) run's report in a storage folder."""
     from gender_tasks import pipeline
-    from gender_tasks.layout import run_key_for
 
     tmp = tmp_path_factory.mktemp("ui")
     src = write_dataset(tmp / "faces", 12)
-    settings = pipeline.prepare({"source": str(src), "storage": str(tmp / "store"), "profile": "tiny",
-                                 "models": ["cnn"], "epochs": 1, "label_audit": False})  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    split_info = pipeline.split(settings, dataset)
-    validation = pipeline.validate(settings, split_info)
-    pipeline.preprocess(settings, dataset, split_info)
-    run_key = run_key_for(RUN_ID)
-    pipeline.train(settings, dataset, split_info, "cnn", run_key)
-    pipeline.report(settings, dataset, split_info, validation, run_key, run_id=RUN_ID)
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp / "store"), "profile": "tiny",
+                            "models": ["cnn"], "epochs": 1, "label_audit": False}, run_id=RUN_ID)  # fmt: skip
+    run = pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+    pipeline.report(run, [pipeline.train(run, "cnn")])
     (tmp / "store" / "secret.txt").write_text("not a report")
     return tmp / "store"
 

@@ -6,6 +6,10 @@ checkpoints and outputs around it; the label audit uses `fit_predict`.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,9 @@ from .batches import Inputs, SplitData
 from .devices import make_autocast, pick_device
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
+PROGRESS_EVERY_S = 30.0  # how often a running epoch logs how far it is
+
+log = logging.getLogger(__name__)
 
 
 def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,10 +50,12 @@ def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autoc
 
 
 def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, optimizer, gen: torch.Generator,
-                    batch_size: int, autocast, *, frozen: bool = False) -> tuple[float, float]:  # fmt: skip
+                    batch_size: int, autocast, *, frozen: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:  # fmt: skip
     """One pass over `data` in the order and with the augmentation that `gen` draws.
 
     Returns the summed loss and the number of correct predictions (running, on augmented batches).
+    `progress(images_done, images)`, if given, is called after every batch (see `progress_logger`).
     """
     set_train_mode(model_name, model, frozen)
     n = len(data.labels)
@@ -69,9 +78,26 @@ def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, opt
         optimizer.step()
         loss_sum += float(loss.detach()) * len(idx)
         correct += float(((logits.detach() >= 0).float() == y).sum())
+        if progress is not None:
+            progress(start + len(idx), n)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize()
     return loss_sum, correct
+
+
+def progress_logger(label: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int], None]:
+    """A `progress` callback that logs "<label>: 1,024/8,000 images (13%)" at most every `every_s` seconds,
+    so a long epoch (minutes on the paper profile) shows it is moving; short epochs log nothing."""
+    last = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s and done < total:
+            last = now
+            log.info("%s: %s/%s images (%d%%)", label, f"{done:,}", f"{total:,}", 100 * done // max(total, 1))
+
+    return report
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
