@@ -108,19 +108,8 @@ def create_app():
 
     @app.get("/runs/{run_id:path}", response_class=HTMLResponse, dependencies=[can_read_runs])
     def report(run_id: str) -> HTMLResponse:
-        run = find_run(run_id)
-        if run is None:
-            return html(access.not_found_page(run_id), 404)
-        try:
-            return html(access.read_report(run.run_id, run.storage_uri, run.run_key))
-        except access.ReportNotFound:
-            pass
-        # The run exists: a page that says where it stands (200), not an error.
-        if run.state == "failed" or run.failed_tasks:
-            return html(access.failed_page(run))
-        if run.state == "success":  # finished, but its report is gone (its storage was cleaned up)
-            return html(access.not_found_page(run_id), 404)
-        return html(access.not_ready_page(run))
+        status, body = access.answer(run_id, find_run(run_id))
+        return html(body, status)
 
     @app.get("/", response_class=HTMLResponse, dependencies=[can_read_runs])
     def index() -> HTMLResponse:

@@ -74,8 +74,13 @@ def test_dag_runs_on_s3_storage_and_a_second_run_uploads_nothing(airflow_db, tmp
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["gender_classification"]
     first = dag.test(run_conf=conf)
     assert first.state == DagRunState.SUCCESS
+    # Switched-off steps end skipped, not green, and the report lists no time for them.
+    states = {ti.task_id: ti.state for ti in first.get_task_instances()}
+    assert states["label_audit"] == "skipped" and states["evaluate_external"] == "skipped"
+    assert states["report"] == "success"
     storage = S3Storage(s3_bucket, "pipeline")
     results = json.loads(storage.get_bytes(f"runs/{run_key_for(first.run_id)}/results.json"))
+    assert "label audit" not in results["task_durations"] and "train cnn" in results["task_durations"]
     dataset_id = results["dataset"]["dataset_id"]
     images = [k for k in storage.list(f"datasets/{dataset_id}/images/")]
     assert len(images) == 32 and results["dataset"]["uploaded"] == 32

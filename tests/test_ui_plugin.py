@@ -199,3 +199,74 @@ def test_browser_loads_the_report_through_the_plugin(api_server, token, tmp_path
         assert "table1-data" not in driver.page_source
     finally:
         driver.quit()
+
+
+# --- every state of the report tab ------------------------------------------------------------------
+
+
+def _view(state: str, **kw):
+    from gender_tasks.reporting.access import RunView
+
+    return RunView(run_id="manual__2026-02-02T00:00:00+00:00", state=state, **kw)
+
+
+def test_a_queued_or_running_run_says_it_is_not_ready_with_its_state(tmp_path):
+    from gender_tasks.reporting.access import answer
+
+    for state in ("queued", "running"):
+        status, body = answer("x", _view(state, record={"storage": str(tmp_path), "run_key": "r"}))
+        assert status == 200 and "Report not ready yet" in body and f">{state}<" in body
+
+
+def test_a_failed_run_names_the_failed_task(tmp_path):
+    from gender_tasks.reporting.access import answer
+
+    status, body = answer("x", _view("failed", failed_tasks=["validate"], record={"storage": str(tmp_path)}))
+    assert status == 200 and "the run failed" in body and "<code>validate</code>" in body
+
+
+def test_a_report_is_read_from_the_storage_the_run_recorded(finished_run, tmp_path):
+    """A run on a second storage folder: the record, not the API server's default, says where."""
+    from gender_tasks.layout import run_key_for
+    from gender_tasks.reporting.access import answer
+
+    record = {"storage": str(finished_run), "run_key": run_key_for(RUN_ID)}
+    status, body = answer(RUN_ID, _view("success", record=record))
+    assert status == 200 and 'id="table1-data"' in body
+    status, body = answer(RUN_ID, _view("success", record={"storage": str(tmp_path), "run_key": "gone"}))
+    assert status == 404 and "Report not found" in body
+
+
+@pytest.mark.slow
+def test_a_300_character_run_id_is_not_found_not_a_server_error(api_server, token):
+    status, body = _request(api_server, "GET", "/gender-reports/runs/" + "a" * 300, token)
+    assert status == 404 and b"Report not found" in body
+
+
+@pytest.mark.slow
+def test_pages_carry_the_strict_csp(api_server, token):
+    from urllib.parse import quote
+
+    conn = http.client.HTTPConnection("127.0.0.1", api_server, timeout=30)
+    for path in (f"/gender-reports/runs/{quote(RUN_ID, safe='')}", "/gender-reports/runs/nope", "/gender-reports/"):
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        resp.read()
+        csp = resp.getheader("Content-Security-Policy")
+        for directive in ("default-src 'none'", "style-src 'unsafe-inline'", "img-src data:", "form-action 'none'",
+                          "base-uri 'none'", "frame-ancestors 'self'", "sandbox"):  # fmt: skip
+            assert directive in csp, (path, csp)
+        assert "script-src" not in csp  # default-src 'none' covers scripts
+    conn.close()
+
+
+@pytest.mark.slow
+def test_a_browser_without_a_session_is_sent_to_the_login_page(api_server):
+    conn = http.client.HTTPConnection("127.0.0.1", api_server, timeout=30)
+    conn.request("GET", "/gender-reports/runs/x", headers={"Accept": "text/html,application/xhtml+xml"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 303
+    assert resp.getheader("Location").startswith("/auth/login?next=")
+    assert "gender-reports%2Fruns%2Fx" in resp.getheader("Location")

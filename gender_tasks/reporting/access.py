@@ -82,6 +82,25 @@ def read_results(run: RunView) -> dict | None:
         return None
 
 
+def answer(run_id: str, run: RunView | None) -> tuple[int, str]:
+    """The report tab's answer (HTTP status, page) for a run as found in Airflow's database (None: no such
+    run there, e.g. a database reset since: its report is looked for in the default storage)."""
+    try:
+        if run is None:
+            return 200, read_report(run_id)
+        return 200, read_report(run.run_id, run.storage_uri, run.run_key)
+    except ReportNotFound:
+        pass
+    if run is None:
+        return 404, not_found_page(run_id)
+    # The run exists: a page that says where it stands (200), not an error.
+    if run.state == "failed" or run.failed_tasks:
+        return 200, failed_page(run)
+    if run.state == "success":  # finished, but its report is gone (its storage was cleaned up)
+        return 404, not_found_page(run_id)
+    return 200, not_ready_page(run)
+
+
 def list_reports(storage_uri: str | None = None) -> list[str]:
     return layout.report_run_keys(open_storage(storage_uri).list(f"{layout.RUNS}/"))
 
