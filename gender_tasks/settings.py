@@ -64,6 +64,13 @@ def _form(title: str, description: str = "", **schema) -> dict:
     return {"form": {"title": title, **({"description": description} if description else {}), **schema}}
 
 
+def _range(minimum: int, maximum: int | None = None) -> dict:
+    """Bounds the server validates but Airflow's form does not clamp: its number box reads a top-level
+    `minimum`/`maximum` and silently moves 0 to 1 on blur, so the bounds sit one level down (`allOf`),
+    where JSON-schema validation still applies them and the refusal names the field and the bound."""
+    return {"allOf": [{"minimum": minimum, **({"maximum": maximum} if maximum is not None else {})}]}
+
+
 def default_source() -> str:
     return os.environ.get("GENDER_SOURCE") or KAGGLE_DATASET
 
@@ -91,15 +98,15 @@ class RunConfig:
         type="array", items={"type": "string"}, minItems=1, uniqueItems=True))  # fmt: skip
     epochs: int | None = field(default=None, metadata=_form(
         "Epochs", "Overrides the profile's epochs for every model (empty: the profile's).",
-        type=["null", "integer"], minimum=1, maximum=500))  # fmt: skip
+        type=["null", "integer"], **_range(1, 500)))  # fmt: skip
     image_size: int | None = field(default=None, metadata=_form(
         "Image size (px)", "Overrides the profile's input size (InceptionV3 never below 75).",
-        type=["null", "integer"], minimum=16, maximum=512))  # fmt: skip
+        type=["null", "integer"], **_range(16, 512)))  # fmt: skip
     weights: str | None = field(default=None, metadata=_form(
         "Pretrained weights", "none, imagenet, or a folder / s3:// prefix holding <model>.pth (empty: the profile's).",
         type=["null", "string"], pattern=NOT_BLANK))  # fmt: skip
     seed: int = field(default=42, metadata=_form(
-        "Seed", "For the split, initialisation and augmentation.", type="integer", minimum=0))  # fmt: skip
+        "Seed", "For the split, initialisation and augmentation.", type="integer", **_range(0)))  # fmt: skip
     split: tuple[float, float, float] = (0.70, 0.15, 0.15)
     min_rows: int = 10
     max_rows: int = 1_000_000
@@ -175,7 +182,8 @@ def check_form_limits(config: RunConfig) -> None:
 
 def _form_hint(name: str) -> str:
     spec = form_fields()[name]
-    bounds = [f"{k} {spec[k]}" for k in ("minimum", "maximum") if k in spec]
+    limits = {k: v for part in spec.get("allOf", []) for k, v in part.items()}
+    bounds = [f"{k} {limits[k]}" for k in ("minimum", "maximum") if k in limits]
     if "enum" in spec.get("items", {}):
         return f"choose from {spec['items']['enum']}"
     if "enum" in spec:

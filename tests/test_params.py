@@ -112,3 +112,12 @@ def test_the_server_names_the_field_it_refuses(dag):
     with pytest.raises(ParamValidationError, match=r"Invalid input for param epochs: 0 is less than the minimum of 1"):
         params.update({"epochs": 0})
         params.validate()
+
+
+def test_number_bounds_are_where_the_form_cannot_clamp_them(dag):
+    """Airflow's number box clamps to a top-level minimum/maximum on blur (0 became 1, silently): the
+    bounds live under allOf, where the server still validates them and names the field."""
+    for name in ("epochs", "image_size", "seed"):
+        schema = dag.params.get_param(name).schema
+        assert "minimum" not in schema and "maximum" not in schema, name
+        assert "minimum" in schema["allOf"][0], name

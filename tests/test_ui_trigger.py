@@ -278,6 +278,8 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     _type(browser, "element_source", str(faces))
     epochs = _field(browser, "Epochs")
     epochs.send_keys("0")
+    _field(browser, "Seed").click()  # leave the box: the form must not move 0 to 1
+    assert epochs.get_attribute("value") == "0"
     _submit(browser)
     _until(browser, "the epochs refusal", lambda d: "epochs" in d.find_element(By.TAG_NAME, "body").text
            and "minimum of 1" in d.find_element(By.TAG_NAME, "body").text)  # fmt: skip
