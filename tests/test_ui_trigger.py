@@ -3,7 +3,8 @@
 A real Airflow (API server, DAG processor, scheduler with the LocalExecutor, SQLite) and headless
 Chromium driving Airflow's own UI. The run's storage is not the API server's default storage, so the
 report tab proves the plugin finds a run's report through the run's record. Wrong values (epochs 0, an
-unknown model) are refused by the form with a message naming the field.
+unknown model) are refused before any run exists: epochs 0 with the server's message naming the field,
+shown in the dialog; an unknown model cannot be picked, and the API refuses one sent anyway, naming it.
 """
 
 from __future__ import annotations
@@ -271,8 +272,8 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     _until(browser, "the login redirect", lambda d: "/auth/login" in d.current_url)
     _log_in(browser, base, airflow_ui["password"])
 
-    # Refused before a run exists, with the field named: epochs 0, then an unknown model (the
-    # multi-select offers only the registered models, so it is typed into the JSON configuration).
+    # Refused before a run exists, with the field named: epochs 0 (the dialog shows the server's
+    # "Invalid input for param epochs"), then an unknown model, which the multi-select cannot even hold.
     _open_trigger(browser, base)
     browser.save_screenshot(str(shots / "trigger-form-defaults.png"))
     _type(browser, "element_source", str(faces))
@@ -315,7 +316,10 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     assert stack.wait("the run to finish", finished, RUN_TIMEOUT_S) == "success"
 
     # The run's Comparison report tab shows Table 1 (from the run's own storage).
-    browser.get(f"{base}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/comparison-report")
+    browser.get(f"{base}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}")
+    tab = _until(browser, "the Comparison report tab", lambda d: d.find_element(
+        By.XPATH, "//*[self::a or self::button][normalize-space(.)='Comparison report']"))  # fmt: skip
+    tab.click()
     frame = _until(browser, "the report frame", lambda d: d.find_element(By.TAG_NAME, "iframe"))
     browser.switch_to.frame(frame)
     table = _until(browser, "Table 1", lambda d: d.find_element(By.ID, "table1-data"))
