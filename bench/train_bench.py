@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gender_tasks import pipeline
+from gender_tasks import layout, pipeline
 from gender_tasks.data.manifest import read_manifest
-from gender_tasks.data.preprocess import load_cache
+from gender_tasks.data.shards import ShardReader, memory_budget
 from gender_tasks.models.network import set_backbone_frozen
 from gender_tasks.settings import Settings
 from gender_tasks.storage import open_storage
-from gender_tasks.training.batches import split_data
+from gender_tasks.training.batches import load_splits
 from gender_tasks.training.devices import configure_threads, make_autocast, pick_device
 from gender_tasks.training.loop import setup_model, train_one_epoch
 
@@ -126,8 +126,8 @@ def main() -> int:
     worst = None
     for name in settings.models:
         size, batch = settings.per_model[name].image_size, settings.batch_size
-        images, index = load_cache(storage, dataset["dataset_id"], size)
-        train = split_data(manifest, images, index, "train")
+        reader = ShardReader(storage, layout.cache_prefix(dataset["dataset_id"], size))
+        train = load_splits(manifest, reader, ("train",), memory_budget())["train"]
         steps = max(len(train.labels) // batch, 1)
         pipe, bare = [], []
         for r in range(args.rounds):

@@ -1,16 +1,44 @@
-"""A split's images as tensors, and the step that turns a uint8 batch into the model's input."""
+"""A split's images as tensors, and the step that turns a uint8 batch into the model's input.
+
+A split comes from the sharded cache (data.shards) one of two ways, with the same interface
+(`labels`, `keys`, `len`, `batches(order, batch_size)`, `subset(positions)`):
+
+- `SplitData`: its images in one in-memory uint8 tensor, when the task's splits fit the memory
+  budget (GENDER_MEMORY_BUDGET_MB): the fast path, what every dataset of the study's size takes;
+- `StreamedSplit`: only the cache rows; each batch is gathered from the memory-mapped shards by a
+  DataLoader worker, so the task's memory does not grow with the dataset.
+
+Both yield the same images in the same order for the same `order`, so a seed trains the same
+model whichever path the budget picks.
+"""
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..data.shards import ShardBatches, ShardReader
 from ..evaluation.metrics import encode_labels
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, get_model_spec
 from .augment import augment_batch
+
+log = logging.getLogger(__name__)
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _cut(order: torch.Tensor | None, n: int, batch_size: int) -> list:
+    """Positions of each batch: `order` cut into batch_size pieces; None: slices in stored order."""
+    if order is None:
+        return [slice(start, start + batch_size) for start in range(0, n, batch_size)]
+    return [order[start : start + batch_size] for start in range(0, n, batch_size)]
 
 
 @dataclass
@@ -22,16 +50,88 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batches(self, order: torch.Tensor | None, batch_size: int) -> Batches:
+        """(uint8 NHWC images, labels) batches in `order` (None: stored order, as views)."""
+        for idx in _cut(order, len(self), batch_size):
+            yield self.images[idx], self.labels[idx]
 
-def split_data(manifest: pd.DataFrame, images: np.ndarray, index: dict[str, int], split: str) -> SplitData:
-    """The rows of `split` (one per distinct image) gathered from the preprocessed cache."""
-    rows = manifest[manifest["split"] == split].drop_duplicates("sha256")
-    idx = np.fromiter((index[s] for s in rows["sha256"]), dtype=np.int64, count=len(rows))
-    return SplitData(
-        images=torch.from_numpy(images[idx]),
-        labels=torch.from_numpy(encode_labels(rows["label"]).astype(np.float32)),
-        keys=rows["key"].tolist(),
-    )
+    def subset(self, positions: np.ndarray) -> SplitData:
+        idx = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        return SplitData(self.images[idx], self.labels[idx], [self.keys[i] for i in positions])
+
+
+@dataclass
+class StreamedSplit:
+    """A split read batch by batch from the shards: its rows in the cache, labels and keys only."""
+
+    reader: ShardReader
+    rows: np.ndarray  # each image's row in the cache, in split order
+    labels: torch.Tensor  # float 0/1
+    keys: list[str]
+    workers: int = 1
+    pin_memory: bool = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: torch.Tensor | None, batch_size: int) -> Batches:
+        """The same batches as SplitData.batches, gathered from the shards by DataLoader workers
+        (reading the next batches while the model trains on this one)."""
+        from torch.utils.data import DataLoader
+
+        positions = np.arange(len(self)) if order is None else order.numpy()
+        cut = [positions[start : start + batch_size] for start in range(0, len(self), batch_size)]
+        dataset = ShardBatches(self.reader, self.rows, self.labels.numpy(), batches=cut)
+        # Its own generator: a DataLoader otherwise draws its workers' seed from torch's global one, which
+        # dropout draws from too, and the streamed model would train differently from the in-memory one.
+        yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.workers,
+                              pin_memory=self.pin_memory, generator=torch.Generator())  # fmt: skip
+
+    def subset(self, positions: np.ndarray) -> StreamedSplit:
+        positions = np.asarray(positions, dtype=np.int64)
+        return StreamedSplit(self.reader, self.rows[positions], self.labels[torch.from_numpy(positions)],
+                             [self.keys[i] for i in positions], self.workers, self.pin_memory)  # fmt: skip
+
+
+Split = SplitData | StreamedSplit
+
+
+def _loader_workers() -> int:
+    """One reader process beside training where there is a core to spare; none inside a daemonic
+    process (a Celery prefork child), which may not start children."""
+    if multiprocessing.current_process().daemon or (os.cpu_count() or 1) < 2:
+        return 0
+    return 1
+
+
+def rows_data(rows: pd.DataFrame, reader: ShardReader, *, stream: bool, device: torch.device | None = None,
+              ) -> Split:  # fmt: skip
+    """`rows` (manifest rows, one per distinct image) in memory, or streamed from the shards."""
+    positions = reader.indices_of(rows["sha256"])
+    labels = torch.from_numpy(encode_labels(rows["label"]).astype(np.float32))
+    keys = rows["key"].tolist()
+    if stream:
+        pin = device is not None and device.type == "cuda"
+        return StreamedSplit(reader, positions, labels, keys, _loader_workers(), pin)
+    # keep_mapped=False: once copied, the shards' pages leave this process's resident memory.
+    return SplitData(torch.from_numpy(reader.take(positions, keep_mapped=False)), labels, keys)
+
+
+def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of `split`, one per distinct image."""
+    return manifest[manifest["split"] == split].drop_duplicates("sha256")
+
+
+def load_splits(manifest: pd.DataFrame, reader: ShardReader, splits: tuple[str, ...], budget: int,
+                device: torch.device | None = None) -> dict[str, Split]:  # fmt: skip
+    """Every split in memory when all of them fit `budget` bytes together, else every one streamed."""
+    rows = {s: split_rows(manifest, s) for s in splits}
+    needed = reader.nbytes(sum(len(r) for r in rows.values()))
+    stream = needed > budget
+    log.info("%d images (%d MB decoded) %s the memory budget of %d MB: %s", sum(len(r) for r in rows.values()),
+             needed >> 20, "exceed" if stream else "fit", budget >> 20,
+             "streaming batches from the shards" if stream else "in memory")  # fmt: skip
+    return {s: rows_data(r, reader, stream=stream, device=device) for s, r in rows.items()}
 
 
 class Inputs:

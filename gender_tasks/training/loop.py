@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..models.network import build_model, set_backbone_frozen, set_train_mode
 from ..settings import Settings, TrainPlan
 from .augment import augment_params
-from .batches import Inputs, SplitData
+from .batches import Inputs, Split
 from .devices import make_autocast, pick_device
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
@@ -33,13 +33,13 @@ def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.inference_mode()
-def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autocast) -> tuple[np.ndarray, float]:
+def predict_proba(model, data: Split, inputs: Inputs, batch_size: int, autocast) -> tuple[np.ndarray, float]:
     """P(male) for every image of `data`, and the mean BCE loss."""
     model.eval()
     probs, loss_sum = [], 0.0
-    for start in range(0, len(data.labels), batch_size):
-        x = inputs(data.images[start : start + batch_size])
-        y = data.labels[start : start + batch_size].to(inputs.device)
+    for xb, yb in data.batches(None, batch_size):
+        x = inputs(xb)
+        y = yb.to(inputs.device)
         with autocast():
             logits, _ = _logits(model(x))
         logits = logits.float()
@@ -49,7 +49,7 @@ def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autoc
     return (torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)), loss_sum / n
 
 
-def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, optimizer, gen: torch.Generator,
+def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimizer, gen: torch.Generator,
                     batch_size: int, autocast, *, frozen: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:  # fmt: skip
     """One pass over `data` in the order and with the augmentation that `gen` draws.
@@ -61,12 +61,13 @@ def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, opt
     n = len(data.labels)
     order = torch.randperm(n, generator=gen)
     loss_sum = correct = 0.0
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) < 2 and n >= 2:
+    done = 0  # images through, for `progress`
+    # In memory or streamed from the shards (batches.StreamedSplit): the same batches for the same order.
+    for xb, yb in data.batches(order, batch_size):
+        if len(yb) < 2 and n >= 2:
             continue  # batch norm cannot train on a batch of one
-        x = inputs(data.images[idx], augment_params(len(idx), gen))
-        y = data.labels[idx].to(inputs.device)
+        x = inputs(xb, augment_params(len(yb), gen))
+        y = yb.to(inputs.device)
         with autocast():
             logits, aux = _logits(model(x))
             logits = logits.float()
@@ -76,10 +77,11 @@ def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss.detach()) * len(idx)
+        loss_sum += float(loss.detach()) * len(yb)
         correct += float(((logits.detach() >= 0).float() == y).sum())
+        done += len(yb)
         if progress is not None:
-            progress(start + len(idx), n)
+            progress(done, n)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize()
     return loss_sum, correct
@@ -117,7 +119,7 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
     return model, Inputs(model_name, device, channels_last=is_cuda)
 
 
-def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: SplitData, predict: SplitData,
+def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: Split, predict: Split,
                 seed: int) -> np.ndarray:  # fmt: skip
     """Train a fresh model on `train` for the plan's epochs (no checkpoints, no validation) and return
     P(male) for `predict`: the building block of out-of-fold predictions."""
