@@ -34,23 +34,32 @@ def store(tmp_path):
     model_a, model_b = layout.trained_prefix("A", "cnn", "ka"), layout.trained_prefix("B", "cnn", "kb")
     objects = {
         # dataset A: committed, a2 is an orphan; its keyed model only the old run used, exported with a checkpoint left
-        a1: b"a1", a2: b"orphan", layout.manifest_key("A"): _manifest(a1),
-        f"{model_a}/model.ts": b"m" * 100, f"{model_a}/model_card.json": b"{}", f"{model_a}/checkpoint.pt": b"c" * 50,
+        a1: b"a1",
+        a2: b"orphan",
+        layout.manifest_key("A"): _manifest(a1),
+        f"{model_a}/model.ts": b"m" * 100,
+        f"{model_a}/model_card.json": b"{}",
+        f"{model_a}/checkpoint.pt": b"c" * 50,
         # dataset B: used by the new run; an unfinished training's checkpoint, stale and fresh
-        b1: b"b1", layout.manifest_key("B"): _manifest(b1), layout.cache_key("B", 32): b"cache",
-        f"{model_b}/model.ts": b"m" * 100, f"{model_b}/model_card.json": b"{}",
+        b1: b"b1",
+        layout.manifest_key("B"): _manifest(b1),
+        layout.cache_key("B", 32): b"cache",
+        f"{model_b}/model.ts": b"m" * 100,
+        f"{model_b}/model_card.json": b"{}",
         layout.trained_file_key("B", "resnet50", "stale", "checkpoint.pt"): b"s" * 70,
         layout.trained_file_key("B", "resnet50", "fresh", "checkpoint.pt"): b"f" * 70,
         layout.audit_result_key("B", "unused"): b"audit",
         # C: images uploaded, manifest never written; D: deleted, its cache left
-        layout.image_key("C", "male", "c1", "x.jpg"): b"c1", layout.cache_key("D", 64): b"d" * 30,
+        layout.image_key("C", "male", "c1", "x.jpg"): b"c1",
+        layout.cache_key("D", 64): b"d" * 30,
         # runs
         layout.results_key("old"): json.dumps({"dataset": {"dataset_id": "A"}}).encode(),
         layout.model_file_key("old", "cnn", "trained.json"): json.dumps({"trained": model_a}).encode(),
         layout.results_key("new"): json.dumps({"dataset": {"dataset_id": "B"}}).encode(),
         layout.model_file_key("new", "cnn", "model.ts"): b"m" * 100,
-        layout.model_file_key("new", "cnn", "trained.json"): json.dumps({"trained": model_b, "inputs": {
-            "dataset_id": "B"}}).encode(),  # fmt: skip
+        layout.model_file_key("new", "cnn", "trained.json"): json.dumps(
+            {"trained": model_b, "inputs": {"dataset_id": "B"}}
+        ).encode(),  # fmt: skip
         layout.model_file_key("new", "cnn", "checkpoint.pt"): b"legacy",
     }
     for key, data in objects.items():
