@@ -153,7 +153,8 @@ def form_fields() -> dict[str, dict]:
 # setting retrains by default instead of silently reusing a model trained without it.
 NOT_TRAINING_FIELDS = frozenset({
     "source", "storage", "models", "epochs", "image_size", "per_model",
-    "min_rows", "max_rows", "min_class_share", "min_image_side", "max_image_pixels",
+    "min_rows", "max_rows", "min_class_share", "min_image_side", "max_image_pixels", "max_file_bytes",
+    "max_source_bytes",
     "near_duplicate_distance", "near_duplicates_fatal", "external_eval",
     "label_audit", "label_audit_folds", "label_audit_model", "label_audit_spec",
 })  # fmt: skip
