@@ -65,7 +65,15 @@ def test_streamed_and_in_memory_splits_give_identical_batches(prepared):
     assert torch.equal(next(sub_a.batches(None, 8))[0], next(sub_b.batches(None, 8))[0])
 
 
+def _forget_trained(storage, dataset_id: str) -> None:
+    """Delete the keyed models and audits, so that the next call trains again instead of reusing them."""
+    for prefix in (f"{layout.dataset_prefix(dataset_id)}/models/", f"{layout.dataset_prefix(dataset_id)}/label_audit/"):
+        for key in storage.list(prefix):
+            storage.delete(key)
+
+
 def _train_outputs(run, storage, run_key):
+    _forget_trained(storage, run["dataset"]["dataset_id"])
     pipeline.train({**run, "run_key": run_key}, "cnn")
     read = lambda name: storage.get_bytes(layout.model_file_key(run_key, "cnn", name))  # noqa: E731
     return pd.read_csv(io.BytesIO(read("predictions.csv"))), read("history.json")
@@ -78,7 +86,7 @@ def test_training_streamed_from_the_shards_equals_training_in_memory(prepared, m
     assert "fit the memory budget" in caplog.text
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "0")
     preds_stream, history_stream = _train_outputs(run, storage, "streamed")
-    assert "streaming batches from the shards" in caplog.text
+    assert "streaming batches from the shards" in caplog.text and "reusing" not in caplog.text
     pd.testing.assert_frame_equal(preds_mem, preds_stream)  # same batches, same weights: same probabilities
     import json
 
@@ -91,7 +99,9 @@ def test_label_audit_streamed_equals_in_memory(prepared, monkeypatch):
     tables = []
     for run_key, budget in (("a", "2048"), ("b", "0")):
         monkeypatch.setenv(MEMORY_BUDGET_ENV, budget)
-        pipeline.label_audit({**run, "run_key": run_key})
+        _forget_trained(storage, run["dataset"]["dataset_id"])
+        summary = pipeline.label_audit({**run, "run_key": run_key})
+        assert summary["reused"] is False
         tables.append(pd.read_csv(io.BytesIO(storage.get_bytes(layout.label_audit_key(run_key)))))
     pd.testing.assert_frame_equal(tables[0], tables[1])
     assert tables[0]["prob_male"].notna().all()
