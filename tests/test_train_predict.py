@@ -6,7 +6,7 @@ from conftest import write_dataset
 
 from gender_tasks import pipeline
 from gender_tasks.evaluation.predict import predict_folder
-from gender_tasks.layout import model_prefix
+from gender_tasks.layout import model_prefix, trained_prefix
 from gender_tasks.settings import Settings, TrainPlan
 from gender_tasks.storage import open_storage
 from gender_tasks.training import trainer
@@ -16,13 +16,10 @@ from gender_tasks.training.trainer import train_model
 @pytest.fixture
 def prepared(tmp_path):
     src = write_dataset(tmp_path / "faces", 20)
-    settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                                 "models": ["cnn", "mobilenetv2"], "min_rows": 10})  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    split_info = pipeline.split(settings, dataset)
-    pipeline.validate(settings, split_info)
-    pipeline.preprocess(settings, dataset, split_info)
-    return settings, dataset, split_info
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                            "models": ["cnn", "mobilenetv2"], "min_rows": 10})  # fmt: skip
+    run = pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+    return run
 
 
 def _manifest(settings, split_info):
@@ -31,16 +28,40 @@ def _manifest(settings, split_info):
     return read_manifest(open_storage(settings["storage"]), split_info["split_key"])
 
 
-def test_training_writes_every_output(prepared):
-    settings, dataset, split_info = prepared
-    out = pipeline.train(settings, dataset, split_info, "cnn", "r1")
-    storage = open_storage(settings["storage"])
-    prefix = model_prefix("r1", "cnn")
-    for name in ("metrics.json", "history.json", "predictions.csv", "model.ts", "model_card.json", "checkpoint.pt"):
+def test_training_writes_every_output_and_removes_its_checkpoint(prepared):
+    dataset = prepared["dataset"]
+    out = pipeline.train(prepared, "cnn")
+    storage = open_storage(prepared["storage"])
+    prefix = model_prefix(prepared["run_key"], "cnn")
+    keyed = trained_prefix(dataset["dataset_id"], "cnn", out["train_key"])
+    for name in ("metrics.json", "history.json", "predictions.csv", "model.ts", "model_card.json"):
         assert storage.exists(f"{prefix}/{name}"), name
+        assert storage.get_bytes(f"{prefix}/{name}") == storage.get_bytes(f"{keyed}/{name}"), name
     metrics = json.loads(storage.get_bytes(f"{prefix}/metrics.json"))
     assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["epochs"] == 2
-    assert out["seconds"] > 0
+    assert out["seconds"] > 0 and out["reused"] is False
+    record = json.loads(storage.get_bytes(f"{prefix}/trained.json"))
+    assert record["trained"] == keyed and record["inputs"]["dataset_id"] == dataset["dataset_id"]
+    # Exported: no checkpoint is left, neither keyed nor in the run.
+    assert [k for k in storage.list("") if k.endswith("checkpoint.pt")] == []
+
+
+def test_a_second_run_with_the_same_inputs_reuses_the_model_and_a_changed_setting_retrains(prepared, caplog):
+    run, settings = prepared, prepared["settings"]
+    first = pipeline.train({**run, "run_key": "ra"}, "cnn")
+    caplog.set_level("INFO")
+    # Settings that do not change training (the source's spelling, checks, other models) keep the key.
+    same = {**settings, "source": settings["source"] + "/", "min_rows": 5, "models": ["cnn"]}
+    second = pipeline.train({**run, "settings": same, "run_key": "rb"}, "cnn")
+    assert second["reused"] is True and second["train_key"] == first["train_key"]
+    assert "cnn: reusing the model trained with the same inputs" in caplog.text
+    assert "cnn epoch 1/2" not in caplog.text  # nothing was trained
+    storage = open_storage(settings["storage"])
+    assert storage.exists(f"{model_prefix('rb', 'cnn')}/model.ts")
+    caplog.clear()
+    changed = pipeline.train({**run, "settings": {**settings, "learning_rate": 5e-4}, "run_key": "rc"}, "cnn")
+    assert changed["reused"] is False and changed["train_key"] != first["train_key"]
+    assert "cnn epoch 1/2" in caplog.text
 
 
 class _Killed(Exception):
@@ -48,12 +69,12 @@ class _Killed(Exception):
 
 
 def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatch):
-    settings, dataset, split_info = prepared
+    settings, dataset, split_info = prepared["settings"], prepared["dataset"], prepared["split"]
     storage = open_storage(settings["storage"])
     manifest = _manifest(settings, split_info)
     settings = Settings.from_dict(settings)
     settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": TrainPlan(32, 3, 1)})
-    kwargs = dict(run_key="r2", model_name="mobilenetv2", manifest=manifest, dataset_id=dataset["dataset_id"],
+    kwargs = dict(model_name="mobilenetv2", manifest=manifest, dataset_id=dataset["dataset_id"],
                   settings=settings)  # fmt: skip
     save = trainer.save_checkpoint
 
@@ -63,11 +84,11 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        train_model(storage, **kwargs)
+        train_model(storage, run_key="r2-killed", **kwargs)
     monkeypatch.setattr(trainer, "save_checkpoint", save)
     caplog.set_level("INFO")
-    train_model(storage, **kwargs)
-    assert "resuming from the checkpoint of epoch 1/3" in caplog.text
+    train_model(storage, run_key="r2", **kwargs)  # a new run: the checkpoint is keyed by inputs, not by run
+    assert "mobilenetv2: resuming at epoch 2/3 (checkpoint of epoch 1)" in caplog.text
     assert "mobilenetv2 epoch 1/3" not in caplog.text  # epoch 1 was not trained again
     history = json.loads(storage.get_bytes(f"{model_prefix('r2', 'mobilenetv2')}/history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -75,9 +96,9 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
 
 
 def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
-    settings, dataset, split_info = prepared
-    pipeline.train(settings, dataset, split_info, "cnn", "r3")
-    storage = open_storage(settings["storage"])
+    run = {**prepared, "run_key": "r3"}
+    pipeline.train(run, "cnn")
+    storage = open_storage(run["storage"])
     model_uri = storage.url(f"{model_prefix('r3', 'cnn')}/model.ts")
     images = write_dataset(tmp_path / "new", 4, seed=9)
     n = predict_folder(model_uri, images, tmp_path / "pred.csv")
@@ -90,14 +111,14 @@ def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
 def test_a_resumed_run_takes_the_same_learning_rates_as_an_uninterrupted_one(prepared, monkeypatch):
     """The schedule's state rides in the checkpoint: killed after epoch 1 and resumed, the per-step
     warm-up/cosine rates (and the unfreeze's new optimizer) continue where they were."""
-    settings, dataset, split_info = prepared
-    storage = open_storage(settings["storage"])
-    settings = Settings.from_dict(settings)
+    storage = open_storage(prepared["storage"])
+    settings = Settings.from_dict(prepared["settings"])
     assert settings.recipe.schedule == "warmup_cosine"
     settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": TrainPlan(32, 3, 1)})
-    kwargs = dict(model_name="mobilenetv2", manifest=_manifest(settings.to_dict(), split_info),
-                  dataset_id=dataset["dataset_id"], settings=settings)  # fmt: skip
-    train_model(storage, run_key="whole", **kwargs)
+    kwargs = dict(model_name="mobilenetv2", manifest=_manifest(prepared["settings"], prepared["split"]),
+                  dataset_id=prepared["dataset"]["dataset_id"])  # fmt: skip
+    # Another seed (initialisation and order only: the same steps, so the same rates) keys another model.
+    train_model(storage, run_key="whole", settings=settings.replace(seed=settings.seed + 1), **kwargs)
     save = trainer.save_checkpoint
 
     def save_then_die(*args, epoch, **kw):
@@ -106,15 +127,13 @@ def test_a_resumed_run_takes_the_same_learning_rates_as_an_uninterrupted_one(pre
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        train_model(storage, run_key="resumed", **kwargs)
+        train_model(storage, run_key="resumed", settings=settings, **kwargs)
     monkeypatch.setattr(trainer, "save_checkpoint", save)
-    train_model(storage, run_key="resumed", **kwargs)
+    assert train_model(storage, run_key="resumed", settings=settings, **kwargs)["reused"] is False
 
     def rates(run_key):
-        return [
-            h["learning_rate"]
-            for h in json.loads(storage.get_bytes(f"{model_prefix(run_key, 'mobilenetv2')}/history.json"))
-        ]
+        history = json.loads(storage.get_bytes(f"{model_prefix(run_key, 'mobilenetv2')}/history.json"))
+        return [h["learning_rate"] for h in history]
 
     assert rates("resumed") == pytest.approx(rates("whole"))
     assert rates("whole")[-1] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at 0
@@ -123,12 +142,12 @@ def test_a_resumed_run_takes_the_same_learning_rates_as_an_uninterrupted_one(pre
 def test_the_ensemble_is_evaluated_and_its_export_loads_with_predict(prepared, tmp_path):
     from gender_tasks.cli import main
 
-    settings, dataset, split_info = prepared
+    run = {**prepared, "run_key": "r4"}
     for model in ("cnn", "mobilenetv2"):
-        pipeline.train(settings, dataset, split_info, model, "r4")
-    out = pipeline.ensemble(settings, "r4")
+        pipeline.train(run, model)
+    out = pipeline.ensemble(run)
     assert out["repeats"][0]["model"] == "ensemble"
-    storage = open_storage(settings["storage"])
+    storage = open_storage(run["storage"])
     prefix = model_prefix("r4", "ensemble")
     metrics = json.loads(storage.get_bytes(f"{prefix}/metrics.json"))
     assert metrics["members"] == ["cnn", "mobilenetv2"] and 0 <= metrics["test"]["accuracy"] <= 1
@@ -143,3 +162,16 @@ def test_the_ensemble_is_evaluated_and_its_export_loads_with_predict(prepared, t
     assert main(["predict", "--model", model_ts, "--images", str(images), "--out", str(tmp_path / "e.csv")]) == 0
     table = pd.read_csv(tmp_path / "e.csv")
     assert len(table) == 6 and table["prob_male"].between(0, 1).all() and set(table["predicted"]) <= {"female", "male"}
+
+
+def test_a_running_epoch_logs_its_progress(caplog):
+    from gender_tasks.training.loop import progress_logger
+
+    caplog.set_level("INFO", logger="gender_tasks.training.loop")
+    report = progress_logger("cnn epoch 1/12", every_s=0)
+    report(1024, 8000)
+    report(8000, 8000)  # the epoch's own summary line follows; no "100%" progress line
+    assert [r.getMessage() for r in caplog.records] == ["cnn epoch 1/12: 1,024/8,000 images (12%)"]
+    quiet = progress_logger("cnn epoch 2/12", every_s=3600)
+    quiet(16, 8000)
+    assert len(caplog.records) == 1

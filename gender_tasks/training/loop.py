@@ -6,6 +6,10 @@ checkpoints and outputs around it; the label audit uses `fit_predict`.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,9 @@ from .devices import make_autocast, pick_device
 from .recipe import make_optimizer, make_scheduler, steps_per_epoch
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
+PROGRESS_EVERY_S = 30.0  # how often a running epoch logs how far it is
+
+log = logging.getLogger(__name__)
 
 
 def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -50,16 +57,18 @@ def predict_proba(model, data: Split, inputs: Inputs, batch_size: int, autocast,
 
 def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimizer, gen: torch.Generator,
                     batch_size: int, autocast, *, frozen: bool = False, recipe: Recipe = STUDY_RECIPE,
-                    scheduler=None) -> tuple[float, float]:  # fmt: skip
+                    scheduler=None, progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:  # fmt: skip
     """One pass over `data` in the order and with the augmentation that `gen` draws; the recipe sets the
     augmentation and label smoothing, and `scheduler` (if any) steps after every optimizer step.
 
     Returns the summed loss and the number of correct predictions (running, on augmented batches).
+    `progress(images_done, images)`, if given, is called after every batch (see `progress_logger`).
     """
     set_train_mode(model_name, model, frozen)
     n = len(data.labels)
     order = torch.randperm(n, generator=gen)
     loss_sum = correct = 0.0
+    done = 0  # images through, for `progress`
     # In memory or streamed from the shards (batches.StreamedSplit): the same batches for the same order.
     for xb, yb in data.batches(order, batch_size):
         if len(yb) < 2 and n >= 2:
@@ -80,9 +89,27 @@ def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimiz
             scheduler.step()
         loss_sum += float(loss.detach()) * len(yb)
         correct += float(((logits.detach() >= 0).float() == y).sum())
+        done += len(yb)
+        if progress is not None:
+            progress(done, n)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize()
     return loss_sum, correct
+
+
+def progress_logger(label: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int], None]:
+    """A `progress` callback that logs "<label>: 1,024/8,000 images (13%)" at most every `every_s` seconds,
+    so a long epoch (minutes on the paper profile) shows it is moving; short epochs log nothing."""
+    last = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s and done < total:
+            last = now
+            log.info("%s: %s/%s images (%d%%)", label, f"{done:,}", f"{total:,}", 100 * done // max(total, 1))
+
+    return report
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
