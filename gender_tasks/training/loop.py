@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from ..models.network import build_model, set_backbone_frozen, set_train_mode
 from ..settings import Settings, TrainPlan
 from .augment import augment_params
-from .batches import Inputs, SplitData
-from .devices import make_autocast, pick_device
+from .batches import Inputs, SplitData, train_batches
+from .devices import make_autocast, maybe_compile, pick_device
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
 
@@ -27,39 +27,61 @@ def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 @torch.inference_mode()
 def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autocast) -> tuple[np.ndarray, float]:
-    """P(male) for every image of `data`, and the mean BCE loss."""
+    """P(male) for every image of `data`, and the mean BCE loss; read from the device once, at the end."""
     model.eval()
-    probs, loss_sum = [], 0.0
+    data = inputs.stage(data)
+    probs = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
     for start in range(0, len(data.labels), batch_size):
         x = inputs(data.images[start : start + batch_size])
         y = data.labels[start : start + batch_size].to(inputs.device)
         with autocast():
             logits, _ = _logits(model(x))
         logits = logits.float()
-        loss_sum += float(F.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
-        probs.append(torch.sigmoid(logits).cpu())
+        # float64, as the Python float sum this replaces: the same figures on the CPU, bit for bit
+        loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").double()
+        probs.append(torch.sigmoid(logits))
     n = max(len(data.labels), 1)
-    return (torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)), loss_sum / n
+    return (torch.cat(probs).cpu().numpy() if probs else np.zeros(0, np.float32)), float(loss_sum) / n
+
+
+def epoch_plan(n: int, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, int]], dict]:
+    """One epoch's order, its batches (start, end) and every image's augmentation, all drawn up front.
+
+    The draws are those the loop always made, in the same order (the permutation, then each batch's
+    parameters), so a seed gives the same epoch as before; drawn at once, they reach the GPU in one
+    copy instead of three small pageable copies per step, each of which waits for the GPU to drain.
+    """
+    order = torch.randperm(n, generator=gen)
+    # A trailing batch of one is skipped: batch norm cannot train on a single image.
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if not (min(s + batch_size, n) - s < 2 <= n)]
+    drawn = [augment_params(end - start, gen) for start, end in bounds]
+    params = {k: torch.cat([d[k] for d in drawn]) if drawn else torch.zeros(0) for k in ("flip", "angle", "zoom")}
+    return order, bounds, params
 
 
 def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, optimizer, gen: torch.Generator,
                     batch_size: int, autocast, *, frozen: bool = False) -> tuple[float, float]:  # fmt: skip
     """One pass over `data` in the order and with the augmentation that `gen` draws.
 
-    Returns the summed loss and the number of correct predictions (running, on augmented batches).
+    Returns the summed loss and the number of correct predictions (running, on augmented batches),
+    accumulated on the device and read once at the end: a read per step would stall the GPU's queue.
     """
     set_train_mode(model_name, model, frozen)
-    n = len(data.labels)
-    order = torch.randperm(n, generator=gen)
-    loss_sum = correct = 0.0
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) < 2 and n >= 2:
-            continue  # batch norm cannot train on a batch of one
-        x = inputs(data.images[idx], augment_params(len(idx), gen))
-        y = data.labels[idx].to(inputs.device)
+    data = inputs.stage(data)
+    order, bounds, params = epoch_plan(len(data.labels), batch_size, gen)
+    if inputs.device.type == "cuda":
+        params = {k: v.pin_memory().to(inputs.device, non_blocking=True) for k, v in params.items()}
+    loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
+    batches = train_batches(data, bounds, order, inputs.device)
+    for (start, end), (xb, yb) in zip(bounds, batches, strict=True):
+        x = inputs(xb, {k: v[start:end] for k, v in params.items()})
+        y = yb.to(inputs.device)
+        # The compiled forward only for full batches: one graph per mode, no recompiles for the last one.
+        net = inputs.compiled if inputs.compiled is not None and end - start == batch_size else model
         with autocast():
-            logits, aux = _logits(model(x))
+            logits, aux = _logits(net(x))
             logits = logits.float()
             loss = F.binary_cross_entropy_with_logits(logits, y)
             if aux is not None:
@@ -67,11 +89,9 @@ def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss.detach()) * len(idx)
-        correct += float(((logits.detach() >= 0).float() == y).sum())
-    if inputs.device.type == "cuda":
-        torch.cuda.synchronize()
-    return loss_sum, correct
+        loss_sum += loss.detach().double() * (end - start)
+        correct += ((logits.detach() >= 0) == y.bool()).sum()
+    return float(loss_sum), float(correct)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -80,7 +100,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def setup_model(model_name: str, image_size: int, weights: str, seed: int, device: torch.device):
-    """The model on `device` (channels_last on a GPU) and the matching input pipeline."""
+    """The model on `device` (channels_last on a GPU) and the matching input pipeline (with the
+    model's compiled forward when GENDER_TORCH_COMPILE asks for one)."""
     is_cuda = device.type == "cuda"
     if is_cuda:
         torch.backends.cudnn.benchmark = True
@@ -88,7 +109,9 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
     model = build_model(model_name, image_size, weights).to(device)
     if is_cuda:
         model = model.to(memory_format=torch.channels_last)
-    return model, Inputs(model_name, device, channels_last=is_cuda)
+    inputs = Inputs(model_name, device, channels_last=is_cuda)
+    inputs.compiled = maybe_compile(model)
+    return model, inputs
 
 
 def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: SplitData, predict: SplitData,
