@@ -8,9 +8,10 @@ import os
 
 import torch
 
+from ..scheduling import tasks_per_gpu
+
 log = logging.getLogger(__name__)
 
-TASKS_PER_GPU_VAR = "GENDER_TASKS_PER_GPU"  # trainings sharing one GPU (scheduling.claim_gpu)
 COMPILE_VAR = "GENDER_TORCH_COMPILE"  # unset/0: eager; 1: torch.compile (inductor); or a backend name
 RESIDENT_VAR = "GENDER_GPU_RESIDENT"  # unset/auto: by the memory check; 0: never (pinned host memory)
 # GPU memory left free beside the images: the model, its gradients, Adam's state and the activations of
@@ -45,16 +46,13 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def tasks_per_gpu() -> int:
-    return max(1, int(os.environ.get(TASKS_PER_GPU_VAR, "1") or 1))
-
-
 def resident_budget(free: int, total: int, sharing: int) -> int:
     """Bytes of images one training may keep on a GPU with `free` of `total` bytes free, shared by
     `sharing` trainings: its share of the card, less a headroom for the model and activations. Each
     task judges alone at its start, so it takes only its share, not whatever happens to be free."""
-    share = min(free, total // max(sharing, 1))
-    return max(0, share - max(MIN_HEADROOM_BYTES // max(sharing, 1), int(total * HEADROOM_SHARE / max(sharing, 1))))
+    sharing = max(sharing, 1)
+    headroom = max(MIN_HEADROOM_BYTES, int(total * HEADROOM_SHARE)) // sharing
+    return max(0, min(free, total // sharing) - headroom)
 
 
 def fits_on_device(nbytes: int, device: torch.device, already: int = 0) -> bool:
