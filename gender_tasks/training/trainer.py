@@ -28,7 +28,7 @@ from ..settings import Settings, TrainPlan
 from ..storage import Storage
 from .batches import Inputs, SplitData, split_data
 from .checkpoint import load_checkpoint, save_checkpoint
-from .devices import configure_threads, device_name, make_autocast, pick_device
+from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_torchscript
 from .loop import epoch_generator, predict_proba, setup_model, train_one_epoch
 
@@ -196,6 +196,7 @@ def _write_outputs(storage: Storage, run_key: str, run: TrainingRun) -> dict:
         "mean_images_per_s": float(np.mean([h["images_per_s"] for h in run.history])),
         "device": str(run.device),
         "device_name": device_name(run.device),
+        "peak_device_memory_mb": peak_memory_mb(run.device),
         "torch_threads": run.threads,
         "torch_version": torch.__version__,
     }
