@@ -186,11 +186,13 @@ def cmd_concurrency(args) -> None:
                 if proc.returncode != 0:
                     sys.exit(f"a concurrency job ({path.name}) failed with exit code {proc.returncode}")
         wall = time.perf_counter() - t0
-        jobs = {f"{i}-{m}": json.loads((out_dir / f"level{level}-{i}-{m}.json").read_text()) for i, m in enumerate(models)}
+        jobs = {
+            f"{i}-{m}": json.loads((out_dir / f"level{level}-{i}-{m}.json").read_text()) for i, m in enumerate(models)
+        }
         results["levels"][str(level)] = {"wall_seconds": wall, "jobs": jobs}
         _write(Path(args.out), results)
     one = results["levels"].get("1", {}).get("wall_seconds")
-    for level, r in results["levels"].items():
+    for r in results["levels"].values():
         r["speedup_vs_1"] = one / r["wall_seconds"] if one else None
     _write(Path(args.out), results)
 
