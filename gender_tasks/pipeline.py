@@ -43,18 +43,19 @@ def prepare(conf: dict) -> dict:
 
 @_timed
 def ingest(settings: dict) -> dict:
-    from .data.attributes import store_attributes
-    from .data.ingest import ingest_folder
+    from .data.attributes import load_labels, store_attributes
+    from .data.ingest import Limits, ingest_folder
     from .data.sources import resolve_source
 
     settings = as_settings(settings)
     storage = open_storage(settings.storage)
     workdir = Path(tempfile.mkdtemp(prefix="gender-ingest-"))
     try:
-        root = resolve_source(settings.source, workdir)
-        summary = ingest_folder(root, storage, max_pixels=settings.max_image_pixels)
+        root = resolve_source(settings.source, workdir, max_bytes=settings.max_source_bytes)
+        labels = load_labels(root)  # a broken labels.csv is refused before anything is written
+        summary = ingest_folder(root, storage, Limits.of(settings))
         manifest = read_manifest(storage, layout.manifest_key(summary["dataset_id"]))
-        summary["attributes"] = store_attributes(root, storage, summary["dataset_id"], manifest)
+        summary["attributes"] = store_attributes(labels, root, storage, summary["dataset_id"], manifest)
         return summary
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

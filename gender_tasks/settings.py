@@ -102,6 +102,9 @@ class RunConfig:
     min_class_share: float = 0.2
     min_image_side: int = 32
     max_image_pixels: int = 40_000_000
+    # Limits on what ingest reads from a source: any one file, and all of them (an unpacked zip too).
+    max_file_bytes: int = 100_000_000
+    max_source_bytes: int = 10_000_000_000
     # Perceptual-hash (64-bit phash) distance under which two images in different splits are flagged.
     # On real face crops, pairs at 0-2 bits were the same picture; at 4 some were different people,
     # so a run that makes near-duplicates fatal uses 2 unless a distance is given explicitly.

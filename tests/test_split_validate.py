@@ -45,15 +45,22 @@ def test_valid_manifest_passes():
     assert summary["success"] and summary["evaluated"] == 10 and summary["failed"] == []
 
 
+def _ingested_manifest(tmp_path, local_storage) -> pd.DataFrame:
+    out = ingest_folder(write_dataset(tmp_path / "d", 12), local_storage)
+    return read_manifest(local_storage, manifest_key(out["dataset_id"]))
+
+
 def test_failures_are_listed_in_words_with_example_files(tmp_path, local_storage):
-    root = write_dataset(tmp_path / "d", 12)
-    (root / "female" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    out = ingest_folder(root, local_storage)
-    m = assign_splits(read_manifest(local_storage, manifest_key(out["dataset_id"])), 1, [0.7, 0.15, 0.15])
+    # Ingest refuses such a file first; validation is the second line of defence, on the manifest.
+    m = _ingested_manifest(tmp_path, local_storage)
+    bad = m.index[m["source_path"] == "female/female_0003.jpg"][0]
+    m.loc[bad, ["decodable", "error"]] = [False, "OSError: image file is truncated"]
+    m = assign_splits(m, 1, [0.7, 0.15, 0.15])
     with pytest.raises(ValidationFailed) as err:
         validate_manifest(m, _settings())
     text = str(err.value)
-    assert "every image decodes" in text and "female/broken.jpg" in text and "Fix:" in text
+    assert "every image decodes" in text and "female/female_0003.jpg" in text and "truncated" in text
+    assert "Fix:" in text
 
 
 @pytest.mark.parametrize(
@@ -84,22 +91,19 @@ def test_imbalance_and_leakage_fail():
         validate_manifest(m, _settings())
 
 
-def test_real_duplicate_and_tiny_files_are_named_by_validation(tmp_path, local_storage):
-    import numpy as np
-    from conftest import make_face
-
-    root = write_dataset(tmp_path / "d", 12)
-    (root / "female" / "again.jpg").write_bytes((root / "female" / "female_0002.jpg").read_bytes())
-    make_face("male", np.random.default_rng(9), size=16).save(root / "male" / "tiny.jpg", "JPEG")
-    out = ingest_folder(root, local_storage)
-    m = assign_splits(read_manifest(local_storage, manifest_key(out["dataset_id"])), 1, [0.7, 0.15, 0.15])
-    assert m.loc[m["source_path"] == "female/again.jpg", "split"].item() == m.loc[
+def test_duplicate_and_tiny_images_are_named_by_validation(tmp_path, local_storage):
+    m = _ingested_manifest(tmp_path, local_storage)
+    again = m.index[m["source_path"] == "female/female_0005.jpg"][0]
+    m.loc[again, "sha256"] = m.loc[m["source_path"] == "female/female_0002.jpg", "sha256"].item()
+    m.loc[m["source_path"] == "male/male_0001.jpg", ["width", "height"]] = [16, 16]
+    m = assign_splits(m, 1, [0.7, 0.15, 0.15])
+    assert m.loc[m["source_path"] == "female/female_0005.jpg", "split"].item() == m.loc[
         m["source_path"] == "female/female_0002.jpg", "split"].item()  # fmt: skip
     with pytest.raises(ValidationFailed) as err:
         validate_manifest(m, _settings())
     text = str(err.value)
-    assert "no image appears twice" in text and "female/again.jpg" in text and "female/female_0002.jpg" in text
-    assert "at least 32 px" in text and "male/tiny.jpg" in text
+    assert "no image appears twice" in text and "female/female_0005.jpg" in text and "female/female_0002.jpg" in text
+    assert "at least 32 px" in text and "male/male_0001.jpg" in text
     assert "Fix: delete the duplicate files" in text and "Fix: remove the images that are too small" in text
 
 

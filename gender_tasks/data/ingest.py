@@ -5,11 +5,13 @@ Layout in storage:
     datasets/<dataset_id>/manifest.csv      one row per image, written last (the commit marker)
 
 The dataset id is derived from the images' hashes and labels, so re-ingesting the same content is
-a no-op that returns the same id. A scan judges the whole source before anything is written: it
-refuses (IngestError, naming the files and the fix) non-images, unknown or empty class folders,
-unreadable files and decompression bombs (from the header, never decoded). Images that do not
-decode are kept in the manifest with their error, so that validation can stop the run naming
-every bad file at once; each decodable one gets its perceptual hash (`phash`, for near-duplicates).
+a no-op that returns the same id. A scan judges the whole source before anything is written, and
+refuses (IngestError, naming every offending file and the fix): what the folder walk refuses
+(see folders.py: special files, links out of the source, bad names, size limits, non-images, empty
+or case-colliding classes), unreadable files, decompression bombs (from the header, never
+decoded), files that do not decode or are under `min_image_side`, the same image twice, and
+classes with too few images for every split to hold both. Validation checks the same things again
+on the manifest: a second line of defence, not the first.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from pathlib import Path
 import pandas as pd
 
 from .. import layout
+from ..settings import RunConfig
 from ..storage import Storage, put_many
-from .folders import IMAGE_SUFFIXES, IngestError, find_class_dirs
+from .folders import PROBLEMS_SHOWN, IngestError, list_images, read_regular, shown
 from .images import phash_of_bytes
 from .manifest import MANIFEST_COLUMNS, write_manifest
+from .split import min_groups_per_class
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,30 @@ SCAN_WORKERS = 8
 # client's own CPU, signing and parsing under the GIL, slows them down again; see bench/RESULTS.md).
 UPLOAD_WORKERS = 16
 PROGRESS_EVERY_S = 5.0
-PROBLEMS_SHOWN = 10
+COPIES_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a source may hold; the defaults are RunConfig's (the one source of defaults)."""
+
+    max_pixels: int = RunConfig.max_image_pixels
+    min_side: int = RunConfig.min_image_side
+    max_file_bytes: int = RunConfig.max_file_bytes
+    max_source_bytes: int = RunConfig.max_source_bytes
+    split: tuple[float, ...] = RunConfig.split
+
+    @classmethod
+    def of(cls, settings) -> Limits:
+        return cls(settings.max_image_pixels, settings.min_image_side, settings.max_file_bytes,
+                   settings.max_source_bytes, tuple(settings.split))  # fmt: skip
 
 
 @dataclass
 class _Scanned:
     row: dict
     path: Path
-    problem: str = ""  # why ingest refuses this file (unreadable, absurdly large); empty: none
+    problem: str = ""  # why ingest refuses this file (unreadable, a bomb, undecodable, too small); empty: none
 
 
 class _Progress:
@@ -64,103 +84,118 @@ class _Progress:
                      self.nbytes / max(now - self.started, 1e-6) / 1e6)  # fmt: skip
 
 
-def _describe(path: Path, label: str, root: Path, max_pixels: int) -> _Scanned:
-    """Read, hash and measure one image from its header; nothing is decoded here.
+def _describe(path: Path, label: str, root: Path, limits: Limits, judged: dict[str, tuple[dict, str]]) -> _Scanned:
+    """Read and hash one file; judge its content once per distinct content (`judged`, by sha256).
 
-    Everything ingest refuses shows here (unreadable, over the pixel limit), so the whole source
-    is judged before the first upload; decoding waits for `_decode`.
+    10,000 copies of one image are read and hashed 10,000 times but decoded once (and then all
+    refused as copies).
+    """
+    source_path = path.relative_to(root).as_posix()
+    row = {"label": label, "source_path": source_path, "sha256": "", "bytes": 0, "width": 0, "height": 0,
+           "format": "", "decodable": False, "error": "", "phash": ""}  # fmt: skip
+    try:
+        data = read_regular(path, limits.max_file_bytes)
+    except OSError as exc:
+        return _Scanned(row, path, f"cannot be read ({exc.strerror or exc}): fix its permissions or replace it")
+    sha = hashlib.sha256(data).hexdigest()
+    if sha not in judged:  # two threads may judge the same content at once: the same answer twice
+        judged[sha] = _judge(data, limits)
+    content, problem = judged[sha]
+    row.update(content, sha256=sha, bytes=len(data))
+    return _Scanned(row, path, problem)
+
+
+def _judge(data: bytes, limits: Limits) -> tuple[dict, str]:
+    """What a file's content is (its manifest fields) and why ingest refuses it ('' if it does not).
+
+    The header is judged before decoding, so a decompression bomb is refused undecoded. JPEGs
+    decode at reduced scale for the perceptual hash (see images.phash_of_bytes): every
+    entropy-coded byte is still decoded, so truncated or corrupt files fail as at full size.
     """
     from PIL import Image
 
-    source_path = path.relative_to(root).as_posix()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return _Scanned({"label": label, "source_path": source_path}, path,
-                        f"cannot be read ({exc.strerror or exc}): fix its permissions or replace it")  # fmt: skip
-    row = {
-        "label": label,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
-        "width": 0,
-        "height": 0,
-        "format": "",
-        "decodable": False,
-        "error": "",
-        "source_path": source_path,
-        "phash": "",
-    }
+    row: dict = {}
+    if not data:
+        return row, "is empty (0 bytes): remove it, or replace it with the image"
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            row["width"], row["height"], row["format"] = img.width, img.height, (img.format or "").lower()
+            row.update(width=img.width, height=img.height, format=(img.format or "").lower())
     except Image.DecompressionBombError as exc:  # Pillow's own limit, raised by open() from the header
-        return _Scanned(row, path, f"is refused undecoded as a decompression bomb ({exc}); remove or downscale it")
-    except Exception as exc:  # no header: `_decode` records the error for validation to report
-        row["error"] = f"{type(exc).__name__}: {exc}"
-    if row["width"] * row["height"] > max_pixels:
-        return _Scanned(row, path, (
-            f"is {row['width']}x{row['height']} px, over the {max_pixels:,} px limit (setting max_image_pixels): "
-            "refused undecoded as a likely decompression bomb; remove or downscale it, or raise max_image_pixels "
-            "if it is genuine"))  # fmt: skip
-    return _Scanned(row, path)
-
-
-def _decode(data: bytes) -> dict:
-    """Decode an image and hash it perceptually: {decodable, error, phash} for its manifest row.
-
-    JPEGs decode at reduced scale (see images.phash_of_bytes): every entropy-coded byte is still
-    decoded, so truncated or corrupt files fail here as they would at full size.
-    """
+        return row, f"is refused undecoded as a decompression bomb ({exc}); remove or downscale it"
+    except Exception as exc:  # PIL raises many types for what is not an image
+        return row, f"is not an image Pillow can read ({type(exc).__name__}: {exc}): remove or replace it"
+    size = f"{row['width']}x{row['height']} px"
+    if row["width"] * row["height"] > limits.max_pixels:
+        return row, (f"is {size}, over the {limits.max_pixels:,} px limit (setting max_image_pixels): refused undecoded "
+                     "as a likely decompression bomb; remove or downscale it, or raise max_image_pixels if it is genuine")  # fmt: skip
+    if min(row["width"], row["height"]) < limits.min_side:
+        return row, (f"is {size}, under the {limits.min_side} px minimum on its shorter side (setting min_image_side): "
+                     "remove it, or lower min_image_side")  # fmt: skip
     try:
-        return {"decodable": True, "error": "", "phash": phash_of_bytes(data)}
-    except Exception as exc:  # PIL raises many types for corrupt data; validation names these files
-        return {"decodable": False, "error": f"{type(exc).__name__}: {exc}", "phash": ""}
+        row.update(decodable=True, phash=phash_of_bytes(data))
+    except Exception as exc:  # truncated or corrupt data
+        row.update(decodable=False, error=f"{type(exc).__name__}: {exc}")
+        return row, f"does not decode ({row['error']}): the file is truncated or corrupt; replace it"
+    return row, ""
 
 
-def _list_images(class_dirs: dict[str, Path]) -> list[tuple[Path, str]]:
-    """Every image below the class folders; refuses other files and empty classes, naming them."""
-    files: list[tuple[Path, str]] = []
-    not_images: list[Path] = []
-    for label, folder in class_dirs.items():
-        for path in sorted(folder.rglob("*")):
-            if path.is_dir() or path.name.startswith("."):
-                continue  # hidden files: .DS_Store and friends
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((path, label))
-            else:
-                not_images.append(path)
-    if not_images:
-        more = f" (and {len(not_images) - 1} more: {', '.join(map(str, not_images[1:PROBLEMS_SHOWN]))})" if len(
-            not_images) > 1 else ""  # fmt: skip
+def _refuse_copies(scanned: list[_Scanned]) -> None:
+    """The same image twice would sit in the dataset twice (and could straddle two splits): refuse it."""
+    by_sha: dict[str, list[_Scanned]] = {}
+    for s in scanned:
+        by_sha.setdefault(s.row["sha256"], []).append(s)
+    copies = [group for group in by_sha.values() if len(group) > 1]
+    if not copies:
+        return
+    lines = []
+    for group in copies[:PROBLEMS_SHOWN]:
+        names = ", ".join(f"{shown(s.path)} ({s.row['label']})" for s in group[:COPIES_SHOWN])
+        more = f" and {len(group) - COPIES_SHOWN:,} more copies" if len(group) > COPIES_SHOWN else ""
+        both = " under both labels: keep it only in its right class" if len({s.row["label"] for s in group}) > 1 else ""
+        lines.append(f"{names}{more} are the same image{both}")
+    more = f" (and {len(copies) - PROBLEMS_SHOWN} more)" if len(copies) > PROBLEMS_SHOWN else ""
+    raise IngestError(f"{len(copies)} image(s) appear more than once, nothing was written: {'; '.join(lines)}{more}. "
+                      "Delete the copies, keeping one of each")  # fmt: skip
+
+
+def _refuse_small_classes(scanned: list[_Scanned], split: tuple[float, ...], root: Path) -> None:
+    """Every split needs both classes (training, validation and the test metrics all do)."""
+    need = min_groups_per_class(split)
+    counts = {label: 0 for label in sorted({s.row["label"] for s in scanned})}
+    for s in scanned:
+        counts[s.row["label"]] += 1
+    short = {label: n for label, n in counts.items() if n < need}
+    if short:
+        shares = "/".join(f"{f * 100:g}" for f in split)
+        have = ", ".join(f"{label} {n}" for label, n in short.items())
         raise IngestError(
-            f"{not_images[0]} is not an image (suffix {not_images[0].suffix or 'none'!r}){more}; class folders must "
-            f"hold only images ({', '.join(sorted(IMAGE_SUFFIXES))}): move or delete it"
+            f"too few distinct images in {shown(root)} ({have}): the {shares} split needs at least {need} per class "
+            "so that every split holds both classes; add images, or change the setting split"
         )
-    for label, folder in class_dirs.items():
-        if not any(lbl == label for _, lbl in files):
-            raise IngestError(f"class folder {folder} holds no images; every class needs at least one")
-    return files
 
 
-def scan_folder(root: Path, *, max_pixels: int = 40_000_000, workers: int = SCAN_WORKERS) -> list[_Scanned]:
-    """Read, hash and measure (from the header) every image below the class folders of `root`.
+def scan_folder(root: Path, limits: Limits | None = None, *, workers: int = SCAN_WORKERS) -> list[_Scanned]:
+    """Read, hash, measure and decode every image below the class folders of `root`.
 
-    Refuses (IngestError, naming every offending file and the fix) non-image files, empty classes,
-    unreadable files and images over `max_pixels`; images that merely fail to decode are kept, with
-    their error, for validation to report together with the other data checks.
+    Refuses (IngestError, naming every offending file and the fix) everything in this module's
+    docstring; returns one accepted, decoded image per item, with its manifest row.
     """
-    files = _list_images(find_class_dirs(root))
+    limits = limits or Limits()
+    files = list_images(root, max_file_bytes=limits.max_file_bytes, max_total_bytes=limits.max_source_bytes)
     progress = _Progress("ingest: scanned", len(files))
     scanned: list[_Scanned] = []
+    judged: dict[str, tuple[dict, str]] = {}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
-        for item in pool.map(lambda f: _describe(f[0], f[1], root, max_pixels), files):
+        for item in pool.map(lambda f: _describe(f[0], f[1], root, limits, judged), files):
             scanned.append(item)
-            progress.update(len(scanned), item.row.get("bytes", 0))
+            progress.update(len(scanned), item.row["bytes"])
     refused = [s for s in scanned if s.problem]
     if refused:
-        shown = "; ".join(f"{s.path} {s.problem}" for s in refused[:PROBLEMS_SHOWN])
+        shown_ = "; ".join(f"{shown(s.path)} {s.problem}" for s in refused[:PROBLEMS_SHOWN])
         more = f" (and {len(refused) - PROBLEMS_SHOWN} more)" if len(refused) > PROBLEMS_SHOWN else ""
-        raise IngestError(f"{len(refused)} file(s) refused, nothing was written: {shown}{more}")
+        raise IngestError(f"{len(refused)} file(s) refused, nothing was written: {shown_}{more}")
+    _refuse_copies(scanned)
+    _refuse_small_classes(scanned, limits.split, root)
     return scanned
 
 
@@ -171,32 +206,36 @@ def compute_dataset_id(rows: list[dict]) -> str:
     return "ds-" + digest.hexdigest()[:16]
 
 
-def _load(item: _Scanned, decoded: dict[str, dict]) -> bytes:
-    """The file's bytes again, for upload, after decoding them into `decoded[sha256]`.
+def _load(item: _Scanned, max_bytes: int) -> bytes:
+    """The file's bytes again, for upload (the scan decoded them; they are not decoded twice).
 
     Refuses a file that changed since it was scanned: its key names the content it had then.
     """
-    data = item.path.read_bytes()
+    try:
+        data = read_regular(item.path, max_bytes)
+    except OSError as exc:
+        raise IngestError(f"{shown(item.path)} cannot be read any more ({exc.strerror or exc}); re-run once the "
+                          "source is stable") from None  # fmt: skip
     if hashlib.sha256(data).hexdigest() != item.row["sha256"]:
-        raise IngestError(f"{item.path} changed while it was being ingested; re-run once the source is stable")
-    decoded[item.row["sha256"]] = _decode(data)
+        raise IngestError(f"{shown(item.path)} changed while it was being ingested; re-run once the source is stable")
     return data
 
 
-def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
+def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
                   upload_workers: int = UPLOAD_WORKERS) -> dict:  # fmt: skip
     """Upload a folder-per-class dataset into `storage`; a no-op if that content is already there.
 
-    First a scan reads, hashes and measures every file: everything ingest refuses is found before
-    the first write, and the hashes give the dataset id. Then each image is read again, decoded,
-    perceptually hashed and uploaded, in parallel (decoding overlaps the uploads' network waits,
-    and a large dataset never sits in memory whole). The manifest is written last, as the commit
-    marker: an interrupted upload resumes where it stopped, its objects being content-addressed.
+    First a scan reads, hashes, measures and decodes every file: everything ingest refuses is found
+    before the first write, and the hashes give the dataset id. Then each image is read again and
+    uploaded, in parallel (a large dataset never sits in memory whole). The manifest is written
+    last, as the commit marker: an interrupted upload resumes where it stopped, its objects being
+    content-addressed.
     """
+    limits = limits or Limits()
     started = time.monotonic()
     storage.check()  # unreachable storage, missing credentials or bucket: fail before the long scan
     scan_started = time.monotonic()
-    scanned = scan_folder(root, max_pixels=max_pixels)
+    scanned = scan_folder(root, limits)
     scan_seconds = time.monotonic() - scan_started
     rows = [s.row for s in scanned]
     dataset_id = compute_dataset_id(rows)
@@ -218,18 +257,11 @@ def ingest_folder(root: Path, storage: Storage, *, max_pixels: int = 40_000_000,
         return summary
 
     present = set(storage.list(layout.images_prefix(dataset_id)))  # resume an interrupted ingest
-    unique: dict[str, _Scanned] = {}
-    for s in scanned:
-        unique.setdefault(s.row["key"], s)  # identical images share one key
-    decoded: dict[str, dict] = {}
     upload_started = time.monotonic()
-    todo = [(key, functools.partial(_load, s, decoded)) for key, s in unique.items() if key not in present]
+    todo = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
+            if s.row["key"] not in present]  # fmt: skip
     progress = _Progress(f"ingest {dataset_id}: uploaded", len(todo))
     uploaded = put_many(storage, todo, workers=upload_workers, progress=progress.update)
-    with ThreadPoolExecutor(max_workers=SCAN_WORKERS) as pool:  # uploaded by an interrupted run: only decode
-        list(pool.map(lambda s: _load(s, decoded), [s for key, s in unique.items() if key in present]))
-    for row in rows:
-        row.update(decoded[row["sha256"]])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
     write_manifest(storage, layout.manifest_key(dataset_id), manifest)
     summary["uploaded"] = uploaded

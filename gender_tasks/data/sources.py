@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -20,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import PermanentError
+from ..settings import RunConfig
+from .folders import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +31,10 @@ HOW_TO_USE_A_FOLDER = (
     "To run on a local copy instead, point the source at a folder with female/ and male/ "
     "subfolders, e.g. `make run SOURCE=/path/to/faces` (or the DAG param `source`)."
 )
-# A zip entry or a whole archive above these is refused as a decompression bomb.
-MAX_ZIP_TOTAL_BYTES = 20 * 1024**3
+# A zip entry expanding more than this is refused as a decompression bomb; a whole archive is
+# limited by the setting max_source_bytes and by the free disk (keeping this much to spare).
 MAX_ZIP_RATIO = 200
+DISK_SPARE_BYTES = 1_000_000_000
 
 
 class SourceError(PermanentError):
@@ -70,8 +74,27 @@ def download_kaggle(handle: str) -> Path:
         ) from exc
 
 
-def safe_extract_zip(archive: Path, target: Path) -> Path:
-    """Extract `archive` into `target`, refusing entries that escape it and decompression bombs."""
+def _check_zip_size(archive: Path, target: Path, total: int, max_bytes: int) -> None:
+    """Refuse an archive that would unpack over the source limit, or into more than the free disk."""
+    if total > max_bytes:
+        raise SourceError(
+            f"{archive} would expand to {human_bytes(total)}, over the {human_bytes(max_bytes)} limit "
+            "(setting max_source_bytes): refused before unpacking; unpack it yourself and give the folder, "
+            "or raise max_source_bytes"
+        )
+    existing = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    if total + DISK_SPARE_BYTES > free:
+        raise SourceError(
+            f"{archive} would expand to {human_bytes(total)} but {existing} has {human_bytes(free)} free "
+            f"(and {human_bytes(DISK_SPARE_BYTES)} is kept spare): refused before unpacking; free disk space, "
+            "or set TMPDIR to a larger disk"
+        )
+
+
+def safe_extract_zip(archive: Path, target: Path, *, max_bytes: int = RunConfig.max_source_bytes) -> Path:
+    """Extract `archive` into `target`, refusing entries that escape it, decompression bombs, an empty
+    archive and one larger than `max_bytes` or the free disk, all before a byte is unpacked."""
     target = target.resolve()
     try:
         zf = zipfile.ZipFile(archive)
@@ -92,11 +115,9 @@ def safe_extract_zip(archive: Path, target: Path) -> Path:
                     f"zip entry {info.filename!r} in {archive} expands {info.file_size / info.compress_size:.0f}x "
                     f"(limit {MAX_ZIP_RATIO}x): refused as a decompression bomb; re-create the archive"
                 )
-        if total > MAX_ZIP_TOTAL_BYTES:
-            raise SourceError(
-                f"{archive} would expand to {total / 1e9:.1f} GB (limit {MAX_ZIP_TOTAL_BYTES / 1e9:.0f} GB): "
-                "refused as a decompression bomb"
-            )
+        if not any(not info.is_dir() for info in zf.infolist()):
+            raise SourceError(f"{archive} holds no files; zip the folder that has female/ and male/ in it")
+        _check_zip_size(archive, target, total, max_bytes)
         zf.extractall(target)
     return target
 
@@ -155,7 +176,7 @@ def check_source(source: str) -> None:
         raise SourceError(f"dataset source {source!r} is a file but not a .zip; give a folder or a zip")
 
 
-def resolve_source(source: str, workdir: Path | None = None) -> Path:
+def resolve_source(source: str, workdir: Path | None = None, *, max_bytes: int = RunConfig.max_source_bytes) -> Path:
     """Return a local folder holding the dataset that `source` names.
 
     S3 and zip sources are copied below `workdir` (the caller removes it; default: a new temporary
@@ -168,5 +189,6 @@ def resolve_source(source: str, workdir: Path | None = None) -> Path:
         return download_s3_source(source, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "s3")
     path = Path(source).expanduser()
     if path.is_file():
-        return safe_extract_zip(path, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "zip")
+        return safe_extract_zip(path, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "zip",
+                                max_bytes=max_bytes)  # fmt: skip
     return path

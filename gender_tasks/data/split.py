@@ -12,12 +12,24 @@ groups counts groups, not rows, and drifted by 1,350 rows on 20,000 faces).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
 from .near_duplicates import hashes_to_uint64, pairs_within
 
 SPLITS = ("train", "val", "test")
+
+
+def min_groups_per_class(fractions) -> int:
+    """The fewest distinct images a class needs for the split to put at least one in every split.
+
+    Found by running the split's own placement (`_fill_splits`) on n single images, n = 1, 2, …;
+    it ends by ceil(1 / smallest share), where every split's target is a whole image or more.
+    """
+    bound = math.ceil(sum(fractions) / min(fractions) - 1e-9)
+    return next(n for n in range(1, bound + 1) if len(set(_fill_splits([1] * n, fractions))) == len(fractions))
 
 
 def near_duplicate_groups(manifest: pd.DataFrame, max_distance: int) -> pd.Series:

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from .. import layout
-from ..data.attributes import find_labels_csv
+from ..data.attributes import find_labels_csv, read_labels_table
 from ..data.folders import IMAGE_SUFFIXES, find_class_dirs
 from ..data.images import decode_resize
 from ..errors import PermanentError
@@ -57,7 +57,7 @@ def list_labeled_images(root: Path, query: str | None) -> pd.DataFrame:
         labels_csv = find_labels_csv(root)
         if labels_csv is None:
             raise ExternalSetError(f"a filter ({query!r}) needs a labels.csv in {root}; remove the filter or add one")
-        meta = pd.read_csv(labels_csv)
+        meta = read_labels_table(labels_csv, root)
         try:
             keep = set(meta.query(query)["file"])
         except Exception as exc:
