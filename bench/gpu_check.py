@@ -116,14 +116,16 @@ def _locate(store: Path) -> tuple[str, str]:
 def cmd_job(args) -> None:
     """Train one model for `epochs` over (at most `limit` images of) the training split and predict
     the validation split, as the trainer does; report seconds per epoch."""
+    import numpy as np
     import torch
 
+    from gender_tasks import layout
     from gender_tasks.data.manifest import read_manifest
-    from gender_tasks.data.preprocess import load_cache
+    from gender_tasks.data.shards import ShardReader, memory_budget
     from gender_tasks.models.network import set_backbone_frozen
     from gender_tasks.settings import resolve_settings
     from gender_tasks.storage import open_storage
-    from gender_tasks.training.batches import split_data
+    from gender_tasks.training.batches import load_splits
     from gender_tasks.training.devices import make_autocast, peak_memory_mb, pick_device
     from gender_tasks.training.loop import epoch_generator, predict_proba, setup_model, train_one_epoch
 
@@ -134,11 +136,12 @@ def cmd_job(args) -> None:
     settings = resolve_settings({"profile": args.profile, "models": [args.model], "weights": "none"})
     size = settings.per_model[args.model].image_size
     manifest = read_manifest(storage, split_key)
-    images, index = load_cache(storage, dataset_id, size)
-    train, val = (split_data(manifest, images, index, s) for s in ("train", "val"))
-    if args.limit:
-        train = type(train)(train.images[: args.limit], train.labels[: args.limit], train.keys[: args.limit])
     device = pick_device()
+    reader = ShardReader(storage, layout.cache_prefix(dataset_id, size))
+    splits = load_splits(manifest, reader, ("train", "val"), memory_budget(), device)
+    train, val = splits["train"], splits["val"]
+    if args.limit:
+        train = train.subset(np.arange(min(args.limit, len(train))))
     autocast = make_autocast(device)
     model, inputs = setup_model(args.model, size, "none", 0, device)
     set_backbone_frozen(args.model, model, False)

@@ -9,9 +9,12 @@ then runs each step in its own subprocess, in order, on local storage in that fo
   ingest           pipeline.ingest (scan, sha256, decode check, phash, store)
   split            pipeline.split (near-identical grouping at split_group_distance, balanced split)
   validate         pipeline.validate (Great Expectations suite + near-duplicates across splits)
-  preprocess       gender_tasks.data.shards.write_shards at 64 px (decode in worker processes)
+  preprocess       pipeline.preprocess: the sharded cache at 64 px (decode in worker processes)
   near_duplicates  the all-pairs near-duplicate search alone, at 4 bits (multi-index hashing)
-  cnn_epoch        one epoch of build_model('cnn', 64) on the training split, batches streamed from the shards
+  train            pipeline.train of the CNN for one epoch at 64 px (the training task: shards fetched
+                   into a local cache folder, batches streamed from them unless the splits fit
+                   --memory-budget-mb, then predictions for every image and the outputs)
+  report           pipeline.report over that one model (HTML size in the notes)
 
 Peak RSS is the step process's own (ru_maxrss) and, separately, the largest of its worker processes.
 Prints a markdown table and, per step, the per-image time at each size over that at the previous
@@ -36,16 +39,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO.parent / "shared" / "data" / "generated_photos"  # the shared faces beside the checkout
-STEPS = ("ingest", "split", "validate", "preprocess", "near_duplicates", "cnn_epoch")
+STEPS = ("ingest", "split", "validate", "preprocess", "near_duplicates", "train", "report")
 IMAGE_PX = 96
-TRAIN_PX = 64
-BATCH = 64
+RUN_KEY = "scale-bench"
 
 
 # --- generating N distinct faces -----------------------------------------------------------------
 
 
-def _sources(source: Path = SOURCE) -> list[tuple[Path, str]]:
+def _sources(source: Path) -> list[tuple[Path, str]]:
     found = [(p, label) for label in ("female", "male") for ext in ("jpg", "jpeg", "png")
              for p in sorted((source / label).glob(f"*.{ext}"))]  # fmt: skip
     if not found:
@@ -94,10 +96,6 @@ def _load_state(workdir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _shard_prefix(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}/cache/{TRAIN_PX}px-shards"
-
-
 def _split_manifest(state: dict):
     from gender_tasks.data.manifest import read_manifest
     from gender_tasks.storage import open_storage
@@ -109,7 +107,9 @@ def _split_manifest(state: dict):
 def step_ingest(state: dict, workdir: Path) -> dict:
     from gender_tasks import pipeline
 
-    settings = pipeline.prepare({"source": str(workdir / "faces"), "storage": str(workdir / "store"), "min_rows": 10})
+    # The CNN alone, one epoch at the cpu profile's 64 px; no label audit (k trainings of the same CNN).
+    settings = pipeline.prepare({"source": str(workdir / "faces"), "storage": str(workdir / "store"), "min_rows": 10,
+                                 "profile": "cpu", "models": ["cnn"], "epochs": 1, "label_audit": False})  # fmt: skip
     state["settings"] = settings
     state["dataset"] = pipeline.ingest(settings)
     return {"images": state["dataset"].get("images", "")}
@@ -134,13 +134,10 @@ def step_validate(state: dict, workdir: Path) -> dict:
 
 
 def step_preprocess(state: dict, workdir: Path) -> dict:
-    from gender_tasks.data.manifest import decodable_mask
-    from gender_tasks.data.shards import write_shards
+    from gender_tasks import pipeline
 
-    storage, manifest = _split_manifest(state)
-    rows = manifest[decodable_mask(manifest)].drop_duplicates("sha256")
-    index = write_shards(storage, _shard_prefix(state["dataset"]["dataset_id"]), rows["sha256"], rows["key"], TRAIN_PX)
-    return {"shards": index["shard_count"]}
+    state["caches"] = pipeline.preprocess(state["settings"], state["dataset"], state["split_info"])
+    return {"caches": state["caches"]["cache_prefixes"]}
 
 
 def step_near_duplicates(state: dict, workdir: Path) -> dict:
@@ -153,33 +150,23 @@ def step_near_duplicates(state: dict, workdir: Path) -> dict:
     return {"pairs_within_4_bits": len(pairs), "search_s": round(time.perf_counter() - started, 3)}
 
 
-def step_cnn_epoch(state: dict, workdir: Path) -> dict:
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+def step_train(state: dict, workdir: Path) -> dict:
+    from gender_tasks import pipeline
+    from gender_tasks.data.shards import CACHE_DIR_ENV
 
-    from gender_tasks.data.shards import ShardReader, iterate_batches
-    from gender_tasks.models.network import build_model
+    os.environ[CACHE_DIR_ENV] = str(workdir / "local-cache")  # as a worker's GENDER_CACHE_DIR
+    out = pipeline.train(state["settings"], state["dataset"], state["split_info"], "cnn", RUN_KEY)
+    state["train"] = out
+    return {"test_accuracy": round(out["test_accuracy"], 3)}
 
-    torch.set_num_threads(int(os.environ.get("GENDER_TORCH_THREADS", 0)) or os.cpu_count())
-    storage, manifest = _split_manifest(state)
-    reader = ShardReader(storage, _shard_prefix(state["dataset"]["dataset_id"]), cache_dir=workdir / "local-cache")
-    train = manifest[manifest["split"] == "train"].drop_duplicates("sha256")
-    rows = reader.indices_of(train["sha256"])
-    labels = (train["label"] == "female").to_numpy(np.float32)
-    model = build_model("cnn", TRAIN_PX)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    total = 0.0
-    # memory_budget=0: always stream, the path a dataset larger than memory takes.
-    for images, target in iterate_batches(reader, rows, labels, BATCH, seed=0, memory_budget=0, workers=1):
-        x = images.permute(0, 3, 1, 2).float().div_(255.0)
-        loss = F.binary_cross_entropy_with_logits(model(x).squeeze(1), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(target)
-    return {"train_images": len(rows), "mean_loss": round(total / max(len(rows), 1), 4)}
+
+def step_report(state: dict, workdir: Path) -> dict:
+    from gender_tasks import pipeline
+
+    validation = {"passed": True}
+    out = pipeline.report(state["settings"], state["dataset"], state["split_info"], validation, RUN_KEY)
+    html = Path(out["report_uri"].removeprefix("file://"))
+    return {"report_kb": round(html.stat().st_size / 1024) if html.exists() else None}
 
 
 def run_step(step: str, workdir: Path) -> None:
@@ -198,10 +185,11 @@ def run_step(step: str, workdir: Path) -> None:
 # --- the parent: sizes x steps -------------------------------------------------------------------
 
 
-def measure(step: str, workdir: Path) -> dict:
+def measure(step: str, workdir: Path, memory_budget_mb: float) -> dict:
+    env = {**os.environ, "GENDER_MEMORY_BUDGET_MB": str(memory_budget_mb)}
     started = time.monotonic()
     proc = subprocess.run([sys.executable, __file__, "--run-step", step, "--workdir", str(workdir)],
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True, env=env)  # fmt: skip
     seconds = time.monotonic() - started
     if proc.returncode:
         raise SystemExit(f"step {step} failed in {workdir}:\n{proc.stderr[-4000:]}")
@@ -209,15 +197,15 @@ def measure(step: str, workdir: Path) -> dict:
     return {"step": step, "seconds": round(seconds, 2), **json.loads(line[len("RESULT ") :])}
 
 
-def bench_size(n: int, steps: list[str], keep: bool) -> list[dict]:
+def bench_size(n: int, steps: list[str], keep: bool, memory_budget_mb: float, source: Path) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix=f"gender-scale-{n}-"))
     try:
         started = time.monotonic()
-        generate_faces(n, workdir / "faces")
+        generate_faces(n, workdir / "faces", source)
         print(f"N={n}: generated {n} faces in {time.monotonic() - started:.1f}s in {workdir}", flush=True)
         results = []
         for step in steps:
-            results.append({"n": n, **measure(step, workdir)})
+            results.append({"n": n, **measure(step, workdir, memory_budget_mb)})
             r = results[-1]
             print(f"N={n} {step}: {r['seconds']}s, {r['rss_mb']} MB, {r['info']}", flush=True)
         return results
@@ -250,6 +238,10 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, in order, from {STEPS}")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the generated faces and storage")
+    parser.add_argument("--memory-budget-mb", type=float, default=0.0,
+                        help="GENDER_MEMORY_BUDGET_MB of the steps (default 0: training always streams from "
+                             "the shards, the path a dataset larger than memory takes)")  # fmt: skip
+    parser.add_argument("--source", type=Path, default=SOURCE, help="faces to vary (female/ and male/ folders)")
     parser.add_argument("--run-step", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,7 +253,7 @@ def main() -> None:
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise SystemExit(f"unknown step(s) {unknown}; choose from {STEPS}")
-    results = [r for n in sizes for r in bench_size(n, steps, args.keep)]
+    results = [r for n in sizes for r in bench_size(n, steps, args.keep, args.memory_budget_mb, args.source)]
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     print(markdown(results, sizes, steps))

@@ -30,16 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gender_tasks import pipeline
+from gender_tasks import layout, pipeline
 from gender_tasks.data.manifest import read_manifest
-from gender_tasks.data.preprocess import load_cache
+from gender_tasks.data.shards import ShardReader, memory_budget
 from gender_tasks.models.network import set_backbone_frozen
 from gender_tasks.settings import Settings
 from gender_tasks.storage import open_storage
-from gender_tasks.training.batches import split_data
+from gender_tasks.training.batches import load_splits
 from gender_tasks.training.devices import configure_threads, make_autocast, pick_device
 from gender_tasks.training.loop import setup_model, train_one_epoch
 
@@ -91,9 +92,9 @@ def pipeline_epoch(model_name: str, size: int, settings: Settings, train, device
     batch = settings.batch_size
     # Warm-up on a few batches of the same data.
     n_warm = batch * WARMUP_STEPS
-    warm = type(train)(train.images[:n_warm], train.labels[:n_warm], train.keys[:n_warm])
+    warm = train.subset(np.arange(min(n_warm, len(train))))
     train_one_epoch(model, model_name, warm, inputs, opt, torch.Generator().manual_seed(1), batch, autocast)
-    inputs.stage(train)  # once per split in the trainer too (into GPU memory), not per epoch
+    train = inputs.stage(train)  # once per split in the trainer too (into GPU memory), not per epoch
     n = len(train.labels)
     t0 = time.perf_counter()
     train_one_epoch(model, model_name, train, inputs, opt, torch.Generator().manual_seed(seed), batch, autocast)
@@ -136,10 +137,10 @@ def main() -> int:
     worst, rows = None, []
     for name in settings.models:
         size, batch = settings.per_model[name].image_size, settings.batch_size
-        images, index = load_cache(storage, dataset["dataset_id"], size)
-        train = split_data(manifest, images, index, "train")
+        reader = ShardReader(storage, layout.cache_prefix(dataset["dataset_id"], size))
+        train = load_splits(manifest, reader, ("train",), memory_budget(), device)["train"]
         if args.limit:
-            train = type(train)(train.images[: args.limit], train.labels[: args.limit], train.keys[: args.limit])
+            train = train.subset(np.arange(min(args.limit, len(train))))
         steps = max(len(train.labels) // batch, 1)
         pipe, bare = [], []
         for r in range(args.rounds):
@@ -149,7 +150,7 @@ def main() -> int:
         worst = ratio if worst is None else min(worst, ratio)
         rows.append({"model": name, "size": size, "batch": batch, "train_images": len(train.labels),
                      "pipeline_images_per_s": max(pipe), "bare_images_per_s": max(bare), "ratio": ratio,
-                     "rounds": args.rounds})  # fmt: skip
+                     "rounds": args.rounds, "streamed": not hasattr(train, "images")})  # fmt: skip
         print(f"{name:<12} {size:>4} {batch:>5} {len(train.labels):>10} {max(pipe):>15.1f} {max(bare):>11.1f} "
               f"{ratio:>6.3f}")  # fmt: skip
     print(f"lowest ratio {worst:.3f} (target >= 0.90)")

@@ -8,7 +8,7 @@ Transfer Learning Models* end to end:
    content-addressed;
 2. **split** 70/15/15, stratified and seeded;
 3. **validate** counts, labels and images with Great Expectations (a failure stops the run and says why);
-4. **preprocess** each image once per input size into a cached uint8 array;
+4. **preprocess** each image once per input size into a sharded uint8 cache;
 5. **train** the study's four models as mapped tasks (custom CNN, ResNet50, InceptionV3, MobileNetV2);
 6. **report**: one self-contained HTML file, the study's Table 1 beside ours, with uncertainty and audits.
 

@@ -7,7 +7,7 @@ standard library, so the UI plugin can find a report without loading the trainin
     datasets/<dataset_id>/manifest.csv                    one row per image; written last (commit marker)
     datasets/<dataset_id>/attributes.csv                  optional per-image attributes (labels.csv)
     datasets/<dataset_id>/splits/seed<seed>-<fractions>[-nd<d>].csv   the manifest with its split column
-    datasets/<dataset_id>/cache/<size>px.npz              decoded, resized uint8 arrays
+    datasets/<dataset_id>/cache/<size>px/shard-*.npy, index.json   decoded, resized uint8 shards (data.shards)
     runs/<run_key>/models/<model>/...                     metrics, history, predictions, checkpoint, model.ts
     runs/<run_key>/label_audit.csv                        out-of-fold predictions for every image
     runs/<run_key>/external/<set>.json                    external evaluation sets
@@ -64,8 +64,9 @@ def split_key(dataset_id: str, seed: int, fractions: list[float], group_distance
     return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}{grouping}-balanced.csv"
 
 
-def cache_key(dataset_id: str, size: int) -> str:
-    return f"{dataset_prefix(dataset_id)}/cache/{size}px.npz"
+def cache_prefix(dataset_id: str, size: int) -> str:
+    """The sharded image cache of a dataset at one input size (its objects are data.shards' to name)."""
+    return f"{dataset_prefix(dataset_id)}/cache/{size}px"
 
 
 # --- runs -------------------------------------------------------------------------------------------

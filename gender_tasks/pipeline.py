@@ -106,7 +106,7 @@ def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
     if settings.label_audit:
         sizes.add(settings.label_audit_spec.image_size)
     sizes = sorted(sizes)
-    return {"cache_keys": [build_cache(storage, manifest, dataset["dataset_id"], size) for size in sizes]}
+    return {"cache_prefixes": [build_cache(storage, manifest, dataset["dataset_id"], size) for size in sizes]}
 
 
 @_timed

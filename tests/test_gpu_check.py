@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, write_dataset
 
 from gender_tasks.training.augment import augment_params
-from gender_tasks.training.batches import SplitData, train_batches
+from gender_tasks.training.batches import SplitData
 from gender_tasks.training.devices import MIN_HEADROOM_BYTES, compile_backend, maybe_compile, resident_budget
 from gender_tasks.training.loop import epoch_plan
 
@@ -52,23 +52,24 @@ def test_an_epochs_draws_are_those_of_the_per_batch_loop():
     """Drawn up front, the order and augmentation are exactly what drawing per batch gave (same seed,
     same results); a trailing batch of one is skipped and draws nothing."""
     n, batch = 33, 8
-    order, bounds, params = epoch_plan(n, batch, torch.Generator().manual_seed(5))
+    order, trained, params = epoch_plan(n, batch, torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)
     expected_order = torch.randperm(n, generator=gen)
-    expected = [augment_params(min(s + batch, n) - s, gen) for s in range(0, n - 1, batch)]
-    assert torch.equal(order, expected_order)
-    assert bounds == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    expected = [augment_params(batch, gen) for _ in range(4)]  # 4 full batches; the 33rd image is left out
+    assert torch.equal(order, expected_order) and trained == 32
     for key in ("flip", "angle", "zoom"):
         assert torch.equal(params[key], torch.cat([e[key] for e in expected]))
+    _, trained, params = epoch_plan(37, batch, torch.Generator().manual_seed(5))
+    assert trained == 37 and len(params["zoom"]) == 37  # a last batch of five trains
 
 
 def test_cpu_batches_follow_the_order():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3).contiguous()
     data = SplitData(images, torch.arange(10).float(), [str(i) for i in range(10)])
     order = torch.tensor([3, 1, 4, 0, 9, 2, 6, 5, 8, 7])
-    got = list(train_batches(data, [(0, 4), (4, 8)], order, torch.device("cpu")))
-    assert [b[0][:, 0, 0, 0].tolist() for b in got] == [[3, 1, 4, 0], [9, 2, 6, 5]]
-    assert [b[1].tolist() for b in got] == [[3.0, 1.0, 4.0, 0.0], [9.0, 2.0, 6.0, 5.0]]
+    got = list(data.batches(order, 4))
+    assert [b[0][:, 0, 0, 0].tolist() for b in got] == [[3, 1, 4, 0], [9, 2, 6, 5], [8, 7]]
+    assert [b[1].tolist() for b in got] == [[3.0, 1.0, 4.0, 0.0], [9.0, 2.0, 6.0, 5.0], [8.0, 7.0]]
 
 
 def test_gpu_resident_images_keep_a_headroom_and_a_share_per_task():

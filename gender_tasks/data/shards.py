@@ -20,12 +20,11 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import pandas as pd
 
 from ..errors import PermanentError
 from ..storage import Storage
+from .parallel import cpu_pool
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ SHARD_ROWS = 2048
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
 CACHE_DIR_ENV = "GENDER_CACHE_DIR"
+MEMORY_BUDGET_ENV = "GENDER_MEMORY_BUDGET_MB"
 # Images per decode job sent to a worker process: large enough that pickling is a small cost.
 DECODE_CHUNK = 256
 # Below this many images, worker processes cost more to start than they save.
@@ -99,12 +100,8 @@ def _check_unique(shas: Sequence[str]) -> None:
 
 
 def _decoder(n_images: int, workers: int | None) -> Executor:
-    """Worker processes where decoding is worth spreading (PIL holds the GIL for part of a decode),
-    a single thread for small sets. Spawned, not forked: the caller may hold threads (boto3, Airflow)."""
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers <= 1 or n_images < MIN_IMAGES_FOR_PROCESSES:
-        return ThreadPoolExecutor(max_workers=1)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    """Worker processes where decoding is worth spreading (PIL holds the GIL for part of a decode)."""
+    return cpu_pool(n_images, workers, MIN_IMAGES_FOR_PROCESSES)
 
 
 def _submit_shard(storage, keys, size, fetch_pool, decode_pool):
@@ -164,6 +161,21 @@ def read_index(storage: Storage, prefix: str) -> dict:
             "partway, or preprocessing has not run); run the preprocess step to (re)build it"
         )
     return json.loads(storage.get_bytes(key))
+
+
+def memory_budget() -> int:
+    """Bytes of decoded images one task may hold in memory (GENDER_MEMORY_BUDGET_MB); past it, it streams."""
+    value = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    if not value:
+        return DEFAULT_MEMORY_BUDGET
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if megabytes < 0:
+        raise PermanentError(f"{MEMORY_BUDGET_ENV}={value!r} is not a number of megabytes >= 0; set e.g. 2048, "
+                             "or 0 to always stream from the shards")  # fmt: skip
+    return int(megabytes * 1024**2)
 
 
 def local_cache_root() -> Path:
@@ -267,10 +279,13 @@ class ShardBatches:
     read from the shards. For torch's DataLoader with batch_size=None, workers and pinned memory
     (a plain class, not torch's Dataset subclass, so decode workers need not import torch)."""
 
-    def __init__(self, reader: ShardReader, rows: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                 epoch: int = 0):  # fmt: skip
+    def __init__(self, reader: ShardReader, rows: np.ndarray, labels: np.ndarray, batch_size: int = 0, seed: int = 0,
+                 epoch: int = 0, *, batches: Sequence[np.ndarray] | None = None):  # fmt: skip
+        """Batches of positions into `rows`: `batches` as given (a caller's own order), else the
+        seed's shuffle cut into `batch_size` pieces."""
         self.reader, self.rows, self.labels = reader, np.asarray(rows), np.asarray(labels)
-        self.batches = batch_positions(len(self.rows), batch_size, seed, epoch)
+        self.batches = list(batches) if batches is not None else batch_positions(len(self.rows), batch_size, seed,
+                                                                                  epoch)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -296,6 +311,7 @@ def iterate_batches(reader: ShardReader, rows: np.ndarray, labels: np.ndarray, b
     """(images uint8 NHWC, labels) torch batches of the split's cache `rows` in the seed's order:
     from one in-memory array when the split fits `memory_budget` bytes, else streamed from the
     shards through a DataLoader (`workers` processes, pinned memory if asked)."""
+    import torch
     from torch.utils.data import DataLoader
 
     if reader.nbytes(len(rows)) <= memory_budget:
@@ -303,4 +319,6 @@ def iterate_batches(reader: ShardReader, rows: np.ndarray, labels: np.ndarray, b
         return
     log.info("shards: %d images exceed the memory budget (%d MB): streaming batches", len(rows), memory_budget >> 20)
     dataset = ShardBatches(reader, rows, labels, batch_size, seed, epoch)
-    yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+    # Its own generator: torch's global one (dropout's) is left alone.
+    yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                          generator=torch.Generator())  # fmt: skip

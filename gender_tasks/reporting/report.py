@@ -23,8 +23,8 @@ import pandas as pd
 
 from .. import layout
 from ..data.attributes import read_attributes
+from ..data.images import decode_resize
 from ..data.manifest import read_manifest
-from ..data.preprocess import load_cache
 from ..data.split import split_counts as count_splits
 from ..evaluation.metrics import encode_labels
 from ..evaluation.stats import bootstrap_ci, mcnemar
@@ -36,6 +36,8 @@ from ..storage import Storage
 log = logging.getLogger(__name__)
 
 SIGNIFICANCE = 0.05
+GROUPS_SHOWN = 20  # per attribute, the largest
+ROC_POINTS = 400  # vertices of a plotted ROC curve, whatever the test set's size
 
 
 def _label(model_name: str) -> str:
@@ -84,7 +86,8 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
     fig, ax = plt.subplots(figsize=(2.3, 2.2))
     if len(set(np.asarray(y_true).tolist())) == 2:
         fpr, tpr, _ = roc_curve(y_true, prob)
-        ax.plot(fpr, tpr)
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).round().astype(int))
+        ax.plot(fpr[keep], tpr[keep])  # thinned: the SVG's size does not grow with the test set
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test, male = positive)")
     roc = _svg(fig)
@@ -129,7 +132,9 @@ def _group_accuracy(test: pd.DataFrame, attributes: pd.DataFrame | None, min_n: 
                   for g, part in joined.groupby(col) if str(g) != ""]  # fmt: skip
         big = [g for g in groups if g["n"] >= min_n]
         gap = max(g["accuracy"] for g in big) - min(g["accuracy"] for g in big) if len(big) >= 2 else None
-        out.append({"attribute": col, "groups": sorted(groups, key=lambda g: -g["n"]), "largest_gap": gap})
+        # The largest groups only: an attribute with thousands of values (an id) must not make the page huge.
+        shown = sorted(groups, key=lambda g: -g["n"])[:GROUPS_SHOWN]
+        out.append({"attribute": col, "groups": shown, "group_count": len(groups), "largest_gap": gap})
     return out
 
 
@@ -143,6 +148,14 @@ def _thumbnail(array: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _audit_thumbnail(storage: Storage, key: str, size: int) -> str | None:
+    try:
+        return _thumbnail(decode_resize(storage.get_bytes(key), size))
+    except (FileNotFoundError, OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail
+        log.warning("label audit thumbnail of %s: %s", key, exc)
+        return None
+
+
 def read_audit(storage: Storage, run_key: str) -> pd.DataFrame | None:
     """The label audit's table (training.label_audit writes it), or None where the audit did not run."""
     key = layout.label_audit_key(run_key)
@@ -151,18 +164,19 @@ def read_audit(storage: Storage, run_key: str) -> pd.DataFrame | None:
     return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False)
 
 
-def _label_audit_section(storage: Storage, run_key: str, dataset_id: str, settings: Settings, summary: dict | None,
-                         sha_of_key: dict[str, str], shown: int = 24) -> dict | None:  # fmt: skip
+def _label_audit_section(storage: Storage, run_key: str, settings: Settings, summary: dict | None,
+                         shown: int = 24) -> dict | None:  # fmt: skip
     table = read_audit(storage, run_key)
     if table is None:
         return None
-    images, index = load_cache(storage, dataset_id, settings.label_audit_spec.image_size)
+    size = settings.label_audit_spec.image_size
     top = []
     for row in table.head(shown).itertuples():
-        sha = sha_of_key[row.key]
+        # Only the images shown are read (their stored originals, decoded as preprocessing does), so the
+        # report's cost does not grow with the dataset.
         top.append({"source_path": row.source_path, "label": row.label, "split": row.split,
                     "prob_male": float(row.prob_male), "p_given_label": float(row.p_given_label),
-                    "thumbnail": _thumbnail(images[index[sha]]) if sha in index else None})  # fmt: skip
+                    "thumbnail": _audit_thumbnail(storage, row.key, size)})  # fmt: skip
     return {"summary": summary or {}, "top": top, "images": len(table),
             "below_10": int((table["p_given_label"] < 0.1).sum()),
             "below_50": int((table["p_given_label"] < 0.5).sum())}  # fmt: skip
@@ -261,7 +275,7 @@ def build_report(
             "devices": sorted({v["metrics"]["device"] for v in per_model.values()}),
         },  # fmt: skip
     }
-    audit = _label_audit_section(storage, run_key, dataset["dataset_id"], settings, label_audit, sha_of_key)
+    audit = _label_audit_section(storage, run_key, settings, label_audit)
     results["label_audit"] = {k: v for k, v in (audit or {}).items() if k != "top"} | {
         "top": [{k: v for k, v in t.items() if k != "thumbnail"} for t in (audit or {}).get("top", [])]
     }

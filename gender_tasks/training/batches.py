@@ -1,17 +1,29 @@
-"""A split's images as tensors, where its batches are gathered from, and the step that turns a uint8
-batch into the model's input.
+"""A split's images as tensors, and the step that turns a uint8 batch into the model's input.
 
-On a GPU a split's uint8 images live in GPU memory when they fit (`Inputs.stage`; the paper profile's
-~5,000 training images at 299 px are 1.3 GB), so a batch is one index on the device and nothing
-crosses PCIe during an epoch. Where they do not fit they go to pinned host memory, and training
-batches are gathered into pinned buffers and copied on a side stream one batch ahead (`PinnedBatches`):
-a copy from pageable memory would block the host until the GPU has drained its queue. On the CPU
-nothing moves.
+A split comes from the sharded cache (data.shards) one of two ways, with the same interface
+(`labels`, `keys`, `len`, `batches(order, batch_size)`, `subset(positions)`):
+
+- `SplitData`: its images in one in-memory uint8 tensor, when the task's splits fit the memory
+  budget (GENDER_MEMORY_BUDGET_MB): the fast path, what every dataset of the study's size takes;
+- `StreamedSplit`: only the cache rows; each batch is gathered from the memory-mapped shards by a
+  DataLoader worker, so the task's memory does not grow with the dataset.
+
+Both yield the same images in the same order for the same `order`, so a seed trains the same
+model whichever path the budget picks.
+
+On a GPU an in-memory split's uint8 images move into GPU memory when they fit (`Inputs.stage`; the
+paper profile's ~5,000 training images at 299 px are 1.3 GB), so a batch is one index on the device
+and nothing crosses PCIe during an epoch. Where they do not fit they go to pinned host memory, and
+batches are gathered into pinned buffers and copied on a side stream one batch ahead
+(`PinnedBatches`): a copy from pageable memory would block the host until the GPU drained its queue.
+A streamed split's DataLoader pins its batches itself. On the CPU nothing moves.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.shards import ShardBatches, ShardReader
 from ..evaluation.metrics import encode_labels
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, get_model_spec
 from .augment import augment_batch
@@ -26,26 +39,113 @@ from .devices import fits_on_device
 
 log = logging.getLogger(__name__)
 
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _cut(order: torch.Tensor | None, n: int, batch_size: int) -> list:
+    """Positions of each batch: `order` cut into batch_size pieces; None: slices in stored order."""
+    if order is None:
+        return [slice(start, start + batch_size) for start in range(0, n, batch_size)]
+    return [order[start : start + batch_size] for start in range(0, n, batch_size)]
+
 
 @dataclass
 class SplitData:
-    images: torch.Tensor  # uint8 NHWC, on the CPU (or staged: on the GPU, or pinned)
-    labels: torch.Tensor  # float 0/1
+    images: torch.Tensor  # uint8 NHWC, on the CPU (staged for a GPU: in its memory, or pinned)
+    labels: torch.Tensor  # float 0/1 (staged: on the GPU)
     keys: list[str]
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batches(self, order: torch.Tensor | None, batch_size: int) -> Batches:
+        """(uint8 NHWC images, labels) batches in `order` (None: stored order, as views), without a
+        host sync on a GPU: the order moves to the device once; pinned images are copied a batch ahead."""
+        if self.labels.is_cuda and order is not None:
+            if not self.images.is_cuda:
+                yield from PinnedBatches(self.images, self.labels.device, batch_size).batches(order, self.labels)
+                return
+            order = order.to(self.images.device, non_blocking=True)
+        for idx in _cut(order, len(self), batch_size):
+            yield self.images[idx], self.labels[idx]
 
-def split_data(manifest: pd.DataFrame, images: np.ndarray, index: dict[str, int], split: str) -> SplitData:
-    """The rows of `split` (one per distinct image) gathered from the preprocessed cache."""
-    rows = manifest[manifest["split"] == split].drop_duplicates("sha256")
-    idx = np.fromiter((index[s] for s in rows["sha256"]), dtype=np.int64, count=len(rows))
-    return SplitData(
-        images=torch.from_numpy(images[idx]),
-        labels=torch.from_numpy(encode_labels(rows["label"]).astype(np.float32)),
-        keys=rows["key"].tolist(),
-    )
+    def subset(self, positions: np.ndarray) -> SplitData:
+        idx = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        return SplitData(self.images[idx], self.labels[idx], [self.keys[i] for i in positions])
+
+
+@dataclass
+class StreamedSplit:
+    """A split read batch by batch from the shards: its rows in the cache, labels and keys only."""
+
+    reader: ShardReader
+    rows: np.ndarray  # each image's row in the cache, in split order
+    labels: torch.Tensor  # float 0/1
+    keys: list[str]
+    workers: int = 1
+    pin_memory: bool = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: torch.Tensor | None, batch_size: int) -> Batches:
+        """The same batches as SplitData.batches, gathered from the shards by DataLoader workers
+        (reading the next batches while the model trains on this one)."""
+        from torch.utils.data import DataLoader
+
+        positions = np.arange(len(self)) if order is None else order.numpy()
+        cut = [positions[start : start + batch_size] for start in range(0, len(self), batch_size)]
+        dataset = ShardBatches(self.reader, self.rows, self.labels.numpy(), batches=cut)
+        # Its own generator: a DataLoader otherwise draws its workers' seed from torch's global one, which
+        # dropout draws from too, and the streamed model would train differently from the in-memory one.
+        yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.workers,
+                              pin_memory=self.pin_memory, generator=torch.Generator())  # fmt: skip
+
+    def subset(self, positions: np.ndarray) -> StreamedSplit:
+        positions = np.asarray(positions, dtype=np.int64)
+        return StreamedSplit(self.reader, self.rows[positions], self.labels[torch.from_numpy(positions)],
+                             [self.keys[i] for i in positions], self.workers, self.pin_memory)  # fmt: skip
+
+
+Split = SplitData | StreamedSplit
+
+
+def _loader_workers() -> int:
+    """One reader process beside training where there is a core to spare; none inside a daemonic
+    process (a Celery prefork child), which may not start children."""
+    if multiprocessing.current_process().daemon or (os.cpu_count() or 1) < 2:
+        return 0
+    return 1
+
+
+def rows_data(rows: pd.DataFrame, reader: ShardReader, *, stream: bool, device: torch.device | None = None,
+              ) -> Split:  # fmt: skip
+    """`rows` (manifest rows, one per distinct image) in memory, or streamed from the shards."""
+    positions = reader.indices_of(rows["sha256"])
+    labels = torch.from_numpy(encode_labels(rows["label"]).astype(np.float32))
+    keys = rows["key"].tolist()
+    if stream:
+        pin = device is not None and device.type == "cuda"
+        return StreamedSplit(reader, positions, labels, keys, _loader_workers(), pin)
+    # keep_mapped=False: once copied, the shards' pages leave this process's resident memory.
+    return SplitData(torch.from_numpy(reader.take(positions, keep_mapped=False)), labels, keys)
+
+
+def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of `split`, one per distinct image."""
+    return manifest[manifest["split"] == split].drop_duplicates("sha256")
+
+
+def load_splits(manifest: pd.DataFrame, reader: ShardReader, splits: tuple[str, ...], budget: int,
+                device: torch.device | None = None) -> dict[str, Split]:  # fmt: skip
+    """Every split in memory when all of them fit `budget` bytes together, else every one streamed."""
+    rows = {s: split_rows(manifest, s) for s in splits}
+    needed = reader.nbytes(sum(len(r) for r in rows.values()))
+    stream = needed > budget
+    log.info("%d images (%d MB decoded) %s the memory budget of %d MB: %s", sum(len(r) for r in rows.values()),
+             needed >> 20, "exceed" if stream else "fit", budget >> 20,
+             "streaming batches from the shards" if stream else "in memory")  # fmt: skip
+    return {s: rows_data(r, reader, stream=stream, device=device) for s, r in rows.items()}
 
 
 class Inputs:
@@ -75,11 +175,11 @@ class Inputs:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def stage(self, data: SplitData) -> SplitData:
-        """`data` where this device gathers batches fastest: the same object on the CPU; on a GPU, the
-        images in GPU memory when they fit (first come, first served: training stages its split
-        first), else in pinned host memory; labels always on the GPU. Done once per split."""
-        if self.device.type != "cuda":
+    def stage(self, data: Split) -> Split:
+        """`data` where this device gathers batches fastest: unchanged on the CPU and when streamed; on a
+        GPU, an in-memory split's images in GPU memory when they fit (first come, first served: training
+        stages its split first), else in pinned host memory; its labels on the GPU. Once per split."""
+        if self.device.type != "cuda" or not isinstance(data, SplitData):
             return data
         hit = self._staged.get(id(data.images))
         if hit is not None and hit[0] is data.images:  # the source is kept alive, so its id stays unique
@@ -98,30 +198,6 @@ class Inputs:
         return staged
 
 
-def train_batches(data: SplitData, bounds: list[tuple[int, int]], order: torch.Tensor,
-                  device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """(uint8 images, labels) of each batch `order[start:end]` for `bounds`, on `device`, without a
-    host sync: indices move to the GPU once per epoch; pinned images are copied one batch ahead."""
-    if device.type != "cuda":
-        for start, end in bounds:
-            idx = order[start:end]
-            yield data.images[idx], data.labels[idx]
-        return
-    order_dev = order.to(device, non_blocking=True)
-    if data.images.device.type == "cuda":
-        for start, end in bounds:
-            idx = order_dev[start:end]
-            yield data.images[idx], data.labels[idx]
-        return
-    copier = PinnedBatches(data.images, device, max((e - s for s, e in bounds), default=1))
-    pending = copier.start(order[bounds[0][0] : bounds[0][1]]) if bounds else None
-    for i, (start, end) in enumerate(bounds):
-        current = pending
-        if i + 1 < len(bounds):  # queue the next copy before the GPU works on this batch
-            pending = copier.start(order[bounds[i + 1][0] : bounds[i + 1][1]])
-        yield copier.wait(current), data.labels[order_dev[start:end]]
-
-
 class PinnedBatches:
     """Gather batches of a pinned uint8 tensor into two pinned buffers and copy them to the GPU on a
     side stream, so the copy of batch i+1 overlaps the compute of batch i."""
@@ -133,7 +209,19 @@ class PinnedBatches:
         self.done: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
 
-    def start(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    def batches(self, order: torch.Tensor, labels: torch.Tensor) -> Batches:
+        """(images on the GPU, labels) per batch of `order`, each copy queued one batch ahead."""
+        cut = _cut(order, len(order), len(self.buffers[0]))
+        order_dev = order.to(self.device, non_blocking=True)
+        pending = self._start(cut[0]) if cut else None
+        for i, idx in enumerate(cut):
+            current = pending
+            if i + 1 < len(cut):  # queue the next copy before the GPU works on this batch
+                pending = self._start(cut[i + 1])
+            start = i * len(self.buffers[0])
+            yield self._wait(current), labels[order_dev[start : start + len(idx)]]
+
+    def _start(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         slot, self.turn = self.turn, 1 - self.turn
         if self.done[slot] is not None:
             self.done[slot].synchronize()  # this buffer's previous copy has left it (not a device-wide sync)
@@ -146,7 +234,7 @@ class PinnedBatches:
         self.done[slot] = event
         return out, event
 
-    def wait(self, pending: tuple[torch.Tensor, torch.cuda.Event]) -> torch.Tensor:
+    def _wait(self, pending: tuple[torch.Tensor, torch.cuda.Event]) -> torch.Tensor:
         out, event = pending
         main = torch.cuda.current_stream(self.device)
         main.wait_event(event)  # the compute stream waits on the GPU, the host does not

@@ -15,16 +15,15 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.model_selection import StratifiedKFold
 
-from ..data.preprocess import load_cache
+from .. import layout
+from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
 from ..evaluation.metrics import encode_labels
-from ..layout import label_audit_key
 from ..settings import Settings
 from ..storage import Storage
-from .batches import SplitData
+from .batches import rows_data
 from .devices import configure_threads
 from .loop import fit_predict
 
@@ -37,8 +36,9 @@ def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, d
     model_name, folds, seed = settings.label_audit_model, int(settings.label_audit_folds), settings.seed
     configure_threads(parallel_tasks)
     rows = manifest.drop_duplicates("sha256").reset_index(drop=True)
-    images, index = load_cache(storage, dataset_id, spec.image_size)
-    x = torch.from_numpy(images[np.fromiter((index[s] for s in rows["sha256"]), dtype=np.int64, count=len(rows))])
+    reader = ShardReader(storage, layout.cache_prefix(dataset_id, spec.image_size))
+    # In memory if the dataset fits the budget twice (each fold copies its parts), else streamed.
+    data = rows_data(rows, reader, stream=reader.nbytes(len(rows)) * 2 > memory_budget())
     y = encode_labels(rows["label"])
     folds = min(folds, int(np.bincount(y, minlength=2).min()))
     if folds < 2:
@@ -51,11 +51,7 @@ def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, d
     started = time.monotonic()
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
-
-        def subset(idx):
-            return SplitData(x[idx], torch.from_numpy(y[idx].astype(np.float32)), rows["key"].iloc[idx].tolist())
-
-        prob[held_idx] = fit_predict(model_name, spec, settings, subset(fit_idx), subset(held_idx), seed + k)
+        prob[held_idx] = fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx), seed + k)
         fold_of[held_idx] = k
         log.info("label audit: fold %d/%d done (%.0fs)", k + 1, folds, time.monotonic() - started)
     table = rows[["key", "source_path", "label", "split"]].copy()
@@ -63,9 +59,9 @@ def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, d
     table["prob_male"] = prob
     table["p_given_label"] = np.where(y == 1, prob, 1 - prob)
     table = table.sort_values("p_given_label").reset_index(drop=True)
-    storage.put_bytes(label_audit_key(run_key), table.to_csv(index=False).encode())
+    storage.put_bytes(layout.label_audit_key(run_key), table.to_csv(index=False).encode())
     suspicious = int((table["p_given_label"] < 0.1).sum())
     log.info("label audit: %d of %d images have P(given label) < 0.1", suspicious, len(table))
-    return {"audit_uri": storage.url(label_audit_key(run_key)), "images": len(table), "folds": folds,
+    return {"audit_uri": storage.url(layout.label_audit_key(run_key)), "images": len(table), "folds": folds,
             "model": model_name, "suspicious": suspicious,
             "out_of_fold_accuracy": float(((prob >= 0.5) == (y == 1)).mean())}  # fmt: skip

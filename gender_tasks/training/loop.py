@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..models.network import build_model, set_backbone_frozen, set_train_mode
 from ..settings import Settings, TrainPlan
 from .augment import augment_params
-from .batches import Inputs, SplitData, train_batches
+from .batches import Inputs, Split
 from .devices import make_autocast, maybe_compile, pick_device
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
@@ -26,15 +26,15 @@ def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.inference_mode()
-def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autocast) -> tuple[np.ndarray, float]:
+def predict_proba(model, data: Split, inputs: Inputs, batch_size: int, autocast) -> tuple[np.ndarray, float]:
     """P(male) for every image of `data`, and the mean BCE loss; read from the device once, at the end."""
     model.eval()
     data = inputs.stage(data)
     probs = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
-    for start in range(0, len(data.labels), batch_size):
-        x = inputs(data.images[start : start + batch_size])
-        y = data.labels[start : start + batch_size].to(inputs.device)
+    for xb, yb in data.batches(None, batch_size):
+        x = inputs(xb)
+        y = yb.to(inputs.device, non_blocking=True)
         with autocast():
             logits, _ = _logits(model(x))
         logits = logits.float()
@@ -45,22 +45,24 @@ def predict_proba(model, data: SplitData, inputs: Inputs, batch_size: int, autoc
     return (torch.cat(probs).cpu().numpy() if probs else np.zeros(0, np.float32)), float(loss_sum) / n
 
 
-def epoch_plan(n: int, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, int]], dict]:
-    """One epoch's order, its batches (start, end) and every image's augmentation, all drawn up front.
+def epoch_plan(n: int, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, int, dict]:
+    """One epoch's order, how many of its images train, and every trained image's augmentation, all
+    drawn up front.
 
     The draws are those the loop always made, in the same order (the permutation, then each batch's
     parameters), so a seed gives the same epoch as before; drawn at once, they reach the GPU in one
     copy instead of three small pageable copies per step, each of which waits for the GPU to drain.
     """
     order = torch.randperm(n, generator=gen)
-    # A trailing batch of one is skipped: batch norm cannot train on a single image.
-    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if not (min(s + batch_size, n) - s < 2 <= n)]
-    drawn = [augment_params(end - start, gen) for start, end in bounds]
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    if n >= 2 and sizes and sizes[-1] < 2:
+        sizes.pop()  # a trailing batch of one is skipped: batch norm cannot train on a single image
+    drawn = [augment_params(size, gen) for size in sizes]
     params = {k: torch.cat([d[k] for d in drawn]) if drawn else torch.zeros(0) for k in ("flip", "angle", "zoom")}
-    return order, bounds, params
+    return order, sum(sizes), params
 
 
-def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, optimizer, gen: torch.Generator,
+def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimizer, gen: torch.Generator,
                     batch_size: int, autocast, *, frozen: bool = False) -> tuple[float, float]:  # fmt: skip
     """One pass over `data` in the order and with the augmentation that `gen` draws.
 
@@ -68,18 +70,22 @@ def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, opt
     accumulated on the device and read once at the end: a read per step would stall the GPU's queue.
     """
     set_train_mode(model_name, model, frozen)
-    data = inputs.stage(data)
-    order, bounds, params = epoch_plan(len(data.labels), batch_size, gen)
+    data = inputs.stage(data)  # on a GPU: into its memory once, when it fits
+    order, trained, params = epoch_plan(len(data.labels), batch_size, gen)
     if inputs.device.type == "cuda":
         params = {k: v.pin_memory().to(inputs.device, non_blocking=True) for k, v in params.items()}
     loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
     correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
-    batches = train_batches(data, bounds, order, inputs.device)
-    for (start, end), (xb, yb) in zip(bounds, batches, strict=True):
-        x = inputs(xb, {k: v[start:end] for k, v in params.items()})
-        y = yb.to(inputs.device)
+    start = 0
+    # In memory or streamed from the shards (batches.StreamedSplit): the same batches for the same order.
+    for xb, yb in data.batches(order, batch_size):
+        size = len(yb)
+        if start + size > trained:
+            break  # the trailing batch of one that epoch_plan left out
+        x = inputs(xb, {k: v[start : start + size] for k, v in params.items()})
+        y = yb.to(inputs.device, non_blocking=True)
         # The compiled forward only for full batches: one graph per mode, no recompiles for the last one.
-        net = inputs.compiled if inputs.compiled is not None and end - start == batch_size else model
+        net = inputs.compiled if inputs.compiled is not None and size == batch_size else model
         with autocast():
             logits, aux = _logits(net(x))
             logits = logits.float()
@@ -89,8 +95,9 @@ def train_one_epoch(model, model_name: str, data: SplitData, inputs: Inputs, opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach().double() * (end - start)
+        loss_sum += loss.detach().double() * size
         correct += ((logits.detach() >= 0) == y.bool()).sum()
+        start += size
     return float(loss_sum), float(correct)
 
 
@@ -114,7 +121,7 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
     return model, inputs
 
 
-def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: SplitData, predict: SplitData,
+def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: Split, predict: Split,
                 seed: int) -> np.ndarray:  # fmt: skip
     """Train a fresh model on `train` for the plan's epochs (no checkpoints, no validation) and return
     P(male) for `predict`: the building block of out-of-fold predictions."""

@@ -1,4 +1,4 @@
-"""Train one model of a run on the preprocessed cache, resumably, and write its outputs.
+"""Train one model of a run on the preprocessed (sharded) cache, resumably, and write its outputs.
 
 runs/<run_key>/models/<model>/checkpoint.pt    after every epoch (a retry resumes from it)
 runs/<run_key>/models/<model>/metrics.json     test metrics, train accuracy, settings, timings
@@ -19,14 +19,14 @@ import pandas as pd
 import torch
 
 from .. import layout
-from ..data.preprocess import load_cache
+from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
 from ..evaluation.metrics import classification_metrics
 from ..models.network import set_backbone_frozen
 from ..models.registry import get_model_spec
 from ..settings import Settings, TrainPlan
 from ..storage import Storage
-from .batches import Inputs, SplitData, split_data
+from .batches import Inputs, Split, load_splits
 from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_torchscript
@@ -49,7 +49,7 @@ class TrainingRun:
     plan: TrainPlan
     settings: Settings
     dataset_id: str
-    data: dict[str, SplitData]
+    data: dict[str, Split]
     model: torch.nn.Module
     inputs: Inputs
     autocast: object
@@ -78,9 +78,10 @@ def _start(storage: Storage, model_name: str, manifest: pd.DataFrame, dataset_id
     plan = settings.per_model[model_name]
     device = pick_device()
     threads = configure_threads(parallel_tasks)
-    images, index = load_cache(storage, dataset_id, plan.image_size)
-    data = {s: split_data(manifest, images, index, s) for s in SPLITS}
-    del images
+    # Shards fetched once per machine (GENDER_CACHE_DIR) and memory-mapped; the splits are copied into
+    # memory only when they fit the budget, else streamed batch by batch.
+    reader = ShardReader(storage, layout.cache_prefix(dataset_id, plan.image_size))
+    data = load_splits(manifest, reader, SPLITS, memory_budget(), device)
     if len(data["train"]) == 0:
         raise TrainingDataError(
             f"the training split of {dataset_id} is empty; the dataset is too small to train on: add images"

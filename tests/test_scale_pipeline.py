@@ -1,0 +1,106 @@
+"""The pipeline on the sharded cache: preprocess writes shards, training and the label audit give the
+same results whether the splits sit in memory or stream from the shards, ingest decodes in processes."""
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_dataset
+
+from gender_tasks import layout, pipeline
+from gender_tasks.data.images import decode_resize
+from gender_tasks.data.manifest import read_manifest
+from gender_tasks.data.shards import MEMORY_BUDGET_ENV, ShardReader, memory_budget
+from gender_tasks.errors import PermanentError
+from gender_tasks.settings import Settings
+from gender_tasks.storage import open_storage
+from gender_tasks.training.batches import SplitData, StreamedSplit, load_splits
+from gender_tasks.training.loop import epoch_generator
+
+
+@pytest.fixture
+def prepared(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENDER_CACHE_DIR", str(tmp_path / "local-cache"))
+    src = write_dataset(tmp_path / "faces", 14)
+    settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                                 "models": ["cnn"], "min_rows": 10, "label_audit_folds": 2})  # fmt: skip
+    dataset = pipeline.ingest(settings)
+    split_info = pipeline.split(settings, dataset)
+    caches = pipeline.preprocess(settings, dataset, split_info)
+    storage = open_storage(settings["storage"])
+    return settings, dataset, split_info, caches, storage, read_manifest(storage, split_info["split_key"])
+
+
+def test_preprocess_writes_every_image_once_into_shards(prepared):
+    settings, dataset, _, caches, storage, manifest = prepared
+    size = Settings.from_dict(settings).per_model["cnn"].image_size
+    prefix = layout.cache_prefix(dataset["dataset_id"], size)
+    assert prefix in caches["cache_prefixes"]
+    assert not [k for k in storage.list(layout.dataset_prefix(dataset["dataset_id"])) if k.endswith(".npz")]
+    reader = ShardReader(storage, prefix)
+    distinct = manifest.drop_duplicates("sha256").sort_values("sha256")
+    assert reader.index["sha256"] == distinct["sha256"].tolist()  # sha256 order: any split names the same cache
+    expected = np.stack([decode_resize(storage.get_bytes(k), size) for k in distinct["key"]])
+    assert np.array_equal(reader.take(np.arange(len(reader))), expected)
+
+
+def test_streamed_and_in_memory_splits_give_identical_batches(prepared):
+    settings, dataset, _, _, storage, manifest = prepared
+    reader = ShardReader(storage, layout.cache_prefix(dataset["dataset_id"], 32))
+    in_memory = load_splits(manifest, reader, ("train", "test"), budget=1 << 30)
+    streamed = load_splits(manifest, reader, ("train", "test"), budget=0)
+    assert isinstance(in_memory["train"], SplitData) and isinstance(streamed["train"], StreamedSplit)
+    for split in ("train", "test"):
+        a, b = in_memory[split], streamed[split]
+        assert a.keys == b.keys and torch.equal(a.labels, b.labels)
+        for order in (None, torch.randperm(len(a), generator=epoch_generator(42, 1))):
+            pairs = list(zip(a.batches(order, 4), b.batches(order, 4), strict=True))
+            assert len(pairs) == -(-len(a) // 4)
+            for (xa, ya), (xb, yb) in pairs:
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    positions = np.array([5, 0, 3])
+    sub_a, sub_b = in_memory["train"].subset(positions), streamed["train"].subset(positions)
+    assert sub_a.keys == sub_b.keys == [in_memory["train"].keys[i] for i in positions]
+    assert torch.equal(next(sub_a.batches(None, 8))[0], next(sub_b.batches(None, 8))[0])
+
+
+def _train_outputs(settings, dataset, split_info, storage, run_key):
+    pipeline.train(settings, dataset, split_info, "cnn", run_key)
+    read = lambda name: storage.get_bytes(layout.model_file_key(run_key, "cnn", name))  # noqa: E731
+    return pd.read_csv(io.BytesIO(read("predictions.csv"))), read("history.json")
+
+
+def test_training_streamed_from_the_shards_equals_training_in_memory(prepared, monkeypatch, caplog):
+    settings, dataset, split_info, _, storage, _ = prepared
+    caplog.set_level("INFO")
+    preds_mem, history_mem = _train_outputs(settings, dataset, split_info, storage, "in-memory")
+    assert "fit the memory budget" in caplog.text
+    monkeypatch.setenv(MEMORY_BUDGET_ENV, "0")
+    preds_stream, history_stream = _train_outputs(settings, dataset, split_info, storage, "streamed")
+    assert "streaming batches from the shards" in caplog.text
+    pd.testing.assert_frame_equal(preds_mem, preds_stream)  # same batches, same weights: same probabilities
+    import json
+
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("images_per_s", "seconds")} for e in json.loads(h)]  # noqa: E731
+    assert strip(history_mem) == strip(history_stream)
+
+
+def test_label_audit_streamed_equals_in_memory(prepared, monkeypatch):
+    settings, dataset, split_info, _, storage, _ = prepared
+    tables = []
+    for run_key, budget in (("a", "2048"), ("b", "0")):
+        monkeypatch.setenv(MEMORY_BUDGET_ENV, budget)
+        pipeline.label_audit(settings, dataset, split_info, run_key)
+        tables.append(pd.read_csv(io.BytesIO(storage.get_bytes(layout.label_audit_key(run_key)))))
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+    assert tables[0]["prob_male"].notna().all()
+
+
+def test_memory_budget_setting(monkeypatch):
+    monkeypatch.setenv(MEMORY_BUDGET_ENV, "512")
+    assert memory_budget() == 512 * 1024**2
+    monkeypatch.setenv(MEMORY_BUDGET_ENV, "lots")
+    with pytest.raises(PermanentError, match="GENDER_MEMORY_BUDGET_MB='lots'.*megabytes"):
+        memory_budget()
