@@ -1,8 +1,9 @@
-"""Command line: `python -m gender_tasks run|predict`.
+"""Command line: `python -m gender_tasks run|predict|gc`.
 
 `run` executes the Airflow DAG once, end to end, in this process (Airflow's `dag.test()`, on the
 embedded default: SQLite metadata database, local-folder storage), then prints where the report is.
 `predict` classifies a folder of images with a trained model of a run and writes a CSV.
+`gc` removes old runs and whatever no manifest or kept run references from the storage.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "gender_classification"
+KEEP_DAYS_VAR = "GENDER_KEEP_DAYS"
+DEFAULT_KEEP_DAYS = 30.0
 
 
 def airflow_env_defaults() -> None:
@@ -66,9 +69,13 @@ def run_dag(conf: dict) -> int:
 
     airflow_env_defaults()
     from airflow.dag_processing.dagbag import DagBag  # noqa: PLC0415  (Airflow only for this command)
+    from airflow.models.dagrun import DagRun
+    from airflow.utils import timezone
     from airflow.utils.state import DagRunState
+    from airflow.utils.types import DagRunType
 
     from .layout import report_key, run_key_for
+    from .local_airflow import claim_run, prepare_airflow
     from .storage import LocalStorage, open_storage
 
     bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
@@ -76,7 +83,12 @@ def run_dag(conf: dict) -> int:
         print(f"error: the DAG files do not import: {bag.import_errors}", file=sys.stderr)
         return 1
     dag = bag.dags[DAG_ID]
-    run = dag.test(run_conf=conf)
+    prepare_airflow(DAG_ID)  # ends runs whose process died; registers the DAG one process at a time
+    # The run id dag.test() will give the run, known beforehand so that this process can claim it first.
+    now = timezone.utcnow()
+    run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=now, run_after=now)
+    with claim_run(run_id):
+        run = dag.test(run_conf=conf, logical_date=now, run_after=now)
     storage = open_storage(conf.get("storage") or "")
     key = report_key(run_key_for(run.run_id))
     if run.state != DagRunState.SUCCESS or not storage.exists(key):
@@ -86,6 +98,36 @@ def run_dag(conf: dict) -> int:
         return 1
     where = LocalStorage.local_path(storage, key) if isinstance(storage, LocalStorage) else storage.url(key)
     print(f"\nRun {run.run_id} succeeded.\nReport: {where}")
+    return 0
+
+
+def _keep_days_default() -> float:
+    raw = os.environ.get(KEEP_DAYS_VAR, "").strip()
+    try:
+        return float(raw) if raw else DEFAULT_KEEP_DAYS
+    except ValueError:
+        raise SystemExit(f"error: {KEEP_DAYS_VAR}={raw!r} is not a number of days") from None
+
+
+def collect_garbage(storage_uri: str | None, keep_days: float, dry_run: bool) -> int:
+    from .errors import PermanentError
+    from .housekeeping import collect_garbage as collect
+    from .housekeeping import total_bytes
+    from .storage import open_storage
+
+    if keep_days < 0:
+        print(f"error: --keep-days must be 0 or more, got {keep_days:g}", file=sys.stderr)
+        return 2
+    try:
+        storage = open_storage(storage_uri or "")
+        removals = collect(storage, keep_days=keep_days, dry_run=dry_run)
+    except PermanentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    verb = "would remove" if dry_run else "removed"
+    for r in removals:
+        print(f"{verb} {r.key} ({r.size:,} bytes): {r.reason}")
+    print(f"{verb} {len(removals)} object(s), {total_bytes(removals):,} bytes, from {storage.uri}")
     return 0
 
 
@@ -113,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--model", required=True, help="a model.ts file, or its storage URI")
     pred.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     pred.add_argument("--out", required=True, type=Path, help="CSV to write")
+
+    gc = sub.add_parser("gc", help="remove old runs and objects no manifest or kept run references")
+    gc.add_argument("--storage", help="s3://bucket/prefix or a local folder (default: ./.data/store)")
+    gc.add_argument("--keep-days", type=float, default=None,
+                    help=f"keep runs this many days (default: ${KEEP_DAYS_VAR} or {DEFAULT_KEEP_DAYS:g})")  # fmt: skip
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -128,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_label_audit:
             conf["label_audit"] = False
         return run_dag(conf)
+    if args.command == "gc":
+        keep = args.keep_days if args.keep_days is not None else _keep_days_default()
+        return collect_garbage(args.storage, keep, args.dry_run)
 
     from .evaluation.predict import predict_folder
 

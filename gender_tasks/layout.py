@@ -8,8 +8,13 @@ standard library, so the UI plugin can find a report without loading the trainin
     datasets/<dataset_id>/attributes.csv                  optional per-image attributes (labels.csv)
     datasets/<dataset_id>/splits/seed<seed>-<fractions>[-nd<d>].csv   the manifest with its split column
     datasets/<dataset_id>/cache/<size>px/shard-*.npy, index.json   decoded, resized uint8 shards (data.shards)
-    runs/<run_key>/models/<model>/...                     metrics, history, predictions, checkpoint, model.ts
-    runs/<run_key>/label_audit.csv                        out-of-fold predictions for every image
+    datasets/<dataset_id>/models/<model>/<train_key>/...  a trained model, keyed by what determines it
+                                                          (training/keys.py): checkpoint.pt while it
+                                                          trains, then its outputs (below)
+    datasets/<dataset_id>/label_audit/<audit_key>.csv     out-of-fold predictions, keyed the same way
+    runs/<run_key>/models/<model>/...                     a copy of the keyed outputs: metrics, history,
+                                                          predictions, model.ts, model_card, trained.json
+    runs/<run_key>/label_audit.csv, label_audit.json      a copy of the keyed audit, and where it came from
     runs/<run_key>/external/<set>.json                    external evaluation sets
     runs/<run_key>/report.html, results.json              the comparison report and its numbers
 """
@@ -21,6 +26,11 @@ from pathlib import PurePosixPath
 
 DATASETS = "datasets"
 RUNS = "runs"
+CHECKPOINT = "checkpoint.pt"
+# A trained model's outputs, in the order they are written: the last one marks the model complete.
+MODEL_OUTPUTS = ("predictions.csv", "history.json", "metrics.json", "model.ts", "model_card.json")
+# In a run's model folder: which keyed model the run's copy came from (what `gc` keeps for the run).
+TRAINED_RECORD = "trained.json"
 
 # A run key holds only these characters; anything else in an Airflow run id (':' '+' ' ') becomes '_'.
 _UNSAFE_RUN_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -69,6 +79,46 @@ def cache_prefix(dataset_id: str, size: int) -> str:
     return f"{dataset_prefix(dataset_id)}/cache/{size}px"
 
 
+# --- trained models and audits, keyed by their inputs ------------------------------------------------
+
+
+def trained_prefix(dataset_id: str, model_name: str, train_key: str) -> str:
+    return f"{dataset_prefix(dataset_id)}/models/{model_name}/{train_key}"
+
+
+def trained_file_key(dataset_id: str, model_name: str, train_key: str, name: str) -> str:
+    """One file of a keyed model: checkpoint.pt while it trains, then MODEL_OUTPUTS."""
+    return f"{trained_prefix(dataset_id, model_name, train_key)}/{name}"
+
+
+def audit_result_key(dataset_id: str, audit_key: str) -> str:
+    return f"{dataset_prefix(dataset_id)}/label_audit/{audit_key}.csv"
+
+
+def describe_key(key: str) -> tuple[str, str, str]:
+    """What a stored key is, for garbage collection: (kind, owner, detail).
+
+    kind is "run" (owner: the run key), "manifest", "image", "checkpoint", "trained" (detail: the keyed
+    model's prefix), "audit" or "dataset" (anything else of a dataset; owner: the dataset id), or "other".
+    """
+    parts = key.split("/")
+    if parts[0] == RUNS and len(parts) >= 3:
+        return "run", parts[1], ""
+    if parts[0] != DATASETS or len(parts) < 3:
+        return "other", "", ""
+    dataset_id, rest = parts[1], parts[2:]
+    if rest == ["manifest.csv"]:
+        return "manifest", dataset_id, ""
+    if rest[0] == "images":
+        return "image", dataset_id, ""
+    if rest[0] == "models" and len(rest) == 4:
+        kind = "checkpoint" if rest[3] == CHECKPOINT else "trained"
+        return kind, dataset_id, trained_prefix(dataset_id, rest[1], rest[2])
+    if rest[0] == "label_audit":
+        return "audit", dataset_id, key
+    return "dataset", dataset_id, ""
+
+
 # --- runs -------------------------------------------------------------------------------------------
 
 
@@ -88,6 +138,11 @@ def model_file_key(run_key: str, model_name: str, name: str) -> str:
 
 def label_audit_key(run_key: str) -> str:
     return f"{run_prefix(run_key)}/label_audit.csv"
+
+
+def label_audit_record_key(run_key: str) -> str:
+    """Which keyed audit the run's label_audit.csv was copied from."""
+    return f"{run_prefix(run_key)}/label_audit.json"
 
 
 def external_prefix(run_key: str) -> str:

@@ -145,6 +145,21 @@ def form_fields() -> dict[str, dict]:
     return out
 
 
+# Settings that do not change what a trained model learns: where data comes from and goes (the dataset id
+# and the split stand for the data itself), which models a run trains, checks that pass or stop a run,
+# and what is only evaluated afterwards. `epochs` and `image_size` act through the per-model plans, and
+# the label audit's fields identify the audit, not the models (training/keys.py adds them back for it).
+# Every other field, including any added later, is part of a trained model's identity: a new recipe
+# setting retrains by default instead of silently reusing a model trained without it.
+NOT_TRAINING_FIELDS = frozenset({
+    "source", "storage", "models", "epochs", "image_size", "per_model",
+    "min_rows", "max_rows", "min_class_share", "min_image_side", "max_image_pixels", "max_file_bytes",
+    "max_source_bytes",
+    "near_duplicate_distance", "near_duplicates_fatal", "external_eval",
+    "label_audit", "label_audit_folds", "label_audit_model", "label_audit_spec",
+})  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings(RunConfig):
     """A resolved run: the config with every default filled in, plus what follows from it."""
@@ -158,6 +173,10 @@ class Settings(RunConfig):
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (lists, dicts, numbers): what travels through XCom and is saved with the outputs."""
         return json_safe(dataclasses.asdict(self))
+
+    def training_inputs(self) -> dict[str, Any]:
+        """The settings every model's training depends on (all but NOT_TRAINING_FIELDS), as plain JSON."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_TRAINING_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

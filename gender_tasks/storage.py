@@ -18,6 +18,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Protocol
@@ -81,6 +82,15 @@ class StorageConfigError(StorageError, PermanentError):
     """Storage is misconfigured (no credentials, no such bucket, access denied): a retry cannot help."""
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object as a listing sees it: what garbage collection weighs (size) and ages (modified)."""
+
+    key: str
+    size: int
+    modified: float  # seconds since the epoch
+
+
 class Storage(Protocol):
     uri: str
 
@@ -91,6 +101,8 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def url(self, key: str) -> str: ...
+    def copy(self, src: str, dst: str) -> None: ...
+    def list_info(self, prefix: str) -> list[ObjectInfo]: ...
 
 
 def _check_key(key: str) -> str:
@@ -214,6 +226,36 @@ class LocalStorage:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def copy(self, src: str, dst: str) -> None:
+        """`dst` gets `src`'s bytes: a hard link where the file system allows (no space, no time), else a
+        copy; either way through a temporary name, so no reader sees half of it. Objects are never
+        written in place (put_bytes replaces the file), so the two keys cannot change each other."""
+        source, target = self._path(src), self._path(dst)
+        if not source.is_file():
+            raise FileNotFoundError(f"{self.url(src)} does not exist")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:  # another device, or a file system without hard links
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        """Like list(), with each object's size and modification time."""
+        out = []
+        for key in self.list(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            out.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        return out
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -428,6 +470,37 @@ class S3Storage:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (BotoCoreError, ClientError) as exc:
             raise self._explain(exc, self.url(key)) from exc
+
+    def copy(self, src: str, dst: str) -> None:
+        """A server-side copy (CopyObject): the bytes never pass through this machine (objects up to 5 GB)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=self._key(dst),
+                                    CopySource={"Bucket": self.bucket, "Key": self._key(src)})  # fmt: skip
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(f"{self.url(src)} does not exist") from None
+            raise self._explain(exc, self.url(dst)) from exc
+        except BotoCoreError as exc:
+            raise self._explain(exc, self.url(dst)) from exc
+
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        """Like list(), with each object's size and modification time (from the same listing calls)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        _check_prefix(prefix)
+        base = self.prefix + "/" if self.prefix else ""
+        out: list[ObjectInfo] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(base) :]
+                    if not key.startswith(PROBE_PREFIX + "/"):
+                        out.append(ObjectInfo(key, int(obj["Size"]), obj["LastModified"].timestamp()))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._explain(exc, f"s3://{self.bucket}/{base}{prefix}") from exc
+        return sorted(out, key=lambda o: o.key)
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

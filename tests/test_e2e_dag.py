@@ -88,8 +88,13 @@ def test_dag_runs_on_s3_storage_and_a_second_run_uploads_nothing(airflow_db, tmp
     assert second.state == DagRunState.SUCCESS
     again = json.loads(storage.get_bytes(f"runs/{run_key_for(second.run_id)}/results.json"))
     assert again["dataset"]["dataset_id"] == dataset_id and again["dataset"]["uploaded"] == 0
-    # The dataset, its split and its caches: nothing new, nothing rewritten (same content and timestamps).
+    # The dataset, its split, its caches and its trained models: nothing new, nothing rewritten (same content
+    # and timestamps): the second run trained nothing and copied the keyed models into its own folder.
     assert _objects(s3, s3_bucket, "pipeline/datasets/") == before
+    for model in ("cnn", "mobilenetv2"):
+        record = json.loads(storage.get_bytes(f"runs/{run_key_for(second.run_id)}/models/{model}/trained.json"))
+        assert record["reused"] is True, model
+    assert storage.exists(f"runs/{run_key_for(second.run_id)}/report.html")
 
 
 def _objects(s3, bucket: str, prefix: str) -> dict:

@@ -28,6 +28,23 @@ def test_roundtrip_list_and_exists(any_storage):
     assert any_storage.list("a/") == ["a/b/c.txt"]
 
 
+def test_copy_gives_the_bytes_independently_and_list_info_sizes_and_ages_them(any_storage):
+    import time
+
+    any_storage.put_bytes("a/model.ts", b"weights")
+    any_storage.copy("a/model.ts", "runs/r/model.ts")
+    assert any_storage.get_bytes("runs/r/model.ts") == b"weights"
+    any_storage.put_bytes("a/model.ts", b"retrained")  # replacing one key leaves the copy as it was
+    any_storage.delete("a/model.ts")
+    assert any_storage.get_bytes("runs/r/model.ts") == b"weights"
+    with pytest.raises(FileNotFoundError, match="a/model.ts"):
+        any_storage.copy("a/model.ts", "runs/r2/model.ts")
+    assert not any_storage.exists("runs/r2/model.ts")
+    (info,) = any_storage.list_info("runs/")
+    assert info.key == "runs/r/model.ts" and info.size == len(b"weights")
+    assert abs(info.modified - time.time()) < 600
+
+
 def test_overwrite_replaces_whole_object(any_storage):
     any_storage.put_bytes("k.bin", b"old" * 1000)
     any_storage.put_bytes("k.bin", b"new")

@@ -6,7 +6,7 @@ from conftest import write_dataset
 
 from gender_tasks import pipeline
 from gender_tasks.evaluation.predict import predict_folder
-from gender_tasks.layout import model_prefix
+from gender_tasks.layout import model_prefix, trained_prefix
 from gender_tasks.settings import Settings, TrainPlan
 from gender_tasks.storage import open_storage
 from gender_tasks.training import trainer
@@ -31,16 +31,40 @@ def _manifest(settings, split_info):
     return read_manifest(open_storage(settings["storage"]), split_info["split_key"])
 
 
-def test_training_writes_every_output(prepared):
+def test_training_writes_every_output_and_removes_its_checkpoint(prepared):
     settings, dataset, split_info = prepared
     out = pipeline.train(settings, dataset, split_info, "cnn", "r1")
     storage = open_storage(settings["storage"])
     prefix = model_prefix("r1", "cnn")
-    for name in ("metrics.json", "history.json", "predictions.csv", "model.ts", "model_card.json", "checkpoint.pt"):
+    keyed = trained_prefix(dataset["dataset_id"], "cnn", out["train_key"])
+    for name in ("metrics.json", "history.json", "predictions.csv", "model.ts", "model_card.json"):
         assert storage.exists(f"{prefix}/{name}"), name
+        assert storage.get_bytes(f"{prefix}/{name}") == storage.get_bytes(f"{keyed}/{name}"), name
     metrics = json.loads(storage.get_bytes(f"{prefix}/metrics.json"))
     assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["epochs"] == 2
-    assert out["seconds"] > 0
+    assert out["seconds"] > 0 and out["reused"] is False
+    record = json.loads(storage.get_bytes(f"{prefix}/trained.json"))
+    assert record["trained"] == keyed and record["inputs"]["dataset_id"] == dataset["dataset_id"]
+    # Exported: no checkpoint is left, neither keyed nor in the run.
+    assert [k for k in storage.list("") if k.endswith("checkpoint.pt")] == []
+
+
+def test_a_second_run_with_the_same_inputs_reuses_the_model_and_a_changed_setting_retrains(prepared, caplog):
+    settings, dataset, split_info = prepared
+    first = pipeline.train(settings, dataset, split_info, "cnn", "ra")
+    caplog.set_level("INFO")
+    # Settings that do not change training (the source's spelling, checks, other models) keep the key.
+    same = {**settings, "source": settings["source"] + "/", "min_rows": 5, "models": ["cnn"]}
+    second = pipeline.train(same, dataset, split_info, "cnn", "rb")
+    assert second["reused"] is True and second["train_key"] == first["train_key"]
+    assert "cnn: reusing the model trained with the same inputs" in caplog.text
+    assert "cnn epoch 1/2" not in caplog.text  # nothing was trained
+    storage = open_storage(settings["storage"])
+    assert storage.exists(f"{model_prefix('rb', 'cnn')}/model.ts")
+    caplog.clear()
+    changed = pipeline.train({**settings, "learning_rate": 5e-4}, dataset, split_info, "cnn", "rc")
+    assert changed["reused"] is False and changed["train_key"] != first["train_key"]
+    assert "cnn epoch 1/2" in caplog.text
 
 
 class _Killed(Exception):
@@ -53,7 +77,7 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
     manifest = _manifest(settings, split_info)
     settings = Settings.from_dict(settings)
     settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": TrainPlan(32, 3, 1)})
-    kwargs = dict(run_key="r2", model_name="mobilenetv2", manifest=manifest, dataset_id=dataset["dataset_id"],
+    kwargs = dict(model_name="mobilenetv2", manifest=manifest, dataset_id=dataset["dataset_id"],
                   settings=settings)  # fmt: skip
     save = trainer.save_checkpoint
 
@@ -63,11 +87,11 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        train_model(storage, **kwargs)
+        train_model(storage, run_key="r2-killed", **kwargs)
     monkeypatch.setattr(trainer, "save_checkpoint", save)
     caplog.set_level("INFO")
-    train_model(storage, **kwargs)
-    assert "resuming from the checkpoint of epoch 1/3" in caplog.text
+    train_model(storage, run_key="r2", **kwargs)  # a new run: the checkpoint is keyed by inputs, not by run
+    assert "mobilenetv2: resuming at epoch 2/3 (checkpoint of epoch 1)" in caplog.text
     assert "mobilenetv2 epoch 1/3" not in caplog.text  # epoch 1 was not trained again
     history = json.loads(storage.get_bytes(f"{model_prefix('r2', 'mobilenetv2')}/history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3]

@@ -5,11 +5,17 @@ The study took its labels unverified. A model's predictions on images it trained
 about their labels, so every image is predicted by a model that never saw it: k-fold cross-fitting
 over the whole dataset (stratified, seeded), with a fast model (the study's CNN by default).
 
-    runs/<run_key>/label_audit.csv   key, source_path, label, split, fold, prob_male, p_given_label
+    datasets/<id>/label_audit/<audit_key>.csv   key, source_path, label, split, fold, prob_male, p_given_label
+    runs/<run_key>/label_audit.csv              a copy of it; label_audit.json says which, and its inputs
+
+Keyed like a trained model (training/keys.py): a run with the same dataset, split, settings and code
+reuses the predictions instead of training the folds again.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import time
 
@@ -21,10 +27,12 @@ from .. import layout
 from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
 from ..evaluation.metrics import encode_labels
+from ..layout import audit_result_key, label_audit_key, label_audit_record_key
 from ..settings import Settings
 from ..storage import Storage
 from .batches import rows_data
 from .devices import configure_threads
+from .keys import audit_inputs, key_of
 from .loop import fit_predict
 
 log = logging.getLogger(__name__)
@@ -32,6 +40,33 @@ log = logging.getLogger(__name__)
 
 def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
                     parallel_tasks: int = 1) -> dict:  # fmt: skip
+    inputs = audit_inputs(settings, dataset_id, manifest)
+    keyed = audit_result_key(dataset_id, key_of(inputs))
+    reused = storage.exists(keyed)
+    if reused:
+        log.info("label audit: reusing the predictions made with the same inputs, %s", storage.url(keyed))
+        table = pd.read_csv(io.BytesIO(storage.get_bytes(keyed)))
+    else:
+        table = _audit(storage, manifest, dataset_id, settings, parallel_tasks)
+        storage.put_bytes(keyed, table.to_csv(index=False).encode())
+    storage.copy(keyed, label_audit_key(run_key))
+    record = {"audit": keyed, "audit_key": key_of(inputs), "reused": reused, "inputs": inputs}
+    storage.put_bytes(label_audit_record_key(run_key), json.dumps(record, indent=1).encode())
+    return _summary(storage, run_key, table, settings.label_audit_model) | {"reused": reused}
+
+
+def _summary(storage: Storage, run_key: str, table: pd.DataFrame, model_name: str) -> dict:
+    suspicious = int((table["p_given_label"] < 0.1).sum())
+    log.info("label audit: %d of %d images have P(given label) < 0.1", suspicious, len(table))
+    correct = (table["prob_male"] >= 0.5) == (table["label"] == "male")
+    return {"audit_uri": storage.url(label_audit_key(run_key)), "images": len(table),
+            "folds": int(table["fold"].nunique()), "model": model_name, "suspicious": suspicious,
+            "out_of_fold_accuracy": float(correct.mean())}  # fmt: skip
+
+
+def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
+           parallel_tasks: int) -> pd.DataFrame:  # fmt: skip
+    """Out-of-fold P(male) for every distinct image, least plausible given label first."""
     spec = settings.label_audit_spec
     model_name, folds, seed = settings.label_audit_model, int(settings.label_audit_folds), settings.seed
     configure_threads(parallel_tasks)
@@ -58,10 +93,4 @@ def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, d
     table["fold"] = fold_of
     table["prob_male"] = prob
     table["p_given_label"] = np.where(y == 1, prob, 1 - prob)
-    table = table.sort_values("p_given_label").reset_index(drop=True)
-    storage.put_bytes(layout.label_audit_key(run_key), table.to_csv(index=False).encode())
-    suspicious = int((table["p_given_label"] < 0.1).sum())
-    log.info("label audit: %d of %d images have P(given label) < 0.1", suspicious, len(table))
-    return {"audit_uri": storage.url(layout.label_audit_key(run_key)), "images": len(table), "folds": folds,
-            "model": model_name, "suspicious": suspicious,
-            "out_of_fold_accuracy": float(((prob >= 0.5) == (y == 1)).mean())}  # fmt: skip
+    return table.sort_values("p_given_label").reset_index(drop=True)

@@ -1,17 +1,27 @@
 """Train one model of a run on the preprocessed (sharded) cache, resumably, and write its outputs.
 
-runs/<run_key>/models/<model>/checkpoint.pt    after every epoch (a retry resumes from it)
-runs/<run_key>/models/<model>/metrics.json     test metrics, train accuracy, settings, timings
-runs/<run_key>/models/<model>/history.json     per-epoch loss / accuracy, train and validation
-runs/<run_key>/models/<model>/predictions.csv  every image's probability of "male", with its split
-runs/<run_key>/models/<model>/model.ts         TorchScript: float [0,1] NCHW in, P(male) out
+A model is keyed by what determines it (training/keys.py), not by the run: it trains under
+datasets/<id>/models/<model>/<train_key>/ (layout.trained_prefix), so any run with the same inputs
+resumes a killed training from its checkpoint, or reuses the finished model without training at all.
+
+<trained>/checkpoint.pt    after every epoch; removed once the model is exported
+<trained>/predictions.csv  every image's probability of "male", with its split
+<trained>/history.json     per-epoch loss / accuracy, train and validation
+<trained>/metrics.json     test metrics, train accuracy, settings, timings
+<trained>/model.ts         TorchScript: float [0,1] NCHW in, P(male) out
+<trained>/model_card.json  written last: the model is complete
+
+The run then gets its own copy (runs/<run_key>/models/<model>/, plus trained.json naming the keyed
+model and its inputs), so the report, the UI and `predict` read one self-contained run folder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +40,7 @@ from .batches import Inputs, Split, load_splits
 from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_torchscript
+from .keys import key_of, model_inputs
 from .loop import epoch_generator, predict_proba, setup_model, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -58,19 +69,47 @@ class TrainingRun:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
 
-    def file_key(self, run_key: str, name: str) -> str:
-        return layout.model_file_key(run_key, self.model_name, name)
-
 
 def train_model(storage: Storage, *, run_key: str, model_name: str, manifest: pd.DataFrame, dataset_id: str,
                 settings: Settings, parallel_tasks: int = 1) -> dict:  # fmt: skip
-    """Train `model_name` as `settings` say, resuming from its checkpoint, and write its outputs.
+    """Train `model_name` as `settings` say (or reuse the model trained with the same inputs, or resume
+    its checkpoint), then copy its outputs into the run.
 
     Returns a small summary dict (XCom-safe).
     """
-    run = _start(storage, model_name, manifest, dataset_id, settings, parallel_tasks)
-    _fit(storage, run, layout.model_file_key(run_key, model_name, "checkpoint.pt"))
-    return _write_outputs(storage, run_key, run)
+    inputs = model_inputs(settings, model_name, dataset_id, manifest)
+    train_key = key_of(inputs)
+    file_key = functools.partial(layout.trained_file_key, dataset_id, model_name, train_key)
+    reused = storage.exists(file_key(layout.MODEL_OUTPUTS[-1]))
+    if reused:
+        log.info("%s: reusing the model trained with the same inputs, %s (nothing to train)", model_name,
+                 storage.url(layout.trained_prefix(dataset_id, model_name, train_key)))  # fmt: skip
+    else:
+        run = _start(storage, model_name, manifest, dataset_id, settings, parallel_tasks)
+        _fit(storage, run, file_key(layout.CHECKPOINT))
+        _write_outputs(storage, file_key, run)
+        storage.delete(file_key(layout.CHECKPOINT))  # exported: a resume has nothing left to do
+    prefix = layout.trained_prefix(dataset_id, model_name, train_key)
+    return _publish(storage, run_key, model_name, file_key, {"trained": prefix, "train_key": train_key,
+                                                             "reused": reused, "inputs": inputs})  # fmt: skip
+
+
+def _publish(storage: Storage, run_key: str, model_name: str, file_key: Callable[[str], str], record: dict) -> dict:
+    """Copy the keyed model's outputs into the run's folder, with a record of where they came from.
+
+    A copy (a hard link locally, a server-side copy on S3), not a pointer: every reader of a run (the
+    report, the UI plugin, external evaluation, `predict --model runs/…/model.ts`) keeps reading one
+    self-contained folder, and a run stays complete when `gc` later drops keyed models no run needs.
+    """
+    for name in layout.MODEL_OUTPUTS:
+        storage.copy(file_key(name), layout.model_file_key(run_key, model_name, name))
+    storage.put_bytes(layout.model_file_key(run_key, model_name, layout.TRAINED_RECORD),
+                      json.dumps(record, indent=1).encode())  # fmt: skip
+    metrics = json.loads(storage.get_bytes(layout.model_file_key(run_key, model_name, "metrics.json")))
+    test = metrics.get("test")
+    return {"model": model_name, "metrics_uri": storage.url(layout.model_file_key(run_key, model_name, "metrics.json")),
+            "test_accuracy": test["accuracy"] if test else None, "reused": record["reused"],
+            "train_key": record["train_key"]}  # fmt: skip
 
 
 def _start(storage: Storage, model_name: str, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
@@ -113,7 +152,10 @@ def _resume(storage: Storage, run: TrainingRun, ckpt_key: str):
     optimizer, lr = _optimizer(run, frozen)
     if state["frozen"] == frozen:
         optimizer.load_state_dict(state["optimizer"])
-    log.info("%s: resuming from the checkpoint of epoch %d/%d", run.model_name, start, plan.epochs)
+    if start < plan.epochs:
+        log.info("%s: resuming at epoch %d/%d (checkpoint of epoch %d)", run.model_name, start + 1, plan.epochs, start)
+    else:  # killed while exporting: every epoch is done
+        log.info("%s: all %d epochs were trained before; exporting from the checkpoint", run.model_name, start)
     return start, frozen, optimizer, lr
 
 
@@ -176,11 +218,12 @@ def _predictions(run: TrainingRun) -> tuple[pd.DataFrame, dict | None]:
     return preds.drop(columns="label_id"), test_metrics
 
 
-def _write_outputs(storage: Storage, run_key: str, run: TrainingRun) -> dict:
+def _write_outputs(storage: Storage, file_key: Callable[[str], str], run: TrainingRun) -> None:
+    """The model's outputs, in layout.MODEL_OUTPUTS order: the model card, written last, marks it complete."""
     s, name = run.settings, run.model_name
     preds, test_metrics = _predictions(run)
-    storage.put_bytes(run.file_key(run_key, "predictions.csv"), preds.to_csv(index=False).encode())
-    storage.put_bytes(run.file_key(run_key, "history.json"), json.dumps(run.history, indent=1).encode())
+    storage.put_bytes(file_key("predictions.csv"), preds.to_csv(index=False).encode())
+    storage.put_bytes(file_key("history.json"), json.dumps(run.history, indent=1).encode())
     last = run.history[-1]
     metrics = {
         "model": name,
@@ -201,16 +244,14 @@ def _write_outputs(storage: Storage, run_key: str, run: TrainingRun) -> dict:
         "torch_threads": run.threads,
         "torch_version": torch.__version__,
     }
-    storage.put_bytes(run.file_key(run_key, "metrics.json"), json.dumps(metrics, indent=1).encode())
+    storage.put_bytes(file_key("metrics.json"), json.dumps(metrics, indent=1).encode())
     card = {"dataset_id": run.dataset_id, "source": s.source, "seed": s.seed, "profile": s.profile,
             "test_metrics": test_metrics, "epochs": len(run.history)}  # fmt: skip
-    storage.put_bytes(run.file_key(run_key, "model.ts"), export_torchscript(run.model, name, run.plan.image_size, card))
-    storage.put_bytes(run.file_key(run_key, "model_card.json"), json.dumps({**metrics, **card}, indent=1).encode())
+    storage.put_bytes(file_key("model.ts"), export_torchscript(run.model, name, run.plan.image_size, card))
+    storage.put_bytes(file_key("model_card.json"), json.dumps({**metrics, **card}, indent=1).encode())
     accuracy = test_metrics["accuracy"] if test_metrics else float("nan")
     f1 = test_metrics["weighted"]["f1"] if test_metrics else float("nan")
     log.info("%s done: train acc %.3f, test acc %.3f, weighted F1 %.3f", name, metrics["train_accuracy"], accuracy, f1)
-    return {"model": name, "metrics_uri": storage.url(run.file_key(run_key, "metrics.json")),
-            "test_accuracy": test_metrics["accuracy"] if test_metrics else None}  # fmt: skip
 
 
 def _takes_weights(model_name: str) -> bool:

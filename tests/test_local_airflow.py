@@ -1,0 +1,101 @@
+"""The embedded Airflow of `python -m gender_tasks run`: stale runs ended, concurrent first runs registered safely."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pendulum
+import pytest
+
+from gender_tasks.cli import DAG_ID
+from gender_tasks.local_airflow import _run_is_alive, claim_run, end_stale_runs, prepare_airflow
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_killed_process_no_longer_holds_its_run(airflow_db):
+    """The lock a `run` holds is dropped by the kernel when the process is SIGKILLed."""
+    code = ("import sys, time\nfrom gender_tasks.local_airflow import claim_run\n"
+            "with claim_run('manual__killed'):\n    print('claimed', flush=True)\n    time.sleep(600)\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "claimed"
+        assert _run_is_alive("manual__killed")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not _run_is_alive("manual__killed")
+
+
+def _add_run(session, run_id: str, state: str, triggered_by, minutes: int):
+    from airflow.models.dagrun import DagRun
+
+    when = pendulum.datetime(2020, 1, 1, tz="UTC").add(minutes=minutes)
+    run = DagRun(dag_id=DAG_ID, run_id=run_id, run_type="manual", state=state, triggered_by=triggered_by,
+                 logical_date=when, run_after=when, start_date=when)  # fmt: skip
+    session.add(run)
+
+
+def test_stale_runs_of_dead_processes_are_ended_and_live_or_scheduler_runs_kept(airflow_db, capfd):
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.types import DagRunTriggeredByType as By
+    from sqlalchemy import delete, select
+
+    prepare_airflow(DAG_ID)  # registers the DAG (and ends nothing yet)
+    runs = {"stale_dead_running": ("running", By.TEST), "stale_dead_queued": ("queued", By.TEST),
+            "stale_live": ("running", By.TEST), "stale_ui": ("running", By.UI)}  # fmt: skip
+    with create_session() as session:
+        for i, (run_id, (state, by)) in enumerate(runs.items()):
+            _add_run(session, run_id, state, by, i)
+    try:
+        with claim_run("stale_live"):  # a `run` in progress elsewhere: its process holds the lock
+            ended = end_stale_runs(DAG_ID)
+        assert sorted(ended) == ["stale_dead_queued", "stale_dead_running"]
+        with create_session() as session:
+            states = dict(session.execute(select(DagRun.run_id, DagRun.state).where(DagRun.run_id.in_(runs))).all())
+        assert states == {"stale_dead_running": "failed", "stale_dead_queued": "failed", "stale_live": "running",
+                          "stale_ui": "running"}  # fmt: skip
+        logged = "".join(capfd.readouterr())  # Airflow's structlog writes log lines to the console
+        assert "ended stale run stale_dead_running" in logged and "stale_ui" not in logged
+    finally:
+        with create_session() as session:
+            session.execute(delete(DagRun).where(DagRun.run_id.in_(runs)))
+
+
+_SETUP = """
+import sys, time
+from gender_tasks.cli import DAG_ID, airflow_env_defaults
+airflow_env_defaults()
+from gender_tasks.local_airflow import prepare_airflow
+start = float(sys.argv[1])
+while time.time() < start:  # both processes register at the same moment
+    time.sleep(0.005)
+prepare_airflow(DAG_ID)
+print("registered")
+"""
+
+
+@pytest.mark.slow
+def test_two_first_runs_at_once_on_a_fresh_airflow_home_both_register(tmp_path):
+    """Without the setup lock this crashed one of them (UNIQUE constraint failed: dag_bundle.name / asset.name)."""
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "home")}
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=env,
+                   timeout=600)  # fmt: skip
+    start = str(time.time() + 40)  # after both have imported Airflow, even on a loaded machine
+    procs = [subprocess.Popen([sys.executable, "-c", _SETUP, start], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0 and "registered" in out, err[-3000:]
+    code = ("from airflow.utils.session import create_session\nfrom airflow.models.asset import AssetModel\n"
+            "from sqlalchemy import select, func\nwith create_session() as s:\n"
+            "    print(s.scalar(select(func.count()).select_from(AssetModel)))\n")  # fmt: skip
+    count = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300, check=True)  # fmt: skip
+    assert count.stdout.strip().splitlines()[-1] == "1"
