@@ -108,17 +108,19 @@ def step_ingest(state: dict, workdir: Path) -> dict:
     from gender_tasks import pipeline
 
     # The CNN alone, one epoch at the cpu profile's 64 px; no label audit (k trainings of the same CNN).
-    settings = pipeline.prepare({"source": str(workdir / "faces"), "storage": str(workdir / "store"), "min_rows": 10,
-                                 "profile": "cpu", "models": ["cnn"], "epochs": 1, "label_audit": False})  # fmt: skip
-    state["settings"] = settings
-    state["dataset"] = pipeline.ingest(settings)
+    run = pipeline.prepare({"source": str(workdir / "faces"), "storage": str(workdir / "store"), "min_rows": 10,
+                            "profile": "cpu", "models": ["cnn"], "epochs": 1, "label_audit": False},
+                           run_id=RUN_KEY)  # fmt: skip
+    state["run"] = pipeline.ingest(run)
+    state["settings"], state["dataset"] = state["run"]["settings"], state["run"]["dataset"]
     return {"images": state["dataset"].get("images", "")}
 
 
 def step_split(state: dict, workdir: Path) -> dict:
     from gender_tasks import pipeline
 
-    state["split_info"] = pipeline.split(state["settings"], state["dataset"])
+    state["run"] = pipeline.split(state["run"])
+    state["split_info"] = state["run"]["split"]
     return {"counts": state["split_info"]["counts"]}
 
 
@@ -127,7 +129,7 @@ def step_validate(state: dict, workdir: Path) -> dict:
     from gender_tasks.data.validate import ValidationFailed
 
     try:
-        summary = pipeline.validate(state["settings"], state["split_info"])
+        summary = pipeline.validate(state["run"])["validation"]
         return {"passed": True, "near_duplicate_count": summary["near_duplicate_count"]}
     except ValidationFailed as exc:
         return {"passed": False, "failed": [f["says"] for f in exc.failures]}
@@ -136,7 +138,8 @@ def step_validate(state: dict, workdir: Path) -> dict:
 def step_preprocess(state: dict, workdir: Path) -> dict:
     from gender_tasks import pipeline
 
-    state["caches"] = pipeline.preprocess(state["settings"], state["dataset"], state["split_info"])
+    state["run"] = pipeline.preprocess(state["run"])
+    state["caches"] = state["run"]["caches"]
     return {"caches": state["caches"]["cache_prefixes"]}
 
 
@@ -155,7 +158,7 @@ def step_train(state: dict, workdir: Path) -> dict:
     from gender_tasks.data.shards import CACHE_DIR_ENV
 
     os.environ[CACHE_DIR_ENV] = str(workdir / "local-cache")  # as a worker's GENDER_CACHE_DIR
-    out = pipeline.train(state["settings"], state["dataset"], state["split_info"], "cnn", RUN_KEY)
+    out = pipeline.train(state["run"], "cnn")
     state["train"] = out
     return {"test_accuracy": round(out["test_accuracy"], 3)}
 
@@ -163,8 +166,8 @@ def step_train(state: dict, workdir: Path) -> dict:
 def step_report(state: dict, workdir: Path) -> dict:
     from gender_tasks import pipeline
 
-    validation = {"passed": True}
-    out = pipeline.report(state["settings"], state["dataset"], state["split_info"], validation, RUN_KEY)
+    # The validate step's outcome is measured, not required: the report gets a stand-in summary.
+    out = pipeline.report({**state["run"], "validation": {"passed": True}}, [state["train"]])
     html = Path(out["report_uri"].removeprefix("file://"))
     return {"report_kb": round(html.stat().st_size / 1024) if html.exists() else None}
 

@@ -117,13 +117,12 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    settings = Settings.from_dict(pipeline.prepare({
+    run = pipeline.prepare({
         "source": args.source, "storage": args.storage or str(workdir / "store"), "profile": args.profile,
         "models": args.models.split(","), "label_audit": False,
-    }))  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    split_info = pipeline.split(settings, dataset)
-    pipeline.preprocess(settings, dataset, split_info)
+    })  # fmt: skip
+    run = pipeline.preprocess(pipeline.split(pipeline.ingest(run)))
+    settings, dataset, split_info = Settings.from_dict(run["settings"]), run["dataset"], run["split"]
     storage = open_storage(settings.storage)
     manifest = read_manifest(storage, split_info["split_key"])
 

@@ -68,11 +68,14 @@ def gpu_executor_config() -> dict:
     }
 
 
-def pipeline_run_key() -> str:
-    """The storage folder of the current run (its run id made path-safe)."""
-    from gender_tasks.layout import run_key_for
+def _skip_if_off(run: dict, step: str) -> None:
+    """End the task as skipped (not a green success) when the run's settings switch the step off."""
+    from airflow.sdk.exceptions import AirflowSkipException
 
-    return run_key_for(get_current_context()["run_id"])
+    from gender_tasks.pipeline import is_switched_off
+
+    if is_switched_off(run, step):
+        raise AirflowSkipException(f"{step} is switched off in this run's settings")
 
 
 def _step(name: str, *args, **kwargs):
@@ -90,6 +93,8 @@ def _step(name: str, *args, **kwargs):
 
 @dag(
     dag_id="gender_classification",
+    description="Trains the study's four gender classifiers on a folder of labeled faces and compares them "
+    "with the paper's Table 1 (Comparison report tab on each run).",
     schedule=os.environ.get("GENDER_SCHEDULE") or None,
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
@@ -101,86 +106,79 @@ def _step(name: str, *args, **kwargs):
     params={name: Param(**spec) for name, spec in form_fields().items()},
 )
 def gender_classification():
+    # One run record travels down the chain (gender_tasks.pipeline): each task has one data edge.
     @task
     def prepare() -> dict:
-        return _step("prepare", dict(get_current_context()["params"]))
+        context = get_current_context()
+        return _step("prepare", dict(context["params"]), run_id=context["run_id"])
 
     @task(outlets=[DATASET_ASSET])
-    def ingest(settings: dict) -> dict:
-        dataset = _step("ingest", settings)
+    def ingest(run: dict) -> dict:
+        run = _step("ingest", run)
+        dataset = run["dataset"]
         get_current_context()["outlet_events"][DATASET_ASSET].extra = {
             "dataset_id": dataset["dataset_id"], "manifest_uri": dataset["manifest_uri"], "images": dataset["images"],
-            "storage": settings["storage"],
+            "storage": run["storage"],
         }  # fmt: skip
-        return dataset
+        return run
 
     @task
-    def split(settings: dict, dataset: dict) -> dict:
-        return _step("split", settings, dataset)
+    def split(run: dict) -> dict:
+        return _step("split", run)
 
     @task
-    def validate(settings: dict, split_info: dict) -> dict:
-        return _step("validate", settings, split_info)
+    def validate(run: dict) -> dict:
+        return _step("validate", run)
 
     @task
-    def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
-        return _step("preprocess", settings, dataset, split_info)
+    def preprocess(run: dict) -> dict:
+        return _step("preprocess", run)
 
     @task
-    def plan_training(settings: dict) -> list[str]:
+    def plan_training(run: dict) -> list[str]:
         from gender_tasks.scheduling import order_slowest_first
 
-        return order_slowest_first(settings["models"])
+        return order_slowest_first(run["settings"]["models"])
 
-    @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, map_index_template="{{ model_name }}", priority_weight=TRAIN_PRIORITY,
-          weight_rule=TRAIN_WEIGHT_RULE, executor_config=gpu_executor_config())  # fmt: skip
-    def train(model_name: str, settings: dict, dataset: dict, split_info: dict) -> dict:
+    # The model's name labels the mapped task from the moment it starts: the expanded argument is in
+    # `task.op_kwargs` before execution, which is when Airflow first renders this template.
+    @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, map_index_template="{{ task.op_kwargs['model_name'] }}",
+          priority_weight=TRAIN_PRIORITY, weight_rule=TRAIN_WEIGHT_RULE, executor_config=gpu_executor_config())  # fmt: skip
+    def train(model_name: str, run: dict) -> dict:
         from gender_tasks.scheduling import claim_gpu
 
-        get_current_context()["model_name"] = model_name
         parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
         with claim_gpu():  # one GPU of this worker's, before anything touches CUDA
-            return _step("train", settings, dataset, split_info, model_name, pipeline_run_key(),
-                         parallel_tasks=parallel)  # fmt: skip
+            return _step("train", run, model_name, parallel_tasks=parallel)
 
     @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, priority_weight=LABEL_AUDIT_PRIORITY, weight_rule="absolute",
           executor_config=gpu_executor_config())  # fmt: skip
-    def label_audit(settings: dict, dataset: dict, split_info: dict) -> dict:
+    def label_audit(run: dict) -> dict:
         from gender_tasks.scheduling import claim_gpu
 
-        run_key = pipeline_run_key()
+        _skip_if_off(run, "label_audit")
         parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
         with claim_gpu():
-            return _step("label_audit", settings, dataset, split_info, run_key, parallel_tasks=parallel)
+            return _step("label_audit", run, parallel_tasks=parallel)
 
     @task
-    def evaluate_external(settings: dict) -> dict:
-        return _step("evaluate_external", settings, pipeline_run_key())
+    def evaluate_external(run: dict) -> dict:
+        _skip_if_off(run, "evaluate_external")
+        return _step("evaluate_external", run)
 
-    @task
-    def report(settings: dict, dataset: dict, split_info: dict, validation: dict, trained: list[dict],
-               audit: dict, external: dict) -> dict:  # fmt: skip
-        run_id = get_current_context()["run_id"]
-        durations = {"ingest": dataset["seconds"], "split": split_info["seconds"], "validate": validation["seconds"]}
+    # Runs when a switched-off step was skipped (none_failed), not when one failed.
+    @task(trigger_rule="none_failed")
+    def report(run: dict, trained: list[dict], audit: dict | None, external: dict | None) -> dict:
         # Index rather than iterate: iterating a mapped result probes one past its end (a logged 404).
-        durations |= {f"train {t['model']}": t["seconds"] for t in (trained[i] for i in range(len(trained)))}
-        durations |= {"label audit": audit["seconds"], "external evaluation": external["seconds"]}
-        return _step("report", settings, dataset, split_info, validation, pipeline_run_key(),
-                     run_id=run_id, task_durations=durations, label_audit=audit)  # fmt: skip
+        trained = [trained[i] for i in range(len(trained))]
+        return _step("report", run, trained, label_audit=audit, external=external)
 
-    settings = prepare()
-    dataset = ingest(settings)
-    split_info = split(settings, dataset)
-    validation = validate(settings, split_info)
-    caches = preprocess(settings, dataset, split_info)
-    trained = train.partial(settings=settings, dataset=dataset, split_info=split_info).expand(
-        model_name=plan_training(settings)
-    )
-    audit = label_audit(settings, dataset, split_info)
-    external = evaluate_external(settings)
-    validation >> caches >> [trained, audit]
+    run = preprocess(validate(split(ingest(prepare()))))
+    trained = train.partial(run=run).expand(model_name=plan_training(run))
+    audit = label_audit(run)
+    external = evaluate_external(run)
     trained >> external
-    report(settings, dataset, split_info, validation, trained, audit, external)
+    report(run, trained, audit, external)
 
 
 gender_classification()

@@ -2,6 +2,13 @@
 
 Each Airflow task is one call to one of these, so the whole pipeline runs and is tested without
 Airflow. Data moves through object storage; only URIs, keys and small summaries are returned.
+
+One small **run record** travels from step to step: `prepare` makes it (the run's id and storage
+folder, where its report will be, the resolved settings), and each data step returns it with its own
+summary added under one name (`dataset`, `split`, `validation`, `caches`). The fan-out steps (train,
+label_audit, evaluate_external) take the record and return only their own result, which `report`
+gathers. So every task has one input edge, and the record, saved as `prepare`'s XCom, tells the UI
+plugin where a run's report is whatever storage the run used.
 """
 
 from __future__ import annotations
@@ -34,20 +41,38 @@ def _timed(fn):
     return wrapper
 
 
-def prepare(conf: dict) -> dict:
-    """The run's resolved settings, as the JSON every later step receives."""
+def _adds(name: str):
+    """The step returns its summary (timed); its caller gets the run record with the summary under `name`."""
+
+    def decorate(fn):
+        timed = _timed(fn)
+
+        @functools.wraps(fn)
+        def wrapper(run: dict, *args, **kwargs) -> dict:
+            return {**run, name: timed(run, *args, **kwargs)}
+
+        return wrapper
+
+    return decorate
+
+
+def prepare(conf: dict, run_id: str = "local") -> dict:
+    """The run record every later step receives: the resolved settings and where the run's outputs go."""
     settings = resolve_settings(conf)
-    # The default storage is resolved once, here, so that every task uses the same.
-    return settings.replace(storage=open_storage(settings.storage).uri).to_dict()
+    # The default storage is resolved once, here, so that every task (and the UI plugin) uses the same.
+    settings = settings.replace(storage=open_storage(settings.storage).uri)
+    run_key = layout.run_key_for(run_id)
+    return {"run_id": run_id, "run_key": run_key, "storage": settings.storage,
+            "report_key": layout.report_key(run_key), "settings": settings.to_dict()}  # fmt: skip
 
 
-@_timed
-def ingest(settings: dict) -> dict:
+@_adds("dataset")
+def ingest(run: dict) -> dict:
     from .data.attributes import load_labels, store_attributes
     from .data.ingest import Limits, ingest_folder
     from .data.sources import resolve_source
 
-    settings = as_settings(settings)
+    settings = as_settings(run["settings"])
     storage = open_storage(settings.storage)
     workdir = Path(tempfile.mkdtemp(prefix="gender-ingest-"))
     try:
@@ -61,11 +86,11 @@ def ingest(settings: dict) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@_timed
-def split(settings: dict, dataset: dict) -> dict:
+@_adds("split")
+def split(run: dict) -> dict:
     from .data.split import assign_splits, split_counts
 
-    settings = as_settings(settings)
+    settings, dataset = as_settings(run["settings"]), run["dataset"]
     storage = open_storage(settings.storage)
     dataset_id = dataset["dataset_id"]
     distance = int(settings.split_group_distance)
@@ -81,13 +106,13 @@ def split(settings: dict, dataset: dict) -> dict:
     return {"split_key": key, "counts": counts}
 
 
-@_timed
-def validate(settings: dict, split_info: dict) -> dict:
+@_adds("validation")
+def validate(run: dict) -> dict:
     """The data expectations (Great Expectations), then near-duplicates across splits (phash)."""
     from .data.near_duplicates import check_near_duplicates
     from .data.validate import validate_manifest
 
-    settings = as_settings(settings)
+    settings, split_info = as_settings(run["settings"]), run["split"]
     storage = open_storage(settings.storage)
     manifest = read_manifest(storage, split_info["split_key"])
     summary = validate_manifest(manifest, settings)
@@ -95,11 +120,11 @@ def validate(settings: dict, split_info: dict) -> dict:
     return summary
 
 
-@_timed
-def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
+@_adds("caches")
+def preprocess(run: dict) -> dict:
     from .data.preprocess import build_cache
 
-    settings = as_settings(settings)
+    settings, dataset, split_info = as_settings(run["settings"]), run["dataset"], run["split"]
     storage = open_storage(settings.storage)
     manifest = read_manifest(storage, split_info["split_key"])
     sizes = {spec.image_size for spec in settings.per_model.values()}
@@ -110,11 +135,10 @@ def preprocess(settings: dict, dataset: dict, split_info: dict) -> dict:
 
 
 @_timed
-def train(settings: dict, dataset: dict, split_info: dict, model_name: str, run_key: str,
-          parallel_tasks: int = 1) -> dict:  # fmt: skip
+def train(run: dict, model_name: str, parallel_tasks: int = 1) -> dict:
     from .training.trainer import train_model
 
-    settings = as_settings(settings)
+    settings, dataset, split_info, run_key = as_settings(run["settings"]), run["dataset"], run["split"], run["run_key"]
     storage = open_storage(settings.storage)
     manifest = read_manifest(storage, split_info["split_key"])
     return train_model(
@@ -123,11 +147,17 @@ def train(settings: dict, dataset: dict, split_info: dict, model_name: str, run_
     )  # fmt: skip
 
 
+def is_switched_off(run: dict, step: str) -> bool:
+    """Whether this run's settings switch `step` off (the DAG then ends its task as skipped)."""
+    settings = run["settings"]
+    return {"label_audit": not settings["label_audit"], "evaluate_external": not settings["external_eval"]}[step]
+
+
 @_timed
-def label_audit(settings: dict, dataset: dict, split_info: dict, run_key: str, parallel_tasks: int = 1) -> dict:
+def label_audit(run: dict, parallel_tasks: int = 1) -> dict:
     from .training.label_audit import run_label_audit
 
-    settings = as_settings(settings)
+    settings, dataset, split_info, run_key = as_settings(run["settings"]), run["dataset"], run["split"], run["run_key"]
     if not settings.label_audit:
         return {"skipped": "label_audit is off in the settings"}
     storage = open_storage(settings.storage)
@@ -137,24 +167,38 @@ def label_audit(settings: dict, dataset: dict, split_info: dict, run_key: str, p
 
 
 @_timed
-def evaluate_external(settings: dict, run_key: str) -> dict:
+def evaluate_external(run: dict) -> dict:
     from .evaluation.external import evaluate_external as evaluate
 
-    settings = as_settings(settings)
+    settings, run_key = as_settings(run["settings"]), run["run_key"]
     storage = open_storage(settings.storage)
     return {"sets": [evaluate(storage, run_key=run_key, settings=settings, spec=spec)["name"]
                      for spec in settings.external_eval]}  # fmt: skip
 
 
+def task_durations(run: dict, trained: list[dict], label_audit: dict | None, external: dict | None) -> dict:
+    """Wall time per step that ran; a skipped step (None, or switched off) is not listed."""
+    durations = {step: run[key]["seconds"] for step, key in
+                 (("ingest", "dataset"), ("split", "split"), ("validate", "validation"), ("preprocess", "caches"))
+                 if key in run}  # fmt: skip
+    durations |= {f"train {t['model']}": t["seconds"] for t in trained}
+    if label_audit and "skipped" not in label_audit:
+        durations["label audit"] = label_audit["seconds"]
+    if external and external.get("sets"):
+        durations["external evaluation"] = external["seconds"]
+    return durations
+
+
 @_timed
-def report(settings: dict, dataset: dict, split_info: dict, validation: dict, run_key: str,
-           run_id: str | None = None, task_durations: dict | None = None, label_audit: dict | None = None,
-           ) -> dict:  # fmt: skip
+def report(run: dict, trained: list[dict] | None = None, label_audit: dict | None = None,
+           external: dict | None = None) -> dict:  # fmt: skip
     from .reporting.report import build_report
 
-    settings = as_settings(settings)
+    settings, dataset, split_info, validation = (as_settings(run["settings"]), run["dataset"], run["split"],
+                                                 run["validation"])  # fmt: skip
     storage = open_storage(settings.storage)
+    durations = task_durations(run, trained or [], label_audit, external)
     return build_report(
-        storage, run_key=run_key, settings=settings, dataset=dataset, validation=validation,
-        split_key=split_info["split_key"], task_durations=task_durations, run_id=run_id, label_audit=label_audit,
+        storage, run_key=run["run_key"], settings=settings, dataset=dataset, validation=validation,
+        split_key=split_info["split_key"], task_durations=durations, run_id=run["run_id"], label_audit=label_audit,
     )  # fmt: skip

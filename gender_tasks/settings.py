@@ -20,6 +20,8 @@ from .models.registry import STUDY_MODELS, get_model_spec, model_names
 CLASSES = ("female", "male")  # label ids follow the study's Keras loader (sorted names): female 0, male 1
 WEIGHT_CHOICES = ("none", "imagenet")
 KAGGLE_DATASET = "kaggle:bwandowando/all-these-people-dont-exist"
+# JSON-schema `pattern` searches anywhere in the string: "some character that is not whitespace".
+NOT_BLANK = r"\S"
 
 
 class SettingsError(PermanentError):
@@ -62,12 +64,19 @@ def _form(title: str, description: str = "", **schema) -> dict:
     return {"form": {"title": title, **({"description": description} if description else {}), **schema}}
 
 
+def _range(minimum: int, maximum: int | None = None) -> dict:
+    """Bounds the server validates but Airflow's form does not clamp: its number box reads a top-level
+    `minimum`/`maximum` and silently moves 0 to 1 on blur, so the bounds sit one level down (`allOf`),
+    where JSON-schema validation still applies them and the refusal names the field and the bound."""
+    return {"allOf": [{"minimum": minimum, **({"maximum": maximum} if maximum is not None else {})}]}
+
+
 def default_source() -> str:
     return os.environ.get("GENDER_SOURCE") or KAGGLE_DATASET
 
 
-def default_storage() -> str:
-    return os.environ.get("GENDER_STORAGE", "")
+def default_storage() -> str | None:
+    return os.environ.get("GENDER_STORAGE") or None
 
 
 @dataclass(frozen=True)
@@ -76,26 +85,28 @@ class RunConfig:
 
     source: str = field(default_factory=default_source, metadata=_form(
         "Dataset source", "A folder with female/ and male/ subfolders, a .zip of one, s3://bucket/prefix, "
-        "or kaggle:owner/slug.", type="string", minLength=1))  # fmt: skip
-    storage: str = field(default_factory=default_storage, metadata=_form(
+        "or kaggle:owner/slug.", type="string", minLength=1, pattern=NOT_BLANK))  # fmt: skip
+    # Optional fields allow null: Airflow's form marks a field required unless its type includes "null".
+    storage: str | None = field(default_factory=default_storage, metadata=_form(
         "Object storage", "s3://bucket/prefix (AWS or MinIO via AWS_ENDPOINT_URL) or a local folder; "
-        "empty: the embedded default folder.", type="string"))  # fmt: skip
+        "empty: the embedded default folder.", type=["null", "string"], pattern=NOT_BLANK))  # fmt: skip
     profile: str = field(default="cpu", metadata=_form(
         "Training profile", "paper: the study's settings (GPU); cpu: minutes on a laptop; tiny: tests.",
         type="string", enum=list(PROFILES)))  # fmt: skip
     models: tuple[str, ...] = field(default=STUDY_MODELS, metadata=_form(
-        "Models to train", type="array", items={"type": "string"}, minItems=1, uniqueItems=True))  # fmt: skip
+        "Models to train", "Pick one or more; they train in parallel, slowest first.",
+        type="array", items={"type": "string"}, minItems=1, uniqueItems=True))  # fmt: skip
     epochs: int | None = field(default=None, metadata=_form(
         "Epochs", "Overrides the profile's epochs for every model (empty: the profile's).",
-        type=["null", "integer"], minimum=1, maximum=500))  # fmt: skip
+        type=["null", "integer"], **_range(1, 500)))  # fmt: skip
     image_size: int | None = field(default=None, metadata=_form(
         "Image size (px)", "Overrides the profile's input size (InceptionV3 never below 75).",
-        type=["null", "integer"], minimum=16, maximum=512))  # fmt: skip
+        type=["null", "integer"], **_range(16, 512)))  # fmt: skip
     weights: str | None = field(default=None, metadata=_form(
         "Pretrained weights", "none, imagenet, or a folder / s3:// prefix holding <model>.pth (empty: the profile's).",
-        type=["null", "string"]))  # fmt: skip
+        type=["null", "string"], pattern=NOT_BLANK))  # fmt: skip
     seed: int = field(default=42, metadata=_form(
-        "Seed", "For the split, initialisation and augmentation.", type="integer", minimum=0))  # fmt: skip
+        "Seed", "For the split, initialisation and augmentation.", type="integer", **_range(0)))  # fmt: skip
     split: tuple[float, float, float] = (0.70, 0.15, 0.15)
     min_rows: int = 10
     max_rows: int = 1_000_000
@@ -117,10 +128,10 @@ class RunConfig:
         "Label audit", "Out-of-fold predictions for every image, ranking likely mislabels.", type="boolean"))  # fmt: skip
     label_audit_folds: int = 5
     label_audit_model: str = "cnn"
-    external_eval: tuple[str, ...] = field(default=(), metadata=_form(
+    external_eval: tuple[str, ...] | None = field(default=None, metadata=_form(
         "External evaluation sets", "Extra labeled folders every model is evaluated on, each 'path' or "
         "'path?<pandas query over its labels.csv>', e.g. '/data/utkface?age >= 16'.",
-        type="array", items={"type": "string", "minLength": 1}))  # fmt: skip
+        type=["null", "array"], items={"type": "string", "minLength": 1, "pattern": NOT_BLANK}))  # fmt: skip
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -141,8 +152,43 @@ def form_fields() -> dict[str, dict]:
         if "form" in f.metadata:
             value = getattr(defaults, f.name)
             out[f.name] = {"default": list(value) if isinstance(value, tuple) else value, **f.metadata["form"]}
-    out["models"]["items"] = {**out["models"]["items"], "enum": list(model_names())}  # whatever is registered
+    # Whatever is registered. `items.enum` is what the server validates; Airflow's form renders an array
+    # with `examples` as a multi-select of those values (labelled by `values_display`).
+    names = list(model_names())
+    out["models"]["items"] = {**out["models"]["items"], "enum": names}
+    out["models"]["examples"] = names
+    out["models"]["values_display"] = {n: get_model_spec(n).display_name for n in names}
     return out
+
+
+def check_form_limits(config: RunConfig) -> None:
+    """Refuse any form field outside its form schema (the same limits the trigger form enforces), so a
+    run started without the form (CLI, API, `dag.test`) is refused the same way instead of clamped."""
+    from jsonschema import Draft202012Validator
+
+    for f in dataclasses.fields(RunConfig):
+        if "form" not in f.metadata:
+            continue
+        value = getattr(config, f.name)
+        value = list(value) if isinstance(value, tuple) else value
+        schema = {k: v for k, v in form_fields()[f.name].items() if k not in ("default", "title", "description")}
+        error = next(iter(Draft202012Validator(schema).iter_errors(value)), None)
+        if error is not None:
+            where = "".join(f"[{p!r}]" for p in error.absolute_path)
+            message = "must not be blank" if error.validator == "pattern" else error.message
+            raise SettingsError(f"{f.name}{where}: {message} ({form_fields()[f.name]['title']}: "
+                                f"{_form_hint(f.name)})")  # fmt: skip
+
+
+def _form_hint(name: str) -> str:
+    spec = form_fields()[name]
+    limits = {k: v for part in spec.get("allOf", []) for k, v in part.items()}
+    bounds = [f"{k} {limits[k]}" for k in ("minimum", "maximum") if k in limits]
+    if "enum" in spec.get("items", {}):
+        return f"choose from {spec['items']['enum']}"
+    if "enum" in spec:
+        return f"choose from {spec['enum']}"
+    return ", ".join(bounds) or spec.get("description", "see the trigger form")
 
 
 # Settings that do not change what a trained model learns: where data comes from and goes (the dataset id
@@ -214,6 +260,8 @@ def resolve_settings(overrides: dict[str, Any] | RunConfig | None = None) -> Set
         raise SettingsError(f"unknown profile {config.profile!r}; expected one of {sorted(PROFILES)}")
     profile = PROFILES[config.profile]
     models = _resolve_models(config.models)
+    # "" for storage (a CLI flag left empty) means the default, like null from the form.
+    check_form_limits(dataclasses.replace(config, models=models, storage=config.storage or None))
     _check_ranges(config)
     return Settings(
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(RunConfig)}
@@ -223,7 +271,8 @@ def resolve_settings(overrides: dict[str, Any] | RunConfig | None = None) -> Set
             "seed": int(config.seed),
             "split": _resolve_split(config.split),
             "near_duplicate_distance": _near_duplicate_distance(config),
-            "external_eval": _as_tuple(config.external_eval),
+            "storage": config.storage or None,
+            "external_eval": _as_tuple(config.external_eval or ()),
         },
         batch_size=profile.batch_size,
         learning_rate=profile.learning_rate,

@@ -1,10 +1,13 @@
 """Airflow 3 plugin: each run's comparison report inside the Airflow UI.
 
-A FastAPI app mounted on the API server at /gender-reports serves `runs/<run>/report.html` from the
-pipeline's object storage, and an external view adds a "Comparison report" tab to every run of the
-DAG. Only logged-in users who may read the DAG's runs get a report (Airflow's own JWT, from the
-session cookie or a bearer token); run ids are mapped to storage keys by the same function the
-pipeline uses, so no request can name a file outside the reports.
+A FastAPI app mounted on the API server at /gender-reports serves a run's report from the storage its
+run record names (the `prepare` task's XCom: storage and report key), so a run on any storage shows its
+report. An external view adds a "Comparison report" tab to every run of the DAG; Browse → "Gender
+classification reports" lists the runs as a table. Every answer is a small readable page: the report,
+not ready yet (with the run's state), failed (which task), not found (404); a request without a session
+is sent to the login page. Only logged-in users who may read the DAG's runs get a report (Airflow's own
+JWT, from the session cookie or a bearer token). Reports and the list carry a strict CSP (nothing runs,
+loads, submits or re-bases).
 """
 
 from __future__ import annotations
@@ -13,33 +16,104 @@ from airflow.plugins_manager import AirflowPlugin
 
 URL_PREFIX = "/gender-reports"
 DAG_ID = "gender_classification"
+LISTED_RUNS = 50
+# The tasks whose return value is the run record: the latest one that finished has the most in it.
+RECORD_TASKS = ("preprocess", "validate", "split", "ingest", "prepare")
+
+
+def _xcom_record(session, run_id: str) -> dict | None:
+    """The run record the pipeline passed along (see gender_tasks.pipeline), or None for older runs."""
+    import json
+
+    from airflow.models.xcom import XComModel
+    from sqlalchemy import select
+
+    rows = session.scalars(
+        select(XComModel).where(XComModel.dag_id == DAG_ID, XComModel.run_id == run_id,
+                                XComModel.task_id.in_(RECORD_TASKS), XComModel.key == "return_value")
+    ).all()  # fmt: skip
+    by_task = {row.task_id: XComModel.deserialize_value(row) for row in rows}
+    for task in RECORD_TASKS:
+        value = by_task.get(task)
+        if isinstance(value, str):
+            value = json.loads(value)
+        if isinstance(value, dict) and "run_key" in value:
+            return value
+    return None
+
+
+def _view(session, dag_run):
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import select
+
+    from gender_tasks.reporting.access import RunView
+
+    failed = session.scalars(
+        select(TaskInstance.task_id).where(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dag_run.run_id,
+                                           TaskInstance.state == "failed")
+    ).all()  # fmt: skip
+    return RunView(run_id=dag_run.run_id, state=str(dag_run.state), record=_xcom_record(session, dag_run.run_id),
+                   failed_tasks=sorted(set(failed)), started=dag_run.start_date, ended=dag_run.end_date)  # fmt: skip
+
+
+def find_run(run_id: str):
+    """The run as a RunView, or None when the DAG has no such run."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    if len(run_id) > 250:  # longer than any run id Airflow stores
+        return None
+    with create_session() as session:
+        dag_run = session.scalar(select(DagRun).where(DagRun.dag_id == DAG_ID, DagRun.run_id == run_id))
+        return None if dag_run is None else _view(session, dag_run)
+
+
+def recent_runs(limit: int = LISTED_RUNS) -> list:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        runs = session.scalars(
+            select(DagRun).where(DagRun.dag_id == DAG_ID).order_by(DagRun.run_after.desc()).limit(limit)
+        ).all()
+        return [_view(session, r) for r in runs]
 
 
 def create_app():
     """The FastAPI app (built lazily: the API server calls this once, parsing never does)."""
+    from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.core_api.security import requires_access_dag
-    from fastapi import Depends, FastAPI, HTTPException
-    from fastapi.responses import HTMLResponse
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exception_handlers import http_exception_handler
+    from fastapi.responses import HTMLResponse, RedirectResponse
+    from starlette.exceptions import HTTPException
+
+    from gender_tasks.reporting import access
 
     app = FastAPI(title="Gender classification reports", docs_url=None, redoc_url=None, openapi_url=None)
     can_read_runs = Depends(requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=DAG_ID))
 
+    @app.exception_handler(HTTPException)
+    async def to_login(request: Request, exc: HTTPException):
+        """No session (or an expired one): to the login page, then back here. Others: Airflow's answer."""
+        if exc.status_code == 401 and "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), status_code=303)
+        return await http_exception_handler(request, exc)
+
+    def html(body: str, status: int = 200, csp: str = access.STRICT_CSP) -> HTMLResponse:
+        return HTMLResponse(body, status_code=status, headers={"Content-Security-Policy": csp})
+
     @app.get("/runs/{run_id:path}", response_class=HTMLResponse, dependencies=[can_read_runs])
     def report(run_id: str) -> HTMLResponse:
-        from gender_tasks.reporting.access import ReportNotFound, read_report
-
-        try:
-            html = read_report(run_id)
-        except ReportNotFound as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from None
-        return HTMLResponse(html, headers={"Content-Security-Policy": "script-src 'none'; object-src 'none'"})
+        status, body = access.answer(run_id, find_run(run_id))
+        return html(body, status)
 
     @app.get("/", response_class=HTMLResponse, dependencies=[can_read_runs])
     def index() -> HTMLResponse:
-        from gender_tasks.reporting.access import render_index
-
-        return HTMLResponse(render_index(URL_PREFIX))
+        return html(access.render_index(recent_runs(), URL_PREFIX, DAG_ID), csp=access.LIST_CSP)
 
     return app
 

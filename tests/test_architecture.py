@@ -26,9 +26,10 @@ def test_serving_a_report_loads_no_training_stack(tmp_path):
     (store / report_key("manual_1")).write_text("<p>the report</p>")
     code = (
         "import sys\n"
-        "from gender_tasks.reporting.access import list_reports, read_report, render_index\n"
-        f"assert read_report('manual_1', {str(store)!r}) == '<p>the report</p>'\n"
-        f"assert 'manual_1' in render_index('/r', {str(store)!r})\n"
+        "from gender_tasks.reporting.access import RunView, answer, render_index\n"
+        f"run = RunView('manual_1', 'success', record={{'storage': {str(store)!r}, 'run_key': 'manual_1'}})\n"
+        "assert answer('manual_1', run) == (200, '<p>the report</p>')\n"
+        "assert 'manual_1' in render_index([run], '/r', 'dag')\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -94,16 +95,12 @@ def test_a_registered_model_trains_and_reaches_the_report(tiny_model, tmp_path):
     assert tiny_model in form_fields()["models"]["items"]["enum"]
     assert order_slowest_first(["cnn", tiny_model]) == ["cnn", tiny_model]
     src = write_dataset(tmp_path / "faces", 12)
-    settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                                 "models": ["cnn", tiny_model], "label_audit": False})  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    split_info = pipeline.split(settings, dataset)
-    validation = pipeline.validate(settings, split_info)
-    pipeline.preprocess(settings, dataset, split_info)
-    for name in settings["models"]:
-        pipeline.train(settings, dataset, split_info, name, "extra")
-    pipeline.report(settings, dataset, split_info, validation, "extra")
-    storage = open_storage(settings["storage"])
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                            "models": ["cnn", tiny_model], "label_audit": False}, run_id="extra")  # fmt: skip
+    run = pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+    trained = [pipeline.train(run, name) for name in run["settings"]["models"]]
+    pipeline.report(run, trained)
+    storage = open_storage(run["storage"])
     results = json.loads(storage.get_bytes(results_key("extra")))
     row = next(r for r in results["table"] if r["model"] == tiny_model)
     assert row["label"] == "TinyNet" and row["paper"] is None and 0 <= row["ours"]["test_accuracy"] <= 1

@@ -32,14 +32,26 @@ def test_tags_retries_and_docs(dagbag, dag_id):
     assert dag.tags, f"{dag_id} has no tags"
     assert dag.catchup is False
     assert dag.doc_md and "Table 1" in dag.doc_md
+    assert dag.description and "Table 1" in dag.description
     for task in dag.tasks:
         assert task.retries >= 1, f"{dag_id}.{task.task_id} has no retries"
+
+
+def test_one_run_record_travels_down_the_chain(dagbag):
+    """Fewer, clearer edges: each data step has one upstream task, the one before it."""
+    dag = dagbag.dags["gender_classification"]
+    chain = ["prepare", "ingest", "split", "validate", "preprocess"]
+    for before, task_id in zip(chain, chain[1:], strict=False):
+        assert dag.get_task(task_id).upstream_task_ids == {before}, task_id
+    assert dag.get_task("label_audit").upstream_task_ids == {"preprocess"}
+    assert dag.get_task("report").trigger_rule == "none_failed"  # runs after a switched-off (skipped) step
 
 
 def test_training_is_mapped_over_the_models(dagbag):
     dag = dagbag.dags["gender_classification"]
     train = dag.get_task("train")
-    assert train.map_index_template == "{{ model_name }}"
+    # The expanded argument, which Airflow can render when the task starts (not only when it ends).
+    assert train.map_index_template == "{{ task.op_kwargs['model_name'] }}"
     assert set(dag.task_ids) >= {"prepare", "ingest", "split", "validate", "preprocess", "train", "report"}
     assert dag.get_task("validate").task_id in {t.task_id for t in train.upstream_list} | {
         u.task_id for t in train.upstream_list for u in t.upstream_list

@@ -43,19 +43,30 @@ def test_dag_runs_end_to_end_and_reports_every_model(airflow_db, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_data_stops_the_run_at_validation_without_retrying(airflow_db, tmp_path):
+@pytest.mark.parametrize(
+    "spoil, failing_task",
+    [
+        # A file that does not decode is refused by ingest's scan, before anything is written.
+        (lambda root: (root / "male" / "corrupt.jpg").write_bytes(b"\xff\xd8 not an image"), "ingest"),
+        # Readable data that breaks an expectation (a class under min_class_share) stops at validation.
+        (lambda root: write_dataset(root, {"female": 40, "male": 6}, seed=3), "validate"),
+    ],
+)
+def test_bad_data_stops_the_run_without_retrying(airflow_db, tmp_path, spoil, failing_task):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState, TaskInstanceState
 
-    source = write_dataset(tmp_path / "faces", 12)
-    (source / "male" / "corrupt.jpg").write_bytes(b"\xff\xd8 not an image")
+    source = tmp_path / "faces"
+    if failing_task == "ingest":
+        write_dataset(source, 12)
+    spoil(source)
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["gender_classification"]
     run = dag.test(run_conf={"source": str(source), "storage": str(tmp_path / "store"), "profile": "tiny"})
     assert run.state == DagRunState.FAILED
-    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["validate"] == TaskInstanceState.FAILED
-    assert states["ingest"] == TaskInstanceState.SUCCESS
-    assert {states["train"], states["report"]} <= {TaskInstanceState.UPSTREAM_FAILED, None}
+    tis = {ti.task_id: ti for ti in run.get_task_instances()}
+    assert tis[failing_task].state == TaskInstanceState.FAILED
+    assert tis[failing_task].try_number == 1  # a PermanentError: failed at once, not retried
+    assert {tis["train"].state, tis["report"].state} <= {TaskInstanceState.UPSTREAM_FAILED, None}
 
 
 @pytest.mark.slow
@@ -74,8 +85,13 @@ def test_dag_runs_on_s3_storage_and_a_second_run_uploads_nothing(airflow_db, tmp
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["gender_classification"]
     first = dag.test(run_conf=conf)
     assert first.state == DagRunState.SUCCESS
+    # Switched-off steps end skipped, not green, and the report lists no time for them.
+    states = {ti.task_id: ti.state for ti in first.get_task_instances()}
+    assert states["label_audit"] == "skipped" and states["evaluate_external"] == "skipped"
+    assert states["report"] == "success"
     storage = S3Storage(s3_bucket, "pipeline")
     results = json.loads(storage.get_bytes(f"runs/{run_key_for(first.run_id)}/results.json"))
+    assert "label audit" not in results["task_durations"] and "train cnn" in results["task_durations"]
     dataset_id = results["dataset"]["dataset_id"]
     images = [k for k in storage.list(f"datasets/{dataset_id}/images/")]
     assert len(images) == 32 and results["dataset"]["uploaded"] == 32

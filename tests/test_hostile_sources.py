@@ -25,7 +25,6 @@ from gender_tasks import pipeline
 from gender_tasks.data.manifest import read_manifest
 from gender_tasks.errors import PermanentError
 from gender_tasks.layout import manifest_key
-from gender_tasks.settings import resolve_settings
 from gender_tasks.storage import LocalStorage
 
 PER_CLASS = 8
@@ -343,10 +342,10 @@ def test_hostile_source_is_refused_up_front(case, any_storage, tmp_path, monkeyp
     source, overrides = build(root, tmp_path, monkeypatch)
     any_storage.put_bytes(SENTINEL, b"from an earlier run")
     before = listing(any_storage)
-    settings = resolve_settings({"source": source, "storage": any_storage.uri, **overrides}).to_dict()
+    run = pipeline.prepare({"source": source, "storage": any_storage.uri, **overrides})
     started = time.monotonic()
     with pytest.raises(PermanentError, match=says) as err:  # PermanentError: the DAG fails it without retries
-        pipeline.ingest(settings)
+        pipeline.ingest(run)
     elapsed = time.monotonic() - started
     assert listing(any_storage) == before, "a refusal must leave no new object"
     assert elapsed < SECONDS, f"refused only after {elapsed:.0f} s"
@@ -363,8 +362,8 @@ def test_symlinked_subfolder_inside_the_source_is_followed(tmp_path, local_stora
     write_dataset(root / ".store", {"female": 3, "male": 1}, seed=7)
     (root / "female" / "batch2").symlink_to(root / ".store" / "female")
     (root / "male" / "alias.jpg").symlink_to(root / ".store" / "male" / "male_0000.jpg")
-    settings = resolve_settings({"source": str(root), "storage": local_storage.uri}).to_dict()
-    out = pipeline.ingest(settings)
+    run = pipeline.prepare({"source": str(root), "storage": local_storage.uri})
+    out = pipeline.ingest(run)["dataset"]
     manifest = read_manifest(local_storage, manifest_key(out["dataset_id"]))
     assert {f"female/batch2/female_{i:04d}.jpg" for i in range(3)} | {"male/alias.jpg"} <= set(manifest["source_path"])
     assert out["images"] == 2 * PER_CLASS + 4
@@ -374,9 +373,9 @@ def test_hidden_entries_are_skipped_and_said(tmp_path, local_storage, caplog):
     root = write_dataset(tmp_path / "faces", PER_CLASS)
     write_dataset(root / "female", {"male": 2}, seed=7, folder_names={"male": ".cache"})  # a male face, hidden
     (root / "male" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    settings = resolve_settings({"source": str(root), "storage": local_storage.uri}).to_dict()
+    run = pipeline.prepare({"source": str(root), "storage": local_storage.uri})
     with caplog.at_level(logging.WARNING, logger="gender_tasks.data.folders"):
-        out = pipeline.ingest(settings)
+        out = pipeline.ingest(run)["dataset"]
     manifest = read_manifest(local_storage, manifest_key(out["dataset_id"]))
     assert not manifest["source_path"].str.contains(r"\.cache|\.DS_Store").any() and out["images"] == 2 * PER_CLASS
     assert "skipped 2 hidden file(s) or folder(s)" in caplog.text and "female/.cache" in caplog.text
@@ -394,9 +393,9 @@ def test_the_dag_fails_a_refusal_without_retrying(tmp_path, local_storage):
     spec.loader.exec_module(dag_module)
     root = write_dataset(tmp_path / "faces", PER_CLASS)
     os.mkfifo(root / "male" / "pipe.jpg")
-    settings = resolve_settings({"source": str(root), "storage": local_storage.uri}).to_dict()
+    run = pipeline.prepare({"source": str(root), "storage": local_storage.uri})
     with pytest.raises(AirflowFailException, match=r"IngestError: .*male/pipe\.jpg is a FIFO"):
-        dag_module._step("ingest", settings)
+        dag_module._step("ingest", run)
 
 
 def test_min_distinct_images_fill_every_split():

@@ -80,7 +80,7 @@ EXPECTED = {
     "datasets/A/models/cnn/ka/checkpoint.pt",  # its model was exported
     "datasets/B/models/resnet50/stale/checkpoint.pt",  # a training nobody resumed within the retention
     "datasets/B/label_audit/unused.csv",  # no kept run copied it
-    "datasets/C/images/male/c1.jpg", "datasets/D/cache/64px.npz",  # never committed / deleted
+    "datasets/C/images/male/c1.jpg", "datasets/D/cache/64px/index.json",  # never committed / deleted
 }  # fmt: skip
 
 
@@ -94,7 +94,7 @@ def test_gc_removes_old_runs_and_unreferenced_objects_and_keeps_what_kept_runs_u
     assert set(store.list("")) == before - EXPECTED
     # Dataset A stays committed (its manifest and the image it lists), B whole, the fresh checkpoint too.
     assert store.exists("datasets/A/manifest.csv") and store.exists("datasets/A/images/female/a1.jpg")
-    assert store.exists("datasets/B/cache/32px.npz") and store.exists("datasets/B/models/cnn/kb/model.ts")
+    assert store.exists("datasets/B/cache/32px/index.json") and store.exists("datasets/B/models/cnn/kb/model.ts")
     assert store.exists("datasets/B/models/resnet50/fresh/checkpoint.pt")
     assert collect_garbage(store, keep_days=30) == []  # nothing left to collect
 

@@ -321,10 +321,9 @@ def test_zip_source_with_bad_entries_writes_nothing(tmp_path, local_storage):
         zf.writestr("female/ok.jpg", b"x")
         zf.writestr("female/../../../../tmp/evil.jpg", b"x")
     from gender_tasks import pipeline
-    from gender_tasks.settings import resolve_settings
 
-    settings = resolve_settings({"source": str(evil), "storage": str(local_storage.root)})
+    run = pipeline.prepare({"source": str(evil), "storage": str(local_storage.root)})
     with pytest.raises(SourceError, match=r"female/\.\./\.\./\.\./\.\./tmp/evil\.jpg.*outside the target folder"):
-        pipeline.ingest(settings)
+        pipeline.ingest(run)
     assert_nothing_written(local_storage)
     assert not Path("/tmp/evil.jpg").exists()

@@ -18,7 +18,6 @@ from gender_tasks.data.near_duplicates import (
 from gender_tasks.data.split import assign_splits
 from gender_tasks.data.validate import ValidationFailed
 from gender_tasks.layout import manifest_key
-from gender_tasks.settings import resolve_settings
 
 
 def test_blockwise_pairs_match_brute_force():
@@ -91,9 +90,9 @@ def test_pipeline_validate_reports_near_duplicates_and_stops_when_fatal(tmp_path
     root = write_dataset(tmp_path / "faces", 12)
     (root / "female" / "female_0003_copy.jpg").write_bytes(_near_copy(root / "female" / "female_0003.jpg"))
     # Split grouping off, so that a seed can put the copy in another split than its original.
-    settings = resolve_settings({"min_rows": 10, "storage": str(local_storage.root), "split_group_distance": -1,
-                                 "source": str(root)}).to_dict()  # fmt: skip
-    dataset = pipeline.ingest(settings)
+    run = pipeline.ingest(pipeline.prepare({"min_rows": 10, "storage": str(local_storage.root),
+                                            "split_group_distance": -1, "source": str(root)}))  # fmt: skip
+    settings, dataset = run["settings"], run["dataset"]
     manifest = read_manifest(local_storage, manifest_key(dataset["dataset_id"]))
     pair = {"female/female_0003.jpg", "female/female_0003_copy.jpg"}
 
@@ -103,16 +102,16 @@ def test_pipeline_validate_reports_near_duplicates_and_stops_when_fatal(tmp_path
 
     # The split is seeded and deterministic: take the first seed that separates the two.
     settings["seed"] = next(seed for seed in range(100) if len(pair_splits(seed)) == 2)
-    split_info = pipeline.split(settings, dataset)
+    run = pipeline.split(run)
 
-    summary = pipeline.validate(settings, split_info)
+    summary = pipeline.validate(run)["validation"]
     assert summary["success"] and summary["near_duplicate_count"] == 1
     found = summary["near_duplicates"][0]
     assert {found["a"], found["b"]} == pair and found["split_a"] != found["split_b"] and found["distance"] <= 4
 
     settings["near_duplicates_fatal"] = True
     with pytest.raises(ValidationFailed) as err:
-        pipeline.validate(settings, split_info)
+        pipeline.validate(run)
     text = str(err.value)
     assert "female/female_0003.jpg" in text and "female/female_0003_copy.jpg" in text
     assert "Fix: delete one image of each pair" in text and "near_duplicates_fatal" in text
@@ -122,7 +121,7 @@ def test_pipeline_validate_reports_near_duplicates_and_stops_when_fatal(tmp_path
 def test_split_keeps_near_copies_together(tmp_path, local_storage):
     root = write_dataset(tmp_path / "faces", 12)
     (root / "female" / "female_0003_copy.jpg").write_bytes(_near_copy(root / "female" / "female_0003.jpg"))
-    dataset = pipeline.ingest(resolve_settings({"source": str(root), "storage": str(local_storage.root)}))
+    dataset = pipeline.ingest(pipeline.prepare({"source": str(root), "storage": str(local_storage.root)}))["dataset"]
     manifest = read_manifest(local_storage, manifest_key(dataset["dataset_id"]))
     pair = manifest["source_path"].isin({"female/female_0003.jpg", "female/female_0003_copy.jpg"})
     a, b = manifest.loc[pair, "sha256"].tolist(), manifest.loc[pair, "phash"].tolist()

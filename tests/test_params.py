@@ -41,7 +41,11 @@ def test_every_param_is_typed_and_described(dag):
         {"image_size": 8},
         {"seed": -1},
         {"source": ""},
+        {"source": "   "},
+        {"image_size": 9999},
+        {"storage": "  "},
         {"external_eval": "not-a-list"},
+        {"external_eval": [" "]},
     ],
 )
 def test_invalid_trigger_settings_are_rejected_by_the_form(dag, conf):
@@ -60,3 +64,60 @@ def test_valid_trigger_settings_pass(dag):
     )
     resolved = params.validate()
     assert resolved["models"] == ["cnn", "resnet50"] and resolved["epochs"] == 3
+
+
+def test_the_defaults_plus_a_source_are_a_valid_form(dag):
+    """Optional fields allow null, so Airflow's form does not mark them required (its rule: a field whose
+    type does not include "null" is required), and the defaults validate as they are."""
+    params = copy.deepcopy(dag.params)
+    params.update({"source": "/data/faces"})
+    resolved = params.validate()
+    assert resolved["storage"] is None and resolved["external_eval"] is None
+    for name in ("storage", "epochs", "image_size", "weights", "external_eval"):
+        assert "null" in dag.params.get_param(name).schema["type"], name
+    params.update({"external_eval": None, "storage": None})  # a field typed into and cleared again
+    params.validate()
+
+
+def test_models_render_as_a_multi_select_of_the_registered_models(dag):
+    # Airflow's form shows an array with `examples` as a multi-select of those values.
+    schema = dag.params.get_param("models").schema
+    assert schema["type"] == "array" and schema["examples"] == schema["items"]["enum"]
+    assert schema["values_display"]["inceptionv3"] == "Inception V3"
+
+
+@pytest.mark.parametrize(
+    ("conf", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"image_size": 9999}, "image_size"),
+        ({"models": ["vgg16"]}, "vgg16"),
+        ({"source": "   "}, "source"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_settings_refuse_what_the_form_refuses_instead_of_clamping(conf, field):
+    """A run started without the form (CLI, REST API) is refused the same way, with the field named."""
+    from gender_tasks.settings import SettingsError, resolve_settings
+
+    with pytest.raises(SettingsError, match=field):
+        resolve_settings(conf)
+
+
+def test_the_server_names_the_field_it_refuses(dag):
+    """What Airflow's trigger endpoint answers (HTTP 400, shown by the form) is this message."""
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = copy.deepcopy(dag.params)
+    with pytest.raises(ParamValidationError, match=r"Invalid input for param epochs: 0 is less than the minimum of 1"):
+        params.update({"epochs": 0})
+        params.validate()
+
+
+def test_number_bounds_are_where_the_form_cannot_clamp_them(dag):
+    """Airflow's number box clamps to a top-level minimum/maximum on blur (0 became 1, silently): the
+    bounds live under allOf, where the server still validates them and names the field."""
+    for name in ("epochs", "image_size", "seed"):
+        schema = dag.params.get_param(name).schema
+        assert "minimum" not in schema and "maximum" not in schema, name
+        assert "minimum" in schema["allOf"][0], name

@@ -51,23 +51,20 @@ def test_report_shows_every_section_and_escapes_data(tmp_path):
     # A source folder name and an attribute value that try to inject markup.
     src = _with_labels_csv(write_dataset(tmp_path / "<script>alert(1)</script>", 16))
     external = _with_labels_csv(write_dataset(tmp_path / "real", 10, seed=5))
-    settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                                 "models": ["cnn", "mobilenetv2"], "min_rows": 10, "epochs": 1,
-                                 "label_audit_folds": 3, "external_eval": [str(external) + "?age >= 30"]})  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    assert dataset["attributes"] == 2
-    split_info = pipeline.split(settings, dataset)
-    validation = pipeline.validate(settings, split_info)
-    pipeline.preprocess(settings, dataset, split_info)
-    for m in settings["models"]:
-        pipeline.train(settings, dataset, split_info, m, "run1")
-    audit = pipeline.label_audit(settings, dataset, split_info, "run1")
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                            "models": ["cnn", "mobilenetv2"], "min_rows": 10, "epochs": 1,
+                            "label_audit_folds": 3, "external_eval": [str(external) + "?age >= 30"]},
+                           run_id="manual__<b>x</b>")  # fmt: skip
+    run = {**pipeline.ingest(run), "run_key": "run1"}
+    assert run["dataset"]["attributes"] == 2
+    run = pipeline.preprocess(pipeline.validate(pipeline.split(run)))
+    trained = [pipeline.train(run, m) for m in run["settings"]["models"]]
+    audit = pipeline.label_audit(run)
     assert audit["images"] == 32 and audit["folds"] == 3
-    ext = pipeline.evaluate_external(settings, "run1")
+    ext = pipeline.evaluate_external(run)
     assert ext["sets"] == ["real_age_30"]
-    out = pipeline.report(settings, dataset, split_info, validation, "run1", run_id="manual__<b>x</b>",
-                          label_audit=audit)  # fmt: skip
-    storage = open_storage(settings["storage"])
+    out = pipeline.report(run, trained, label_audit=audit, external=ext)
+    storage = open_storage(run["storage"])
     html = storage.get_bytes("runs/run1/report.html").decode()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
     assert "<b>x</b>" not in html and "<i>a</i>" not in html and "&lt;i&gt;a&lt;/i&gt;" in html

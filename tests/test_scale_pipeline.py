@@ -24,18 +24,17 @@ from gender_tasks.training.loop import epoch_generator
 def prepared(tmp_path, monkeypatch):
     monkeypatch.setenv("GENDER_CACHE_DIR", str(tmp_path / "local-cache"))
     src = write_dataset(tmp_path / "faces", 14)
-    settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                                 "models": ["cnn"], "min_rows": 10, "label_audit_folds": 2})  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    split_info = pipeline.split(settings, dataset)
-    caches = pipeline.preprocess(settings, dataset, split_info)
-    storage = open_storage(settings["storage"])
-    return settings, dataset, split_info, caches, storage, read_manifest(storage, split_info["split_key"])
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                            "models": ["cnn"], "min_rows": 10, "label_audit_folds": 2})  # fmt: skip
+    run = pipeline.preprocess(pipeline.split(pipeline.ingest(run)))
+    dataset, split_info, caches = run["dataset"], run["split"], run["caches"]
+    storage = open_storage(run["storage"])
+    return run, dataset, split_info, caches, storage, read_manifest(storage, split_info["split_key"])
 
 
 def test_preprocess_writes_every_image_once_into_shards(prepared):
-    settings, dataset, _, caches, storage, manifest = prepared
-    size = Settings.from_dict(settings).per_model["cnn"].image_size
+    run, dataset, _, caches, storage, manifest = prepared
+    size = Settings.from_dict(run["settings"]).per_model["cnn"].image_size
     prefix = layout.cache_prefix(dataset["dataset_id"], size)
     assert prefix in caches["cache_prefixes"]
     assert not [k for k in storage.list(layout.dataset_prefix(dataset["dataset_id"])) if k.endswith(".npz")]
@@ -66,20 +65,28 @@ def test_streamed_and_in_memory_splits_give_identical_batches(prepared):
     assert torch.equal(next(sub_a.batches(None, 8))[0], next(sub_b.batches(None, 8))[0])
 
 
-def _train_outputs(settings, dataset, split_info, storage, run_key):
-    pipeline.train(settings, dataset, split_info, "cnn", run_key)
+def _forget_trained(storage, dataset_id: str) -> None:
+    """Delete the keyed models and audits, so that the next call trains again instead of reusing them."""
+    for prefix in (f"{layout.dataset_prefix(dataset_id)}/models/", f"{layout.dataset_prefix(dataset_id)}/label_audit/"):
+        for key in storage.list(prefix):
+            storage.delete(key)
+
+
+def _train_outputs(run, storage, run_key):
+    _forget_trained(storage, run["dataset"]["dataset_id"])
+    pipeline.train({**run, "run_key": run_key}, "cnn")
     read = lambda name: storage.get_bytes(layout.model_file_key(run_key, "cnn", name))  # noqa: E731
     return pd.read_csv(io.BytesIO(read("predictions.csv"))), read("history.json")
 
 
 def test_training_streamed_from_the_shards_equals_training_in_memory(prepared, monkeypatch, caplog):
-    settings, dataset, split_info, _, storage, _ = prepared
+    run, _, _, _, storage, _ = prepared
     caplog.set_level("INFO")
-    preds_mem, history_mem = _train_outputs(settings, dataset, split_info, storage, "in-memory")
+    preds_mem, history_mem = _train_outputs(run, storage, "in-memory")
     assert "fit the memory budget" in caplog.text
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "0")
-    preds_stream, history_stream = _train_outputs(settings, dataset, split_info, storage, "streamed")
-    assert "streaming batches from the shards" in caplog.text
+    preds_stream, history_stream = _train_outputs(run, storage, "streamed")
+    assert "streaming batches from the shards" in caplog.text and "reusing" not in caplog.text
     pd.testing.assert_frame_equal(preds_mem, preds_stream)  # same batches, same weights: same probabilities
     import json
 
@@ -88,11 +95,13 @@ def test_training_streamed_from_the_shards_equals_training_in_memory(prepared, m
 
 
 def test_label_audit_streamed_equals_in_memory(prepared, monkeypatch):
-    settings, dataset, split_info, _, storage, _ = prepared
+    run, _, _, _, storage, _ = prepared
     tables = []
     for run_key, budget in (("a", "2048"), ("b", "0")):
         monkeypatch.setenv(MEMORY_BUDGET_ENV, budget)
-        pipeline.label_audit(settings, dataset, split_info, run_key)
+        _forget_trained(storage, run["dataset"]["dataset_id"])
+        summary = pipeline.label_audit({**run, "run_key": run_key})
+        assert summary["reused"] is False
         tables.append(pd.read_csv(io.BytesIO(storage.get_bytes(layout.label_audit_key(run_key)))))
     pd.testing.assert_frame_equal(tables[0], tables[1])
     assert tables[0]["prob_male"].notna().all()

@@ -16,13 +16,10 @@ from gender_tasks.training.trainer import train_model
 @pytest.fixture
 def prepared(tmp_path):
     src = write_dataset(tmp_path / "faces", 20)
-    settings = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                                 "models": ["cnn", "mobilenetv2"], "min_rows": 10})  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    split_info = pipeline.split(settings, dataset)
-    pipeline.validate(settings, split_info)
-    pipeline.preprocess(settings, dataset, split_info)
-    return settings, dataset, split_info
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                            "models": ["cnn", "mobilenetv2"], "min_rows": 10})  # fmt: skip
+    run = pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+    return run
 
 
 def _manifest(settings, split_info):
@@ -32,10 +29,10 @@ def _manifest(settings, split_info):
 
 
 def test_training_writes_every_output_and_removes_its_checkpoint(prepared):
-    settings, dataset, split_info = prepared
-    out = pipeline.train(settings, dataset, split_info, "cnn", "r1")
-    storage = open_storage(settings["storage"])
-    prefix = model_prefix("r1", "cnn")
+    dataset = prepared["dataset"]
+    out = pipeline.train(prepared, "cnn")
+    storage = open_storage(prepared["storage"])
+    prefix = model_prefix(prepared["run_key"], "cnn")
     keyed = trained_prefix(dataset["dataset_id"], "cnn", out["train_key"])
     for name in ("metrics.json", "history.json", "predictions.csv", "model.ts", "model_card.json"):
         assert storage.exists(f"{prefix}/{name}"), name
@@ -50,19 +47,19 @@ def test_training_writes_every_output_and_removes_its_checkpoint(prepared):
 
 
 def test_a_second_run_with_the_same_inputs_reuses_the_model_and_a_changed_setting_retrains(prepared, caplog):
-    settings, dataset, split_info = prepared
-    first = pipeline.train(settings, dataset, split_info, "cnn", "ra")
+    run, settings = prepared, prepared["settings"]
+    first = pipeline.train({**run, "run_key": "ra"}, "cnn")
     caplog.set_level("INFO")
     # Settings that do not change training (the source's spelling, checks, other models) keep the key.
     same = {**settings, "source": settings["source"] + "/", "min_rows": 5, "models": ["cnn"]}
-    second = pipeline.train(same, dataset, split_info, "cnn", "rb")
+    second = pipeline.train({**run, "settings": same, "run_key": "rb"}, "cnn")
     assert second["reused"] is True and second["train_key"] == first["train_key"]
     assert "cnn: reusing the model trained with the same inputs" in caplog.text
     assert "cnn epoch 1/2" not in caplog.text  # nothing was trained
     storage = open_storage(settings["storage"])
     assert storage.exists(f"{model_prefix('rb', 'cnn')}/model.ts")
     caplog.clear()
-    changed = pipeline.train({**settings, "learning_rate": 5e-4}, dataset, split_info, "cnn", "rc")
+    changed = pipeline.train({**run, "settings": {**settings, "learning_rate": 5e-4}, "run_key": "rc"}, "cnn")
     assert changed["reused"] is False and changed["train_key"] != first["train_key"]
     assert "cnn epoch 1/2" in caplog.text
 
@@ -72,7 +69,7 @@ class _Killed(Exception):
 
 
 def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatch):
-    settings, dataset, split_info = prepared
+    settings, dataset, split_info = prepared["settings"], prepared["dataset"], prepared["split"]
     storage = open_storage(settings["storage"])
     manifest = _manifest(settings, split_info)
     settings = Settings.from_dict(settings)
@@ -99,9 +96,9 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
 
 
 def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
-    settings, dataset, split_info = prepared
-    pipeline.train(settings, dataset, split_info, "cnn", "r3")
-    storage = open_storage(settings["storage"])
+    run = {**prepared, "run_key": "r3"}
+    pipeline.train(run, "cnn")
+    storage = open_storage(run["storage"])
     model_uri = storage.url(f"{model_prefix('r3', 'cnn')}/model.ts")
     images = write_dataset(tmp_path / "new", 4, seed=9)
     n = predict_folder(model_uri, images, tmp_path / "pred.csv")
@@ -109,3 +106,16 @@ def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
     assert n == 8 and len(table) == 8
     assert set(table["predicted"]) <= {"female", "male"}
     assert table["prob_male"].between(0, 1).all()
+
+
+def test_a_running_epoch_logs_its_progress(caplog):
+    from gender_tasks.training.loop import progress_logger
+
+    caplog.set_level("INFO", logger="gender_tasks.training.loop")
+    report = progress_logger("cnn epoch 1/12", every_s=0)
+    report(1024, 8000)
+    report(8000, 8000)  # the epoch's own summary line follows; no "100%" progress line
+    assert [r.getMessage() for r in caplog.records] == ["cnn epoch 1/12: 1,024/8,000 images (12%)"]
+    quiet = progress_logger("cnn epoch 2/12", every_s=3600)
+    quiet(16, 8000)
+    assert len(caplog.records) == 1

@@ -48,19 +48,13 @@ def _request(port: int, method: str, path: str, token: str | None = None, body: 
 def finished_run(tmp_path_factory):
     """A real (tiny) run's report in a storage folder."""
     from gender_tasks import pipeline
-    from gender_tasks.layout import run_key_for
 
     tmp = tmp_path_factory.mktemp("ui")
     src = write_dataset(tmp / "faces", 12)
-    settings = pipeline.prepare({"source": str(src), "storage": str(tmp / "store"), "profile": "tiny",
-                                 "models": ["cnn"], "epochs": 1, "label_audit": False})  # fmt: skip
-    dataset = pipeline.ingest(settings)
-    split_info = pipeline.split(settings, dataset)
-    validation = pipeline.validate(settings, split_info)
-    pipeline.preprocess(settings, dataset, split_info)
-    run_key = run_key_for(RUN_ID)
-    pipeline.train(settings, dataset, split_info, "cnn", run_key)
-    pipeline.report(settings, dataset, split_info, validation, run_key, run_id=RUN_ID)
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp / "store"), "profile": "tiny",
+                            "models": ["cnn"], "epochs": 1, "label_audit": False}, run_id=RUN_ID)  # fmt: skip
+    run = pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+    pipeline.report(run, [pipeline.train(run, "cnn")])
     (tmp / "store" / "secret.txt").write_text("not a report")
     return tmp / "store"
 
@@ -184,6 +178,7 @@ def test_browser_loads_the_report_through_the_plugin(api_server, token, tmp_path
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600"):  # fmt: skip
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land in the console
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         base = f"http://127.0.0.1:{api_server}"
@@ -199,9 +194,83 @@ def test_browser_loads_the_report_through_the_plugin(api_server, token, tmp_path
         shots = Path(os.environ.get("GENDER_TEST_ARTIFACTS", tmp_path))
         shots.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(shots / "report-through-plugin.png"))
+        # The strict policy renders today's report with no violation (and the page did render: Table 1 above).
+        violations = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert violations == []
         # Without the cookie the same page is refused.
         driver.delete_all_cookies()
         driver.get(f"{base}/gender-reports/runs/{quote(RUN_ID, safe='')}")
         assert "table1-data" not in driver.page_source
     finally:
         driver.quit()
+
+
+# --- every state of the report tab ------------------------------------------------------------------
+
+
+def _view(state: str, **kw):
+    from gender_tasks.reporting.access import RunView
+
+    return RunView(run_id="manual__2026-02-02T00:00:00+00:00", state=state, **kw)
+
+
+def test_a_queued_or_running_run_says_it_is_not_ready_with_its_state(tmp_path):
+    from gender_tasks.reporting.access import answer
+
+    for state in ("queued", "running"):
+        status, body = answer("x", _view(state, record={"storage": str(tmp_path), "run_key": "r"}))
+        assert status == 200 and "Report not ready yet" in body and f">{state}<" in body
+
+
+def test_a_failed_run_names_the_failed_task(tmp_path):
+    from gender_tasks.reporting.access import answer
+
+    status, body = answer("x", _view("failed", failed_tasks=["validate"], record={"storage": str(tmp_path)}))
+    assert status == 200 and "the run failed" in body and "<code>validate</code>" in body
+
+
+def test_a_report_is_read_from_the_storage_the_run_recorded(finished_run, tmp_path):
+    """A run on a second storage folder: the record, not the API server's default, says where."""
+    from gender_tasks.layout import run_key_for
+    from gender_tasks.reporting.access import answer
+
+    record = {"storage": str(finished_run), "run_key": run_key_for(RUN_ID)}
+    status, body = answer(RUN_ID, _view("success", record=record))
+    assert status == 200 and 'id="table1-data"' in body
+    status, body = answer(RUN_ID, _view("success", record={"storage": str(tmp_path), "run_key": "gone"}))
+    assert status == 404 and "Report not found" in body
+
+
+@pytest.mark.slow
+def test_a_300_character_run_id_is_not_found_not_a_server_error(api_server, token):
+    status, body = _request(api_server, "GET", "/gender-reports/runs/" + "a" * 300, token)
+    assert status == 404 and b"Report not found" in body
+
+
+@pytest.mark.slow
+def test_pages_carry_the_strict_csp(api_server, token):
+    from urllib.parse import quote
+
+    conn = http.client.HTTPConnection("127.0.0.1", api_server, timeout=30)
+    for path in (f"/gender-reports/runs/{quote(RUN_ID, safe='')}", "/gender-reports/runs/nope", "/gender-reports/"):
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        resp.read()
+        csp = resp.getheader("Content-Security-Policy")
+        for directive in ("default-src 'none'", "style-src 'unsafe-inline'", "img-src data:", "form-action 'none'",
+                          "base-uri 'none'", "frame-ancestors 'self'", "sandbox"):  # fmt: skip
+            assert directive in csp, (path, csp)
+        assert "script-src" not in csp  # default-src 'none' covers scripts
+    conn.close()
+
+
+@pytest.mark.slow
+def test_a_browser_without_a_session_is_sent_to_the_login_page(api_server):
+    conn = http.client.HTTPConnection("127.0.0.1", api_server, timeout=30)
+    conn.request("GET", "/gender-reports/runs/x", headers={"Accept": "text/html,application/xhtml+xml"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 303
+    assert resp.getheader("Location").startswith("/auth/login?next=")
+    assert "gender-reports%2Fruns%2Fx" in resp.getheader("Location")

@@ -6,6 +6,10 @@ checkpoints and outputs around it; the label audit uses `fit_predict`.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,9 @@ from .batches import Inputs, Split
 from .devices import make_autocast, maybe_compile, pick_device
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
+PROGRESS_EVERY_S = 30.0  # how often a running epoch logs how far it is
+
+log = logging.getLogger(__name__)
 
 
 def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,20 +70,23 @@ def epoch_plan(n: int, batch_size: int, gen: torch.Generator) -> tuple[torch.Ten
 
 
 def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimizer, gen: torch.Generator,
-                    batch_size: int, autocast, *, frozen: bool = False) -> tuple[float, float]:  # fmt: skip
+                    batch_size: int, autocast, *, frozen: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:  # fmt: skip
     """One pass over `data` in the order and with the augmentation that `gen` draws.
 
     Returns the summed loss and the number of correct predictions (running, on augmented batches),
     accumulated on the device and read once at the end: a read per step would stall the GPU's queue.
+    `progress(images_done, images)`, if given, is called after every batch (see `progress_logger`).
     """
     set_train_mode(model_name, model, frozen)
     data = inputs.stage(data)  # on a GPU: into its memory once, when it fits
-    order, trained, params = epoch_plan(len(data.labels), batch_size, gen)
+    n = len(data.labels)
+    order, trained, params = epoch_plan(n, batch_size, gen)
     if inputs.device.type == "cuda":
         params = {k: v.pin_memory().to(inputs.device, non_blocking=True) for k, v in params.items()}
     loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
     correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
-    start = 0
+    start = 0  # images through (host-side counts: no sync), for the augmentation and `progress`
     # In memory or streamed from the shards (batches.StreamedSplit): the same batches for the same order.
     for xb, yb in data.batches(order, batch_size):
         size = len(yb)
@@ -98,7 +108,24 @@ def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimiz
         loss_sum += loss.detach().double() * size
         correct += ((logits.detach() >= 0) == y.bool()).sum()
         start += size
+        if progress is not None:
+            progress(start, n)
     return float(loss_sum), float(correct)
+
+
+def progress_logger(label: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int], None]:
+    """A `progress` callback that logs "<label>: 1,024/8,000 images (13%)" at most every `every_s` seconds,
+    so a long epoch (minutes on the paper profile) shows it is moving; short epochs log nothing."""
+    last = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s and done < total:
+            last = now
+            log.info("%s: %s/%s images (%d%%)", label, f"{done:,}", f"{total:,}", 100 * done // max(total, 1))
+
+    return report
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -41,7 +41,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_torchscript
 from .keys import key_of, model_inputs
-from .loop import epoch_generator, predict_proba, setup_model, train_one_epoch
+from .loop import epoch_generator, predict_proba, progress_logger, setup_model, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,8 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
         t0 = time.monotonic()
         loss_sum, correct = train_one_epoch(run.model, name, train, run.inputs, optimizer,
                                             epoch_generator(s.seed, epoch), s.batch_size, run.autocast,
-                                            frozen=frozen)  # fmt: skip
+                                            frozen=frozen, progress=progress_logger(
+                                                f"{name} epoch {epoch + 1}/{plan.epochs}"))  # fmt: skip
         train_time = time.monotonic() - t0
         val_prob, val_loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast)
         val_acc = float(((val_prob >= 0.5) == val.labels.numpy().astype(bool)).mean()) if len(val_prob) else 0.0

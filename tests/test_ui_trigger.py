@@ -1,0 +1,335 @@
+"""A first-time user's run, in a real browser: log in, Trigger with the defaults plus a source, see the report.
+
+A real Airflow (API server, DAG processor, scheduler with the LocalExecutor, SQLite) and headless
+Chromium driving Airflow's own UI. The run's storage is not the API server's default storage, so the
+report tab proves the plugin finds a run's report through the run's record. Wrong values (epochs 0, an
+unknown model) are refused before any run exists: epochs 0 with the server's message naming the field,
+shown in the dialog; an unknown model cannot be picked, and the API refuses one sent anyway, naming it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from conftest import write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+DAG_ID = "gender_classification"
+USER = "admin"
+RUN_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(port: int, method: str, path: str, token: str | None = None, body: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw)
+    except ValueError:
+        return resp.status, raw
+
+
+class _Stack:
+    def __init__(self, folder: Path, env: dict):
+        self.folder, self.env, self.procs = folder, env, {}
+
+    def tail(self, name: str, chars: int = 3000) -> str:
+        path = self.folder / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+    def run(self, name: str, args: list[str], timeout: float) -> None:
+        with open(self.folder / f"{name}.log", "wb") as out:
+            done = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
+        assert done.returncode == 0, self.tail(name)
+
+    def start(self, name: str, args: list[str], **extra_env: str) -> None:
+        with open(self.folder / f"{name}.log", "wb") as out:
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *args], env={**self.env, **extra_env},
+                                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    def wait(self, what: str, probe, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, proc in self.procs.items():
+                assert proc.poll() is None, f"{name} exited:\n{self.tail(name)}"
+            try:
+                result = probe()
+            except (OSError, http.client.HTTPException):
+                result = None
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n} ---\n{self.tail(n, 1500)}" for n in self.procs)
+                raise AssertionError(f"timed out waiting for {what}\n{logs}")
+            time.sleep(2)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def airflow_ui(tmp_path_factory):
+    """A whole Airflow on SQLite with the LocalExecutor, and its admin's password."""
+    tmp = tmp_path_factory.mktemp("ui-stack")
+    home = tmp / "home"
+    home.mkdir()
+    password = secrets.token_urlsafe(12)
+    (home / "passwords.json").write_text(json.dumps({USER: password}))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(tmp / "logs"),
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        "GENDER_STORAGE": str(tmp / "run-store"),  # the form's default storage (the DAG is parsed with it)
+        "GENDER_TORCH_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    stack = _Stack(tmp, env)
+    try:
+        stack.run("db-migrate", ["db", "migrate"], timeout=600)
+        # The API server's default storage is another folder: the report tab must follow the run's record.
+        stack.start(
+            "api-server",
+            ["api-server", "--port", str(port), "--workers", "1"],
+            GENDER_STORAGE=str(tmp / "api-default-store"),
+        )
+        stack.start("dag-processor", ["dag-processor"])
+        stack.start("scheduler", ["scheduler"])
+        stack.wait("the API server", lambda: _api(port, "GET", "/api/v2/monitor/health")[0] == 200, 240)
+        status, body = _api(port, "POST", "/auth/token", body={"username": USER, "password": password})
+        assert status in (200, 201), body
+        token = body["access_token"]
+        stack.wait("the DAG to be parsed", lambda: _api(port, "GET", f"/api/v2/dags/{DAG_ID}", token)[0] == 200, 300)
+        yield {"port": port, "password": password, "token": token, "stack": stack, "tmp": tmp}
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    browser, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (browser and driver_path):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are required under CI (.ci/run installs them)")
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1800"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def _shots() -> Path:
+    folder = Path(os.environ.get("GENDER_TEST_ARTIFACTS", "/tmp/gender-ui-shots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _until(driver, what: str, condition, timeout: float = 60):
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def probe(d):
+        try:
+            return condition(d)
+        except WebDriverException:
+            return False
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.5).until(probe)
+    except Exception:
+        driver.save_screenshot(str(_shots() / f"timeout-{what.replace(' ', '-')}.png"))
+        text = driver.find_element("tag name", "body").text[:1500]
+        raise AssertionError(f"timed out waiting for {what}; page text: {text}") from None
+
+
+def _log_in(driver, base: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/")
+    _until(driver, "the login form", lambda d: d.find_element(By.NAME, "username"))
+    driver.find_element(By.NAME, "username").send_keys(USER)
+    driver.find_element(By.NAME, "password").send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _until(driver, "the home page", lambda d: "/auth/login" not in d.current_url)
+
+
+def _open_trigger(driver, base: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/dags/{DAG_ID}")
+    button = _until(driver, "the Trigger button", lambda d: [
+        b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Trigger" and b.is_displayed()])  # fmt: skip
+    button[0].click()
+    _until(driver, "the source field", lambda d: d.find_element(By.ID, "element_source").is_displayed())
+
+
+def _type(driver, element_id: str, text: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    field = driver.find_element(By.ID, element_id)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.DELETE)
+    field.send_keys(text)
+
+
+def _field(driver, title: str):
+    """The input of the form row titled `title`."""
+    from selenium.webdriver.common.by import By
+
+    label = driver.find_element(By.XPATH, f"//label[starts-with(normalize-space(.), '{title}')]")
+    return label.find_element(By.XPATH, "ancestor::*[.//input][1]").find_element(By.TAG_NAME, "input")
+
+
+def _choose(driver, element_id: str, option: str) -> None:
+    """Pick an option of one of the form's select boxes (react-select) by typing it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{element_id} input")
+    box.send_keys(option)
+    box.send_keys(Keys.ENTER)
+
+
+def _submit(driver) -> None:
+    from selenium.webdriver.common.by import By
+
+    # The dialog's own Trigger button comes after the page header's in the document.
+    buttons = [
+        b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Trigger" and b.is_displayed()
+    ]
+    assert len(buttons) >= 2 and buttons[-1].is_enabled(), "Trigger is disabled"
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", buttons[-1])
+    buttons[-1].click()
+
+
+@pytest.mark.slow
+def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    port, token, stack = airflow_ui["port"], airflow_ui["token"], airflow_ui["stack"]
+    base = f"http://127.0.0.1:{port}"
+    faces = write_dataset(airflow_ui["tmp"] / "faces", 12)
+    shots = _shots()
+
+    # Without a session a report link goes to the login page, and comes back after it.
+    browser.get(f"{base}/gender-reports/runs/anything")
+    _until(browser, "the login redirect", lambda d: "/auth/login" in d.current_url)
+    _log_in(browser, base, airflow_ui["password"])
+
+    # Refused before a run exists, with the field named: epochs 0 (the dialog shows the server's
+    # "Invalid input for param epochs"), then an unknown model, which the multi-select cannot even hold.
+    _open_trigger(browser, base)
+    browser.save_screenshot(str(shots / "trigger-form-defaults.png"))
+    _type(browser, "element_source", str(faces))
+    epochs = _field(browser, "Epochs")
+    epochs.send_keys("0")
+    _field(browser, "Seed").click()  # leave the box: the form must not move 0 to 1
+    assert epochs.get_attribute("value") == "0"
+    _submit(browser)
+    _until(browser, "the epochs refusal", lambda d: "epochs" in d.find_element(By.TAG_NAME, "body").text
+           and "minimum of 1" in d.find_element(By.TAG_NAME, "body").text)  # fmt: skip
+    browser.save_screenshot(str(shots / "trigger-refuses-epochs-0.png"))
+    status, body = _api(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns", token)
+    assert body["total_entries"] == 0
+    # An unknown model cannot be chosen: the multi-select offers only the registered models.
+    _open_trigger(browser, base)
+    models = browser.find_element(By.CSS_SELECTOR, "#element_models input")
+    models.send_keys("vgg16")
+    _until(browser, "the models menu", lambda d: "No options" in d.find_element(By.TAG_NAME, "body").text)
+    browser.save_screenshot(str(shots / "trigger-models-offers-no-vgg16.png"))
+    models.send_keys(Keys.ESCAPE)
+    # ...and the server, which the form submits to, refuses one sent anyway, naming the field.
+    status, body = _api(port, "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", token,
+                        {"logical_date": None, "conf": {"source": str(faces), "models": ["vgg16"]}})  # fmt: skip
+    assert status == 400 and "Invalid input for param models" in body["detail"] and "vgg16" in body["detail"]
+
+    # The defaults plus a source (and the tiny profile, to keep the test short) are accepted.
+    _open_trigger(browser, base)
+    _type(browser, "element_source", str(faces))
+    _choose(browser, "element_profile", "tiny")
+    _submit(browser)
+    run = stack.wait("the run to start", lambda: _api(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns", token)[1]
+                     .get("dag_runs"), 60)[0]  # fmt: skip
+    run_id = run["dag_run_id"]
+    assert run["conf"]["source"] == str(faces) and run["conf"]["profile"] == "tiny"
+
+    def finished():
+        state = _api(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}", token)[1]["state"]
+        return state if state in ("success", "failed") else None
+
+    assert stack.wait("the run to finish", finished, RUN_TIMEOUT_S) == "success"
+
+    # The run's Comparison report tab shows Table 1 (from the run's own storage).
+    browser.get(f"{base}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}")
+    tab = _until(browser, "the Comparison report tab", lambda d: d.find_element(
+        By.XPATH, "//*[self::a or self::button][normalize-space(.)='Comparison report']"))  # fmt: skip
+    tab.click()
+    frame = _until(browser, "the report frame", lambda d: d.find_element(By.TAG_NAME, "iframe"))
+    browser.switch_to.frame(frame)
+    table = _until(browser, "Table 1", lambda d: d.find_element(By.ID, "table1-data"))
+    models = [r.get_attribute("data-model") for r in table.find_elements(By.CSS_SELECTOR, "tr[data-model]")]
+    assert sorted(models) == ["cnn", "inceptionv3", "mobilenetv2", "resnet50"]
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(shots / "comparison-report-tab.png"))
+
+    # Browse → reports: a table with the run, its state, profile and accuracies.
+    browser.get(f"{base}/gender-reports/")
+    text = browser.find_element(By.TAG_NAME, "table").text
+    assert run_id in text and "success" in text and "tiny" in text and "inceptionv3" in text
+    browser.save_screenshot(str(shots / "reports-list.png"))
