@@ -24,6 +24,7 @@ size (1.0: linear; 10.0 for a tenfold size: quadratic).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -47,21 +48,25 @@ RUN_KEY = "scale-bench"
 
 
 def _sources(source: Path) -> list[tuple[Path, str]]:
-    return [(p, label) for label in ("female", "male") for p in sorted((source / label).glob("*.jpg"))]
+    found = [(p, label) for label in ("female", "male") for ext in ("jpg", "jpeg", "png")
+             for p in sorted((source / label).glob(f"*.{ext}"))]  # fmt: skip
+    if not found:
+        sys.exit(f"no faces under {source}/female and {source}/male: point the benchmark at a folder of faces")
+    return found
 
 
-def _variant(args: tuple[int, str, str, Path]) -> None:
+def _variant(args: tuple) -> None:
     """Face number i: source i mod count, with a crop, rotation, flip and colour change seeded by i."""
     from PIL import Image, ImageEnhance, ImageOps
 
-    i, source, label, out = args
+    i, source, label, out, px = args
     rng = random.Random(i)
     with Image.open(source) as img:
         img = img.convert("RGB")
     img = img.rotate(rng.uniform(-20, 20), resample=Image.Resampling.BILINEAR)
     side = img.width * rng.uniform(0.6, 0.9)
     x, y = rng.uniform(0, img.width - side), rng.uniform(0, img.height - side)
-    img = img.resize((IMAGE_PX, IMAGE_PX), Image.Resampling.BILINEAR, box=(x, y, x + side, y + side))
+    img = img.resize((px, px), Image.Resampling.BILINEAR, box=(x, y, x + side, y + side))
     if rng.random() < 0.5:
         img = ImageOps.mirror(img)
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
@@ -69,13 +74,16 @@ def _variant(args: tuple[int, str, str, Path]) -> None:
     img.save(out / label / f"{label}_{i:06d}.jpg", "JPEG", quality=90)
 
 
-def generate_faces(n: int, folder: Path, source: Path = SOURCE) -> None:
+def generate_faces(n: int, folder: Path, source: Path = SOURCE, px: int = IMAGE_PX, interleave: bool = False) -> None:
+    """N distinct labeled faces (variants of those under `source`) as px-sized JPEGs in `folder`;
+    `interleave` alternates the classes, so that a few faces hold both."""
     sources = _sources(source)
-    if not sources:
-        raise SystemExit(f"no female/*.jpg or male/*.jpg under {source}; pass --source")
+    if interleave:
+        by_class = [[s for s in sources if s[1] == label] for label in ("female", "male")]
+        sources = [s for pair in itertools.zip_longest(*by_class) for s in pair if s is not None]
     for label in ("female", "male"):
         (folder / label).mkdir(parents=True, exist_ok=True)
-    jobs = [(i, *sources[i % len(sources)], folder) for i in range(n)]
+    jobs = [(i, *sources[i % len(sources)], folder, px) for i in range(n)]
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(_variant, jobs, chunksize=256))
 

@@ -8,6 +8,10 @@ For each model at its profile's input size:
 and prints images/s for both and the ratio pipeline / bare (target >= 0.90).
 
     .venv/bin/python bench/train_bench.py [--source ../shared/data/generated_photos] [--profile cpu]
+        [--models cnn,...] [--rounds 2] [--storage FOLDER (reuse an ingested store)] [--limit N] [--json OUT]
+
+On a GPU it runs on cuda (bf16 autocast, channels_last, the split staged in GPU memory as the trainer
+does); bench/gpu_check.sh runs it there.
 
 Both are warmed up first (PyTorch's first CPU steps are several times slower than the rest), then
 measured in alternating rounds; the best round of each counts (the least disturbed by other load).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import logging
 import platform
 import shutil
@@ -25,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,8 +92,9 @@ def pipeline_epoch(model_name: str, size: int, settings: Settings, train, device
     batch = settings.batch_size
     # Warm-up on a few batches of the same data.
     n_warm = batch * WARMUP_STEPS
-    warm = type(train)(train.images[:n_warm], train.labels[:n_warm], train.keys[:n_warm])
+    warm = train.subset(np.arange(min(n_warm, len(train))))
     train_one_epoch(model, model_name, warm, inputs, opt, torch.Generator().manual_seed(1), batch, autocast)
+    train = inputs.stage(train)  # once per split in the trainer too (into GPU memory), not per epoch
     n = len(train.labels)
     t0 = time.perf_counter()
     train_one_epoch(model, model_name, train, inputs, opt, torch.Generator().manual_seed(seed), batch, autocast)
@@ -102,13 +109,16 @@ def main() -> int:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--models", default="cnn,resnet50,inceptionv3,mobilenetv2")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--storage", help="a store to ingest into (the same data again uploads nothing)")
+    parser.add_argument("--limit", type=int, help="train on at most this many images of the split")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     workdir = Path(tempfile.mkdtemp(prefix="train-bench-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     run = pipeline.prepare({
-        "source": args.source, "storage": str(workdir / "store"), "profile": args.profile,
+        "source": args.source, "storage": args.storage or str(workdir / "store"), "profile": args.profile,
         "models": args.models.split(","), "label_audit": False,
     })  # fmt: skip
     run = pipeline.preprocess(pipeline.split(pipeline.ingest(run)))
@@ -123,11 +133,13 @@ def main() -> int:
     print(f"device {device} ({hardware}), torch {torch.__version__}, {threads} threads, profile {args.profile}")
     print(f"{'model':<12} {'size':>4} {'batch':>5} {'train imgs':>10} {'pipeline img/s':>15} {'bare img/s':>11} "
           f"{'ratio':>6}")  # fmt: skip
-    worst = None
+    worst, rows = None, []
     for name in settings.models:
         size, batch = settings.per_model[name].image_size, settings.batch_size
         reader = ShardReader(storage, layout.cache_prefix(dataset["dataset_id"], size))
-        train = load_splits(manifest, reader, ("train",), memory_budget())["train"]
+        train = load_splits(manifest, reader, ("train",), memory_budget(), device)["train"]
+        if args.limit:
+            train = train.subset(np.arange(min(args.limit, len(train))))
         steps = max(len(train.labels) // batch, 1)
         pipe, bare = [], []
         for r in range(args.rounds):
@@ -135,9 +147,16 @@ def main() -> int:
             bare.append(bare_loop(name, size, batch, steps, device, autocast))
         ratio = max(pipe) / max(bare)
         worst = ratio if worst is None else min(worst, ratio)
+        rows.append({"model": name, "size": size, "batch": batch, "train_images": len(train.labels),
+                     "pipeline_images_per_s": max(pipe), "bare_images_per_s": max(bare), "ratio": ratio,
+                     "rounds": args.rounds, "streamed": not hasattr(train, "images")})  # fmt: skip
         print(f"{name:<12} {size:>4} {batch:>5} {len(train.labels):>10} {max(pipe):>15.1f} {max(bare):>11.1f} "
               f"{ratio:>6.3f}")  # fmt: skip
     print(f"lowest ratio {worst:.3f} (target >= 0.90)")
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "hardware": hardware, "torch": torch.__version__,
+                                         "threads": threads, "profile": args.profile, "models": rows,
+                                         "lowest_ratio": worst}, indent=1))  # fmt: skip
     return 0
 
 

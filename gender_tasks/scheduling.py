@@ -5,9 +5,10 @@ strategy in plugins/gender_scheduling.py gives map index 0 the highest priority,
 than models the longest job starts first (longest-processing-time-first, the classic rule for
 finishing a batch of parallel jobs soonest).
 
-`claim_gpu` gives each training task a GPU of its own when a worker holds several: the `gpu` pool
-bounds how many tasks run at once cluster-wide, a worker's Celery concurrency (one per GPU) bounds
-them per machine, and this picks which of the machine's GPUs a task gets.
+`claim_gpu` gives each training task a GPU slot of its own when a worker holds several: the `gpu`
+pool bounds how many tasks run at once cluster-wide, a worker's Celery concurrency (GPUs x tasks per
+GPU) bounds them per machine, and this picks which of the machine's GPUs a task gets. With
+GENDER_TASKS_PER_GPU=k, k trainings share each GPU (a small model at batch 32 leaves a big GPU idle).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import PermanentError
 from .models.registry import get_model_spec
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 # small profiles the two transfer models swap places, but both still go before the two small ones.
 
 GPU_LOCK_DIR_VAR = "GENDER_GPU_LOCK_DIR"
+TASKS_PER_GPU_VAR = "GENDER_TASKS_PER_GPU"
 
 
 def order_slowest_first(models: Iterable[str]) -> list[str]:
@@ -88,31 +91,52 @@ class GpuClaim:
         self.release()
 
 
-def claim_gpu(gpus: list[str] | None = None, lock_dir: str | Path | None = None) -> GpuClaim:
-    """Pin this process to one GPU no other process on this machine holds; a no-op without GPUs.
+def tasks_per_gpu() -> int:
+    """How many training tasks share one GPU (GENDER_TASKS_PER_GPU, default 1): the `gpu` pool has
+    that many slots per GPU and a GPU worker that many Celery processes per GPU."""
+    raw = os.environ.get(TASKS_PER_GPU_VAR, "").strip() or "1"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise PermanentError(f"{TASKS_PER_GPU_VAR}={raw!r} is not a positive whole number; set it to 1 (one "
+                             "training per GPU) or to how many trainings one GPU should run at once")  # fmt: skip
+    return value
 
-    Sets CUDA_VISIBLE_DEVICES to the claimed GPU, so the training code's plain `cuda` device is it.
-    Where every GPU is taken (more concurrent tasks than GPUs: a worker's concurrency set above its
-    GPU count), the task shares one rather than wait, and says so.
+
+def claim_gpu(gpus: list[str] | None = None, lock_dir: str | Path | None = None,
+              per_gpu: int | None = None) -> GpuClaim:  # fmt: skip
+    """Pin this process to a free slot of one GPU of this machine; a no-op without GPUs.
+
+    Each GPU has `per_gpu` slots (GENDER_TASKS_PER_GPU), one lock file each. Slots are taken slot by
+    slot across GPUs (first slot of every GPU, then the second...), so tasks spread over the GPUs
+    before they double up. Sets CUDA_VISIBLE_DEVICES to the claimed GPU, so the training code's plain
+    `cuda` device is it. Where every slot is taken (more concurrent tasks than slots: a worker's
+    concurrency set above GPUs x tasks per GPU), the task shares one rather than wait, and says so.
     """
     gpus = visible_gpus() if gpus is None else gpus
     if not gpus:
         return GpuClaim(None)
+    per_gpu = tasks_per_gpu() if per_gpu is None else per_gpu
     folder = Path(lock_dir or os.environ.get(GPU_LOCK_DIR_VAR) or Path(tempfile.gettempdir()) / "gender-gpu-locks")
     folder.mkdir(parents=True, exist_ok=True)
-    for gpu in gpus:
-        handle = open(folder / f"gpu-{gpu.replace('/', '_')}.lock", "a+")  # held open until release()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            continue
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-        log.info("training on GPU %s (of %s)", gpu, ",".join(gpus))
-        return GpuClaim(gpu, handle)
+    for slot in range(per_gpu):
+        for gpu in gpus:
+            # Slot 0 keeps the name of the one-task-per-GPU lock: both settings exclude each other there.
+            name = f"gpu-{gpu.replace('/', '_')}" + (f"-slot{slot}" if slot else "") + ".lock"
+            handle = open(folder / name, "a+")  # held open until release()
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            log.info("training on GPU %s, slot %d of %d (GPUs %s)", gpu, slot + 1, per_gpu, ",".join(gpus))
+            return GpuClaim(gpu, handle)
     shared = gpus[os.getpid() % len(gpus)]
     os.environ["CUDA_VISIBLE_DEVICES"] = shared
-    log.warning("all %d GPUs of this machine are taken by other tasks; sharing GPU %s. Set the worker's "
-                "concurrency to its GPU count and the gpu pool's slots to the GPUs of all workers",
-                len(gpus), shared)  # fmt: skip
+    log.warning("all %d slots of the %d GPUs of this machine are taken by other tasks; sharing GPU %s. Set the "
+                "worker's concurrency to its GPUs x %s and the gpu pool's slots to the GPUs of all workers x %s",
+                per_gpu * len(gpus), len(gpus), shared, TASKS_PER_GPU_VAR, TASKS_PER_GPU_VAR)  # fmt: skip
     return GpuClaim(shared)

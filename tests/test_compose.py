@@ -80,9 +80,17 @@ def _airflow_services(compose: dict) -> dict[str, dict]:
     return {name: svc for name, svc in compose["services"].items() if name.startswith("airflow-")}
 
 
+_ARITHMETIC = re.compile(r"\$\(\((\d+)\*(\d+)\)\)")  # bash's $((a*b)), as the compose file writes products
+
+
 def _command(svc: dict) -> list[str]:
+    """The service's command; a `bash -c "exec airflow ..."` wrapper unwrapped to the Airflow command,
+    its $((a*b)) products worked out as bash would."""
     cmd = svc.get("command", [])
-    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    cmd = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    if cmd[:2] == ["bash", "-c"] and cmd[2].startswith("exec airflow "):
+        cmd = shlex.split(cmd[2].removeprefix("exec airflow "))
+    return [_ARITHMETIC.sub(lambda m: str(int(m[1]) * int(m[2])), arg) for arg in cmd]
 
 
 def _workers(compose: dict) -> dict[str, dict]:
@@ -236,13 +244,15 @@ def test_components_reach_each_other(compose):
         assert re.search(rf"[@/]{service}[:/]", env[key]), (key, env[key])
 
 
-def test_the_init_creates_the_train_pool_with_one_slot_per_gpu(compose):
+def test_the_init_creates_the_train_pool_with_tasks_per_gpu_slots_per_gpu(compose):
     init = " ".join(_command(compose["services"]["airflow-init"]))
     pool = compose["x-airflow-common"]["environment"]["GENDER_TRAIN_POOL"]
     assert "airflow db migrate" in init
     assert re.search(rf'airflow pools set "{pool}" "1"', init), init
     custom = load_compose({"GPU_COUNT": "4", "GPUS_PER_WORKER": "4"})
     assert 'airflow pools set "gpu" "4"' in " ".join(_command(custom["services"]["airflow-init"]))
+    shared = load_compose({"GPU_COUNT": "3", "GENDER_TASKS_PER_GPU": "2"})
+    assert 'airflow pools set "gpu" "6"' in " ".join(_command(shared["services"]["airflow-init"]))
 
 
 # --- Queues, GPUs and start-up order -------------------------------------------------------------
@@ -270,6 +280,10 @@ def test_the_gpu_queue_is_consumed_by_a_worker_with_an_nvidia_gpu_per_task(compo
     # Scaled up, the GPU count, the worker's concurrency and the pool move together.
     big = load_compose({"GPUS_PER_WORKER": "2", "GPU_COUNT": "2"})["services"]["airflow-worker-gpu"]
     assert int(_gpu_devices(big)[0]["count"]) == int(_option(_command(big), "--concurrency", "-c")) == 2
+    # Several tasks per GPU: the worker runs GPUs x tasks-per-GPU processes, and its tasks know the setting.
+    packed = load_compose({"GPUS_PER_WORKER": "2", "GENDER_TASKS_PER_GPU": "4"})["services"]["airflow-worker-gpu"]
+    assert int(_gpu_devices(packed)[0]["count"]) == 2 and _option(_command(packed), "--concurrency") == "8"
+    assert packed["environment"]["GENDER_TASKS_PER_GPU"] == "4"
 
 
 def test_without_gpus_training_falls_back_to_the_cpu_worker(monkeypatch):

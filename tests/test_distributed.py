@@ -510,6 +510,68 @@ def test_each_training_task_claims_its_own_gpu(tmp_path, monkeypatch):
         assert none.gpu is None
 
 
+def _hold_gpu_claims(count: int, gpus: list[str], lock_dir, env: dict) -> tuple[list, list[str]]:
+    """Start `count` task processes, one after the other, each claiming a GPU and holding it."""
+    probe = (
+        "import json, os, sys, time\n"
+        "from gender_tasks.scheduling import claim_gpu\n"
+        "claim = claim_gpu(json.loads(sys.argv[1]), lock_dir=sys.argv[2])\n"
+        "print(claim.gpu, os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    holders, claimed = [], []
+    for _ in range(count):
+        proc = subprocess.Popen([sys.executable, "-c", probe, json.dumps(gpus), str(lock_dir)], stdout=subprocess.PIPE,
+                                text=True, env=env)  # fmt: skip
+        holders.append(proc)
+        gpu, visible = proc.stdout.readline().split()
+        assert gpu == visible, (gpu, visible)
+        claimed.append(gpu)
+    return holders, claimed
+
+
+def test_tasks_per_gpu_lets_two_tasks_of_a_worker_share_one_gpu(tmp_path, monkeypatch):
+    """GENDER_TASKS_PER_GPU=2: two concurrent task processes on a one-GPU worker both get that GPU (one
+    slot each); on two GPUs they spread over both first, then double up."""
+    from gender_tasks.scheduling import claim_gpu
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "GENDER_TASKS_PER_GPU": "2"}  # fmt: skip
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    holders = []
+    try:
+        procs, claimed = _hold_gpu_claims(2, ["0"], tmp_path / "one", env)
+        holders += procs
+        assert claimed == ["0", "0"]
+        # Both slots are held by live processes: a third claim (one slot per GPU assumed) cannot lock slot 0.
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        assert claim_gpu(["0"], lock_dir=tmp_path / "one", per_gpu=2)._handle is None  # shares, holds nothing
+        procs, claimed = _hold_gpu_claims(4, ["0", "1"], tmp_path / "two", env)
+        holders += procs
+        assert claimed[:2] == ["0", "1"] and sorted(claimed[2:]) == ["0", "1"], claimed
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait(timeout=10)
+    # The default stays one task per GPU.
+    monkeypatch.delenv("GENDER_TASKS_PER_GPU", raising=False)
+    with claim_gpu(["0"], lock_dir=tmp_path / "one") as first:
+        second = claim_gpu(["0"], lock_dir=tmp_path / "one")
+        assert first._handle is not None and second._handle is None  # the second shares, with a warning
+
+
+def test_tasks_per_gpu_must_be_a_positive_number(monkeypatch):
+    from gender_tasks.errors import PermanentError
+    from gender_tasks.scheduling import tasks_per_gpu
+
+    monkeypatch.setenv("GENDER_TASKS_PER_GPU", "3")
+    assert tasks_per_gpu() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv("GENDER_TASKS_PER_GPU", bad)
+        with pytest.raises(PermanentError, match="GENDER_TASKS_PER_GPU"):
+            tasks_per_gpu()
+
+
 _K8S_PROBE = r"""
 import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("dag_under_test", sys.argv[1])

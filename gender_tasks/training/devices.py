@@ -1,10 +1,23 @@
-"""Where training runs: the device, the CPU threads a task may use, and mixed precision."""
+"""Where training runs: the device, the CPU threads a task may use, mixed precision, whether a split's
+images fit in GPU memory, and whether to compile the model."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+from ..scheduling import tasks_per_gpu
+
+log = logging.getLogger(__name__)
+
+COMPILE_VAR = "GENDER_TORCH_COMPILE"  # unset/0: eager; 1: torch.compile (inductor); or a backend name
+RESIDENT_VAR = "GENDER_GPU_RESIDENT"  # unset/auto: by the memory check; 0: never (pinned host memory)
+# GPU memory left free beside the images: the model, its gradients, Adam's state and the activations of
+# a batch of 32 at 299 px take under 6 GiB for the largest model here (InceptionV3, bf16 autocast).
+MIN_HEADROOM_BYTES = 6 << 30
+HEADROOM_SHARE = 0.25
 
 
 def pick_device() -> torch.device:
@@ -31,3 +44,47 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def resident_budget(free: int, total: int, sharing: int) -> int:
+    """Bytes of images one training may keep on a GPU with `free` of `total` bytes free, shared by
+    `sharing` trainings: its share of the card, less a headroom for the model and activations. Each
+    task judges alone at its start, so it takes only its share, not whatever happens to be free."""
+    sharing = max(sharing, 1)
+    headroom = max(MIN_HEADROOM_BYTES, int(total * HEADROOM_SHARE)) // sharing
+    return max(0, min(free, total // sharing) - headroom)
+
+
+def fits_on_device(nbytes: int, device: torch.device, already: int = 0) -> bool:
+    """Whether `nbytes` more (after `already` placed by this task) may live on `device`; the CPU: no
+    (nothing to move). GENDER_GPU_RESIDENT=0 forces the pinned-memory path."""
+    if device.type != "cuda" or os.environ.get(RESIDENT_VAR, "auto").strip().lower() in {"0", "false", "no"}:
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    return already + nbytes <= resident_budget(free + already, total, tasks_per_gpu())
+
+
+def compile_backend() -> str | None:
+    """The torch.compile backend asked for by GENDER_TORCH_COMPILE, or None (eager, the default:
+    compiling costs tens of seconds per model and whether 10 epochs earn that back is measured by
+    bench/gpu_check.sh)."""
+    value = os.environ.get(COMPILE_VAR, "").strip().lower()
+    if value in {"", "0", "false", "no", "off"}:
+        return None
+    return "inductor" if value in {"1", "true", "yes", "on"} else value
+
+
+def maybe_compile(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's compiled forward when GENDER_TORCH_COMPILE asks for one, else None. A wrapper
+    sharing the model's parameters: state_dict keys, freezing and the TorchScript export still see the
+    plain module. Static shapes: the loop uses it for full training batches only (one graph per mode)."""
+    backend = compile_backend()
+    if backend is None:
+        return None
+    log.info("torch.compile (backend %s): the first full batches of each mode compile", backend)
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The most GPU memory this process's tensors took so far (MB); None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None

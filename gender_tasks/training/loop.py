@@ -18,7 +18,7 @@ from ..models.network import build_model, set_backbone_frozen, set_train_mode
 from ..settings import STUDY_RECIPE, Recipe, Settings, TrainPlan
 from .augment import augment_params
 from .batches import Inputs, Split
-from .devices import make_autocast, pick_device
+from .devices import make_autocast, maybe_compile, pick_device
 from .recipe import make_optimizer, make_scheduler, steps_per_epoch
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
@@ -36,23 +36,46 @@ def _logits(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 @torch.inference_mode()
 def predict_proba(model, data: Split, inputs: Inputs, batch_size: int, autocast,
                   tta: bool = False) -> tuple[np.ndarray, float]:  # fmt: skip
-    """P(male) for every image of `data`, and the mean BCE loss; with `tta` the mean P(male) of each
-    image and its mirror image."""
+    """P(male) for every image of `data`, and the mean BCE loss; read from the device once, at the end.
+    With `tta`, the mean P(male) of each image and its mirror image."""
     model.eval()
-    probs, loss_sum = [], 0.0
+    data = inputs.stage(data)
+    probs = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
     for xb, yb in data.batches(None, batch_size):
         x = inputs(xb)
-        y = yb.to(inputs.device)
+        y = yb.to(inputs.device, non_blocking=True)
         with autocast():
             logits, _ = _logits(model(x))
             mirrored = _logits(model(x.flip(3)))[0] if tta else None
-        prob = torch.sigmoid(logits.float())
-        if mirrored is not None:
-            prob = (prob + torch.sigmoid(mirrored.float())) / 2
-        loss_sum += float(F.binary_cross_entropy(prob.clamp(1e-7, 1 - 1e-7), y, reduction="sum"))
-        probs.append(prob.cpu())
+        logits = logits.float()
+        if mirrored is None:
+            # float64, as the Python float sum this replaces: the same figures on the CPU, bit for bit
+            loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").double()
+            probs.append(torch.sigmoid(logits))
+        else:
+            prob = (torch.sigmoid(logits) + torch.sigmoid(mirrored.float())) / 2
+            loss_sum += F.binary_cross_entropy(prob.clamp(1e-7, 1 - 1e-7), y, reduction="sum").double()
+            probs.append(prob)
     n = max(len(data.labels), 1)
-    return (torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)), loss_sum / n
+    return (torch.cat(probs).cpu().numpy() if probs else np.zeros(0, np.float32)), float(loss_sum) / n
+
+
+def epoch_plan(n: int, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, int, dict]:
+    """One epoch's order, how many of its images train, and every trained image's augmentation, all
+    drawn up front.
+
+    The draws are those the loop always made, in the same order (the permutation, then each batch's
+    parameters), so a seed gives the same epoch as before; drawn at once, they reach the GPU in one
+    copy instead of three small pageable copies per step, each of which waits for the GPU to drain.
+    """
+    order = torch.randperm(n, generator=gen)
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    if n >= 2 and sizes and sizes[-1] < 2:
+        sizes.pop()  # a trailing batch of one is skipped: batch norm cannot train on a single image
+    drawn = [augment_params(size, gen) for size in sizes]
+    params = {k: torch.cat([d[k] for d in drawn]) if drawn else torch.zeros(0) for k in ("flip", "angle", "zoom")}
+    return order, sum(sizes), params
 
 
 def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimizer, gen: torch.Generator,
@@ -61,23 +84,33 @@ def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimiz
     """One pass over `data` in the order and with the augmentation that `gen` draws; the recipe sets the
     augmentation and label smoothing, and `scheduler` (if any) steps after every optimizer step.
 
-    Returns the summed loss and the number of correct predictions (running, on augmented batches).
+    Returns the summed loss and the number of correct predictions (running, on augmented batches),
+    accumulated on the device and read once at the end: a read per step would stall the GPU's queue.
     `progress(images_done, images)`, if given, is called after every batch (see `progress_logger`).
     """
     set_train_mode(model_name, model, frozen)
+    data = inputs.stage(data)  # on a GPU: into its memory once, when it fits
     n = len(data.labels)
-    order = torch.randperm(n, generator=gen)
-    loss_sum = correct = 0.0
-    done = 0  # images through, for `progress`
+    order, trained, params = epoch_plan(n, batch_size, gen)
+    if inputs.device.type == "cuda":
+        params = {k: v.pin_memory().to(inputs.device, non_blocking=True) for k, v in params.items()}
+    loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
+    start = 0  # images through (host-side counts: no sync), for the augmentation and `progress`
+    augmented = ("flip",) if recipe.augmentation == "flip" else tuple(params)
     # In memory or streamed from the shards (batches.StreamedSplit): the same batches for the same order.
     for xb, yb in data.batches(order, batch_size):
-        if len(yb) < 2 and n >= 2:
-            continue  # batch norm cannot train on a batch of one
-        x = inputs(xb, augment_params(len(yb), gen, mode=recipe.augmentation))
-        y = yb.to(inputs.device)
+        size = len(yb)
+        if start + size > trained:
+            break  # the trailing batch of one that epoch_plan left out
+        # epoch_plan draws every parameter (the same draws whatever the recipe); "flip" applies flips only.
+        x = inputs(xb, {k: v[start : start + size] for k, v in params.items() if k in augmented})
+        y = yb.to(inputs.device, non_blocking=True)
         target = y * (1 - recipe.label_smoothing) + 0.5 * recipe.label_smoothing
+        # The compiled forward only for full batches: one graph per mode, no recompiles for the last one.
+        net = inputs.compiled if inputs.compiled is not None and size == batch_size else model
         with autocast():
-            logits, aux = _logits(model(x))
+            logits, aux = _logits(net(x))
             logits = logits.float()
             loss = F.binary_cross_entropy_with_logits(logits, target)
             if aux is not None:
@@ -87,14 +120,12 @@ def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimiz
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += float(loss.detach()) * len(yb)
-        correct += float(((logits.detach() >= 0).float() == y).sum())
-        done += len(yb)
+        loss_sum += loss.detach().double() * size
+        correct += ((logits.detach() >= 0) == y.bool()).sum()
+        start += size
         if progress is not None:
-            progress(done, n)
-    if inputs.device.type == "cuda":
-        torch.cuda.synchronize()
-    return loss_sum, correct
+            progress(start, n)
+    return float(loss_sum), float(correct)
 
 
 def progress_logger(label: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int], None]:
@@ -118,7 +149,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def setup_model(model_name: str, image_size: int, weights: str, seed: int, device: torch.device):
-    """The model on `device` (channels_last on a GPU) and the matching input pipeline."""
+    """The model on `device` (channels_last on a GPU) and the matching input pipeline (with the
+    model's compiled forward when GENDER_TORCH_COMPILE asks for one)."""
     is_cuda = device.type == "cuda"
     if is_cuda:
         torch.backends.cudnn.benchmark = True
@@ -126,7 +158,9 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
     model = build_model(model_name, image_size, weights).to(device)
     if is_cuda:
         model = model.to(memory_format=torch.channels_last)
-    return model, Inputs(model_name, device, channels_last=is_cuda)
+    inputs = Inputs(model_name, device, channels_last=is_cuda)
+    inputs.compiled = maybe_compile(model)
+    return model, inputs
 
 
 def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: Split, predict: Split,

@@ -38,7 +38,7 @@ from ..settings import Settings, TrainPlan
 from ..storage import Storage
 from .batches import Inputs, Split, load_splits
 from .checkpoint import load_checkpoint, save_checkpoint
-from .devices import configure_threads, device_name, make_autocast, pick_device
+from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_torchscript
 from .keys import key_of, model_inputs
 from .loop import epoch_generator, predict_proba, progress_logger, setup_model, train_one_epoch
@@ -252,6 +252,7 @@ def _write_outputs(storage: Storage, file_key: Callable[[str], str], run: Traini
         "mean_images_per_s": float(np.mean([h["images_per_s"] for h in run.history])),
         "device": str(run.device),
         "device_name": device_name(run.device),
+        "peak_device_memory_mb": peak_memory_mb(run.device),
         "torch_threads": run.threads,
         "torch_version": torch.__version__,
     }
