@@ -179,8 +179,11 @@ def gender_classification():
         trained = [trained[i] for i in range(len(trained))]
         return _step("report", run, trained, label_audit=audit, external=external, ensembled=ensembled)
 
-    run = preprocess(validate(split(ingest(prepare()))))
-    trained = train.partial(run=run).expand_kwargs(plan_training(run))
+    prepared = prepare()
+    run = preprocess(validate(split(ingest(prepared))))
+    # The plan needs only the settings: made early, so that when preprocess ends every training task is
+    # ready at once and the priority weights (slowest model first, the audit after them) decide the order.
+    trained = train.partial(run=run).expand_kwargs(plan_training(prepared))
     ensembled = ensemble(run)
     audit = label_audit(run)
     external = evaluate_external(run)
