@@ -41,7 +41,7 @@ def _add_run(session, run_id: str, state: str, triggered_by, minutes: int):
     session.add(run)
 
 
-def test_stale_runs_of_dead_processes_are_ended_and_live_or_scheduler_runs_kept(airflow_db, capfd):
+def test_stale_runs_of_dead_processes_are_ended_and_live_or_scheduler_runs_kept(airflow_db, capfd, caplog):
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
     from airflow.utils.types import DagRunTriggeredByType as By
@@ -63,7 +63,9 @@ def test_stale_runs_of_dead_processes_are_ended_and_live_or_scheduler_runs_kept(
             states = dict(session.execute(select(DagRun.run_id, DagRun.state).where(DagRun.run_id.in_(runs))).all())
         assert states == {"stale_dead_running": "failed", "stale_dead_queued": "failed", "stale_live": "running",
                           "stale_ui": "running"}  # fmt: skip
-        logged = "".join(capfd.readouterr())  # Airflow's structlog writes log lines to the console
+        # Airflow's structlog writes log lines to the console; once pytest's logging has been configured by
+        # an earlier test they reach its log capture instead.
+        logged = "".join(capfd.readouterr()) + caplog.text
         assert "ended stale run stale_dead_running" in logged and "stale_ui" not in logged
     finally:
         with create_session() as session:
