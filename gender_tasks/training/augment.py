@@ -23,12 +23,12 @@ def augment_params(
     *,
     max_rotation_deg: float = MAX_ROTATION_DEG,
     max_zoom: float = MAX_ZOOM,
-    mode: str = "full",
 ) -> dict[str, torch.Tensor]:
-    """Per-image parameters: flip (bool), rotation (radians), zoom factor (>1 zooms in); "flip": flips only."""
+    """Per-image parameters: flip (bool), rotation (radians), zoom factor (>1 zooms in).
+
+    All three are always drawn, so a flip-only recipe (training.loop keeps just the flips) consumes the
+    generator exactly as the full one does."""
     flip = torch.rand(n, generator=generator) < 0.5
-    if mode == "flip":
-        return {"flip": flip}
     angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation_deg)
     zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_zoom
     return {"flip": flip, "angle": angle, "zoom": zoom}
