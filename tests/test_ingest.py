@@ -327,3 +327,16 @@ def test_zip_source_with_bad_entries_writes_nothing(tmp_path, local_storage):
         pipeline.ingest(run)
     assert_nothing_written(local_storage)
     assert not Path("/tmp/evil.jpg").exists()
+
+
+def test_scanning_in_worker_processes_gives_the_same_rows_and_refusals(tmp_path, monkeypatch):
+    root = write_dataset(tmp_path / "faces", 12, seed=3)
+    on_threads = [s.row for s in ingest_mod.scan_folder(root)]
+    monkeypatch.setattr(ingest_mod, "MIN_FILES_FOR_PROCESSES", 0)
+    monkeypatch.setattr(ingest_mod, "SCAN_CHUNK_FILES", 5)  # 24 files: 5 chunks, the last one short
+    assert [s.row for s in ingest_mod.scan_folder(root, processes=2)] == on_threads
+
+    bad = next((root / "male").iterdir())
+    bad.write_bytes(bad.read_bytes()[:-300])  # truncated: its header reads, only a decode (in a worker) fails
+    with pytest.raises(IngestError, match=rf"1 file\(s\) refused.*{bad.name} does not decode"):
+        ingest_mod.scan_folder(root, processes=2)

@@ -21,6 +21,7 @@ import hashlib
 import io
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,17 @@ from ..storage import Storage, put_many
 from .folders import PROBLEMS_SHOWN, IngestError, list_images, read_regular, shown
 from .images import phash_of_bytes
 from .manifest import MANIFEST_COLUMNS, write_manifest
+from .parallel import cpu_pool
 from .split import min_groups_per_class
 
 log = logging.getLogger(__name__)
 
 SCAN_WORKERS = 8
+# From this many files the scan runs in one process per core, in chunks: hashing and the phash's
+# Python and numpy work hold the GIL (threads reached 1.2 of 2 cores on 10,000 faces). Below it,
+# starting processes (about 0.5 s of imports each) costs more than it saves.
+MIN_FILES_FOR_PROCESSES = 2_000
+SCAN_CHUNK_FILES = 256
 # Uploads are latency-bound: more requests in flight than cores (but past ~16 threads the
 # client's own CPU, signing and parsing under the GIL, slows them down again; see bench/RESULTS.md).
 UPLOAD_WORKERS = 16
@@ -174,21 +181,46 @@ def _refuse_small_classes(scanned: list[_Scanned], split: tuple[float, ...], roo
         )
 
 
-def scan_folder(root: Path, limits: Limits | None = None, *, workers: int = SCAN_WORKERS) -> list[_Scanned]:
+def _describe_chunk(chunk: list[tuple[Path, str, int]], root: Path, limits: Limits) -> list[_Scanned]:
+    """One worker process's share of the scan (content judged once per distinct content within it)."""
+    judged: dict[str, tuple[dict, str]] = {}
+    return [_describe(path, label, root, limits, judged) for path, label, _size in chunk]
+
+
+def _describe_all(files: list[tuple[Path, str, int]], root: Path, limits: Limits, *, threads: int,
+                  processes: int | None) -> Iterator[_Scanned]:  # fmt: skip
+    """Every file described, in order: on `threads` threads for a small set (reads overlap, and
+    one process's imports would cost more than the decoding), else in chunks on `processes`
+    worker processes (default one per core)."""
+    pool = cpu_pool(len(files), processes, MIN_FILES_FOR_PROCESSES)
+    if isinstance(pool, ThreadPoolExecutor):
+        pool.shutdown()
+        judged: dict[str, tuple[dict, str]] = {}
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scan") as threads_pool:
+            yield from threads_pool.map(lambda f: _describe(f[0], f[1], root, limits, judged), files)
+        return
+    chunks = [files[i : i + SCAN_CHUNK_FILES] for i in range(0, len(files), SCAN_CHUNK_FILES)]
+    with pool:
+        for described in pool.map(functools.partial(_describe_chunk, root=root, limits=limits), chunks):
+            yield from described
+
+
+def scan_folder(root: Path, limits: Limits | None = None, *, workers: int = SCAN_WORKERS,
+                processes: int | None = None) -> list[_Scanned]:  # fmt: skip
     """Read, hash, measure and decode every image below the class folders of `root`.
 
     Refuses (IngestError, naming every offending file and the fix) everything in this module's
-    docstring; returns one accepted, decoded image per item, with its manifest row.
+    docstring; returns one accepted, decoded image per item, with its manifest row. `workers`
+    threads scan a small set; from MIN_FILES_FOR_PROCESSES files, `processes` processes (default
+    one per core) do.
     """
     limits = limits or Limits()
     files = list_images(root, max_file_bytes=limits.max_file_bytes, max_total_bytes=limits.max_source_bytes)
     progress = _Progress("ingest: scanned", len(files))
     scanned: list[_Scanned] = []
-    judged: dict[str, tuple[dict, str]] = {}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
-        for item in pool.map(lambda f: _describe(f[0], f[1], root, limits, judged), files):
-            scanned.append(item)
-            progress.update(len(scanned), item.row["bytes"])
+    for item in _describe_all(files, root, limits, threads=workers, processes=processes):
+        scanned.append(item)
+        progress.update(len(scanned), item.row["bytes"])
     refused = [s for s in scanned if s.problem]
     if refused:
         shown_ = "; ".join(f"{shown(s.path)} {s.problem}" for s in refused[:PROBLEMS_SHOWN])
