@@ -15,6 +15,8 @@ then runs each step in its own subprocess, in order, on local storage in that fo
                    into a local cache folder, batches streamed from them unless the splits fit
                    --memory-budget-mb, then predictions for every image and the outputs)
   report           pipeline.report over that one model (HTML size in the notes)
+  label_audit      pipeline.label_audit, cut to 2 folds of one CNN epoch at 64 px (out-of-fold P(male)
+                   for every image: each fold trains on half the images and predicts the other half)
 
 Peak RSS is the step process's own (ru_maxrss) and, separately, the largest of its worker processes.
 Prints a markdown table and, per step, the per-image time at each size over that at the previous
@@ -39,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO.parent / "shared" / "data" / "generated_photos"  # the shared faces beside the checkout
-STEPS = ("ingest", "split", "validate", "preprocess", "near_duplicates", "train", "report")
+STEPS = ("ingest", "split", "validate", "preprocess", "near_duplicates", "train", "report", "label_audit")
 IMAGE_PX = 96
 RUN_KEY = "scale-bench"
 
@@ -174,6 +176,19 @@ def step_report(state: dict, workdir: Path) -> dict:
     out = pipeline.report(state["run"], [state["train"]])
     html = Path(out["report_uri"].removeprefix("file://"))
     return {"report_kb": round(html.stat().st_size / 1024) if html.exists() else None}
+
+
+def step_label_audit(state: dict, workdir: Path) -> dict:
+    from gender_tasks import pipeline
+    from gender_tasks.data.shards import CACHE_DIR_ENV
+
+    # The audit's own folds and epochs are the profile's (5 x 12 CNN trainings for `cpu`); the bench
+    # measures how its cost grows with N at 2 folds of one epoch each (train on half, predict the other).
+    os.environ[CACHE_DIR_ENV] = str(workdir / "local-cache")
+    settings = {**state["run"]["settings"], "label_audit": True, "label_audit_folds": 2,
+                "label_audit_spec": {**state["run"]["settings"]["label_audit_spec"], "epochs": 1}}  # fmt: skip
+    out = pipeline.label_audit({**state["run"], "settings": settings})
+    return {"folds": out["folds"], "images": out["images"], "out_of_fold_accuracy": round(out["out_of_fold_accuracy"], 3)}
 
 
 def run_step(step: str, workdir: Path) -> None:
