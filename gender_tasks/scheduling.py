@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from .environment import env_number
 from .errors import PermanentError
 from .models.registry import get_model_spec
 
@@ -94,15 +95,9 @@ class GpuClaim:
 def tasks_per_gpu() -> int:
     """How many training tasks share one GPU (GENDER_TASKS_PER_GPU, default 1): the `gpu` pool has
     that many slots per GPU and a GPU worker that many Celery processes per GPU."""
-    raw = os.environ.get(TASKS_PER_GPU_VAR, "").strip() or "1"
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise PermanentError(f"{TASKS_PER_GPU_VAR}={raw!r} is not a positive whole number; set it to 1 (one "
-                             "training per GPU) or to how many trainings one GPU should run at once")  # fmt: skip
-    return value
+    return int(env_number(TASKS_PER_GPU_VAR, 1, minimum=1, inclusive=True, whole=True, error=PermanentError,
+                          says="a positive whole number", example="1 (one training per GPU), or how many trainings "
+                          "one GPU should run at once"))  # fmt: skip
 
 
 def claim_gpu(gpus: list[str] | None = None, lock_dir: str | Path | None = None,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from .environment import env_number
 from .errors import PermanentError
 
 log = logging.getLogger(__name__)
@@ -124,16 +125,8 @@ def _probe_key() -> str:
 
 def _env_seconds(name: str, default: float) -> float:
     """A positive number of seconds from the environment variable `name`; unset or empty: `default`."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise StorageConfigError(f"{name}={raw!r} is not a positive number of seconds; set e.g. {name}={default:g}")
-    return value
+    return env_number(name, default, says="a positive number of seconds", example=f"{default:g}",
+                      error=StorageConfigError)  # fmt: skip
 
 
 def _check_prefix(prefix: str) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..environment import env_number
 from ..errors import PermanentError
 from ..storage import Storage
 from .parallel import cpu_pool
@@ -165,16 +166,8 @@ def read_index(storage: Storage, prefix: str) -> dict:
 
 def memory_budget() -> int:
     """Bytes of decoded images one task may hold in memory (GENDER_MEMORY_BUDGET_MB); past it, it streams."""
-    value = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
-    if not value:
-        return DEFAULT_MEMORY_BUDGET
-    try:
-        megabytes = float(value)
-    except ValueError:
-        megabytes = -1.0
-    if megabytes < 0:
-        raise PermanentError(f"{MEMORY_BUDGET_ENV}={value!r} is not a number of megabytes >= 0; set e.g. 2048, "
-                             "or 0 to always stream from the shards")  # fmt: skip
+    megabytes = env_number(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BUDGET / 1024**2, inclusive=True, error=PermanentError,
+                           says="a number of megabytes >= 0", example="2048 (or 0 to always stream from the shards)")  # fmt: skip
     return int(megabytes * 1024**2)
 
 
