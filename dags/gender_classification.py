@@ -70,13 +70,18 @@ def gpu_executor_config() -> dict:
 
 
 def _skip_if_off(run: dict, step: str) -> None:
-    """End the task as skipped (not a green success) when the run's settings switch the step off."""
+    """End the task as skipped (not a green success) when the run's settings switch the step off.
+
+    The reason is left as the task's result first: the report reads it instead of a missing XCom
+    (which Airflow's client logs as an error)."""
     from airflow.sdk.exceptions import AirflowSkipException
 
     from gender_tasks.pipeline import is_switched_off
 
     if is_switched_off(run, step):
-        raise AirflowSkipException(f"{step} is switched off in this run's settings")
+        reason = f"{step} is switched off in this run's settings"
+        get_current_context()["ti"].xcom_push(key="return_value", value={"skipped": reason})
+        raise AirflowSkipException(reason)
 
 
 def _step(name: str, *args, **kwargs):
