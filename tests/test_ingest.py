@@ -3,6 +3,7 @@ import struct
 import zipfile
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import write_dataset
@@ -340,3 +341,22 @@ def test_scanning_in_worker_processes_gives_the_same_rows_and_refusals(tmp_path,
     bad.write_bytes(bad.read_bytes()[:-300])  # truncated: its header reads, only a decode (in a worker) fails
     with pytest.raises(IngestError, match=rf"1 file\(s\) refused.*{bad.name} does not decode"):
         ingest_mod.scan_folder(root, processes=2)
+
+
+def test_s3_source_over_the_size_limit_or_the_free_disk_is_refused_before_download(s3_bucket, tmp_path, monkeypatch):
+    from gender_tasks.data import sources
+
+    client = open_storage(f"s3://{s3_bucket}").client
+    for i in range(3):
+        client.put_object(Bucket=s3_bucket, Key=f"faces/female/{i}.jpg", Body=b"x" * 4_000)
+    with pytest.raises(
+        SourceError,
+        match=rf"s3://{s3_bucket}/faces would download to 12\.0 kB, over the 10\.0 kB "
+        r"limit \(setting max_source_bytes\): refused before a byte was written",
+    ):
+        resolve_source(f"s3://{s3_bucket}/faces", tmp_path / "work", max_bytes=10_000)
+    monkeypatch.setattr(sources, "DISK_SPARE_BYTES", 0)
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: SimpleNamespace(free=5_000))
+    with pytest.raises(SourceError, match=r"would download to 12\.0 kB but \S+ has 5\.0 kB free.*free disk space"):
+        resolve_source(f"s3://{s3_bucket}/faces", tmp_path / "work")
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.jpg"))

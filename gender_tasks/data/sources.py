@@ -74,21 +74,21 @@ def download_kaggle(handle: str) -> Path:
         ) from exc
 
 
-def _check_zip_size(archive: Path, target: Path, total: int, max_bytes: int) -> None:
-    """Refuse an archive that would unpack over the source limit, or into more than the free disk."""
+def _check_copy_size(source: str, target: Path, total: int, max_bytes: int, *, verb: str, fix: str) -> None:
+    """Refuse a source that would copy (unpack, download) over the source limit, or into more than the
+    free disk: `verb` says the copy ("expand", "download"), `fix` how to do without it."""
     if total > max_bytes:
         raise SourceError(
-            f"{archive} would expand to {human_bytes(total)}, over the {human_bytes(max_bytes)} limit "
-            "(setting max_source_bytes): refused before unpacking; unpack it yourself and give the folder, "
-            "or raise max_source_bytes"
+            f"{source} would {verb} to {human_bytes(total)}, over the {human_bytes(max_bytes)} limit "
+            f"(setting max_source_bytes): refused before a byte was written; {fix}, or raise max_source_bytes"
         )
     existing = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(existing).free
     if total + DISK_SPARE_BYTES > free:
         raise SourceError(
-            f"{archive} would expand to {human_bytes(total)} but {existing} has {human_bytes(free)} free "
-            f"(and {human_bytes(DISK_SPARE_BYTES)} is kept spare): refused before unpacking; free disk space, "
-            "or set TMPDIR to a larger disk"
+            f"{source} would {verb} to {human_bytes(total)} but {existing} has {human_bytes(free)} free "
+            f"(and {human_bytes(DISK_SPARE_BYTES)} is kept spare): refused before a byte was written; free disk "
+            "space, or set TMPDIR to a larger disk"
         )
 
 
@@ -117,22 +117,26 @@ def safe_extract_zip(archive: Path, target: Path, *, max_bytes: int = RunConfig.
                 )
         if not any(not info.is_dir() for info in zf.infolist()):
             raise SourceError(f"{archive} holds no files; zip the folder that has female/ and male/ in it")
-        _check_zip_size(archive, target, total, max_bytes)
+        _check_copy_size(str(archive), target, total, max_bytes, verb="expand",
+                         fix="unpack it yourself and give the folder")  # fmt: skip
         zf.extractall(target)
     return target
 
 
-def download_s3_source(source: str, target: Path, *, workers: int = 16) -> Path:
+def download_s3_source(source: str, target: Path, *, workers: int = 16,
+                       max_bytes: int = RunConfig.max_source_bytes) -> Path:  # fmt: skip
     """Download every object under an `s3://bucket/prefix` source into `target`, in parallel.
 
     Uses the pipeline's S3 configuration (AWS variables or the connection in GENDER_S3_CONN_ID).
-    Keys that would land outside `target` are refused before anything is written.
+    Keys that would land outside `target`, and a listing whose sizes add up to more than
+    `max_bytes` or the free disk, are refused before anything is written.
     """
     from ..storage import open_storage
 
     storage = open_storage(source)
     storage.check(writable=False)  # a source is only read: no write probe
-    keys = [k for k in storage.list("") if not k.endswith("/")]  # "folder" marker objects hold nothing
+    listed = [o for o in storage.list_info("") if not o.key.endswith("/")]  # "folder" markers hold nothing
+    keys = [o.key for o in listed]
     if not keys:
         raise SourceError(f"the S3 source {source} holds no objects; check the bucket and prefix")
     target = target.resolve()
@@ -143,6 +147,9 @@ def download_s3_source(source: str, target: Path, *, workers: int = 16) -> Path:
                 f"the object {storage.uri}/{key} of the S3 source has a key that would be written outside the target "
                 "folder (empty, '.' or '..' parts); rename or remove it"
             )
+
+    _check_copy_size(source, target, sum(o.size for o in listed), max_bytes, verb="download",
+                     fix="give a smaller prefix")  # fmt: skip
 
     def fetch(key: str) -> None:
         path = target / key
@@ -186,7 +193,8 @@ def resolve_source(source: str, workdir: Path | None = None, *, max_bytes: int =
     if is_kaggle(source):
         return download_kaggle(source.removeprefix("kaggle:"))
     if source.startswith("s3://"):
-        return download_s3_source(source, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "s3")
+        return download_s3_source(source, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "s3",
+                                  max_bytes=max_bytes)  # fmt: skip
     path = Path(source).expanduser()
     if path.is_file():
         return safe_extract_zip(path, Path(workdir or tempfile.mkdtemp(prefix="gender-src-")) / "zip",
