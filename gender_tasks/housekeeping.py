@@ -137,6 +137,7 @@ def _dataset_garbage(storage: Storage, dataset_id: str, objs: list[ObjectInfo], 
     listed = _manifest_keys(storage, dataset_id)
     used = dataset_id in refs.datasets
     complete = {layout.describe_key(o.key)[2] for o in objs if o.key.endswith("/" + layout.MODEL_OUTPUTS[-1])}
+    complete |= {o.key for o in objs if layout.describe_key(o.key)[0] == "audit"}  # finished audits
     out = []
     for obj in objs:
         if now - obj.modified < GRACE_S:
@@ -155,6 +156,10 @@ def _why_garbage(obj: ObjectInfo, listed: set[str] | None, used: bool, refs: _Re
         if detail in complete:
             return "checkpoint of a model that was exported"
         return "checkpoint of a training not resumed within the retention" if past_retention else None
+    if kind == "audit_fold":
+        if detail in complete:
+            return "fold of a label audit that finished"
+        return "fold of a label audit not resumed within the retention" if past_retention else None
     if kind == "trained":
         return None if detail in refs.trained else "keyed model no kept run uses"
     if kind == "audit":

@@ -98,11 +98,17 @@ def audit_result_key(dataset_id: str, audit_key: str) -> str:
     return f"{dataset_prefix(dataset_id)}/label_audit/{audit_key}.csv"
 
 
+def audit_fold_key(dataset_id: str, audit_key: str, fold: int) -> str:
+    """One finished fold of an audit still running: a killed audit resumes after its last finished fold."""
+    return f"{dataset_prefix(dataset_id)}/label_audit/{audit_key}/fold-{fold}.csv"
+
+
 def describe_key(key: str) -> tuple[str, str, str]:
     """What a stored key is, for garbage collection: (kind, owner, detail).
 
     kind is "run" (owner: the run key), "manifest", "image", "checkpoint", "trained" (detail: the keyed
-    model's prefix), "audit" or "dataset" (anything else of a dataset; owner: the dataset id), or "other".
+    model's prefix), "audit", "audit_fold" (detail: its audit's key) or "dataset" (anything else of a
+    dataset; owner: the dataset id), or "other".
     """
     parts = key.split("/")
     if parts[0] == RUNS and len(parts) >= 3:
@@ -117,6 +123,8 @@ def describe_key(key: str) -> tuple[str, str, str]:
     if rest[0] == "models" and len(rest) == 4:
         kind = "checkpoint" if rest[3] == CHECKPOINT else "trained"
         return kind, dataset_id, trained_prefix(dataset_id, rest[1], rest[2])
+    if rest[0] == "label_audit" and len(rest) == 3:  # a fold: detail is the audit it belongs to
+        return "audit_fold", dataset_id, audit_result_key(dataset_id, rest[1])
     if rest[0] == "label_audit":
         return "audit", dataset_id, key
     return "dataset", dataset_id, ""

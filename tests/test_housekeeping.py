@@ -49,6 +49,10 @@ def store(tmp_path):
         layout.trained_file_key("B", "resnet50", "stale", "checkpoint.pt"): b"s" * 70,
         layout.trained_file_key("B", "resnet50", "fresh", "checkpoint.pt"): b"f" * 70,
         layout.audit_result_key("B", "unused"): b"audit",
+        # folds: of that finished audit, of one still running, of one killed and never resumed
+        layout.audit_fold_key("B", "unused", 0): b"fold",
+        layout.audit_fold_key("B", "running", 0): b"fold",
+        layout.audit_fold_key("B", "abandoned", 0): b"fold",
         # C: images uploaded, manifest never written; D: deleted, its cache left
         layout.image_key("C", "male", "c1", "x.jpg"): b"c1",
         layout.cache_prefix("D", 64) + "/index.json": b"d" * 30,
@@ -67,7 +71,8 @@ def store(tmp_path):
     for key in objects:
         if not key.endswith("/fresh/checkpoint.pt"):
             _age(s, key, 2 * GRACE_S / DAY)
-    for key in s.list("runs/old/") + [layout.trained_file_key("B", "resnet50", "stale", "checkpoint.pt")]:
+    for key in s.list("runs/old/") + [layout.trained_file_key("B", "resnet50", "stale", "checkpoint.pt"),
+                                      layout.audit_fold_key("B", "abandoned", 0)]:  # fmt: skip
         _age(s, key, 40)
     return s
 
@@ -80,6 +85,8 @@ EXPECTED = {
     "datasets/A/models/cnn/ka/checkpoint.pt",  # its model was exported
     "datasets/B/models/resnet50/stale/checkpoint.pt",  # a training nobody resumed within the retention
     "datasets/B/label_audit/unused.csv",  # no kept run copied it
+    "datasets/B/label_audit/unused/fold-0.csv",  # its audit finished
+    "datasets/B/label_audit/abandoned/fold-0.csv",  # an audit nobody resumed within the retention
     "datasets/C/images/male/c1.jpg", "datasets/D/cache/64px/index.json",  # never committed / deleted
 }  # fmt: skip
 
@@ -96,6 +103,7 @@ def test_gc_removes_old_runs_and_unreferenced_objects_and_keeps_what_kept_runs_u
     assert store.exists("datasets/A/manifest.csv") and store.exists("datasets/A/images/female/a1.jpg")
     assert store.exists("datasets/B/cache/32px/index.json") and store.exists("datasets/B/models/cnn/kb/model.ts")
     assert store.exists("datasets/B/models/resnet50/fresh/checkpoint.pt")
+    assert store.exists("datasets/B/label_audit/running/fold-0.csv")  # may still be resumed
     assert collect_garbage(store, keep_days=30) == []  # nothing left to collect
 
 

@@ -107,6 +107,36 @@ def test_label_audit_streamed_equals_in_memory(prepared, monkeypatch):
     assert tables[0]["prob_male"].notna().all()
 
 
+def test_a_killed_label_audit_resumes_after_its_last_finished_fold(prepared, monkeypatch):
+    from gender_tasks.training import label_audit as audit_mod
+
+    run, dataset, _, _, storage, _ = prepared
+    folds_prefix = f"{layout.dataset_prefix(dataset['dataset_id'])}/label_audit/"
+    pipeline.label_audit({**run, "run_key": "whole"})
+    whole = pd.read_csv(io.BytesIO(storage.get_bytes(layout.label_audit_key("whole"))))
+    assert not [k for k in storage.list(folds_prefix) if "/fold-" in k]  # the finished audit replaced its folds
+
+    _forget_trained(storage, dataset["dataset_id"])
+    real, calls = audit_mod.fit_predict, []
+
+    def killed_in_the_second_fold(*args, **kwargs):
+        calls.append(args[-1])  # the fold's seed
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")  # as a SIGKILL would leave it: fold 1 stored, fold 2 not
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(audit_mod, "fit_predict", killed_in_the_second_fold)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.label_audit({**run, "run_key": "killed"})
+    assert [k.rsplit("/", 1)[1] for k in storage.list(folds_prefix)] == ["fold-0.csv"]
+    monkeypatch.setattr(audit_mod, "fit_predict", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    pipeline.label_audit({**run, "run_key": "resumed"})
+    assert calls[2:] == [calls[1]]  # only the unfinished fold trained again, with its own seed
+    resumed = pd.read_csv(io.BytesIO(storage.get_bytes(layout.label_audit_key("resumed"))))
+    pd.testing.assert_frame_equal(resumed, whole)  # bit for bit what the uninterrupted audit gave
+    assert not [k for k in storage.list(folds_prefix) if "/fold-" in k]
+
+
 def test_memory_budget_setting(monkeypatch):
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "512")
     assert memory_budget() == 512 * 1024**2

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -47,8 +48,12 @@ def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, d
         log.info("label audit: reusing the predictions made with the same inputs, %s", storage.url(keyed))
         table = pd.read_csv(io.BytesIO(storage.get_bytes(keyed)))
     else:
-        table = _audit(storage, manifest, dataset_id, settings, parallel_tasks)
+        audit_key = key_of(inputs)
+        table = _audit(storage, manifest, dataset_id, settings, parallel_tasks,
+                       fold_key=lambda k: layout.audit_fold_key(dataset_id, audit_key, k))  # fmt: skip
         storage.put_bytes(keyed, table.to_csv(index=False).encode())
+        for k in range(int(table["fold"].max()) + 1):  # the finished audit replaces its folds
+            storage.delete(layout.audit_fold_key(dataset_id, audit_key, k))
     storage.copy(keyed, label_audit_key(run_key))
     record = {"audit": keyed, "audit_key": key_of(inputs), "reused": reused, "inputs": inputs}
     storage.put_bytes(label_audit_record_key(run_key), json.dumps(record, indent=1).encode())
@@ -64,9 +69,23 @@ def _summary(storage: Storage, run_key: str, table: pd.DataFrame, model_name: st
             "out_of_fold_accuracy": float(correct.mean())}  # fmt: skip
 
 
+def _finished_fold(storage: Storage, key: str, shas: pd.Series) -> np.ndarray | None:
+    """A fold's stored P(male), if an earlier (killed) try of the same audit finished it."""
+    try:
+        done = pd.read_csv(io.BytesIO(storage.get_bytes(key)))
+    except FileNotFoundError:
+        return None
+    if done["sha256"].tolist() != shas.tolist():  # cannot happen for the same key; never trust it blindly
+        log.warning("label audit: %s does not hold this fold's images; training the fold again", key)
+        return None
+    return done["prob_male"].to_numpy(dtype=np.float32)
+
+
 def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
-           parallel_tasks: int) -> pd.DataFrame:  # fmt: skip
-    """Out-of-fold P(male) for every distinct image, least plausible given label first."""
+           parallel_tasks: int, fold_key: Callable[[int], str]) -> pd.DataFrame:  # fmt: skip
+    """Out-of-fold P(male) for every distinct image, least plausible given label first.
+
+    Each finished fold is stored (`fold_key(k)`), so that a killed audit resumes after it."""
     spec = settings.label_audit_spec
     model_name, folds, seed = settings.label_audit_model, int(settings.label_audit_folds), settings.seed
     configure_threads(parallel_tasks)
@@ -86,8 +105,16 @@ def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: 
     started = time.monotonic()
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
-        prob[held_idx] = fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx), seed + k)
         fold_of[held_idx] = k
+        shas = rows["sha256"].iloc[held_idx]
+        done = _finished_fold(storage, fold_key(k), shas)
+        if done is not None:
+            prob[held_idx] = done
+            log.info("label audit: fold %d/%d finished by an earlier try, resuming after it", k + 1, folds)
+            continue
+        prob[held_idx] = fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx), seed + k)
+        fold = pd.DataFrame({"sha256": shas.to_numpy(), "prob_male": prob[held_idx]})
+        storage.put_bytes(fold_key(k), fold.to_csv(index=False, float_format="%.9g").encode())
         log.info("label audit: fold %d/%d done (%.0fs)", k + 1, folds, time.monotonic() - started)
     table = rows[["key", "source_path", "label", "split"]].copy()
     table["fold"] = fold_of
