@@ -188,7 +188,11 @@ def step_label_audit(state: dict, workdir: Path) -> dict:
     settings = {**state["run"]["settings"], "label_audit": True, "label_audit_folds": 2,
                 "label_audit_spec": {**state["run"]["settings"]["label_audit_spec"], "epochs": 1}}  # fmt: skip
     out = pipeline.label_audit({**state["run"], "settings": settings})
-    return {"folds": out["folds"], "images": out["images"], "out_of_fold_accuracy": round(out["out_of_fold_accuracy"], 3)}
+    return {
+        "folds": out["folds"],
+        "images": out["images"],
+        "out_of_fold_accuracy": round(out["out_of_fold_accuracy"], 3),
+    }
 
 
 def run_step(step: str, workdir: Path) -> None:
