@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
+from airflow_http import Api, free_port
 from conftest import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,12 +87,6 @@ def _require_services() -> None:
         if _in_ci():
             pytest.fail(message + " (CI=true: a missing service fails the run instead of skipping)")
         pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _empty_redis_db() -> int:
@@ -184,35 +178,6 @@ class Stack:
                 pass
 
 
-class Api:
-    """The Airflow REST API as a client sees it: a JWT from /auth/token, then /api/v2."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.token: str | None = None
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read().decode(errors="replace")
-        finally:
-            conn.close()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, raw
-
-    def login(self, username: str, password: str) -> None:
-        status, body = self.request("POST", "/auth/token", {"username": username, "password": password})
-        assert status in (200, 201), f"login failed: {status} {body}"
-        self.token = body["access_token"]
-
-
 def _wait(what: str, probe, timeout: float, stack: Stack, every: float = 2.0):
     """Poll `probe` until it returns something truthy; fail with the logs if a process dies or time runs out."""
     deadline = time.monotonic() + timeout
@@ -282,7 +247,7 @@ def celery_stack(postgres_db, redis_db, tmp_path):
     )
     password = secrets.token_urlsafe(16)
     (home / "passwords.json").write_text(json.dumps({USER: password}))
-    port = _free_port()
+    port = free_port()
     db_url = f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{postgres_db}"
     env = {
         **os.environ,
@@ -329,7 +294,7 @@ def celery_stack(postgres_db, redis_db, tmp_path):
                                "--celery-hostname", f"{name}@%h"],
                         extra_env={"GENDER_TEST_WORKER_NAME": name,
                                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "gender_test_worker_identity.hostname",
-                                   "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port())})  # fmt: skip
+                                   "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})  # fmt: skip
         api = Api(port)
         _wait("the API server", lambda: api.request("GET", "/api/v2/monitor/health")[0] == 200, START_TIMEOUT_S,
               stack)  # fmt: skip

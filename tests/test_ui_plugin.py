@@ -11,37 +11,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from airflow_http import free_port, raw_request
 from conftest import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "manual__2026-01-01T00:00:00+00:00"
 PASSWORD = "reader-password"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(port: int, method: str, path: str, token: str | None = None, body: dict | None = None):
-    """A raw request: the path goes on the wire exactly as given (no client-side normalisation)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    conn.request(method, path, body=json.dumps(body) if body else None, headers=headers)
-    resp = conn.getresponse()
-    data = resp.read()
-    conn.close()
-    return resp.status, data
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +44,7 @@ def finished_run(tmp_path_factory):
 def api_server(airflow_db, finished_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     (tmp / "passwords.json").write_text(json.dumps({"reader": PASSWORD}))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "GENDER_STORAGE": str(finished_run),
@@ -81,7 +62,7 @@ def api_server(airflow_db, finished_run, tmp_path_factory):
             if proc.poll() is not None:
                 raise RuntimeError(f"api-server exited: {(tmp / 'api-server.log').read_text()[-3000:]}")
             try:
-                if _request(port, "GET", "/api/v2/monitor/health")[0] == 200:
+                if raw_request(port, "GET", "/api/v2/monitor/health")[0] == 200:
                     break
             except OSError:
                 pass
@@ -100,14 +81,14 @@ def api_server(airflow_db, finished_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def token(api_server) -> str:
-    status, body = _request(api_server, "POST", "/auth/token", body={"username": "reader", "password": PASSWORD})
+    status, body = raw_request(api_server, "POST", "/auth/token", body={"username": "reader", "password": PASSWORD})
     assert status in (200, 201), body
     return json.loads(body)["access_token"]
 
 
 @pytest.mark.slow
 def test_plugin_is_registered_with_a_run_tab(api_server, token):
-    status, body = _request(api_server, "GET", "/api/v2/plugins", token)
+    status, body = raw_request(api_server, "GET", "/api/v2/plugins", token)
     assert status == 200, body
     (plugin,) = [p for p in json.loads(body)["plugins"] if p["name"] == "gender_reports"]
     views = {v["destination"]: v["href"] for v in plugin["external_views"]}
@@ -118,7 +99,7 @@ def test_plugin_is_registered_with_a_run_tab(api_server, token):
 def test_logged_in_user_reads_the_report(api_server, token):
     from urllib.parse import quote
 
-    status, body = _request(api_server, "GET", f"/gender-reports/runs/{quote(RUN_ID, safe='')}", token)
+    status, body = raw_request(api_server, "GET", f"/gender-reports/runs/{quote(RUN_ID, safe='')}", token)
     assert status == 200
     assert b'id="table1-data"' in body and b'data-model="cnn"' in body
 
@@ -126,9 +107,9 @@ def test_logged_in_user_reads_the_report(api_server, token):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["/gender-reports/runs/x", "/gender-reports/"])
 def test_unauthenticated_requests_are_refused(api_server, path):
-    status, body = _request(api_server, "GET", path)
+    status, body = raw_request(api_server, "GET", path)
     assert status in (401, 403), (status, body[:200])
-    status, _ = _request(api_server, "GET", path, token="not-a-valid-token")
+    status, _ = raw_request(api_server, "GET", path, token="not-a-valid-token")
     assert status in (401, 403)
 
 
@@ -149,7 +130,7 @@ def test_unauthenticated_requests_are_refused(api_server, path):
     ],
 )
 def test_path_traversal_is_refused(api_server, token, path):
-    status, body = _request(api_server, "GET", path, token)
+    status, body = raw_request(api_server, "GET", path, token)
     assert status in (400, 404), (status, body[:200])
     assert b"not a report" not in body and b"root:" not in body
 
@@ -243,7 +224,7 @@ def test_a_report_is_read_from_the_storage_the_run_recorded(finished_run, tmp_pa
 
 @pytest.mark.slow
 def test_a_300_character_run_id_is_not_found_not_a_server_error(api_server, token):
-    status, body = _request(api_server, "GET", "/gender-reports/runs/" + "a" * 300, token)
+    status, body = raw_request(api_server, "GET", "/gender-reports/runs/" + "a" * 300, token)
     assert status == 404 and b"Report not found" in body
 
 

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,33 +22,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from airflow_http import api_request, free_port
 from conftest import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "gender_classification"
 USER = "admin"
 RUN_TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api(port: int, method: str, path: str, token: str | None = None, body: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    try:
-        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read().decode(errors="replace")
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(raw)
-    except ValueError:
-        return resp.status, raw
 
 
 class _Stack:
@@ -107,7 +86,7 @@ def airflow_ui(tmp_path_factory):
     home.mkdir()
     password = secrets.token_urlsafe(12)
     (home / "passwords.json").write_text(json.dumps({USER: password}))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
@@ -140,11 +119,13 @@ def airflow_ui(tmp_path_factory):
         )
         stack.start("dag-processor", ["dag-processor"])
         stack.start("scheduler", ["scheduler"])
-        stack.wait("the API server", lambda: _api(port, "GET", "/api/v2/monitor/health")[0] == 200, 240)
-        status, body = _api(port, "POST", "/auth/token", body={"username": USER, "password": password})
+        stack.wait("the API server", lambda: api_request(port, "GET", "/api/v2/monitor/health")[0] == 200, 240)
+        status, body = api_request(port, "POST", "/auth/token", body={"username": USER, "password": password})
         assert status in (200, 201), body
         token = body["access_token"]
-        stack.wait("the DAG to be parsed", lambda: _api(port, "GET", f"/api/v2/dags/{DAG_ID}", token)[0] == 200, 300)
+        stack.wait(
+            "the DAG to be parsed", lambda: api_request(port, "GET", f"/api/v2/dags/{DAG_ID}", token)[0] == 200, 300
+        )
         yield {"port": port, "password": password, "token": token, "stack": stack, "tmp": tmp}
     finally:
         stack.stop()
@@ -285,7 +266,7 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     _until(browser, "the epochs refusal", lambda d: "epochs" in d.find_element(By.TAG_NAME, "body").text
            and "minimum of 1" in d.find_element(By.TAG_NAME, "body").text)  # fmt: skip
     browser.save_screenshot(str(shots / "trigger-refuses-epochs-0.png"))
-    status, body = _api(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns", token)
+    status, body = api_request(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns", token)
     assert body["total_entries"] == 0
     # An unknown model cannot be chosen: the multi-select offers only the registered models.
     _open_trigger(browser, base)
@@ -295,7 +276,7 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     browser.save_screenshot(str(shots / "trigger-models-offers-no-vgg16.png"))
     models.send_keys(Keys.ESCAPE)
     # ...and the server, which the form submits to, refuses one sent anyway, naming the field.
-    status, body = _api(port, "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", token,
+    status, body = api_request(port, "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", token,
                         {"logical_date": None, "conf": {"source": str(faces), "models": ["vgg16"]}})  # fmt: skip
     assert status == 400 and "Invalid input for param models" in body["detail"] and "vgg16" in body["detail"]
 
@@ -304,13 +285,13 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     _type(browser, "element_source", str(faces))
     _choose(browser, "element_profile", "tiny")
     _submit(browser)
-    run = stack.wait("the run to start", lambda: _api(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns", token)[1]
+    run = stack.wait("the run to start", lambda: api_request(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns", token)[1]
                      .get("dag_runs"), 60)[0]  # fmt: skip
     run_id = run["dag_run_id"]
     assert run["conf"]["source"] == str(faces) and run["conf"]["profile"] == "tiny"
 
     def finished():
-        state = _api(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}", token)[1]["state"]
+        state = api_request(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}", token)[1]["state"]
         return state if state in ("success", "failed") else None
 
     assert stack.wait("the run to finish", finished, RUN_TIMEOUT_S) == "success"
