@@ -17,12 +17,10 @@ for KubernetesExecutor pods.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
-from airflow_http import Api, free_port
+from airflow_stack import Api, Stack, free_port
 from conftest import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,99 +98,6 @@ def _empty_redis_db() -> int:
     if not free:
         pytest.fail(f"every Redis database 1-15 holds keys; cannot get an empty broker database ({sorted(used)})")
     return random.choice(free)
-
-
-class Stack:
-    """Airflow's processes, each in its own process group with its own log file; all ended on stop()."""
-
-    def __init__(self, folder: Path, env: dict):
-        self.folder = folder
-        self.env = env
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.marker = env["GENDER_TEST_STACK_ID"]
-
-    def log(self, name: str) -> Path:
-        return self.folder / f"{name}.log"
-
-    def tail(self, name: str, chars: int = 4000) -> str:
-        path = self.log(name)
-        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
-    def run(self, name: str, args: list[str], timeout: float, extra_env: dict | None = None) -> None:
-        """An airflow command to completion (its output in <name>.log)."""
-        with open(self.log(name), "wb") as out:
-            done = subprocess.run([sys.executable, "-m", "airflow", *args], env={**self.env, **(extra_env or {})},
-                                  stdout=out, stderr=subprocess.STDOUT, timeout=timeout, start_new_session=True)  # fmt: skip
-        assert done.returncode == 0, f"airflow {' '.join(args)} failed:\n{self.tail(name)}"
-
-    def start(self, name: str, args: list[str], extra_env: dict | None = None) -> None:
-        out = open(self.log(name), "wb")  # the child holds its own copy of the descriptor
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *args],
-                                            env={**self.env, **(extra_env or {})}, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        out.close()
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
-
-    def _marked_pids(self) -> list[int]:
-        """Every process still carrying this stack's marker (children that left their process group too)."""
-        pids = []
-        needle = f"GENDER_TEST_STACK_ID={self.marker}".encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
-
-    def stop(self, grace: float = 30.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
-        for pid in self._marked_pids():  # stragglers, e.g. a task process in a session of its own
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _wait(what: str, probe, timeout: float, stack: Stack, every: float = 2.0):
-    """Poll `probe` until it returns something truthy; fail with the logs if a process dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stack.check_alive()
-        try:
-            result = probe()
-        except (OSError, http.client.HTTPException):
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {name}.log ---\n{stack.tail(name, 1500)}" for name in stack.procs)
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
-        time.sleep(every)
 
 
 def _ts(value: str) -> datetime:
@@ -296,14 +201,13 @@ def celery_stack(postgres_db, redis_db, tmp_path):
                                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "gender_test_worker_identity.hostname",
                                    "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})  # fmt: skip
         api = Api(port)
-        _wait("the API server", lambda: api.request("GET", "/api/v2/monitor/health")[0] == 200, START_TIMEOUT_S,
-              stack)  # fmt: skip
+        stack.wait("the API server", lambda: api.request("GET", "/api/v2/monitor/health")[0] == 200, START_TIMEOUT_S)
         api.login(USER, password)
         for dag_id in (DAG_ID, CONSUMER_DAG_ID):
-            _wait(f"the DAG processor to parse {dag_id}", lambda d=dag_id: api.request("GET", f"/api/v2/dags/{d}")[0] == 200,
-                  START_TIMEOUT_S, stack)  # fmt: skip
+            stack.wait(f"the DAG processor to parse {dag_id}",
+                       lambda d=dag_id: api.request("GET", f"/api/v2/dags/{d}")[0] == 200, START_TIMEOUT_S)  # fmt: skip
         for name in ("default-worker", "gpu-worker"):
-            _wait(f"the {name} to be ready", lambda n=name: " ready." in stack.tail(n, 10**6), START_TIMEOUT_S, stack)
+            stack.wait(f"the {name} to be ready", lambda n=name: " ready." in stack.tail(n, 10**6), START_TIMEOUT_S)
         yield stack, api
     finally:
         stack.stop()
@@ -340,7 +244,7 @@ def test_celery_stack_runs_training_on_the_gpu_worker_side_by_side(request, tmp_
         code, run = api.request("GET", run_path)
         return run["state"] if code == 200 and run["state"] in ("success", "failed") else None
 
-    state = _wait(f"run {run_id} to finish", finished, RUN_TIMEOUT_S, stack, every=3.0)
+    state = stack.wait(f"run {run_id} to finish", finished, RUN_TIMEOUT_S, every=3.0)
     run_s = time.monotonic() - triggered
 
     status, body = api.request("GET", f"{run_path}/taskInstances?limit=100")
@@ -413,7 +317,7 @@ def test_celery_stack_runs_training_on_the_gpu_worker_side_by_side(request, tmp_
         code, run = api.request("GET", consumer_path)
         return run["state"] if code == 200 and run["state"] in ("success", "failed") else None
 
-    assert _wait(f"{CONSUMER_DAG_ID} to finish", consumer_finished, 120, stack, every=2.0) == "success"
+    assert stack.wait(f"{CONSUMER_DAG_ID} to finish", consumer_finished, 120, every=2.0) == "success"
     status, body = api.request("GET", f"{consumer_path}/taskInstances/latest/xcomEntries/return_value?deserialize=true")
     assert status == 200 and body["value"] == results["dataset"]["dataset_id"], body
     # GENDER_TORCH_THREADS=1 reached the training processes: two trainings share two cores.

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from airflow_http import free_port, raw_request
+from airflow_stack import free_port, raw_request
 from conftest import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,73 +9,21 @@ shown in the dialog; an unknown model cannot be picked, and the API refuses one 
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from airflow_http import api_request, free_port
+from airflow_stack import Stack, api_request, free_port
 from conftest import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "gender_classification"
 USER = "admin"
 RUN_TIMEOUT_S = 900
-
-
-class _Stack:
-    def __init__(self, folder: Path, env: dict):
-        self.folder, self.env, self.procs = folder, env, {}
-
-    def tail(self, name: str, chars: int = 3000) -> str:
-        path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
-    def run(self, name: str, args: list[str], timeout: float) -> None:
-        with open(self.folder / f"{name}.log", "wb") as out:
-            done = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
-        assert done.returncode == 0, self.tail(name)
-
-    def start(self, name: str, args: list[str], **extra_env: str) -> None:
-        with open(self.folder / f"{name}.log", "wb") as out:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *args], env={**self.env, **extra_env},
-                                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-
-    def wait(self, what: str, probe, timeout: float):
-        deadline = time.monotonic() + timeout
-        while True:
-            for name, proc in self.procs.items():
-                assert proc.poll() is None, f"{name} exited:\n{self.tail(name)}"
-            try:
-                result = probe()
-            except (OSError, http.client.HTTPException):
-                result = None
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {n} ---\n{self.tail(n, 1500)}" for n in self.procs)
-                raise AssertionError(f"timed out waiting for {what}\n{logs}")
-            time.sleep(2)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +56,14 @@ def airflow_ui(tmp_path_factory):
         "GENDER_TORCH_THREADS": "1",
         "PYTHONPATH": str(REPO),
     }
-    stack = _Stack(tmp, env)
+    stack = Stack(tmp, env)
     try:
         stack.run("db-migrate", ["db", "migrate"], timeout=600)
         # The API server's default storage is another folder: the report tab must follow the run's record.
         stack.start(
             "api-server",
             ["api-server", "--port", str(port), "--workers", "1"],
-            GENDER_STORAGE=str(tmp / "api-default-store"),
+            {"GENDER_STORAGE": str(tmp / "api-default-store")},
         )
         stack.start("dag-processor", ["dag-processor"])
         stack.start("scheduler", ["scheduler"])
