@@ -33,7 +33,7 @@ import pandas as pd
 from ..environment import env_number
 from ..errors import PermanentError
 from ..storage import Storage
-from .parallel import cpu_pool
+from .parallel import allow_worker_processes, cpu_pool
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,8 @@ def iterate_batches(reader: ShardReader, rows: np.ndarray, labels: np.ndarray, b
         return
     log.info("shards: %d images exceed the memory budget (%d MB): streaming batches", len(rows), memory_budget >> 20)
     dataset = ShardBatches(reader, rows, labels, batch_size, seed, epoch)
+    if workers:
+        allow_worker_processes()
     # Its own generator: torch's global one (dropout's) is left alone.
     yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
                           generator=torch.Generator())  # fmt: skip

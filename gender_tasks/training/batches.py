@@ -22,7 +22,6 @@ A streamed split's DataLoader pins its batches itself. On the CPU nothing moves.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.parallel import allow_worker_processes
 from ..data.shards import ShardBatches, ShardReader
 from ..evaluation.metrics import encode_labels
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, get_model_spec
@@ -93,6 +93,8 @@ class StreamedSplit:
         (reading the next batches while the model trains on this one)."""
         from torch.utils.data import DataLoader
 
+        if self.workers:
+            allow_worker_processes()
         positions = np.arange(len(self)) if order is None else order.numpy()
         cut = [positions[start : start + batch_size] for start in range(0, len(self), batch_size)]
         dataset = ShardBatches(self.reader, self.rows, self.labels.numpy(), batches=cut)
@@ -111,11 +113,9 @@ Split = SplitData | StreamedSplit
 
 
 def _loader_workers() -> int:
-    """One reader process beside training where there is a core to spare; none inside a daemonic
-    process (a Celery prefork child), which may not start children."""
-    if multiprocessing.current_process().daemon or (os.cpu_count() or 1) < 2:
-        return 0
-    return 1
+    """One reader process beside training where there is a core to spare (under Celery too: see
+    data.parallel.allow_worker_processes)."""
+    return 1 if (os.cpu_count() or 1) >= 2 else 0
 
 
 def rows_data(rows: pd.DataFrame, reader: ShardReader, *, stream: bool, device: torch.device | None = None,
