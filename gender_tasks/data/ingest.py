@@ -192,15 +192,12 @@ def _describe_all(files: list[tuple[Path, str, int]], root: Path, limits: Limits
     """Every file described, in order: on `threads` threads for a small set (reads overlap, and
     one process's imports would cost more than the decoding), else in chunks on `processes`
     worker processes (default one per core)."""
-    pool = cpu_pool(len(files), processes, MIN_FILES_FOR_PROCESSES)
-    if isinstance(pool, ThreadPoolExecutor):
-        pool.shutdown()
-        judged: dict[str, tuple[dict, str]] = {}
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scan") as threads_pool:
-            yield from threads_pool.map(lambda f: _describe(f[0], f[1], root, limits, judged), files)
-        return
-    chunks = [files[i : i + SCAN_CHUNK_FILES] for i in range(0, len(files), SCAN_CHUNK_FILES)]
-    with pool:
+    with cpu_pool(len(files), processes, MIN_FILES_FOR_PROCESSES, threads=threads) as pool:
+        if isinstance(pool, ThreadPoolExecutor):  # one content judgement shared by every thread
+            judged: dict[str, tuple[dict, str]] = {}
+            yield from pool.map(lambda f: _describe(f[0], f[1], root, limits, judged), files)
+            return
+        chunks = [files[i : i + SCAN_CHUNK_FILES] for i in range(0, len(files), SCAN_CHUNK_FILES)]
         for described in pool.map(functools.partial(_describe_chunk, root=root, limits=limits), chunks):
             yield from described
 

@@ -47,12 +47,12 @@ def allow_worker_processes() -> None:
     multiprocessing.process._current_process = _TaskMainProcess()
 
 
-def cpu_pool(n_items: int, workers: int | None, min_items: int) -> Executor:
-    """`workers` processes (default: one per core) for `n_items` jobs' worth of decoding, or a single
-    thread below `min_items` (or one worker). Spawned, not forked: the caller may hold threads
+def cpu_pool(n_items: int, workers: int | None, min_items: int, *, threads: int = 1) -> Executor:
+    """`workers` processes (default: one per core) for `n_items` jobs' worth of decoding, or `threads`
+    threads below `min_items` (or with one worker). Spawned, not forked: the caller may hold threads
     (boto3, Airflow's supervisor), and a forked copy of a held lock never unlocks."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers <= 1 or n_items < min_items:
-        return ThreadPoolExecutor(max_workers=1)
+        return ThreadPoolExecutor(max_workers=threads)
     allow_worker_processes()
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))

@@ -42,20 +42,20 @@ log = logging.getLogger(__name__)
 def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
                     parallel_tasks: int = 1) -> dict:  # fmt: skip
     inputs = audit_inputs(settings, dataset_id, manifest)
-    keyed = audit_result_key(dataset_id, key_of(inputs))
+    audit_key = key_of(inputs)
+    keyed = audit_result_key(dataset_id, audit_key)
     reused = storage.exists(keyed)
     if reused:
         log.info("label audit: reusing the predictions made with the same inputs, %s", storage.url(keyed))
         table = pd.read_csv(io.BytesIO(storage.get_bytes(keyed)))
     else:
-        audit_key = key_of(inputs)
         table = _audit(storage, manifest, dataset_id, settings, parallel_tasks,
                        fold_key=lambda k: layout.audit_fold_key(dataset_id, audit_key, k))  # fmt: skip
         storage.put_bytes(keyed, table.to_csv(index=False).encode())
         for k in range(int(table["fold"].max()) + 1):  # the finished audit replaces its folds
             storage.delete(layout.audit_fold_key(dataset_id, audit_key, k))
     storage.copy(keyed, label_audit_key(run_key))
-    record = {"audit": keyed, "audit_key": key_of(inputs), "reused": reused, "inputs": inputs}
+    record = {"audit": keyed, "audit_key": audit_key, "reused": reused, "inputs": inputs}
     storage.put_bytes(label_audit_record_key(run_key), json.dumps(record, indent=1).encode())
     return _summary(storage, run_key, table, settings.label_audit_model) | {"reused": reused}
 
