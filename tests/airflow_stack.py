@@ -1,12 +1,14 @@
-"""A real Airflow for tests: its processes (Stack), and HTTP to its API server (a free port, raw
-requests, the REST API)."""
+"""A real Airflow for tests: its processes (Stack), HTTP to its API server (a free port, raw
+requests, the REST API), and a headless browser on its pages."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,28 +116,20 @@ class Stack:
     def stop(self, grace: float = 30.0) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         for proc in self.procs.values():
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait(timeout=10)
         for pid in self._marked_pids():  # stragglers, e.g. a task process in a session of its own
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def wait(self, what: str, probe, timeout: float, every: float = 2.0):
         """Poll `probe` until it returns something truthy; fail with the logs if a process dies or time runs out."""
@@ -152,3 +146,27 @@ class Stack:
                 logs = "\n".join(f"--- {name}.log ---\n{self.tail(name, 1500)}" for name in self.procs)
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
             time.sleep(every)
+
+
+def headless_chrome(profile: Path, window: str, *, console_log: bool = False):
+    """Headless Chromium through Selenium (the caller quits it); skipped where it is not installed,
+    failed under CI, where .ci/run installs it. `console_log` keeps the page's console messages."""
+    import pytest
+
+    browser, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (browser and driver_path):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are required under CI (.ci/run installs them)")
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", f"--window-size={window}"):  # fmt: skip
+        options.add_argument(flag)
+    if console_log:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver_path), options=options)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from airflow_stack import free_port, raw_request
+from airflow_stack import free_port, headless_chrome, raw_request
 from conftest import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,32 +134,11 @@ def test_path_traversal_is_refused(api_server, token, path):
     assert b"not a report" not in body and b"root:" not in body
 
 
-def _chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
 @pytest.mark.slow
 def test_browser_loads_the_report_through_the_plugin(api_server, token, tmp_path):
-    found = _chromium()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are required under CI (.ci/run installs them)")
-        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    driver = headless_chrome(tmp_path / "profile", "1280,1600", console_log=True)  # CSP violations land there
     from selenium.webdriver.common.by import By
 
-    browser, driver_path = found
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600"):  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land in the console
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         base = f"http://127.0.0.1:{api_server}"
         driver.get(f"{base}/gender-reports/runs/x")  # any page of the origin, to set its cookie

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from airflow_stack import Stack, api_request, free_port
+from airflow_stack import Stack, api_request, free_port, headless_chrome
 from conftest import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,21 +80,7 @@ def airflow_ui(tmp_path_factory):
 
 @pytest.fixture
 def browser(tmp_path):
-    browser, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (browser and driver_path):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are required under CI (.ci/run installs them)")
-        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1800"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chrome(tmp_path / "profile", "1400,1800")
     driver.implicitly_wait(0)
     yield driver
     driver.quit()
