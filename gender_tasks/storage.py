@@ -443,18 +443,8 @@ class S3Storage:
             raise self._explain(exc, self.url(key)) from exc
 
     def list(self, prefix: str) -> list[str]:
-        """Keys starting with `prefix`, relative to this storage's own prefix."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        _check_prefix(prefix)
-        base = self.prefix + "/" if self.prefix else ""
-        keys: list[str] = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix):
-                keys.extend(obj["Key"][len(base) :] for obj in page.get("Contents", []))
-        except (BotoCoreError, ClientError) as exc:
-            raise self._explain(exc, f"s3://{self.bucket}/{base}{prefix}") from exc
-        return sorted(k for k in keys if not k.startswith(PROBE_PREFIX + "/"))
+        """Keys starting with `prefix`, relative to this storage's own prefix (one listing: list_info's)."""
+        return [o.key for o in self.list_info(prefix)]
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -479,7 +469,8 @@ class S3Storage:
             raise self._explain(exc, self.url(dst)) from exc
 
     def list_info(self, prefix: str) -> list[ObjectInfo]:
-        """Like list(), with each object's size and modification time (from the same listing calls)."""
+        """Objects whose keys start with `prefix` (relative to this storage's own prefix), sorted by key,
+        each with its size and modification time; the storage check's probes are left out."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         _check_prefix(prefix)
