@@ -14,7 +14,6 @@ from gender_tasks.data.shards import (
     ShardBatches,
     ShardReader,
     index_key,
-    iterate_batches,
     shard_key,
     write_shards,
 )
@@ -91,23 +90,32 @@ def test_decoding_in_worker_processes_gives_the_same_shards(local_storage, store
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_streaming_and_in_memory_give_the_same_batches(reader, workers):
+    import torch
+
+    from gender_tasks.training.batches import SplitData, StreamedSplit
+    from gender_tasks.training.loop import epoch_generator
+
     rows = np.array([3, 29, 11, 0, 17, 8, 25, 14, 5, 20, 9])
-    labels = (rows % 2).astype(np.float32)
-    in_memory = list(iterate_batches(reader, rows, labels, 4, seed=7, epoch=1))
-    streamed = list(iterate_batches(reader, rows, labels, 4, seed=7, epoch=1, memory_budget=0, workers=workers))
-    assert len(in_memory) == len(streamed) == 3
-    for (xa, ya), (xb, yb) in zip(in_memory, streamed, strict=True):
+    labels = torch.from_numpy((rows % 2).astype(np.float32))
+    keys = [f"k{r}" for r in rows]
+    in_memory = SplitData(torch.from_numpy(reader.take(rows)), labels, keys)
+    streamed = StreamedSplit(reader, rows, labels, keys, workers)
+    order = torch.randperm(len(rows), generator=epoch_generator(7, 1))
+    pairs = list(zip(in_memory.batches(order, 4), streamed.batches(order, 4), strict=True))
+    assert len(pairs) == 3
+    for (xa, ya), (xb, yb) in pairs:
         assert xa.dtype == xb.dtype and np.array_equal(xa.numpy(), xb.numpy()) and np.array_equal(ya, yb)
-    assert sorted(np.concatenate([y.numpy() for _, y in streamed]).tolist()) == sorted(labels.tolist())
-    other_epoch = list(iterate_batches(reader, rows, labels, 4, seed=7, epoch=2))
-    assert not np.array_equal(other_epoch[0][0].numpy(), in_memory[0][0].numpy())
+    assert sorted(torch.cat([yb for _, (_, yb) in pairs]).tolist()) == sorted(labels.tolist())
+    other_epoch = list(in_memory.batches(torch.randperm(len(rows), generator=epoch_generator(7, 2)), 4))
+    assert not np.array_equal(other_epoch[0][0].numpy(), pairs[0][0][0].numpy())
 
 
 def test_shard_batches_is_a_dataloader_dataset(reader, stored_images):
     from torch.utils.data import DataLoader
 
     _, _, expected = stored_images
-    dataset = ShardBatches(reader, np.arange(30), np.arange(30), batch_size=8, seed=1)
+    order = np.random.default_rng(1).permutation(30)
+    dataset = ShardBatches(reader, np.arange(30), np.arange(30), [order[i : i + 8] for i in range(0, 30, 8)])
     batches = list(DataLoader(dataset, batch_size=None, num_workers=1))
     assert [len(y) for _, y in batches] == [8, 8, 8, 6]
     for x, y in batches:

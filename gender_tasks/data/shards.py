@@ -9,9 +9,9 @@ Owns the cache's objects under a caller's `prefix` (the key layout above the pre
 
 A cache without its index is a write that stopped partway: readers refuse it and writers redo it.
 Readers fetch each shard once per machine into a local folder (GENDER_CACHE_DIR) and memory-map
-it, so rows are gathered across shards without loading whole shards. Batches come either from one
-in-memory array (the split fits the memory budget) or streamed from the shards (it does not); both
-give the same images in the same order for a seed.
+it, so rows are gathered across shards without loading whole shards. Training (training.batches)
+takes its batches either from one in-memory array (the split fits the memory budget) or streamed
+from the shards through ShardBatches (it does not); both give the same images in the same order.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import pandas as pd
 from ..environment import env_number
 from ..errors import PermanentError
 from ..storage import Storage
-from .parallel import allow_worker_processes, cpu_pool
+from .parallel import cpu_pool
 
 log = logging.getLogger(__name__)
 
@@ -260,25 +260,15 @@ class ShardReader:
 # --- batches -------------------------------------------------------------------------------------
 
 
-def batch_positions(n: int, batch_size: int, seed: int, epoch: int = 0) -> list[np.ndarray]:
-    """The epoch's shuffled order of positions 0..n-1, cut into batches: the one order both the
-    in-memory and the streaming paths follow."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
 class ShardBatches:
     """Map-style dataset whose item b is batch b (uint8 NHWC images, labels) of a split's `rows`,
     read from the shards. For torch's DataLoader with batch_size=None, workers and pinned memory
     (a plain class, not torch's Dataset subclass, so decode workers need not import torch)."""
 
-    def __init__(self, reader: ShardReader, rows: np.ndarray, labels: np.ndarray, batch_size: int = 0, seed: int = 0,
-                 epoch: int = 0, *, batches: Sequence[np.ndarray] | None = None):  # fmt: skip
-        """Batches of positions into `rows`: `batches` as given (a caller's own order), else the
-        seed's shuffle cut into `batch_size` pieces."""
+    def __init__(self, reader: ShardReader, rows: np.ndarray, labels: np.ndarray, batches: Sequence[np.ndarray]):
+        """Batch b holds the positions `batches[b]` into `rows` (the caller's order, cut into batches)."""
         self.reader, self.rows, self.labels = reader, np.asarray(rows), np.asarray(labels)
-        self.batches = list(batches) if batches is not None else batch_positions(len(self.rows), batch_size, seed,
-                                                                                  epoch)  # fmt: skip
+        self.batches = list(batches)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -286,34 +276,3 @@ class ShardBatches:
     def __getitem__(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         positions = self.batches[b]
         return self.reader.take(self.rows[positions], keep_mapped=False), self.labels[positions]
-
-
-def _in_memory_batches(reader, rows, labels, batch_size, seed, epoch) -> Iterator:
-    import torch
-
-    images = torch.from_numpy(reader.take(rows))
-    labels = torch.as_tensor(np.asarray(labels))
-    for positions in batch_positions(len(rows), batch_size, seed, epoch):
-        index = torch.from_numpy(positions)
-        yield images[index], labels[index]
-
-
-def iterate_batches(reader: ShardReader, rows: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                    epoch: int = 0, *, memory_budget: int = DEFAULT_MEMORY_BUDGET, workers: int = 0,
-                    pin_memory: bool = False) -> Iterator:  # fmt: skip
-    """(images uint8 NHWC, labels) torch batches of the split's cache `rows` in the seed's order:
-    from one in-memory array when the split fits `memory_budget` bytes, else streamed from the
-    shards through a DataLoader (`workers` processes, pinned memory if asked)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    if reader.nbytes(len(rows)) <= memory_budget:
-        yield from _in_memory_batches(reader, rows, labels, batch_size, seed, epoch)
-        return
-    log.info("shards: %d images exceed the memory budget (%d MB): streaming batches", len(rows), memory_budget >> 20)
-    dataset = ShardBatches(reader, rows, labels, batch_size, seed, epoch)
-    if workers:
-        allow_worker_processes()
-    # Its own generator: torch's global one (dropout's) is left alone.
-    yield from DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                          generator=torch.Generator())  # fmt: skip
