@@ -176,13 +176,3 @@ def report_key(run_key: str) -> str:
 
 def results_key(run_key: str) -> str:
     return f"{run_prefix(run_key)}/results.json"
-
-
-def report_run_keys(keys: list[str]) -> list[str]:
-    """The run keys among `keys` (a listing of runs/) that have a finished report, newest name first."""
-    found = []
-    for key in keys:
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == RUNS and parts[2] == "report.html":
-            found.append(parts[1])
-    return sorted(found, reverse=True)

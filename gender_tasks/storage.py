@@ -599,7 +599,3 @@ def put_many(storage: Storage, items: Iterable[tuple[str, bytes | Callable[[], b
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return len(items)
-
-
-def remove_local_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

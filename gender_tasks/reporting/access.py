@@ -101,10 +101,6 @@ def answer(run_id: str, run: RunView | None) -> tuple[int, str]:
     return 200, not_ready_page(run)
 
 
-def list_reports(storage_uri: str | None = None) -> list[str]:
-    return layout.report_run_keys(open_storage(storage_uri).list(f"{layout.RUNS}/"))
-
-
 # --- pages -------------------------------------------------------------------------------------------
 
 _STYLE = (
