@@ -62,6 +62,15 @@ def image_key(dataset_id: str, label: str, sha256: str, source_path: str) -> str
     return f"{images_prefix(dataset_id)}{label}/{sha256}{ext}"
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def image_sha(key: str) -> str | None:
+    """The sha256 an image key names (its content address), or None for a key that names none."""
+    stem = PurePosixPath(key).stem
+    return stem if "/images/" in key and _SHA256.match(stem) else None
+
+
 def manifest_key(dataset_id: str) -> str:
     return f"{dataset_prefix(dataset_id)}/manifest.csv"
 

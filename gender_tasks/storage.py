@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from .environment import env_number
 from .errors import PermanentError
+from .integrity import repair_hint, verify_bytes
 
 log = logging.getLogger(__name__)
 
@@ -569,6 +570,15 @@ def open_storage(uri: str | None = None) -> Storage:
     if parsed.scheme == "":
         return LocalStorage(uri)
     raise StorageConfigError(f"unsupported storage URI {uri!r}; use s3://bucket/prefix or a local folder")
+
+
+def read_verified(storage: Storage, key: str, sha256: str, *, what: str = "") -> bytes:
+    """The object at `key`, checked against the sha256 recorded when it was written.
+
+    A mismatch raises integrity.IntegrityError (permanent), naming the object and how to repair it.
+    """
+    data = storage.get_bytes(key)
+    return verify_bytes(data, sha256, what=what or storage.url(key), fix=repair_hint(storage.uri))
 
 
 def put_many(storage: Storage, items: Iterable[tuple[str, bytes | Callable[[], bytes]]], *, workers: int = 16,
