@@ -1,9 +1,10 @@
-"""Command line: `python -m gender_tasks run|predict|gc`.
+"""Command line: `python -m gender_tasks run|predict|gc|verify`.
 
 `run` executes the Airflow DAG once, end to end, in this process (Airflow's `dag.test()`, on the
 embedded default: SQLite metadata database, local-folder storage), then prints where the report is.
 `predict` classifies a folder of images with a trained model of a run and writes a CSV.
 `gc` removes old runs and whatever no manifest or kept run references from the storage.
+`verify` checks every stored object against its checksum, and with --repair removes the corrupt ones.
 """
 
 from __future__ import annotations
@@ -131,6 +132,24 @@ def collect_garbage(storage_uri: str | None, keep_days: float, dry_run: bool) ->
     return 0
 
 
+def verify(storage_uri: str | None, dataset: str | None, run: str | None, repair: bool) -> int:
+    """Check stored objects against their checksums; 0 if all are intact, 1 if any is corrupt, 2 on bad input."""
+    from .errors import PermanentError
+    from .storage import StorageError, open_storage
+    from .verify import lines, verify_storage
+
+    try:
+        storage = open_storage(storage_uri or "")
+        storage.check(writable=repair)
+        report = verify_storage(storage, dataset=dataset, run=run, repair=repair)
+    except (PermanentError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in lines(storage, report, repair=repair):
+        print(line)
+    return 1 if report.corrupt else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gender_tasks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--keep-days", type=float, default=None,
                     help=f"keep runs this many days (default: ${KEEP_DAYS_VAR} or {DEFAULT_KEEP_DAYS:g})")  # fmt: skip
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    ver = sub.add_parser("verify", help="check every stored object against its checksum (like fsck)")
+    ver.add_argument("--storage", help="s3://bucket/prefix or a local folder (default: ./.data/store)")
+    ver.add_argument("--dataset", help="only this dataset id (ds-...)")
+    ver.add_argument("--run", help="only this run's folder (its run key, as under runs/)")
+    ver.add_argument("--repair", action="store_true",
+                     help="remove corrupt objects and what marks them reusable, so the next run rebuilds them")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -177,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_label_audit:
             conf["label_audit"] = False
         return run_dag(conf)
+    if args.command == "verify":
+        return verify(args.storage, args.dataset, args.run, args.repair)
     if args.command == "gc":
         keep = args.keep_days if args.keep_days is not None else _keep_days_default()
         return collect_garbage(args.storage, keep, args.dry_run)

@@ -35,6 +35,10 @@ MODEL_OUTPUTS = ("predictions.csv", "history.json", "metrics.json", "model.ts", 
 # In a run's model folder: which keyed model the run's copy came from (what `gc` keeps for the run).
 TRAINED_RECORD = "trained.json"
 
+# storage.put_recorded keeps the sha256 of an object that is not content-addressed beside it, under
+# the object's key plus this suffix; garbage collection keeps or removes it with its object.
+CHECKSUM_SUFFIX = ".sha256"
+
 # A run key holds only these characters; anything else in an Airflow run id (':' '+' ' ') becomes '_'.
 _UNSAFE_RUN_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 SAFE_RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -60,6 +64,11 @@ def image_key(dataset_id: str, label: str, sha256: str, source_path: str) -> str
     """Content-addressed: the same bytes under the same label always get the same key."""
     ext = PurePosixPath(source_path).suffix.lower() or ".bin"
     return f"{images_prefix(dataset_id)}{label}/{sha256}{ext}"
+
+
+def checksum_key(key: str) -> str:
+    """Where storage.put_recorded keeps the sha256 of the object at `key`."""
+    return key + CHECKSUM_SUFFIX
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -119,6 +128,7 @@ def describe_key(key: str) -> tuple[str, str, str]:
     model's prefix), "audit", "audit_fold" (detail: its audit's key) or "dataset" (anything else of a
     dataset; owner: the dataset id), or "other".
     """
+    key = key.removesuffix(CHECKSUM_SUFFIX)  # a checksum record is what its object is
     parts = key.split("/")
     if parts[0] == RUNS and len(parts) >= 3:
         return "run", parts[1], ""

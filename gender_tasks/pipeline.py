@@ -23,7 +23,7 @@ from pathlib import Path
 from . import layout
 from .data.manifest import read_manifest, write_manifest
 from .settings import as_settings, resolve_settings
-from .storage import open_storage
+from .storage import open_storage, recorded_sha256
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,10 @@ def ingest(run: dict) -> dict:
         root = resolve_source(settings.source, workdir, max_bytes=settings.max_source_bytes)
         labels = load_labels(root)  # a broken labels.csv is refused before anything is written
         summary = ingest_folder(root, storage, Limits.of(settings))
-        manifest = read_manifest(storage, layout.manifest_key(summary["dataset_id"]))
+        key = layout.manifest_key(summary["dataset_id"])
+        manifest = read_manifest(storage, key, dataset_id=summary["dataset_id"])
+        # Every later step reads the manifest it checked here: the run record holds its checksum.
+        summary["manifest_sha256"] = recorded_sha256(storage, key) or write_manifest(storage, key, manifest)
         summary["attributes"] = store_attributes(labels, root, storage, summary["dataset_id"], manifest)
         return summary
     finally:
@@ -91,30 +94,43 @@ def split(run: dict) -> dict:
     """One split per repeat (seed + r); the top-level split_key / counts are repeat 0's."""
     settings, dataset = as_settings(run["settings"]), run["dataset"]
     storage = open_storage(settings.storage)
-    repeats = [_split_one(storage, settings.for_repeat(r), dataset["dataset_id"]) | {"repeat": r}
-               for r in range(settings.repeats)]  # fmt: skip
-    return {"split_key": repeats[0]["split_key"], "counts": repeats[0]["counts"], "repeats": repeats}
+    repeats = [_split_one(storage, settings.for_repeat(r), dataset) | {"repeat": r} for r in range(settings.repeats)]
+    return {"split_key": repeats[0]["split_key"], "split_sha256": repeats[0]["split_sha256"],
+            "counts": repeats[0]["counts"], "repeats": repeats}  # fmt: skip
 
 
-def _split_one(storage, settings, dataset_id: str) -> dict:
+def _split_one(storage, settings, dataset: dict) -> dict:
     from .data.split import assign_splits, split_counts
 
+    dataset_id = dataset["dataset_id"]
     distance = int(settings.split_group_distance)
     key = layout.split_key(dataset_id, settings.seed, list(settings.split), distance)
     if storage.exists(key):
-        manifest = read_manifest(storage, key)
+        manifest = read_manifest(storage, key, dataset_id=dataset_id)
+        sha = recorded_sha256(storage, key) or write_manifest(storage, key, manifest)
     else:
-        source = read_manifest(storage, layout.manifest_key(dataset_id))
+        source = read_manifest(storage, layout.manifest_key(dataset_id), dataset.get("manifest_sha256"),
+                               dataset_id=dataset_id)  # fmt: skip
         manifest = assign_splits(source, settings.seed, list(settings.split), distance)
-        write_manifest(storage, key, manifest)
+        sha = write_manifest(storage, key, manifest)
     counts = split_counts(manifest)
     log.info("split %s (seed %d): %s", dataset_id, settings.seed, counts)
-    return {"split_key": key, "counts": counts, "seed": settings.seed}
+    return {"split_key": key, "split_sha256": sha, "counts": counts, "seed": settings.seed}
+
+
+def _repeat_split(split_info: dict, repeat: int) -> dict:
+    return split_info.get("repeats", [split_info])[int(repeat)]
 
 
 def repeat_split_key(split_info: dict, repeat: int) -> str:
     """The split of repeat `repeat` (split_info from `split`)."""
-    return split_info.get("repeats", [split_info])[int(repeat)]["split_key"]
+    return _repeat_split(split_info, repeat)["split_key"]
+
+
+def read_split(storage, run: dict, repeat: int = 0):
+    """Repeat `repeat`'s split manifest, checked against the checksum in the run record (and the dataset id)."""
+    info = _repeat_split(run["split"], repeat)
+    return read_manifest(storage, info["split_key"], info.get("split_sha256"), dataset_id=run["dataset"]["dataset_id"])
 
 
 @_adds("validation")
@@ -127,7 +143,7 @@ def validate(run: dict) -> dict:
     storage = open_storage(settings.storage)
     summaries = []
     for r in range(len(split_info.get("repeats", [split_info]))):  # every repeat's split: each must hold
-        manifest = read_manifest(storage, repeat_split_key(split_info, r))
+        manifest = read_split(storage, run, r)
         summary = validate_manifest(manifest, settings)
         summary.update(check_near_duplicates(manifest, settings.near_duplicate_distance,
                                              settings.near_duplicates_fatal))  # fmt: skip
@@ -140,9 +156,9 @@ def validate(run: dict) -> dict:
 def preprocess(run: dict) -> dict:
     from .data.preprocess import build_cache
 
-    settings, dataset, split_info = as_settings(run["settings"]), run["dataset"], run["split"]
+    settings, dataset = as_settings(run["settings"]), run["dataset"]
     storage = open_storage(settings.storage)
-    manifest = read_manifest(storage, split_info["split_key"])
+    manifest = read_split(storage, run)
     sizes = {spec.image_size for spec in settings.per_model.values()}
     if settings.label_audit:
         sizes.add(settings.label_audit_spec.image_size)
@@ -155,10 +171,10 @@ def train(run: dict, model_name: str, parallel_tasks: int = 1, repeat: int = 0) 
     """Train one model of one repeat: its own split and seed (seed + repeat), its own storage folder."""
     from .training.trainer import train_model
 
-    settings, dataset, split_info, run_key = as_settings(run["settings"]), run["dataset"], run["split"], run["run_key"]
+    settings, dataset, run_key = as_settings(run["settings"]), run["dataset"], run["run_key"]
     settings = settings.for_repeat(repeat)
     storage = open_storage(settings.storage)
-    manifest = read_manifest(storage, repeat_split_key(split_info, repeat))
+    manifest = read_split(storage, run, repeat)
     out = train_model(
         storage, run_key=layout.repeat_run_key(run_key, repeat), model_name=model_name, manifest=manifest,
         dataset_id=dataset["dataset_id"], settings=settings, parallel_tasks=parallel_tasks,
@@ -187,11 +203,11 @@ def is_switched_off(run: dict, step: str) -> bool:
 def label_audit(run: dict, parallel_tasks: int = 1) -> dict:
     from .training.label_audit import run_label_audit
 
-    settings, dataset, split_info, run_key = as_settings(run["settings"]), run["dataset"], run["split"], run["run_key"]
+    settings, dataset, run_key = as_settings(run["settings"]), run["dataset"], run["run_key"]
     if not settings.label_audit:
         return {"skipped": "label_audit is off in the settings"}
     storage = open_storage(settings.storage)
-    manifest = read_manifest(storage, split_info["split_key"])
+    manifest = read_split(storage, run)
     return run_label_audit(storage, run_key=run_key, manifest=manifest, dataset_id=dataset["dataset_id"],
                            settings=settings, parallel_tasks=parallel_tasks)  # fmt: skip
 

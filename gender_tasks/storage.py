@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
@@ -26,7 +27,8 @@ from urllib.parse import urlparse
 
 from .environment import env_number
 from .errors import PermanentError
-from .integrity import repair_hint, verify_bytes
+from .integrity import mismatch, repair_hint, sha256_hex, verify_bytes
+from .layout import checksum_key
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ S3_CHECK_READ_TIMEOUT_S = 5.0
 # list() never shows it.
 PROBE_PREFIX = ".gender-probe"
 PROBE_BODY = b"gender_tasks storage check: safe to delete\n"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # Extras of an Airflow `aws` connection that this package understands; any other is refused, not ignored.
 CONN_EXTRAS = ("endpoint_url", "region_name", "aws_session_token", "profile_name", "verify")
 HOW_TO_SET_CREDENTIALS = (
@@ -579,6 +582,45 @@ def read_verified(storage: Storage, key: str, sha256: str, *, what: str = "") ->
     """
     data = storage.get_bytes(key)
     return verify_bytes(data, sha256, what=what or storage.url(key), fix=repair_hint(storage.uri))
+
+
+def put_recorded(storage: Storage, key: str, data: bytes) -> str:
+    """Write `data` at `key` with its sha256 beside it (checksum_key), for objects that are not
+    content-addressed but are read back later (manifests, splits, cache indexes, audits); returns the sha256.
+
+    The checksum goes first: a write interrupted between the two leaves a checksum without its object,
+    which readers take as a missing object (and the writer's rerun rewrites both), never an object
+    that cannot be checked.
+    """
+    sha = sha256_hex(data)
+    storage.put_bytes(checksum_key(key), sha.encode() + b"\n")
+    storage.put_bytes(key, data)
+    return sha
+
+
+def recorded_sha256(storage: Storage, key: str) -> str | None:
+    """The sha256 recorded beside `key` by put_recorded, or None for an object written without one."""
+    try:
+        text = storage.get_bytes(checksum_key(key)).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None
+    if not _SHA256_HEX.match(text):
+        raise mismatch(f"the checksum record {storage.url(checksum_key(key))}", "(a sha256)", text or "(empty)",
+                       repair_hint(storage.uri))  # fmt: skip
+    return text
+
+
+def get_recorded(storage: Storage, key: str, sha256: str | None = None) -> bytes:
+    """The object at `key`, checked against `sha256` (from a run record) or else the sha256 recorded
+    beside it. An object written before checksums were recorded (no record) is read with a warning.
+    """
+    expected = sha256 or recorded_sha256(storage, key)
+    if expected is None:
+        data = storage.get_bytes(key)
+        log.warning("%s has no recorded checksum (written by an earlier version): read unverified; "
+                    "`python -m gender_tasks verify --repair` lists such objects", storage.url(key))  # fmt: skip
+        return data
+    return read_verified(storage, key, expected)
 
 
 def put_many(storage: Storage, items: Iterable[tuple[str, bytes | Callable[[], bytes]]], *, workers: int = 16,

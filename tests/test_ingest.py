@@ -177,7 +177,9 @@ def test_ingest_into_s3_prefix_then_reingest_uploads_nothing(dataset_dir, s3_buc
     assert out["images"] == 40 and out["uploaded"] == 40
     assert out["manifest_uri"] == f"s3://{s3_bucket}/team/pipeline/datasets/{out['dataset_id']}/manifest.csv"
     raw = storage.client.list_objects_v2(Bucket=s3_bucket)["Contents"]
-    assert all(o["Key"].startswith(f"team/pipeline/datasets/{out['dataset_id']}/") for o in raw) and len(raw) == 41
+    assert (
+        all(o["Key"].startswith(f"team/pipeline/datasets/{out['dataset_id']}/") for o in raw) and len(raw) == 42
+    )  # images, manifest and its sha256
     manifest = read_manifest(storage, manifest_key(out["dataset_id"]))
     for row in manifest.itertuples():
         assert storage.exists(row.key) and row.sha256 in row.key

@@ -128,7 +128,7 @@ def test_a_killed_label_audit_resumes_after_its_last_finished_fold(prepared, mon
     monkeypatch.setattr(audit_mod, "fit_predict", killed_in_the_second_fold)
     with pytest.raises(KeyboardInterrupt):
         pipeline.label_audit({**run, "run_key": "killed"})
-    assert [k.rsplit("/", 1)[1] for k in storage.list(folds_prefix)] == ["fold-0.csv"]
+    assert [k.rsplit("/", 1)[1] for k in storage.list(folds_prefix)] == ["fold-0.csv", "fold-0.csv.sha256"]
     monkeypatch.setattr(audit_mod, "fit_predict", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
     pipeline.label_audit({**run, "run_key": "resumed"})
     assert calls[2:] == [calls[1]]  # only the unfinished fold trained again, with its own seed

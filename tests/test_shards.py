@@ -53,7 +53,10 @@ def test_round_trip_gives_the_decoded_images_back(local_storage, stored_images, 
     assert np.array_equal(reader.take(np.arange(30)), expected)
     assert reader.index_of(shas[17]) == 17 and reader.indices_of([shas[3], shas[0]]).tolist() == [3, 0]
     stored = local_storage.list(PREFIX)
-    assert stored == sorted([shard_key(PREFIX, n) for n in range(5)] + [index_key(PREFIX)])
+    # The index (the commit marker) has its sha256 recorded beside it.
+    assert stored == sorted(
+        [shard_key(PREFIX, n) for n in range(5)] + [index_key(PREFIX), index_key(PREFIX) + ".sha256"]
+    )
     with pytest.raises(KeyError, match="not in the shard cache"):
         reader.index_of("0" * 64)
 

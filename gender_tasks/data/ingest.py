@@ -33,7 +33,7 @@ from ..settings import RunConfig
 from ..storage import Storage, put_many
 from .folders import PROBLEMS_SHOWN, IngestError, list_images, read_regular, shown
 from .images import phash_of_bytes
-from .manifest import MANIFEST_COLUMNS, write_manifest
+from .manifest import MANIFEST_COLUMNS, dataset_id_of, write_manifest
 from .parallel import cpu_pool
 from .split import min_groups_per_class
 
@@ -229,10 +229,7 @@ def scan_folder(root: Path, limits: Limits | None = None, *, workers: int = SCAN
 
 
 def compute_dataset_id(rows: list[dict]) -> str:
-    digest = hashlib.sha256()
-    for sha, label in sorted((r["sha256"], r["label"]) for r in rows):
-        digest.update(f"{sha} {label}\n".encode())
-    return "ds-" + digest.hexdigest()[:16]
+    return dataset_id_of((r["sha256"], r["label"]) for r in rows)
 
 
 def _load(item: _Scanned, max_bytes: int) -> bytes:

@@ -16,6 +16,7 @@ from the shards through ShardBatches (it does not); both give the same images in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -32,7 +33,9 @@ import pandas as pd
 
 from ..environment import env_number
 from ..errors import PermanentError
-from ..storage import Storage
+from ..integrity import sha256_file
+from ..storage import Storage, get_recorded, put_recorded, read_verified
+from .manifest import read_image
 from .parallel import cpu_pool
 
 log = logging.getLogger(__name__)
@@ -106,8 +109,9 @@ def _decoder(n_images: int, workers: int | None) -> Executor:
 
 
 def _submit_shard(storage, keys, size, fetch_pool, decode_pool):
-    """Fetch a shard's images (threads: network-bound) and queue their decoding (processes)."""
-    blobs = list(fetch_pool.map(storage.get_bytes, keys))
+    """Fetch a shard's images (threads: network-bound), each checked against the sha256 its key names,
+    and queue their decoding (processes)."""
+    blobs = list(fetch_pool.map(functools.partial(read_image, storage), keys))
     chunks = [blobs[i : i + DECODE_CHUNK] for i in range(0, len(blobs), DECODE_CHUNK)]
     return [decode_pool.submit(_decode_chunk, chunk, size) for chunk in chunks]
 
@@ -147,7 +151,7 @@ def write_shards(storage: Storage, prefix: str, shas: Sequence[str], image_keys:
     index = {"format": INDEX_FORMAT, "size": size, "rows": len(shas), "rows_per_shard": rows_per_shard,
              "shard_count": len(starts), "dtype": "uint8", "shape": [size, size, 3], "sha256": shas,
              "shard_sha256": shard_sums}  # fmt: skip
-    storage.put_bytes(index_key(prefix), json.dumps(index).encode())  # the commit marker, last
+    put_recorded(storage, index_key(prefix), json.dumps(index).encode())  # the commit marker, last
     return index
 
 
@@ -161,7 +165,7 @@ def read_index(storage: Storage, prefix: str) -> dict:
             f"no shard cache index at {key}: the cache under {prefix} was never completed (its writing stopped "
             "partway, or preprocessing has not run); run the preprocess step to (re)build it"
         )
-    return json.loads(storage.get_bytes(key))
+    return json.loads(get_recorded(storage, key))
 
 
 def memory_budget() -> int:
@@ -172,18 +176,49 @@ def memory_budget() -> int:
 
 
 def local_cache_root() -> Path:
-    """Where shards are kept on this machine: GENDER_CACHE_DIR, or a folder in the temp dir."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "gender-shard-cache")
+    """Where shards are kept on this machine: GENDER_CACHE_DIR, or a folder of this user's own in the temp
+    dir (made 0700: another user of the machine can neither read the faces nor plant pixels)."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured:
+        return Path(configured)
+    return Path(tempfile.gettempdir()) / f"gender-shard-cache-{os.getuid()}"
+
+
+def private_folder(root: Path) -> Path:
+    """`root`, created 0700 if missing, refused if another user owns it or others may write in it."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = root.stat()
+    except OSError as exc:
+        raise PermanentError(f"the local shard cache {root} cannot be created ({exc.strerror or exc}); set "
+                             f"{CACHE_DIR_ENV} to a folder of your own") from None  # fmt: skip
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        owner = (
+            "another user owns it"
+            if st.st_uid != os.getuid()
+            else f"others may write in it (mode {st.st_mode & 0o777:o})"
+        )
+        raise PermanentError(
+            f"the local shard cache {root} is not private: {owner}, so its files could be replaced under this "
+            f"run. Set {CACHE_DIR_ENV} to a folder of your own, or `chmod 700 {root}`"
+        )
+    return root
 
 
 def _fetch_shard(storage: Storage, key: str, checksum: str, path: Path) -> Path:
-    """Download once per machine: to a temp file beside `path`, checked, then renamed into place;
-    two processes fetching at once both write whole files and the rename is atomic."""
+    """The local copy of a shard, checked against the index's sha256 every time a reader opens it.
+
+    A copy that does not match (damaged or changed on this machine) is replaced by a fresh download;
+    a download that does not match is an IntegrityError naming the stored shard. Downloads go to a
+    temp file beside `path`, checked, then renamed into place: two processes fetching at once both
+    write whole files and the rename is atomic.
+    """
     if path.exists():
-        return path
-    data = storage.get_bytes(key)
-    if hashlib.sha256(data).hexdigest() != checksum:
-        raise OSError(f"{key} does not match its checksum in the index; it changed after the index was written")
+        if sha256_file(path) == checksum:
+            return path
+        log.warning("the local copy %s of %s does not match its checksum in the cache index (changed on this "
+                    "machine): replacing it with a fresh download", path, storage.url(key))  # fmt: skip
+    data = read_verified(storage, key, checksum, what=f"the shard {storage.url(key)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
@@ -202,7 +237,7 @@ class ShardReader:
     def __init__(self, storage: Storage, prefix: str, *, cache_dir: Path | None = None):
         self.index = read_index(storage, prefix)
         self.rows_per_shard = int(self.index["rows_per_shard"])
-        folder = Path(cache_dir or local_cache_root()) / prefix
+        folder = private_folder(Path(cache_dir or local_cache_root())) / prefix
         # The shard's checksum in the file name: a rebuilt cache never reuses stale local files.
         paths = [folder / f"shard-{n:05d}-{s[:16]}.npy" for n, s in enumerate(self.index["shard_sha256"])]
         with ThreadPoolExecutor(FETCH_THREADS) as pool:

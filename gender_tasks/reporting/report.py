@@ -25,7 +25,7 @@ import pandas as pd
 from .. import layout
 from ..data.attributes import read_attributes
 from ..data.images import decode_resize
-from ..data.manifest import read_manifest
+from ..data.manifest import read_image, read_manifest
 from ..data.split import split_counts as count_splits
 from ..evaluation.metrics import encode_labels
 from ..evaluation.repeats import pairwise_corrected_tests, rank_first_counts, summarise_repeats
@@ -33,7 +33,7 @@ from ..evaluation.stats import bootstrap_ci, mcnemar
 from ..models.registry import get_model_spec, model_names
 from ..resources import include_path
 from ..settings import CLASSES, ENSEMBLE, PROFILES, Settings, resolve_settings
-from ..storage import Storage
+from ..storage import Storage, get_recorded
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _thumbnail(array: np.ndarray) -> str:
 
 def _audit_thumbnail(storage: Storage, key: str, size: int) -> str | None:
     try:
-        return _thumbnail(decode_resize(storage.get_bytes(key), size))
+        return _thumbnail(decode_resize(read_image(storage, key), size))
     except (FileNotFoundError, OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail
         log.warning("label audit thumbnail of %s: %s", key, exc)
         return None
@@ -256,7 +256,7 @@ def read_audit(storage: Storage, run_key: str) -> pd.DataFrame | None:
     key = layout.label_audit_key(run_key)
     if not storage.exists(key):
         return None
-    return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False)
+    return pd.read_csv(io.BytesIO(get_recorded(storage, key)), keep_default_na=False)
 
 
 def _label_audit_section(storage: Storage, run_key: str, settings: Settings, summary: dict | None,

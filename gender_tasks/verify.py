@@ -1,0 +1,219 @@
+"""`python -m gender_tasks verify`: check every stored object against its checksum, like fsck.
+
+Each kind of object has the checksum its writer left:
+
+    datasets/<id>/images/<label>/<sha256>.<ext>   the sha256 in its own key (content addressing)
+    datasets/<id>/manifest.csv, splits/*.csv      the sha256 recorded beside it (<key>.sha256), and its rows
+                                                  must hash to the dataset id in its key (manifest.check_rows)
+    datasets/<id>/cache/<size>px/index.json       the sha256 recorded beside it
+    datasets/<id>/cache/<size>px/shard-*.npy      the sha256 in that index
+    attributes.csv, label audits and their folds  the sha256 recorded beside each
+    models/<model>/.../{predictions.csv, ...}     the sha256 in the model card beside them ("files"), keyed
+                                                  models and a run's copies alike
+    checkpoint.pt                                 the sha256 in the checkpoint record beside it
+
+An object whose writer recorded no checksum (written by an earlier version) is counted as
+unverifiable, not as corrupt. With `repair`, a corrupt object is removed together with the commit
+marker that makes the pipeline reuse what it belongs to (a dataset's manifest, a cache's index, a
+model's card), so the next run rebuilds it: ingest uploads the image again from the source, preprocess
+rewrites the cache, training trains the model again. A run's own copies are not rebuilt: the run is
+reported as damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from . import layout
+from .data.manifest import check_rows, parse_manifest
+from .data.shards import INDEX_NAME
+from .integrity import IntegrityError, sha256_hex
+from .storage import ObjectInfo, Storage, recorded_sha256
+
+log = logging.getLogger(__name__)
+
+WORKERS = 16
+MODEL_CARD = layout.MODEL_OUTPUTS[-1]
+# The checkpoint's own record (written by training.checkpoint beside checkpoint.pt).
+CHECKPOINT_RECORD = "checkpoint.json"
+
+
+@dataclass(frozen=True)
+class Finding:
+    key: str
+    problem: str
+    # What --repair removes: the object and the commit markers that would make a run reuse it.
+    remove: tuple[str, ...]
+    rebuilt_by: str
+
+
+@dataclass
+class Report:
+    checked: int = 0
+    bytes: int = 0
+    unverifiable: list[str] = field(default_factory=list)
+    corrupt: list[Finding] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _sidecar_checker(storage: Storage, key: str, data: bytes) -> str | None:
+    """Problem with an object recorded by storage.put_recorded ('' when unverifiable), or None if it is intact."""
+    expected = recorded_sha256(storage, key)
+    if expected is None:
+        return ""
+    actual = sha256_hex(data)
+    return None if actual == expected else f"sha256 {actual[:16]}... is not the recorded {expected[:16]}..."
+
+
+class _Verifier:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self._records: dict[str, dict | None] = {}
+
+    def _json(self, key: str) -> dict | None:
+        """A small JSON record (a model card, a cache index), read once; None if missing or unreadable."""
+        if key not in self._records:
+            try:
+                self._records[key] = json.loads(self.storage.get_bytes(key))
+            except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                self._records[key] = None
+        return self._records[key]
+
+    def check(self, key: str) -> tuple[str | None, tuple[str, ...], str, int]:
+        """(problem or None, keys to remove on repair, what rebuilds it, bytes read); problem '' = unverifiable."""
+        storage, name = self.storage, PurePosixPath(key).name
+        kind, owner, detail = layout.describe_key(key)
+        data = storage.get_bytes(key)
+        size = len(data)
+        if kind == "image":
+            sha = layout.image_sha(key)
+            if sha is None:
+                return "", (), "", size
+            actual = sha256_hex(data)
+            manifest = layout.manifest_key(owner)
+            problem = None if actual == sha else f"sha256 {actual[:16]}... is not the {sha[:16]}... its key names"
+            return problem, (key, manifest, layout.checksum_key(manifest)), "the next ingest of its source", size
+        if kind == "manifest" or "/splits/" in key:
+            problem = _sidecar_checker(storage, key, data)
+            if not problem:  # intact or unrecorded: its rows must still be the dataset's
+                try:
+                    check_rows(storage, key, parse_manifest(data), owner)
+                except IntegrityError as exc:
+                    problem = str(exc).split(". ")[0].removeprefix(f"{storage.url(key)} is corrupt: ")
+                except (ValueError, KeyError) as exc:  # not a CSV with the manifest's columns
+                    problem = f"not a readable manifest ({type(exc).__name__}: {exc})"
+            rebuilt = "the next ingest of its source" if kind == "manifest" else "the next run's split step"
+            return problem, (key, layout.checksum_key(key)), rebuilt, size
+        if "/cache/" in key and name != INDEX_NAME:  # a shard: its sha256 is in the cache's index
+            index_key = f"{key.rpartition('/')[0]}/{INDEX_NAME}"
+            index = self._json(index_key)
+            try:
+                number = int(name.removeprefix("shard-").removesuffix(".npy"))
+                expected = index["shard_sha256"][number] if index else None
+            except (ValueError, IndexError, KeyError, TypeError):
+                expected = None
+            if expected is None:
+                return "", (), "", size
+            actual = sha256_hex(data)
+            problem = (
+                None if actual == expected else f"sha256 {actual[:16]}... is not the {expected[:16]}... in {index_key}"
+            )
+            return problem, (key, index_key, layout.checksum_key(index_key)), "the next run's preprocess step", size
+        if name == layout.CHECKPOINT:
+            record = self._json(f"{key.rpartition('/')[0]}/{CHECKPOINT_RECORD}")
+            if not record or "sha256" not in record:
+                return "", (), "", size
+            actual = sha256_hex(data)
+            problem = None if actual == record["sha256"] else f"sha256 {actual[:16]}... is not the recorded one"
+            return problem, (key, f"{key.rpartition('/')[0]}/{CHECKPOINT_RECORD}"), "training from the start", size
+        if "/models/" in key and name in layout.MODEL_OUTPUTS[:-1]:
+            folder = key.rpartition("/")[0]
+            card = self._json(f"{folder}/{MODEL_CARD}")
+            expected = ((card or {}).get("files") or {}).get(name)
+            if expected is None:
+                return "", (), "", size
+            actual = sha256_hex(data)
+            problem = (
+                None
+                if actual == expected
+                else f"sha256 {actual[:16]}... is not the {expected[:16]}... in its model card"
+            )
+            if kind == "run":
+                return problem, (key,), f"nothing: run {owner} is damaged, rerun it", size
+            return problem, (key, f"{folder}/{MODEL_CARD}"), "the next run that trains this model", size
+        if storage_recorded := recorded_sha256(storage, key):
+            actual = sha256_hex(data)
+            problem = None if actual == storage_recorded else f"sha256 {actual[:16]}... is not the recorded one"
+            return problem, (key, layout.checksum_key(key)), "the next run that needs it", size
+        return "", (), "", size
+
+
+def _keys(storage: Storage, dataset: str | None, run: str | None) -> list[ObjectInfo]:
+    prefixes = []
+    if dataset:
+        prefixes.append(layout.dataset_prefix(dataset) + "/")
+    if run:
+        prefixes.append(layout.run_prefix(run) + "/")
+    objects = [o for p in (prefixes or [""]) for o in storage.list_info(p)]
+    # Checksum records are checked with their objects; whatever is not ours is left alone.
+    return [
+        o for o in objects if not o.key.endswith(layout.CHECKSUM_SUFFIX) and layout.describe_key(o.key)[0] != "other"
+    ]
+
+
+def verify_storage(storage: Storage, *, dataset: str | None = None, run: str | None = None, repair: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> Report:  # fmt: skip
+    """Check every object (of one dataset and/or run, or all); with `repair`, remove what is corrupt (see module doc)."""
+    started = time.monotonic()
+    objects = _keys(storage, dataset, run)
+    verifier = _Verifier(storage)
+    report = Report()
+
+    def one(obj: ObjectInfo):
+        try:
+            return obj, verifier.check(obj.key)
+        except FileNotFoundError:  # removed since the listing (gc, a repair): nothing to check
+            return obj, None
+
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="verify") as pool:
+        for done, (obj, result) in enumerate(pool.map(one, objects), 1):
+            if progress is not None:
+                progress(done, len(objects))
+            if result is None:
+                continue
+            problem, remove, rebuilt_by, size = result
+            report.checked += 1
+            report.bytes += size
+            if problem == "":
+                report.unverifiable.append(obj.key)
+            elif problem is not None:
+                report.corrupt.append(Finding(obj.key, problem, remove, rebuilt_by))
+    if repair:
+        for key in dict.fromkeys(k for f in report.corrupt for k in f.remove):
+            storage.delete(key)
+            report.removed.append(key)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def lines(storage: Storage, report: Report, *, repair: bool) -> Iterator[str]:
+    """What the command prints: one line per corrupt object, then a summary."""
+    for f in report.corrupt:
+        yield f"CORRUPT {storage.url(f.key)}: {f.problem}; rebuilt by {f.rebuilt_by} once removed"
+    for key in report.removed:
+        yield f"removed {storage.url(key)}"
+    if report.unverifiable:
+        yield (f"{len(report.unverifiable)} object(s) have no recorded checksum (written by an earlier version), e.g. "
+               f"{storage.url(report.unverifiable[0])}: not checked")  # fmt: skip
+    verdict = f"{len(report.corrupt)} corrupt"
+    if report.corrupt and not repair:
+        verdict += " (rerun with --repair to remove them; the next run rebuilds them)"
+    yield (f"checked {report.checked:,} object(s), {report.bytes / 1e6:,.1f} MB, in {report.seconds:.1f}s "
+           f"in {storage.uri}: {verdict}")  # fmt: skip

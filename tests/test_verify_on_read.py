@@ -1,0 +1,163 @@
+"""Stored bytes are checked when read: a changed image, manifest, split, shard or local shard copy is found
+and named (never used), and `python -m gender_tasks verify` finds and repairs planted corruption."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+from conftest import write_dataset
+
+from gender_tasks import layout, pipeline
+from gender_tasks.cli import main as cli_main
+from gender_tasks.data.manifest import read_manifest
+from gender_tasks.data.shards import ShardReader, index_key, local_cache_root, shard_key
+from gender_tasks.errors import PermanentError
+from gender_tasks.integrity import IntegrityError
+from gender_tasks.storage import get_recorded, open_storage, put_recorded
+
+
+@pytest.fixture
+def ingested(tmp_path, monkeypatch):
+    """A tiny dataset ingested and split (not preprocessed): (run record, storage)."""
+    monkeypatch.setenv("GENDER_CACHE_DIR", str(tmp_path / "local-cache"))
+    src = write_dataset(tmp_path / "faces", 12)
+    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+                            "models": ["cnn"], "min_rows": 10, "label_audit": False})  # fmt: skip
+    run = pipeline.split(pipeline.ingest(run))
+    return run, open_storage(run["storage"])
+
+
+def _image_keys(storage, run):
+    return storage.list(layout.images_prefix(run["dataset"]["dataset_id"]))
+
+
+def _flip_byte(storage, key, offset=-10):
+    data = bytearray(storage.get_bytes(key))
+    data[offset] ^= 0xFF
+    storage.put_bytes(key, bytes(data))
+
+
+def test_run_record_holds_the_manifest_and_split_checksums(ingested):
+    run, storage = ingested
+    assert len(run["dataset"]["manifest_sha256"]) == 64
+    assert len(run["split"]["split_sha256"]) == 64 and run["split"]["repeats"][0]["split_sha256"]
+
+
+def test_a_changed_stored_image_is_named_and_never_decoded(ingested):
+    run, storage = ingested
+    key = _image_keys(storage, run)[3]
+    _flip_byte(storage, key)
+    with pytest.raises(IntegrityError, match=r"the image .*" + key.rpartition("/")[2] + r" is corrupt.*verify"):
+        pipeline.preprocess(run)
+    # Nothing was committed: no cache index for a cache built from a bad image.
+    assert not [k for k in storage.list(layout.dataset_prefix(run["dataset"]["dataset_id"])) if "index.json" in k]
+
+
+def test_an_edited_label_in_the_manifest_is_found(ingested):
+    run, storage = ingested
+    dataset_id = run["dataset"]["dataset_id"]
+    key = layout.manifest_key(dataset_id)
+    text = storage.get_bytes(key).decode()
+    edited = text.replace(",female,", ",male,", 1)
+    assert edited != text
+    storage.put_bytes(key, edited.encode())
+    with pytest.raises(IntegrityError, match="manifest.csv is corrupt"):  # the recorded sha256 differs
+        read_manifest(storage, key)
+    # Even with its checksum record rewritten to match (or lost), the rows no longer hash to the dataset id.
+    put_recorded(storage, key, edited.encode())
+    with pytest.raises(IntegrityError, match=f"hash to dataset id .* not {dataset_id}"):
+        read_manifest(storage, key, dataset_id=dataset_id)
+
+
+def test_a_changed_split_is_refused_by_the_next_step(ingested):
+    run, storage = ingested
+    key = run["split"]["split_key"]
+    text = storage.get_bytes(key).decode()
+    storage.put_bytes(key, text.replace(",test", ",train", 1).encode())  # a test image moved into training
+    with pytest.raises(IntegrityError, match="splits/.* is corrupt"):
+        pipeline.validate(run)
+
+
+def test_a_changed_stored_shard_is_named(ingested, tmp_path):
+    run, storage = ingested
+    run = pipeline.preprocess(run)
+    prefix = run["caches"]["cache_prefixes"][0]
+    _flip_byte(storage, shard_key(prefix, 0), offset=-5)
+    with pytest.raises(IntegrityError, match=r"the shard .*shard-00000\.npy is corrupt"):
+        ShardReader(storage, prefix, cache_dir=tmp_path / "fresh-cache")
+
+
+def test_a_zeroed_local_shard_copy_is_replaced_not_used(ingested, tmp_path, caplog):
+    run, storage = ingested
+    run = pipeline.preprocess(run)
+    prefix = run["caches"]["cache_prefixes"][0]
+    cache = tmp_path / "machine-cache"
+    expected = ShardReader(storage, prefix, cache_dir=cache).take(np.arange(10))
+    (local,) = (cache / prefix).glob("shard-00000-*.npy")
+    header = len(local.read_bytes()) - expected[0].size * 24  # keep the .npy header, zero the pixels
+    data = bytearray(local.read_bytes())
+    data[header:] = bytes(len(data) - header)
+    local.write_bytes(bytes(data))
+    again = ShardReader(storage, prefix, cache_dir=cache).take(np.arange(10))
+    assert np.array_equal(again, expected) and again.std() > 0
+    assert "does not match its checksum" in caplog.text
+
+
+def test_the_default_local_cache_is_private(monkeypatch, tmp_path):
+    monkeypatch.delenv("GENDER_CACHE_DIR", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    root = local_cache_root()
+    assert root.name == f"gender-shard-cache-{os.getuid()}"
+    from gender_tasks.data.shards import private_folder
+
+    private_folder(root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    root.chmod(0o777)  # another user could now plant files in it
+    with pytest.raises(PermanentError, match="not private: others may write in it"):
+        private_folder(root)
+
+
+def test_recorded_objects_without_a_record_are_read_with_a_warning(local_storage, caplog):
+    local_storage.put_bytes("datasets/ds-x/attributes.csv", b"sha256,age\n")
+    assert get_recorded(local_storage, "datasets/ds-x/attributes.csv") == b"sha256,age\n"
+    assert "no recorded checksum" in caplog.text
+
+
+def test_verify_finds_names_and_repairs_planted_corruption(ingested, capsys):
+    run, storage = ingested
+    run = pipeline.preprocess(run)
+    uri, dataset_id = run["storage"], run["dataset"]["dataset_id"]
+    assert cli_main(["verify", "--storage", uri]) == 0
+    clean = capsys.readouterr().out
+    assert "0 corrupt" in clean and "checked" in clean
+
+    image = _image_keys(storage, run)[0]
+    shard = shard_key(run["caches"]["cache_prefixes"][0], 0)
+    _flip_byte(storage, image)
+    _flip_byte(storage, shard, offset=-3)
+    assert cli_main(["verify", "--storage", uri]) == 1
+    out = capsys.readouterr().out
+    assert f"CORRUPT {storage.url(image)}" in out and f"CORRUPT {storage.url(shard)}" in out
+    assert "2 corrupt" in out and "--repair" in out
+
+    assert cli_main(["verify", "--storage", uri, "--dataset", dataset_id, "--repair"]) == 1
+    out = capsys.readouterr().out
+    index = index_key(run["caches"]["cache_prefixes"][0])
+    for removed in (image, shard, layout.manifest_key(dataset_id), index):
+        assert f"removed {storage.url(removed)}" in out
+        assert not storage.exists(removed)
+    assert cli_main(["verify", "--storage", uri]) == 0
+    capsys.readouterr()
+
+    # The next run rebuilds what was removed: ingest uploads the image again, preprocess rewrites the cache.
+    conf = {k: run["settings"][k] for k in ("source", "storage", "profile", "models", "min_rows", "label_audit")}
+    again = pipeline.preprocess(pipeline.split(pipeline.ingest(pipeline.prepare(conf))))
+    assert again["dataset"]["dataset_id"] == dataset_id and storage.exists(image) and storage.exists(index)
+    assert cli_main(["verify", "--storage", uri]) == 0
+
+
+def test_verify_names_a_bad_storage_and_exits_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert cli_main(["verify", "--storage", str(tmp_path / "file" / "store")]) == 2
+    assert "error:" in capsys.readouterr().err
