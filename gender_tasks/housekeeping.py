@@ -130,10 +130,12 @@ def _expired_runs(runs: dict[str, list[ObjectInfo]], keep_days: float, now: floa
     out = []
     for run_key, objs in sorted(runs.items()):
         if _has_fresh_lease(objs, now, expiry):
+            log.info("run %s: a step of it holds a lease, nothing of it is removed", run_key)
             continue
         age_s = now - max(o.modified for o in objs)
         finished = _finished(run_key, objs)
         if not finished and age_s < unfinished_s:
+            log.info("run %s has not finished (no results.json) and wrote %.1f hours ago: kept", run_key, age_s / 3600)
             continue
         if age_s / DAY_S > keep_days:
             state = "" if finished else "unfinished (no results.json) and "
