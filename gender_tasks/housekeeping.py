@@ -6,10 +6,21 @@ Removes runs older than the retention, then every object that no manifest and no
   (its manifest gone: splits, caches, attributes);
 - keyed models and label audits (layout.trained_prefix, audit_result_key) that no kept run copied;
 - leftover checkpoints: of a model that was exported, of a training nobody resumed within the
-  retention, and the run-folder checkpoints of earlier versions.
+  retention, and the run-folder checkpoints of earlier versions;
+- leases abandoned by a holder that died (killed with kill -9) without removing them.
 
-It never removes anything of a dataset a kept run uses, and never an object younger than an hour
-outside expired runs: an ingest or a training may be writing it right now.
+It never removes work in progress, whatever the retention says. Ages cannot tell it (an ingest can
+upload for hours, `--keep-days 0` makes every run old), so work in progress holds leases (leases.py):
+
+- a run or a dataset with a fresh lease is left alone, all of it: every step of a run holds one on
+  the run and on its dataset while it runs, an ingest one on its dataset while it uploads;
+- a run that has not finished (no results.json) is kept until nothing of it was written for
+  GENDER_GC_UNFINISHED_HOURS (24): between two steps, or queued for a GPU, it holds no lease;
+- nothing of a dataset younger than an hour goes, lease or not (GRACE_S);
+- the leases are looked at again just before removing, and every RECHECK_EVERY removals: work that
+  starts on a run or a dataset while `gc` runs stops its removal there.
+
+A lease not renewed for GENDER_LEASE_EXPIRY_S (15 minutes) is abandoned: it protects nothing and goes.
 """
 
 from __future__ import annotations
@@ -20,9 +31,13 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import layout
+from .environment import env_number
+from .errors import PermanentError
+from .leases import describe_holder, expiry_seconds, is_fresh
 from .storage import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
@@ -30,6 +45,20 @@ log = logging.getLogger(__name__)
 DAY_S = 86_400
 GRACE_S = 3_600  # objects this young may belong to an ingest or a training in progress
 RUN_RECORDS = ("results.json", layout.TRAINED_RECORD, "model_card.json", "label_audit.json")
+UNFINISHED_VAR = "GENDER_GC_UNFINISHED_HOURS"
+DEFAULT_UNFINISHED_H = 24.0
+RECHECK_EVERY = 100  # removals between two looks at the leases of the run or dataset being cleaned
+
+
+class HousekeepingConfigError(PermanentError):
+    """A gc setting in the environment is not usable; the message names it and a value that works."""
+
+
+def unfinished_run_seconds() -> float:
+    """How long a run without results.json is kept after its last write, whatever the retention."""
+    hours = env_number(UNFINISHED_VAR, DEFAULT_UNFINISHED_H, says="a positive number of hours",
+                       example=f"{DEFAULT_UNFINISHED_H:g}", error=HousekeepingConfigError)  # fmt: skip
+    return hours * 3_600
 
 
 @dataclass(frozen=True)
@@ -50,8 +79,13 @@ class _Refs:
 
 def collect_garbage(storage: Storage, *, keep_days: float, dry_run: bool = False,
                     now: float | None = None) -> list[Removal]:  # fmt: skip
-    """Find (and unless `dry_run`, delete) what the module docstring lists; returns it, largest reason first."""
-    now = time.time() if now is None else now
+    """Find (and unless `dry_run`, delete) what the module docstring lists; returns what was (or would be) removed.
+
+    `now` (seconds since the epoch) is the time `gc` takes it to be, for tests; it runs on from there.
+    """
+    started = time.time()
+    now = started if now is None else now
+    expiry, unfinished_s = expiry_seconds(), unfinished_run_seconds()
     objects = storage.list_info("")
     runs: dict[str, list[ObjectInfo]] = defaultdict(list)
     datasets: dict[str, list[ObjectInfo]] = defaultdict(list)
@@ -61,28 +95,84 @@ def collect_garbage(storage: Storage, *, keep_days: float, dry_run: bool = False
             runs[owner].append(obj)
         elif kind != "other":
             datasets[owner].append(obj)
-    removals = _expired_runs(runs, keep_days, now)
+    removals = _expired_runs(runs, keep_days, now, expiry, unfinished_s)
     expired = {layout.describe_key(r.key)[1] for r in removals}
     kept = {k: objs for k, objs in runs.items() if k not in expired}
     removals += _run_checkpoints(kept)
+    # A finished run's abandoned leases go; an unfinished run's stay its last sign of life, and go with it.
+    removals += [_abandoned(storage, o, now) for run_key, objs in kept.items() if _finished(run_key, objs)
+                 for o in objs if layout.is_lease_key(o.key) and not is_fresh(o, now, expiry)]  # fmt: skip
     refs = _references(storage, kept)
     for dataset_id, objs in datasets.items():
+        if _has_fresh_lease(objs, now, expiry):
+            log.info("dataset %s: work in progress holds a lease on it, nothing of it is removed", dataset_id)
+            continue
         removals += _dataset_garbage(storage, dataset_id, objs, refs, keep_days, now)
-    if not dry_run:
-        for removal in removals:
-            storage.delete(removal.key)
-    return removals
+    if dry_run:
+        return removals
+    return _delete(storage, removals, lambda: now + time.time() - started, expiry)
 
 
-def _expired_runs(runs: dict[str, list[ObjectInfo]], keep_days: float, now: float) -> list[Removal]:
-    """Every object of a run whose newest object is older than the retention."""
+def _has_fresh_lease(objs: list[ObjectInfo], now: float, expiry: float) -> bool:
+    return any(layout.is_lease_key(o.key) and is_fresh(o, now, expiry) for o in objs)
+
+
+def _abandoned(storage: Storage, lease: ObjectInfo, now: float) -> Removal:
+    minutes = (now - lease.modified) / 60
+    holder = describe_holder(storage, lease.key)
+    return Removal(lease.key, lease.size, f"lease abandoned by {holder}: not renewed for {minutes:.0f} minutes")
+
+
+def _expired_runs(runs: dict[str, list[ObjectInfo]], keep_days: float, now: float, expiry: float,
+                  unfinished_s: float) -> list[Removal]:  # fmt: skip
+    """Every object of a run whose newest object is older than the retention, unless the run is in
+    progress: a step holds a fresh lease on it, or it has no results.json and wrote within `unfinished_s`."""
     out = []
     for run_key, objs in sorted(runs.items()):
-        age_days = (now - max(o.modified for o in objs)) / DAY_S
-        if age_days > keep_days:
-            reason = f"run {run_key} is {age_days:.0f} days old (keeping {keep_days:g})"
+        if _has_fresh_lease(objs, now, expiry):
+            log.info("run %s: a step of it holds a lease, nothing of it is removed", run_key)
+            continue
+        age_s = now - max(o.modified for o in objs)
+        finished = _finished(run_key, objs)
+        if not finished and age_s < unfinished_s:
+            log.info("run %s has not finished (no results.json) and wrote %.1f hours ago: kept", run_key, age_s / 3600)
+            continue
+        if age_s / DAY_S > keep_days:
+            state = "" if finished else "unfinished (no results.json) and "
+            reason = f"run {run_key} is {state}{age_s / DAY_S:.0f} days old (keeping {keep_days:g})"
             out += [Removal(o.key, o.size, reason) for o in objs]
     return out
+
+
+def _finished(run_key: str, objs: list[ObjectInfo]) -> bool:
+    """Whether the run's report step wrote results.json (its last write)."""
+    return any(o.key == layout.results_key(run_key) for o in objs)
+
+
+def _lease_prefix(key: str) -> str | None:
+    """The leases folder of the run or dataset `key` belongs to (None: it belongs to neither)."""
+    parts = key.split("/")
+    if parts[0] in (layout.RUNS, layout.DATASETS) and len(parts) >= 3:
+        return f"{parts[0]}/{parts[1]}/{layout.LEASES}/"
+    return None
+
+
+def _delete(storage: Storage, removals: list[Removal], clock: Callable[[], float], expiry: float) -> list[Removal]:
+    """Delete, run by run and dataset by dataset, looking at their leases again first and every
+    RECHECK_EVERY removals: work that started since the listing keeps what is left. Returns what went."""
+    groups: dict[str | None, list[Removal]] = defaultdict(list)
+    for removal in removals:
+        groups[_lease_prefix(removal.key)].append(removal)
+    done = []
+    for prefix, group in groups.items():
+        for i, removal in enumerate(group):
+            if prefix and i % RECHECK_EVERY == 0 and _has_fresh_lease(storage.list_info(prefix), clock(), expiry):
+                log.warning("%s is in use since gc listed it (a fresh lease): %d object(s) of it left in place",
+                            prefix.removesuffix(f"/{layout.LEASES}/"), len(group) - i)  # fmt: skip
+                break
+            storage.delete(removal.key)
+            done.append(removal)
+    return done
 
 
 def _run_checkpoints(kept: dict[str, list[ObjectInfo]]) -> list[Removal]:
@@ -140,6 +230,9 @@ def _dataset_garbage(storage: Storage, dataset_id: str, objs: list[ObjectInfo], 
     complete |= {o.key for o in objs if layout.describe_key(o.key)[0] == "audit"}  # finished audits
     out = []
     for obj in objs:
+        if layout.is_lease_key(obj.key):  # none is fresh: the caller leaves a dataset with a fresh lease alone
+            out.append(_abandoned(storage, obj, now))
+            continue
         if now - obj.modified < GRACE_S:
             continue
         reason = _why_garbage(obj, listed, used, refs, complete, (now - obj.modified) / DAY_S > keep_days)

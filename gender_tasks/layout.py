@@ -12,6 +12,8 @@ standard library, so the UI plugin can find a report without loading the trainin
                                                           (training/keys.py): checkpoint.pt while it
                                                           trains, then its outputs (below)
     datasets/<dataset_id>/label_audit/<audit_key>.csv     out-of-fold predictions, keyed the same way
+    datasets/<dataset_id>/leases/<holder>.json            work in progress on the dataset (leases.py): gc keeps
+                                                          the whole dataset while one is fresh
     runs/<run_key>/models/<model>/...                     a copy of the keyed outputs: metrics, history,
                                                           predictions, model.ts, model_card, trained.json
     runs/<run_key>/models/ensemble/...                    the mean probability of the run's models (no checkpoint)
@@ -19,7 +21,9 @@ standard library, so the UI plugin can find a report without loading the trainin
                                                           is the run's own folder, as in a run without repeats
     runs/<run_key>/label_audit.csv, label_audit.json      a copy of the keyed audit, and where it came from
     runs/<run_key>/external/<set>.json                    external evaluation sets
-    runs/<run_key>/report.html, results.json              the comparison report and its numbers
+    runs/<run_key>/report.html, results.json              the comparison report and its numbers (results.json
+                                                          last: the run is finished)
+    runs/<run_key>/leases/<holder>.json                   a step of the run in progress (leases.py)
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ CHECKPOINT = "checkpoint.pt"
 MODEL_OUTPUTS = ("predictions.csv", "history.json", "metrics.json", "model.ts", "model_card.json")
 # In a run's model folder: which keyed model the run's copy came from (what `gc` keeps for the run).
 TRAINED_RECORD = "trained.json"
+# Leases of work in progress (leases.py), one object per holder, in the folder of what they protect.
+LEASES = "leases"
 
 # storage.put_recorded keeps the sha256 of an object that is not content-addressed beside it, under
 # the object's key plus this suffix; garbage collection keeps or removes it with its object.
@@ -121,6 +127,17 @@ def audit_fold_key(dataset_id: str, audit_key: str, fold: int) -> str:
     return f"{dataset_prefix(dataset_id)}/label_audit/{audit_key}/fold-{fold}.csv"
 
 
+def dataset_lease_key(dataset_id: str, holder: str) -> str:
+    """The lease of one holder (leases.holder_name) working on a dataset: an ingest, a step of a run using it."""
+    return f"{dataset_prefix(dataset_id)}/{LEASES}/{holder}.json"
+
+
+def is_lease_key(key: str) -> bool:
+    """Whether `key` is a lease of a run or of a dataset (run_lease_key, dataset_lease_key)."""
+    parts = key.split("/")
+    return len(parts) == 4 and parts[0] in (RUNS, DATASETS) and parts[2] == LEASES and parts[3].endswith(".json")
+
+
 def describe_key(key: str) -> tuple[str, str, str]:
     """What a stored key is, for garbage collection: (kind, owner, detail).
 
@@ -154,6 +171,11 @@ def describe_key(key: str) -> tuple[str, str, str]:
 
 def run_prefix(run_key: str) -> str:
     return f"{RUNS}/{run_key}"
+
+
+def run_lease_key(run_key: str, holder: str) -> str:
+    """The lease of one step of a run in progress (leases.holder_name names the holder)."""
+    return f"{run_prefix(run_key)}/{LEASES}/{holder}.json"
 
 
 def repeat_run_key(run_key: str, repeat: int) -> str:

@@ -9,6 +9,9 @@ summary added under one name (`dataset`, `split`, `validation`, `caches`). The f
 label_audit, evaluate_external) take the record and return only their own result, which `report`
 gathers. So every task has one input edge, and the record, saved as `prepare`'s XCom, tells the UI
 plugin where a run's report is whatever storage the run used.
+
+Every step from ingest to report holds leases (leases.py) while it runs, on the run and on its
+dataset: `gc` removes nothing of a run or a dataset in use, whatever its age.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from . import layout
 from .data.manifest import read_manifest, write_manifest
+from .leases import hold_lease, holder_name
 from .settings import as_settings, resolve_settings
 from .storage import open_storage, recorded_sha256
 
@@ -39,6 +44,28 @@ def _timed(fn):
         return out
 
     return wrapper
+
+
+def _leased(step: str):
+    """While the step runs it holds a lease on its run and, once the run has one, on its dataset: `gc`
+    leaves both alone (the step's objects, and what it reads: the split, the cache, keyed models)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(run: dict, *args, **kwargs):
+            storage = open_storage(run["settings"]["storage"])
+            owner = f"{step} of run {run['run_key']}"
+            with ExitStack() as stack:
+                stack.enter_context(hold_lease(storage, layout.run_lease_key(run["run_key"], holder_name(step)),
+                                               owner=owner))  # fmt: skip
+                if "dataset" in run:
+                    key = layout.dataset_lease_key(run["dataset"]["dataset_id"], holder_name(step))
+                    stack.enter_context(hold_lease(storage, key, owner=owner))
+                return fn(run, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _adds(name: str):
@@ -66,6 +93,7 @@ def prepare(conf: dict, run_id: str = "local") -> dict:
             "report_key": layout.report_key(run_key), "settings": settings.to_dict()}  # fmt: skip
 
 
+@_leased("ingest")
 @_adds("dataset")
 def ingest(run: dict) -> dict:
     from .data.attributes import load_labels, store_attributes
@@ -89,6 +117,7 @@ def ingest(run: dict) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@_leased("split")
 @_adds("split")
 def split(run: dict) -> dict:
     """One split per repeat (seed + r); the top-level split_key / counts are repeat 0's."""
@@ -133,6 +162,7 @@ def read_split(storage, run: dict, repeat: int = 0):
     return read_manifest(storage, info["split_key"], info.get("split_sha256"), dataset_id=run["dataset"]["dataset_id"])
 
 
+@_leased("validate")
 @_adds("validation")
 def validate(run: dict) -> dict:
     """The data expectations (Great Expectations), then near-duplicates across splits (phash)."""
@@ -152,6 +182,7 @@ def validate(run: dict) -> dict:
     return summaries[0] | {"repeats_success": [bool(s.get("success")) for s in summaries]}
 
 
+@_leased("preprocess")
 @_adds("caches")
 def preprocess(run: dict) -> dict:
     from .data.preprocess import build_cache
@@ -166,6 +197,7 @@ def preprocess(run: dict) -> dict:
     return {"cache_prefixes": [build_cache(storage, manifest, dataset["dataset_id"], size) for size in sizes]}
 
 
+@_leased("train")
 @_timed
 def train(run: dict, model_name: str, parallel_tasks: int = 1, repeat: int = 0) -> dict:
     """Train one model of one repeat: its own split and seed (seed + repeat), its own storage folder."""
@@ -182,6 +214,7 @@ def train(run: dict, model_name: str, parallel_tasks: int = 1, repeat: int = 0) 
     return out | {"repeat": int(repeat)}
 
 
+@_leased("ensemble")
 @_timed
 def ensemble(run: dict) -> dict:
     """The ensemble (mean P(male)) of every repeat's trained models, exported beside them."""
@@ -199,6 +232,7 @@ def is_switched_off(run: dict, step: str) -> bool:
     return {"label_audit": not settings["label_audit"], "evaluate_external": not settings["external_eval"]}[step]
 
 
+@_leased("label_audit")
 @_timed
 def label_audit(run: dict, parallel_tasks: int = 1) -> dict:
     from .training.label_audit import run_label_audit
@@ -212,6 +246,7 @@ def label_audit(run: dict, parallel_tasks: int = 1) -> dict:
                            settings=settings, parallel_tasks=parallel_tasks)  # fmt: skip
 
 
+@_leased("evaluate_external")
 @_timed
 def evaluate_external(run: dict) -> dict:
     from .evaluation.external import evaluate_external as evaluate
@@ -239,6 +274,7 @@ def task_durations(run: dict, trained: list[dict], label_audit: dict | None, ext
     return durations
 
 
+@_leased("report")
 @_timed
 def report(run: dict, trained: list[dict] | None = None, label_audit: dict | None = None,
            external: dict | None = None, ensembled: dict | None = None) -> dict:  # fmt: skip

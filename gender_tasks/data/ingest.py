@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import layout
+from ..leases import hold_lease, holder_name
 from ..settings import RunConfig
 from ..storage import Storage, put_many
 from .folders import PROBLEMS_SHOWN, IngestError, list_images, read_regular, shown
@@ -282,14 +283,27 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
         log.info("dataset %s (%d images) is already in %s: nothing to upload", dataset_id, len(rows), storage.uri)
         return summary
 
-    present = set(storage.list(layout.images_prefix(dataset_id)))  # resume an interrupted ingest
     upload_started = time.monotonic()
-    todo = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
-            if s.row["key"] not in present]  # fmt: skip
-    progress = _Progress(f"ingest {dataset_id}: uploaded", len(todo))
-    uploaded = put_many(storage, todo, workers=upload_workers, progress=progress.update)
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
-    write_manifest(storage, layout.manifest_key(dataset_id), manifest)
+    # A lease on the dataset while it uploads: gc removes nothing of it (leases.py), however long this takes.
+    with hold_lease(storage, layout.dataset_lease_key(dataset_id, holder_name("ingest")),
+                    owner=f"ingest of {dataset_id}") as lease:  # fmt: skip
+        present = set(storage.list(layout.images_prefix(dataset_id)))  # resume an interrupted ingest
+        todo = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
+                if s.row["key"] not in present]  # fmt: skip
+        progress = _Progress(f"ingest {dataset_id}: uploaded", len(todo))
+        uploaded = put_many(storage, todo, workers=upload_workers, progress=progress.update)
+        # Before the commit, every image must be there: a gc that started before the lease was written, or
+        # ran while it lapsed, may have removed some (of an earlier, interrupted ingest) since the listing.
+        lease.renew()
+        present = set(storage.list(layout.images_prefix(dataset_id)))
+        gone = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
+                if s.row["key"] not in present]  # fmt: skip
+        if gone:
+            log.warning("ingest %s: %d image(s) were removed during the upload (lease lapsed: %s); uploading them "
+                        "again", dataset_id, len(gone), lease.lapsed)  # fmt: skip
+            uploaded += put_many(storage, gone, workers=upload_workers)
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
+        write_manifest(storage, layout.manifest_key(dataset_id), manifest)
     summary["uploaded"] = uploaded
     summary["upload_seconds"] = round(time.monotonic() - upload_started, 2)
     log.info(
