@@ -162,10 +162,9 @@ def _keys(storage: Storage, dataset: str | None, run: str | None) -> list[Object
     if run:
         prefixes.append(layout.run_prefix(run) + "/")
     objects = [o for p in (prefixes or [""]) for o in storage.list_info(p)]
-    # Checksum records are checked with their objects; whatever is not ours is left alone.
-    return [
-        o for o in objects if not o.key.endswith(layout.CHECKSUM_SUFFIX) and layout.describe_key(o.key)[0] != "other"
-    ]
+    # Checksum records are checked with their objects; leases are live state, not data; what is not ours is left alone.
+    return [o for o in objects if not o.key.endswith(layout.CHECKSUM_SUFFIX) and not layout.is_lease_key(o.key)
+            and layout.describe_key(o.key)[0] != "other"]  # fmt: skip
 
 
 def verify_storage(storage: Storage, *, dataset: str | None = None, run: str | None = None, repair: bool = False,
