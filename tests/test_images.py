@@ -115,7 +115,7 @@ def test_a_32_bit_image_beyond_16_bits_maps_its_own_range():
     samples = _grey_face().astype(np.int32) * 1000 - 100_000  # negative and past 65535: no standard scale
     low, high = samples.min(), samples.max()
     expected = np.rint((samples - low) * 255 / (high - low)).astype(np.uint8)
-    _close(decode_resize(_tiff_of("I", samples), 48), _grey_rgb(expected), 0)
+    _close(decode_resize(_tiff_of("I", samples), 48), _grey_rgb(expected), 1)  # float32 rounding: ties may differ
 
 
 def test_a_float_image_with_nan_is_refused():
