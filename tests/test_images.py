@@ -42,9 +42,10 @@ def _rgb_face(seed: int = 0, size: int = 48) -> np.ndarray:
     return np.asarray(make_face("male", np.random.default_rng(seed), size))
 
 
-def _png16(samples: np.ndarray, color_type: int) -> bytes:
+def _png16(samples: np.ndarray, color_type: int, transparent: int | None = None) -> bytes:
     """A 16-bit-per-sample PNG, written by hand: Pillow reads 48/64-bit PNGs but cannot write them.
-    color_type 0: grey (H, W), 2: RGB (H, W, 3), 6: RGBA (H, W, 4)."""
+    color_type 0: grey (H, W), 2: RGB (H, W, 3), 4: grey + alpha (H, W, 2), 6: RGBA (H, W, 4);
+    `transparent`: a grey value shown as transparent (a tRNS chunk, for color_type 0)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -52,7 +53,9 @@ def _png16(samples: np.ndarray, color_type: int) -> bytes:
     height, width = samples.shape[:2]
     raw = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(height))
     ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    trns = chunk(b"tRNS", struct.pack(">H", transparent)) if transparent is not None else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + trns + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))  # fmt: skip
 
 
 def _to_16bit(pixels8: np.ndarray, rng) -> np.ndarray:
@@ -83,6 +86,22 @@ def test_a_16_bit_grey_png_decodes_scaled_not_white():
     _close(decoded, _grey_rgb(reference), 0)
     _close(decoded, _grey_rgb((samples >> 8).astype(np.uint8)), 1)
     assert decoded.std() > 20  # a face, not a blank
+
+
+def test_16_bit_grey_transparency_shows_the_background():
+    grey = _to_16bit(_grey_face(), np.random.default_rng(13))
+    grey[:10] = 4242  # the top rows: the transparent value
+    data = _png16(grey, 0, transparent=4242)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == "I;16" and img.info["transparency"] == 4242
+    expected = _grey_rgb(np.rint(grey / 257).astype(np.uint8))
+    expected[grey == 4242] = BACKGROUND
+    _close(decode_resize(data, 48), expected, 0)
+    alpha = np.where(np.arange(48) < 24, 0, 65535).astype(np.uint16)[None, :].repeat(48, axis=0)
+    with_alpha = _png16(np.stack([grey, alpha], axis=2), 4)  # 16-bit grey + 16-bit alpha
+    expected = _grey_rgb(np.rint(grey / 257).astype(np.uint8))
+    expected[:, :24] = BACKGROUND
+    _close(decode_resize(with_alpha, 48), expected, 1)  # Pillow keeps the high byte: within a level
 
 
 def _tiff_of(mode: str, samples: np.ndarray) -> bytes:
