@@ -9,9 +9,9 @@ a no-op that returns the same id. A scan judges the whole source before anything
 refuses (IngestError, naming every offending file and the fix): what the folder walk refuses
 (see folders.py: special files, links out of the source, bad names, size limits, non-images, empty
 or case-colliding classes), unreadable files, decompression bombs (from the header, never
-decoded), files that do not decode or are under `min_image_side`, the same image twice, and
-classes with too few images for every split to hold both. Validation checks the same things again
-on the manifest: a second line of defence, not the first.
+decoded), files that do not decode or are under `min_image_side`, (nearly) blank images, the same
+image twice, and classes with too few images for every split to hold both. Validation checks the
+same things again on the manifest: a second line of defence, not the first.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .. import layout
@@ -33,7 +34,7 @@ from ..leases import hold_lease, holder_name
 from ..settings import RunConfig
 from ..storage import Storage, put_many
 from .folders import PROBLEMS_SHOWN, IngestError, list_images, read_regular, shown
-from .images import phash_of_bytes
+from .images import PHASH_DECODE_SIZE, decode_rgb, image_phash
 from .manifest import MANIFEST_COLUMNS, dataset_id_of, write_manifest
 from .parallel import cpu_pool
 from .split import min_groups_per_class
@@ -51,6 +52,12 @@ SCAN_CHUNK_FILES = 256
 UPLOAD_WORKERS = 16
 PROGRESS_EVERY_S = 5.0
 COPIES_SHOWN = 3
+# An image whose decoded pixels vary by less than this (standard deviation, in 8-bit levels, in every
+# channel) is blank: white, black, one colour, or a 16-bit or transparent image decoded wrongly. It
+# holds no face, and blank images share one phash, so near-duplicate grouping would put them all in
+# one split. Flat fields measure under 1 (8-bit rounding and JPEG noise); 3,000 real faces of
+# ../shared/data measured 15.6 at the least, 36 at the 5th percentile (at the phash's decode scale).
+BLANK_STD_LEVELS = 2.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class Limits:
 class _Scanned:
     row: dict
     path: Path
-    problem: str = ""  # why ingest refuses this file (unreadable, a bomb, undecodable, too small); empty: none
+    problem: str = ""  # why ingest refuses this file (unreadable, a bomb, undecodable, too small, blank); '': none
 
 
 class _Progress:
@@ -116,9 +123,10 @@ def _describe(path: Path, label: str, root: Path, limits: Limits, judged: dict[s
 def _judge(data: bytes, limits: Limits) -> tuple[dict, str]:
     """What a file's content is (its manifest fields) and why ingest refuses it ('' if it does not).
 
-    The header is judged before decoding, so a decompression bomb is refused undecoded. JPEGs
-    decode at reduced scale for the perceptual hash (see images.phash_of_bytes): every
-    entropy-coded byte is still decoded, so truncated or corrupt files fail as at full size.
+    The header is judged before decoding, so a decompression bomb is refused undecoded. The one
+    decode (images.decode_rgb, JPEGs at reduced scale: every entropy-coded byte is still decoded, so
+    truncated or corrupt files fail as at full size) gives both the perceptual hash and the check
+    that the image is not blank.
     """
     from PIL import Image
 
@@ -140,11 +148,24 @@ def _judge(data: bytes, limits: Limits) -> tuple[dict, str]:
         return row, (f"is {size}, under the {limits.min_side} px minimum on its shorter side (setting min_image_side): "
                      "remove it, or lower min_image_side")  # fmt: skip
     try:
-        row.update(decodable=True, phash=phash_of_bytes(data))
+        decoded = decode_rgb(data, PHASH_DECODE_SIZE)  # the decode training sees, at the phash's scale
+        row.update(decodable=True, phash=image_phash(decoded))
     except Exception as exc:  # truncated or corrupt data
         row.update(decodable=False, error=f"{type(exc).__name__}: {exc}")
         return row, f"does not decode ({row['error']}): the file is truncated or corrupt; replace it"
-    return row, ""
+    return row, _blank(np.asarray(decoded))
+
+
+def _blank(pixels: np.ndarray) -> str:
+    """Why a decoded image is refused as (nearly) blank, or '' if it is not (see BLANK_STD_LEVELS)."""
+    spread = max(float(pixels[..., channel].std()) for channel in range(3))  # per channel: 5x faster than axis=
+    if spread >= BLANK_STD_LEVELS:
+        return ""
+    channels = pixels.reshape(-1, 3)
+    low, high = channels.min(axis=0).tolist(), channels.max(axis=0).tolist()
+    mean = tuple(round(float(v)) for v in channels.mean(axis=0))
+    return (f"is a (nearly) blank image (its pixels stay near RGB{mean}: a standard deviation of {spread:.2f} levels, "
+            f"under {BLANK_STD_LEVELS:g}, with values from {low} to {high}): it holds no face; remove or replace it")  # fmt: skip
 
 
 def _refuse_copies(scanned: list[_Scanned]) -> None:

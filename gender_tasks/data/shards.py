@@ -4,8 +4,9 @@ holding the whole dataset in memory.
 Owns the cache's objects under a caller's `prefix` (the key layout above the prefix is not ours):
 
     <prefix>/shard-00000.npy ...  uint8 (rows, size, size, 3) NHWC, `rows_per_shard` rows each (the last fewer)
-    <prefix>/index.json           size, rows, rows_per_shard, shard_count, the images' sha256 in row
-                                  order and each shard file's sha256; written LAST: the commit marker
+    <prefix>/index.json           format, decode (images.DECODE_VERSION), size, rows, rows_per_shard,
+                                  shard_count, the images' sha256 in row order and each shard file's
+                                  sha256; written LAST: the commit marker
 
 A cache without its index is a write that stopped partway: readers refuse it and writers redo it.
 Readers fetch each shard once per machine into a local folder (GENDER_CACHE_DIR) and memory-map
@@ -35,6 +36,7 @@ from ..environment import env_number
 from ..errors import PermanentError
 from ..integrity import sha256_file
 from ..storage import Storage, get_recorded, put_recorded, read_verified
+from .images import DECODE_VERSION
 from .manifest import read_image
 from .parallel import cpu_pool
 
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 
 SHARD_ROWS = 2048
 INDEX_NAME = "index.json"
-INDEX_FORMAT = 1
+# An index of another format, or whose shards another images.DECODE_VERSION decoded, is stale: writers
+# rebuild it, readers refuse it (format 2 added `decode`; format 1 caches hold 16-bit images clipped white).
+INDEX_FORMAT = 2
 CACHE_DIR_ENV = "GENDER_CACHE_DIR"
 MEMORY_BUDGET_ENV = "GENDER_MEMORY_BUDGET_MB"
 # Images per decode job sent to a worker process: large enough that pickling is a small cost.
@@ -55,6 +59,14 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 class CacheIncomplete(FileNotFoundError):
     """The cache's index is missing: it was never written, or its writing stopped partway."""
+
+
+class CacheOutdated(PermanentError):
+    """The cache was written in another index format or by another decode: preprocess must rebuild it."""
+
+
+def _is_current(index: dict) -> bool:
+    return index.get("format") == INDEX_FORMAT and index.get("decode") == DECODE_VERSION
 
 
 def shard_key(prefix: str, number: int) -> str:
@@ -82,10 +94,17 @@ def _npy_bytes(images: np.ndarray) -> bytes:
 
 
 def _existing_index(storage: Storage, prefix: str, shas: Sequence[str], size: int) -> dict | None:
-    """The committed index if the cache is already written for exactly these images at this size."""
+    """The committed index if the cache is already written for exactly these images at this size, by
+    this decode. A stale index (another format or decode) is deleted first: while the cache is
+    rebuilt, readers find it incomplete rather than shards that do not match their index."""
     if not storage.exists(index_key(prefix)):
         return None
-    index = json.loads(storage.get_bytes(index_key(prefix)))
+    index = json.loads(get_recorded(storage, index_key(prefix)))
+    if not _is_current(index):
+        log.info("shards: %s was written by an older version (format %s, decode %s): rebuilding it", prefix,
+                 index.get("format"), index.get("decode"))  # fmt: skip
+        storage.delete(index_key(prefix))
+        return None
     if index["size"] != size or index["sha256"] != list(shas):
         raise PermanentError(
             f"the shard cache {index_key(prefix)} holds other images ({index['rows']} at {index['size']} px) than "
@@ -148,9 +167,9 @@ def write_shards(storage: Storage, prefix: str, shas: Sequence[str], image_keys:
                      done / max(time.monotonic() - started, 1e-9))  # fmt: skip
         if upload is not None:
             upload.result()
-    index = {"format": INDEX_FORMAT, "size": size, "rows": len(shas), "rows_per_shard": rows_per_shard,
-             "shard_count": len(starts), "dtype": "uint8", "shape": [size, size, 3], "sha256": shas,
-             "shard_sha256": shard_sums}  # fmt: skip
+    index = {"format": INDEX_FORMAT, "decode": DECODE_VERSION, "size": size, "rows": len(shas),
+             "rows_per_shard": rows_per_shard, "shard_count": len(starts), "dtype": "uint8",
+             "shape": [size, size, 3], "sha256": shas, "shard_sha256": shard_sums}  # fmt: skip
     put_recorded(storage, index_key(prefix), json.dumps(index).encode())  # the commit marker, last
     return index
 
@@ -165,7 +184,14 @@ def read_index(storage: Storage, prefix: str) -> dict:
             f"no shard cache index at {key}: the cache under {prefix} was never completed (its writing stopped "
             "partway, or preprocessing has not run); run the preprocess step to (re)build it"
         )
-    return json.loads(get_recorded(storage, key))
+    index = json.loads(get_recorded(storage, key))
+    if not _is_current(index):
+        raise CacheOutdated(
+            f"the shard cache {key} was written by an older version of the pipeline (index format "
+            f"{index.get('format')}, decode {index.get('decode')}; this version reads format {INDEX_FORMAT}, decode "
+            f"{DECODE_VERSION}): its images were decoded differently; run the preprocess step to rebuild it"
+        )
+    return index
 
 
 def memory_budget() -> int:

@@ -21,8 +21,9 @@ from ..settings import Settings
 PACKAGE = "gender-classification-pipeline"
 _ROOT = Path(__file__).resolve().parent.parent
 # The source that decides what training produces: the loop, trainer, checkpoints and export, the networks,
-# and how images become arrays. Editing any of these files changes the code version and so every key.
-CODE_SOURCES = ("training", "models", "data/preprocess.py")
+# and how images become arrays (the decode, the shard cache). Editing any of these files changes the code
+# version and so every key.
+CODE_SOURCES = ("training", "models", "data/images.py", "data/preprocess.py", "data/shards.py")
 KEY_LENGTH = 20  # hex digits of sha256: 80 bits, far past any collision among one storage's models
 
 
