@@ -94,11 +94,14 @@ def attributes_key(dataset_id: str) -> str:
     return f"{dataset_prefix(dataset_id)}/attributes.csv"
 
 
-def split_key(dataset_id: str, seed: int, fractions: list[float], group_distance: int = -1) -> str:
+def split_key(dataset_id: str, seed: int, fractions: list[float], group_distance: int = -1, decode: int = 1) -> str:
+    """`decode`: the version of the image decode whose perceptual hashes grouped near-identical images."""
     tag = "-".join(str(round(f * 100)) for f in fractions)
     # "-balanced": splits made before the row-balanced (group-aware) assignment are not reused under its key.
     grouping = f"-nd{group_distance}" if group_distance >= 0 else ""
-    return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}{grouping}-balanced.csv"
+    # "-d<n>": the phashes of another decode group images differently (decode 1 hashed 16-bit images as blank).
+    version = f"-d{decode}" if decode > 1 else ""
+    return f"{dataset_prefix(dataset_id)}/splits/seed{seed}-{tag}{grouping}-balanced{version}.csv"
 
 
 def cache_prefix(dataset_id: str, size: int) -> str:

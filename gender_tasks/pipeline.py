@@ -129,11 +129,12 @@ def split(run: dict) -> dict:
 
 
 def _split_one(storage, settings, dataset: dict) -> dict:
+    from .data.images import DECODE_VERSION
     from .data.split import assign_splits, split_counts
 
     dataset_id = dataset["dataset_id"]
     distance = int(settings.split_group_distance)
-    key = layout.split_key(dataset_id, settings.seed, list(settings.split), distance)
+    key = layout.split_key(dataset_id, settings.seed, list(settings.split), distance, decode=DECODE_VERSION)
     if storage.exists(key):
         manifest = read_manifest(storage, key, dataset_id=dataset_id)
         sha = recorded_sha256(storage, key) or write_manifest(storage, key, manifest)

@@ -35,7 +35,7 @@ from ..settings import RunConfig
 from ..storage import Storage, put_many
 from .folders import PROBLEMS_SHOWN, IngestError, list_images, read_regular, shown
 from .images import PHASH_DECODE_SIZE, decode_rgb, image_phash
-from .manifest import MANIFEST_COLUMNS, dataset_id_of, write_manifest
+from .manifest import MANIFEST_COLUMNS, dataset_id_of, read_manifest, write_manifest
 from .parallel import cpu_pool
 from .split import min_groups_per_class
 
@@ -269,6 +269,22 @@ def _load(item: _Scanned, max_bytes: int) -> bytes:
     return data
 
 
+def _refresh_phashes(storage: Storage, dataset_id: str, rows: list[dict]) -> None:
+    """A manifest written by an earlier decode (images.DECODE_VERSION) holds the perceptual hashes that decode
+    saw (decode 1 hashed every 16-bit image as blank); the scan just hashed the same images with this one.
+    Where they differ the manifest gets this scan's hashes, its rows otherwise kept (splits are keyed by the
+    decode version, so no split grouped by the old hashes is reused)."""
+    key = layout.manifest_key(dataset_id)
+    stored = read_manifest(storage, key, dataset_id=dataset_id)
+    fresh = stored["sha256"].map({r["sha256"]: r["phash"] for r in rows})
+    changed = fresh.notna() & fresh.ne(stored["phash"])
+    if changed.any():
+        log.info("dataset %s: %d perceptual hash(es) in its manifest came from an earlier image decode: updating "
+                 "them", dataset_id, int(changed.sum()))  # fmt: skip
+        stored.loc[changed, "phash"] = fresh[changed]
+        write_manifest(storage, key, stored)
+
+
 def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
                   upload_workers: int = UPLOAD_WORKERS) -> dict:  # fmt: skip
     """Upload a folder-per-class dataset into `storage`; a no-op if that content is already there.
@@ -302,6 +318,7 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
     }
     if storage.exists(layout.manifest_key(dataset_id)):
         log.info("dataset %s (%d images) is already in %s: nothing to upload", dataset_id, len(rows), storage.uri)
+        _refresh_phashes(storage, dataset_id, rows)
         return summary
 
     upload_started = time.monotonic()

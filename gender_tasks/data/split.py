@@ -17,6 +17,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..errors import PermanentError
 from .near_duplicates import hashes_to_uint64, pairs_within
 
 SPLITS = ("train", "val", "test")
@@ -101,7 +102,27 @@ def assign_splits(manifest: pd.DataFrame, seed: int, fractions: list[float], gro
     out = manifest.copy()
     out["split"] = group.map(split_of).to_numpy()
     out["split_group"] = pd.factorize(group)[0]
+    _refuse_empty_splits(out, group_distance)
     return out
+
+
+def _refuse_empty_splits(split: pd.DataFrame, group_distance: int) -> None:
+    """Every split must hold both classes (training, validation and the test metrics all need them). Ingest
+    refuses classes too small for that, so what empties a split here is grouping: near-identical images
+    (phash within `group_distance` bits) stay in one split, and a class that is nearly all one group fills
+    one split with it."""
+    missing = [(s, label) for s in SPLITS for label in sorted(split["label"].unique())
+               if not ((split["split"] == s) & (split["label"] == label)).any()]  # fmt: skip
+    if not missing:
+        return
+    sizes = split.groupby("split_group").size()
+    where = ", ".join(f"the {s} split has no {label} image" for s, label in missing)
+    raise PermanentError(
+        f"the split cannot hold both classes in every split ({where}): near-identical images stay together, and "
+        f"the largest group of near-identical images holds {int(sizes.max())} of {len(split)} images "
+        f"(split_group_distance={group_distance} phash bits). Remove the copies, add distinct images, or lower "
+        "split_group_distance (-1: group identical content only)"
+    )
 
 
 def split_counts(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
