@@ -12,6 +12,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -463,3 +465,19 @@ def test_predict_skips_fifos_and_links_out_of_the_folder_without_opening_them(tm
     assert "symbolic link out of the images folder" in table.loc[str(images / "male" / "link.jpg"), "error"]
     assert table.loc[str(inside), "error"] == "" and table.loc[str(inside), "predicted"] in {"female", "male"}
     assert not any("linked" in f for f in table.index)
+
+
+def test_python_m_predict_given_a_jpeg_as_the_model_prints_one_line(tmp_path):
+    """The real command, logging and library warnings included: one line on stderr, exit 2."""
+    images = write_dataset(tmp_path / "imgs", 1)
+    jpeg = next((images / "female").iterdir())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "gender_tasks", "predict", "--model", str(jpeg), "--images",
+                           str(images), "--out", str(tmp_path / "out.csv")], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()  # no log lines, no library warnings, no traceback
+    assert line.startswith(f"error: {jpeg} is not a model exported by this pipeline (TorchScript cannot load it: ")
+    assert line.endswith("): give the model.ts of a trained run (runs/<run_key>/models/<model>/model.ts in the "
+                         "storage, or its URI)")  # fmt: skip
+    assert done.stdout == "" and not (tmp_path / "out.csv").exists()

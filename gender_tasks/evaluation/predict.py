@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -112,17 +113,21 @@ def load_exported(model: str | Path, expected_sha256: str | None = None) -> tupl
     and a file that is missing or not a model is a ModelFileError."""
     text = str(model)
     data, card, fix = _read_model(text)
+    unverified = ""
     if expected_sha256 is None:
-        recorded = card_checksums(card, [MODEL_FILE], what=_beside(text, MODEL_CARD), fix=fix) if card else None
+        has_card = card is not None
+        recorded = card_checksums(card, [MODEL_FILE], what=_beside(text, MODEL_CARD), fix=fix) if has_card else None
         if recorded:
             expected_sha256 = recorded[MODEL_FILE]
         else:
-            why = "its model card records no checksums (written by an earlier version)" if card else \
+            unverified = "its model card records no checksums (written by an earlier version)" if has_card else \
                 f"no {MODEL_CARD} beside it records its sha256 (a standalone model file)"  # fmt: skip
-            log.warning("%s cannot be verified: %s", text, why)
     if expected_sha256 is not None:
         verify_bytes(data, expected_sha256, what=text, fix=fix)
-    return _load_module(data, text)
+    loaded = _load_module(data, text)
+    if unverified:  # said once it loads: a file that is no model at all gets only its error
+        log.warning("%s cannot be verified: %s", text, unverified)
+    return loaded
 
 
 def _beside(text: str, name: str) -> str:
@@ -187,9 +192,12 @@ def _load_module(data: bytes, what: str) -> tuple[torch.jit.ScriptModule, dict]:
     """The TorchScript module in `data` and its meta.json; a ModelFileError where `data` is not one."""
     extra = {"meta.json": ""}
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():  # TorchScript stays the format for now: not the user's concern
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
     except Exception as exc:  # noqa: BLE001  (untrusted bytes: any failure to parse them is "not a model")
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        text = " ".join(str(exc).split())
+        reason = text.split(". ")[0][:200] if text else type(exc).__name__
         raise ModelFileError(f"{shown(what)} is not a model exported by this pipeline (TorchScript cannot load it: "
                              f"{reason}): {_FIX}") from None  # fmt: skip
     try:
