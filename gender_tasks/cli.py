@@ -208,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         keep = args.keep_days if args.keep_days is not None else _keep_days_default()
         return collect_garbage(args.storage, keep, args.dry_run)
 
+    from .errors import PermanentError
     from .evaluation.predict import predict_folder
+    from .storage import StorageError
 
-    n = predict_folder(args.model, args.images, args.out)
+    try:
+        n = predict_folder(args.model, args.images, args.out)
+    except (PermanentError, StorageError) as exc:  # a missing or bad model or folder: one line, no traceback
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2 if isinstance(exc, PermanentError) else 1
     print(f"wrote {n} predictions to {args.out}")
     return 0

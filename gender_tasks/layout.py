@@ -9,8 +9,9 @@ standard library, so the UI plugin can find a report without loading the trainin
     datasets/<dataset_id>/splits/seed<seed>-<fractions>[-nd<d>].csv   the manifest with its split column
     datasets/<dataset_id>/cache/<size>px/shard-*.npy, index.json   decoded, resized uint8 shards (data.shards)
     datasets/<dataset_id>/models/<model>/<train_key>/...  a trained model, keyed by what determines it
-                                                          (training/keys.py): checkpoint.pt while it
-                                                          trains, then its outputs (below)
+                                                          (training/keys.py): checkpoint.pt (and its
+                                                          checksum, checkpoint.json) while it trains,
+                                                          then its outputs (below)
     datasets/<dataset_id>/label_audit/<audit_key>.csv     out-of-fold predictions, keyed the same way
     datasets/<dataset_id>/leases/<holder>.json            work in progress on the dataset (leases.py): gc keeps
                                                           the whole dataset while one is fresh
@@ -34,6 +35,8 @@ from pathlib import PurePosixPath
 DATASETS = "datasets"
 RUNS = "runs"
 CHECKPOINT = "checkpoint.pt"
+# Beside a checkpoint, written after it: its sha256 and size ({"sha256", "bytes"}), checked before it is loaded.
+CHECKPOINT_RECORD = "checkpoint.json"
 # A trained model's outputs, in the order they are written: the last one marks the model complete.
 MODEL_OUTPUTS = ("predictions.csv", "history.json", "metrics.json", "model.ts", "model_card.json")
 # In a run's model folder: which keyed model the run's copy came from (what `gc` keeps for the run).
@@ -160,7 +163,7 @@ def describe_key(key: str) -> tuple[str, str, str]:
     if rest[0] == "images":
         return "image", dataset_id, ""
     if rest[0] == "models" and len(rest) == 4:
-        kind = "checkpoint" if rest[3] == CHECKPOINT else "trained"
+        kind = "checkpoint" if rest[3] in (CHECKPOINT, CHECKPOINT_RECORD) else "trained"
         return kind, dataset_id, trained_prefix(dataset_id, rest[1], rest[2])
     if rest[0] == "label_audit" and len(rest) == 3:  # a fold: detail is the audit it belongs to
         return "audit_fold", dataset_id, audit_result_key(dataset_id, rest[1])

@@ -6,6 +6,7 @@ from conftest import write_dataset
 
 from gender_tasks import pipeline
 from gender_tasks.evaluation.predict import predict_folder
+from gender_tasks.integrity import sha256_hex
 from gender_tasks.layout import model_prefix, trained_prefix
 from gender_tasks.settings import Settings, TrainPlan
 from gender_tasks.storage import open_storage
@@ -139,7 +140,7 @@ def test_a_resumed_run_takes_the_same_learning_rates_as_an_uninterrupted_one(pre
     assert rates("whole")[-1] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at 0
 
 
-def test_the_ensemble_is_evaluated_and_its_export_loads_with_predict(prepared, tmp_path):
+def test_the_ensemble_is_evaluated_and_its_export_loads_with_predict(prepared, tmp_path, caplog):
     from gender_tasks.cli import main
 
     run = {**prepared, "run_key": "r4"}
@@ -157,9 +158,17 @@ def test_the_ensemble_is_evaluated_and_its_export_loads_with_predict(prepared, t
     mean = (members[0].set_index("key")["prob_male"] + members[1].set_index("key")["prob_male"]) / 2
     assert preds.set_index("key")["prob_male"].to_numpy() == pytest.approx(mean.loc[preds["key"]].to_numpy())
 
+    # Written last, its card records the sha256 of each of its files: `predict` verifies the export.
+    card = json.loads(storage.get_bytes(f"{prefix}/model_card.json"))
+    assert card["members"] == ["cnn", "mobilenetv2"]
+    for name in ("predictions.csv", "metrics.json", "model.ts"):
+        assert card["files"][name] == sha256_hex(storage.get_bytes(f"{prefix}/{name}")), name
+
     images = write_dataset(tmp_path / "new", 3, seed=5)
     model_ts = storage.url(f"{prefix}/model.ts")
+    caplog.set_level("WARNING")
     assert main(["predict", "--model", model_ts, "--images", str(images), "--out", str(tmp_path / "e.csv")]) == 0
+    assert "cannot be verified" not in caplog.text
     table = pd.read_csv(tmp_path / "e.csv")
     assert len(table) == 6 and table["prob_male"].between(0, 1).all() and set(table["predicted"]) <= {"female", "male"}
 

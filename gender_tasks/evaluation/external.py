@@ -27,7 +27,7 @@ from ..errors import PermanentError
 from ..settings import ENSEMBLE, Settings
 from ..storage import Storage
 from .metrics import classification_metrics, encode_labels
-from .predict import load_exported
+from .predict import load_stored_model
 from .stats import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def evaluate_external(storage: Storage, *, run_key: str, settings: Settings, spe
     results, decoded = {}, {}
     ensemble = [ENSEMBLE] if storage.exists(layout.model_file_key(run_key, ENSEMBLE, "model.ts")) else []
     for model_name in [*settings.models, *ensemble]:
-        module, meta = load_exported(storage.url(layout.model_file_key(run_key, model_name, "model.ts")))
+        module, meta = load_stored_model(storage, layout.model_prefix(run_key, model_name))  # verified by its card
         size = int(meta["image_size"])
         if size not in decoded:
             with ThreadPoolExecutor(max_workers=8) as pool:

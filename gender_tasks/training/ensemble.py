@@ -4,9 +4,11 @@
     runs/<run_key>/models/ensemble/metrics.json      test metrics, train / validation accuracy, members
     runs/<run_key>/models/ensemble/model.ts          TorchScript: the members' exported modules in one, each
                                                      fed the input resized to its own size
+    runs/<run_key>/models/ensemble/model_card.json   written last: the card, with the sha256 of each file above
 
-No training: it reads the members' predictions.csv and model.ts. The exported module takes images at
-the largest member size (its meta.json says so, as every model.ts does) and resizes them (bilinear,
+No training: it reads the members' predictions.csv and model.ts, each verified first against the
+sha256 its member's model card records (an IntegrityError naming the file if one changed). The
+exported module takes images at the largest member size (its meta.json says so, as every model.ts does) and resizes them (bilinear,
 antialiased) for the smaller members, so `predict` and the external sets use it like any model.
 """
 
@@ -23,9 +25,10 @@ import torch.nn.functional as F
 
 from .. import layout
 from ..evaluation.metrics import classification_metrics, encode_labels
-from ..evaluation.predict import load_exported
+from ..evaluation.predict import MODEL_CARD, load_stored_model, stored_checksums
+from ..integrity import sha256_hex
 from ..settings import CLASSES, ENSEMBLE, Settings
-from ..storage import Storage
+from ..storage import Storage, read_verified
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,9 @@ def _mean_predictions(storage: Storage, run_key: str, models: tuple[str, ...]) -
     """key, split, label, prob_male (the members' mean), predicted: one row per image all members scored."""
     merged = None
     for name in models:
-        table = pd.read_csv(io.BytesIO(storage.get_bytes(layout.model_file_key(run_key, name, "predictions.csv"))),
-                            keep_default_na=False)  # fmt: skip
+        prefix = layout.model_prefix(run_key, name)
+        sha = stored_checksums(storage, prefix, ["predictions.csv"])["predictions.csv"]
+        table = pd.read_csv(io.BytesIO(read_verified(storage, f"{prefix}/predictions.csv", sha)), keep_default_na=False)
         table = table[["key", "split", "label", "prob_male"]].rename(columns={"prob_male": name})
         merged = table if merged is None else merged.merge(table, on=["key", "split", "label"], how="inner")
     merged["prob_male"] = merged[list(models)].mean(axis=1)
@@ -70,7 +74,7 @@ def export_ensemble(storage: Storage, run_key: str, models: tuple[str, ...], car
     """One TorchScript module over the members' model.ts; meta.json: the largest member size as input."""
     members, sizes = [], []
     for name in models:
-        module, meta = load_exported(storage.url(layout.model_file_key(run_key, name, "model.ts")))
+        module, meta = load_stored_model(storage, layout.model_prefix(run_key, name))
         members.append(module)
         sizes.append(int(meta["image_size"]))
     size = max(sizes)
@@ -103,9 +107,14 @@ def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dic
     def key(name: str) -> str:
         return layout.model_file_key(run_key, ENSEMBLE, name)
 
-    storage.put_bytes(key("predictions.csv"), preds.to_csv(index=False).encode())
-    storage.put_bytes(key("metrics.json"), json.dumps(metrics, indent=1).encode())
-    storage.put_bytes(key("model.ts"), export_ensemble(storage, run_key, models, card))
+    files = {"predictions.csv": preds.to_csv(index=False).encode(),
+             "metrics.json": json.dumps(metrics, indent=1).encode(),
+             "model.ts": export_ensemble(storage, run_key, models, card)}  # fmt: skip
+    for name, data in files.items():
+        storage.put_bytes(key(name), data)
+    # Written last, as a trained model's: the ensemble is complete, and its files are verified on read.
+    checksums = {name: sha256_hex(data) for name, data in files.items()}
+    storage.put_bytes(key(MODEL_CARD), json.dumps({**metrics, **card, "files": checksums}, indent=1).encode())
     accuracy = test_metrics["accuracy"] if test_metrics else None
     log.info("ensemble of %s: test accuracy %s", ", ".join(models), accuracy)
     return {"model": ENSEMBLE, "run_key": run_key, "test_accuracy": accuracy,

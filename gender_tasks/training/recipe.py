@@ -43,5 +43,5 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps
                    first_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
     """A per-step schedule over the whole run; `first_step` is the global step this optimizer starts at
     (a new optimizer when the backbone unfreezes continues the schedule where the last one stopped).
-    Its state (the steps taken) goes into the checkpoint, so a resumed run takes the same rates."""
+    A resumed run rebuilds it at the checkpoint's step (no stored state), so it takes the same rates."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(first_step + s, total_steps, recipe))

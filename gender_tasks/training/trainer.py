@@ -5,14 +5,16 @@ datasets/<id>/models/<model>/<train_key>/ (layout.trained_prefix), so any run wi
 resumes a killed training from its checkpoint, or reuses the finished model without training at all.
 
 <trained>/checkpoint.pt    after every epoch; removed once the model is exported
+<trained>/checkpoint.json  its sha256, written after it: a checkpoint that does not match is discarded
 <trained>/predictions.csv  every image's probability of "male", with its split
 <trained>/history.json     per-epoch loss / accuracy, train and validation
 <trained>/metrics.json     test metrics, train accuracy, settings, timings
 <trained>/model.ts         TorchScript: float [0,1] NCHW in, P(male) out
-<trained>/model_card.json  written last: the model is complete
+<trained>/model_card.json  written last: the model is complete; "files" holds the sha256 of each file above
 
 The run then gets its own copy (runs/<run_key>/models/<model>/, plus trained.json naming the keyed
-model and its inputs), so the report, the UI and `predict` read one self-contained run folder.
+model, its inputs and its files' sha256s), so the report, the UI and `predict` read one self-contained
+run folder. The files are verified against the card before they are reused or copied.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from .. import layout
 from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
 from ..evaluation.metrics import classification_metrics
+from ..evaluation.predict import card_checksums
+from ..integrity import IntegrityError, repair_hint, sha256_hex
 from ..models.network import set_backbone_frozen
 from ..models.registry import get_model_spec
 from ..settings import Settings, TrainPlan
-from ..storage import Storage
+from ..storage import Storage, read_verified
 from .batches import Inputs, Split, load_splits
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_torchscript
 from .keys import key_of, model_inputs
@@ -47,6 +51,8 @@ from .recipe import make_optimizer, make_scheduler, steps_per_epoch
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# The outputs written before the model card, each verified against the sha256 the card records.
+_VERIFIED = layout.MODEL_OUTPUTS[:-1]
 
 
 class TrainingDataError(PermanentError):
@@ -81,29 +87,57 @@ def train_model(storage: Storage, *, run_key: str, model_name: str, manifest: pd
     inputs = model_inputs(settings, model_name, dataset_id, manifest)
     train_key = key_of(inputs)
     file_key = functools.partial(layout.trained_file_key, dataset_id, model_name, train_key)
-    reused = storage.exists(file_key(layout.MODEL_OUTPUTS[-1]))
+    prefix = layout.trained_prefix(dataset_id, model_name, train_key)
+    reused = _reusable(storage, model_name, prefix)
     if reused:
         log.info("%s: reusing the model trained with the same inputs, %s (nothing to train)", model_name,
-                 storage.url(layout.trained_prefix(dataset_id, model_name, train_key)))  # fmt: skip
+                 storage.url(prefix))  # fmt: skip
     else:
         run = _start(storage, model_name, manifest, dataset_id, settings, parallel_tasks)
         _fit(storage, run, file_key(layout.CHECKPOINT))
         _write_outputs(storage, file_key, run)
-        storage.delete(file_key(layout.CHECKPOINT))  # exported: a resume has nothing left to do
-    prefix = layout.trained_prefix(dataset_id, model_name, train_key)
-    return _publish(storage, run_key, model_name, file_key, {"trained": prefix, "train_key": train_key,
-                                                             "reused": reused, "inputs": inputs})  # fmt: skip
+        discard_checkpoint(storage, file_key(layout.CHECKPOINT))  # exported: a resume has nothing left to do
+    return _publish(storage, run_key, model_name, prefix, {"trained": prefix, "train_key": train_key,
+                                                           "reused": reused, "inputs": inputs})  # fmt: skip
 
 
-def _publish(storage: Storage, run_key: str, model_name: str, file_key: Callable[[str], str], record: dict) -> dict:
+def _reusable(storage: Storage, model_name: str, prefix: str) -> bool:
+    """Whether a finished model is stored under `prefix`: its model card (written last) is there and
+    records its files' checksums. A card of an earlier version (no checksums) cannot vouch for the
+    files, so the model is trained again (and its files replaced); a damaged card is an IntegrityError."""
+    key = f"{prefix}/{layout.MODEL_OUTPUTS[-1]}"
+    try:
+        card = storage.get_bytes(key)
+    except FileNotFoundError:
+        return False
+    if card_checksums(card, _VERIFIED, what=storage.url(key), fix=repair_hint(storage.uri)) is None:
+        log.warning("%s: the model under %s records no checksums of its files (an earlier version wrote it), so "
+                    "it cannot be verified; training it again", model_name, storage.url(prefix))  # fmt: skip
+        return False
+    return True
+
+
+def _publish(storage: Storage, run_key: str, model_name: str, prefix: str, record: dict) -> dict:
     """Copy the keyed model's outputs into the run's folder, with a record of where they came from.
 
     A copy (a hard link locally, a server-side copy on S3), not a pointer: every reader of a run (the
     report, the UI plugin, external evaluation, `predict --model runs/…/model.ts`) keeps reading one
     self-contained folder, and a run stays complete when `gc` later drops keyed models no run needs.
+
+    Every file is first checked against the sha256 its model card recorded (an IntegrityError naming
+    the file if one changed): a damaged or altered model is never copied into a run. The run's
+    trained.json records the same checksums, and the card's own.
     """
+    fix = repair_hint(storage.uri)
+    card = storage.get_bytes(f"{prefix}/{layout.MODEL_OUTPUTS[-1]}")
+    files = card_checksums(card, _VERIFIED, what=storage.url(f"{prefix}/{layout.MODEL_OUTPUTS[-1]}"), fix=fix)
+    if files is None:  # only a card of an earlier version, and _reusable retrains those
+        raise IntegrityError(f"{storage.url(prefix)}'s model card records no checksums of its files. {fix}")
+    for name, sha in files.items():
+        read_verified(storage, f"{prefix}/{name}", sha)
     for name in layout.MODEL_OUTPUTS:
-        storage.copy(file_key(name), layout.model_file_key(run_key, model_name, name))
+        storage.copy(f"{prefix}/{name}", layout.model_file_key(run_key, model_name, name))
+    record = {**record, "files": {**files, layout.MODEL_OUTPUTS[-1]: sha256_hex(card)}}
     storage.put_bytes(layout.model_file_key(run_key, model_name, layout.TRAINED_RECORD),
                       json.dumps(record, indent=1).encode())  # fmt: skip
     metrics = json.loads(storage.get_bytes(layout.model_file_key(run_key, model_name, "metrics.json")))
@@ -146,21 +180,30 @@ def _optimizer(run: TrainingRun, frozen: bool, epoch: int = 0):
 
 def _resume(storage: Storage, run: TrainingRun, ckpt_key: str):
     """The first epoch to train and the optimizer and schedule to train it with, from the checkpoint if
-    there is one (the schedule's state too, so a resumed run takes the same learning rates)."""
+    there is a sound one (checkpoint.load_checkpoint discards any other, and training starts afresh).
+
+    The schedule is rebuilt at the checkpoint's global step (make_scheduler's `first_step`), so a
+    resumed run takes the same learning rates; the optimizer's state (moments, current rate) is
+    loaded when the checkpoint was taken in the same phase (frozen or not) as the resumed epoch."""
     plan = run.plan
-    frozen = plan.freeze_epochs > 0
-    state = load_checkpoint(storage, ckpt_key)
+    state = load_checkpoint(storage, ckpt_key, run.model)
+    if state is not None:
+        start = state["epoch"] + 1
+        frozen = start < plan.freeze_epochs
+        optimizer, scheduler, lr = _optimizer(run, frozen, start)
+        try:
+            if state["frozen"] == frozen:
+                optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.warning("discarding the checkpoint %s: its optimizer state does not fit %s (%s); training starts "
+                        "again from the first epoch", storage.url(ckpt_key), run.model_name, exc)  # fmt: skip
+            discard_checkpoint(storage, ckpt_key)
+            state = None
     if state is None:
+        frozen = plan.freeze_epochs > 0
         return 0, frozen, *_optimizer(run, frozen)
     run.model.load_state_dict(state["model"])
     run.history = state["history"]
-    start = state["epoch"] + 1
-    frozen = start < plan.freeze_epochs
-    optimizer, scheduler, lr = _optimizer(run, frozen, start)
-    if state["frozen"] == frozen:
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
     if start < plan.epochs:
         log.info("%s: resuming at epoch %d/%d (checkpoint of epoch %d)", run.model_name, start + 1, plan.epochs, start)
     else:  # killed while exporting: every epoch is done
@@ -198,7 +241,7 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
                   "images_per_s": len(train) / train_time, "seconds": time.monotonic() - t0}  # fmt: skip
         run.history.append(record)
         save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=epoch, frozen=frozen,
-                        history=run.history, scheduler=scheduler)  # fmt: skip
+                        history=run.history)  # fmt: skip
         _log_epoch(run, record, started, epoch - start_epoch + 1)
     run.train_seconds = time.monotonic() - started
 
@@ -231,11 +274,14 @@ def _predictions(run: TrainingRun) -> tuple[pd.DataFrame, dict | None]:
 
 
 def _write_outputs(storage: Storage, file_key: Callable[[str], str], run: TrainingRun) -> None:
-    """The model's outputs, in layout.MODEL_OUTPUTS order: the model card, written last, marks it complete."""
+    """The model's outputs, in layout.MODEL_OUTPUTS order: the model card, written last, marks it complete
+    and records the sha256 of every file written before it ("files"), checked whenever they are read."""
     s, name = run.settings, run.model_name
     preds, test_metrics = _predictions(run)
-    storage.put_bytes(file_key("predictions.csv"), preds.to_csv(index=False).encode())
-    storage.put_bytes(file_key("history.json"), json.dumps(run.history, indent=1).encode())
+    predictions = preds.to_csv(index=False).encode()
+    storage.put_bytes(file_key("predictions.csv"), predictions)
+    history = json.dumps(run.history, indent=1).encode()
+    storage.put_bytes(file_key("history.json"), history)
     last = run.history[-1]
     metrics = {
         "model": name,
@@ -256,12 +302,16 @@ def _write_outputs(storage: Storage, file_key: Callable[[str], str], run: Traini
         "torch_threads": run.threads,
         "torch_version": torch.__version__,
     }
-    storage.put_bytes(file_key("metrics.json"), json.dumps(metrics, indent=1).encode())
+    metrics_json = json.dumps(metrics, indent=1).encode()
+    storage.put_bytes(file_key("metrics.json"), metrics_json)
     card = {"dataset_id": run.dataset_id, "source": s.source, "seed": s.seed, "profile": s.profile,
             "test_metrics": test_metrics, "epochs": len(run.history)}  # fmt: skip
     model_ts = export_torchscript(run.model, name, run.plan.image_size, card, tta=s.recipe.tta)
     storage.put_bytes(file_key("model.ts"), model_ts)
-    storage.put_bytes(file_key("model_card.json"), json.dumps({**metrics, **card}, indent=1).encode())
+    files = {"predictions.csv": predictions, "history.json": history, "metrics.json": metrics_json,
+             "model.ts": model_ts}  # fmt: skip
+    card = {**metrics, **card, "files": {n: sha256_hex(data) for n, data in files.items()}}
+    storage.put_bytes(file_key(layout.MODEL_OUTPUTS[-1]), json.dumps(card, indent=1).encode())
     accuracy = test_metrics["accuracy"] if test_metrics else float("nan")
     f1 = test_metrics["weighted"]["f1"] if test_metrics else float("nan")
     log.info("%s done: train acc %.3f, test acc %.3f, weighted F1 %.3f", name, metrics["train_accuracy"], accuracy, f1)
