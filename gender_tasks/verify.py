@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 WORKERS = 16
 MODEL_CARD = layout.MODEL_OUTPUTS[-1]
-# The checkpoint's own record (written by training.checkpoint beside checkpoint.pt).
-CHECKPOINT_RECORD = "checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -127,12 +125,17 @@ class _Verifier:
             )
             return problem, (key, index_key, layout.checksum_key(index_key)), "the next run's preprocess step", size
         if name == layout.CHECKPOINT:
-            record = self._json(f"{key.rpartition('/')[0]}/{CHECKPOINT_RECORD}")
+            record = self._json(f"{key.rpartition('/')[0]}/{layout.CHECKPOINT_RECORD}")
             if not record or "sha256" not in record:
                 return "", (), "", size
             actual = sha256_hex(data)
             problem = None if actual == record["sha256"] else f"sha256 {actual[:16]}... is not the recorded one"
-            return problem, (key, f"{key.rpartition('/')[0]}/{CHECKPOINT_RECORD}"), "training from the start", size
+            return (
+                problem,
+                (key, f"{key.rpartition('/')[0]}/{layout.CHECKPOINT_RECORD}"),
+                "training from the start",
+                size,
+            )
         if "/models/" in key and name in layout.MODEL_OUTPUTS[:-1]:
             folder = key.rpartition("/")[0]
             card = self._json(f"{folder}/{MODEL_CARD}")
@@ -209,8 +212,9 @@ def lines(storage: Storage, report: Report, *, repair: bool) -> Iterator[str]:
     for key in report.removed:
         yield f"removed {storage.url(key)}"
     if report.unverifiable:
-        yield (f"{len(report.unverifiable)} object(s) have no recorded checksum (written by an earlier version), e.g. "
-               f"{storage.url(report.unverifiable[0])}: not checked")  # fmt: skip
+        yield (f"{len(report.unverifiable)} object(s) carry no checksum to check (records such as model cards, "
+               f"reports and results, or objects written by an earlier version), e.g. "
+               f"{storage.url(report.unverifiable[0])}")  # fmt: skip
     verdict = f"{len(report.corrupt)} corrupt"
     if report.corrupt and not repair:
         verdict += " (rerun with --repair to remove them; the next run rebuilds them)"

@@ -161,3 +161,32 @@ def test_verify_names_a_bad_storage_and_exits_2(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     assert cli_main(["verify", "--storage", str(tmp_path / "file" / "store")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_verify_checks_model_files_and_checkpoints_against_their_records(local_storage, capsys):
+    import json
+
+    from gender_tasks.integrity import sha256_hex
+
+    folder = layout.trained_prefix("ds-0123456789abcdef", "cnn", "k" * 20)
+    files = {"predictions.csv": b"key,split\n", "history.json": b"[]", "metrics.json": b"{}", "model.ts": b"weights"}
+    for name, data in files.items():
+        local_storage.put_bytes(f"{folder}/{name}", data)
+    card = {"files": {name: sha256_hex(data) for name, data in files.items()}}
+    local_storage.put_bytes(f"{folder}/model_card.json", json.dumps(card).encode())
+    other = layout.trained_prefix("ds-0123456789abcdef", "resnet50", "j" * 20)
+    local_storage.put_bytes(f"{other}/{layout.CHECKPOINT}", b"state")
+    local_storage.put_bytes(
+        f"{other}/{layout.CHECKPOINT_RECORD}", json.dumps({"sha256": sha256_hex(b"state")}).encode()
+    )
+    uri = str(local_storage.root)
+    assert cli_main(["verify", "--storage", uri]) == 0
+    local_storage.put_bytes(f"{folder}/model.ts", b"weightz")  # changed weights
+    local_storage.put_bytes(f"{other}/{layout.CHECKPOINT}", b"stale")
+    assert cli_main(["verify", "--storage", uri, "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert f"CORRUPT {local_storage.url(folder + '/model.ts')}: sha256" in out and "in its model card" in out
+    assert f"CORRUPT {local_storage.url(other + '/' + layout.CHECKPOINT)}" in out
+    # The card goes with the bad file (the next run trains the model again); the checkpoint with its record.
+    assert not local_storage.exists(f"{folder}/model_card.json") and local_storage.exists(f"{folder}/metrics.json")
+    assert not local_storage.exists(f"{other}/{layout.CHECKPOINT_RECORD}")
