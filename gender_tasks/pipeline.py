@@ -85,7 +85,11 @@ def _adds(name: str):
 
 def prepare(conf: dict, run_id: str = "local") -> dict:
     """The run record every later step receives: the resolved settings and where the run's outputs go."""
+    from .data.filters import split_spec
+
     settings = resolve_settings(conf)
+    for spec in settings.external_eval:
+        split_spec(spec)  # a malformed filter fails the run here, not after training (reads no folder)
     # The default storage is resolved once, here, so that every task (and the UI plugin) uses the same.
     settings = settings.replace(storage=open_storage(settings.storage).uri)
     run_key = layout.run_key_for(run_id)

@@ -166,7 +166,8 @@ class RunConfig:
     label_audit_model: str = "cnn"
     external_eval: tuple[str, ...] | None = field(default=None, metadata=_form(
         "External evaluation sets", "Extra labeled folders every model is evaluated on, each 'path' or "
-        "'path?<pandas query over its labels.csv>', e.g. '/data/utkface?age >= 16'.",
+        "'path?<filter over its labels.csv>' (column OP value with == != < <= > >=, and/or/not, parentheses), "
+        "e.g. '/data/utkface?age >= 16'.",
         type=["null", "array"], items={"type": "string", "minLength": 1, "pattern": NOT_BLANK}))  # fmt: skip
 
     @classmethod

@@ -73,10 +73,11 @@ def _text(path: Path, root: Path) -> str:
         ) from None
 
 
-def read_labels_table(path: Path, root: Path | None = None) -> pd.DataFrame:
+def read_labels_table(path: Path, root: Path | None = None, *, as_text: bool = False) -> pd.DataFrame:
     """A labels.csv as a table, every row checked against the header first (pandas would fill short
     rows with NaN silently, and name long ones only in a C-parser message). A link leaving `root`
-    (default: the file's folder) is refused."""
+    (default: the file's folder) is refused. `as_text`: every cell as written (str, empty cells ""),
+    no type inference."""
     text = _text(path, root or path.parent)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -91,6 +92,8 @@ def read_labels_table(path: Path, root: Path | None = None) -> pd.DataFrame:
         raise LabelsError(
             f"{shown(path)} line {reader.line_num} cannot be parsed as CSV ({exc}): fix that row"
         ) from None
+    if as_text:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     return pd.read_csv(io.StringIO(text))
 
 
