@@ -11,6 +11,7 @@ import io
 
 import pandas as pd
 
+from .. import tables
 from ..storage import Storage
 
 MANIFEST_COLUMNS = [
@@ -26,9 +27,9 @@ def decodable_mask(manifest: pd.DataFrame) -> pd.Series:
 
 
 def read_manifest(storage: Storage, key: str) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False,
+    return tables.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False,
                        dtype=dict.fromkeys(TEXT_COLUMNS, str))  # fmt: skip
 
 
 def write_manifest(storage: Storage, key: str, manifest: pd.DataFrame) -> None:
-    storage.put_bytes(key, manifest.to_csv(index=False).encode())
+    storage.put_bytes(key, tables.to_csv(manifest, index=False).encode())

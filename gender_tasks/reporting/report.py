@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import layout
+from .. import layout, tables
 from ..data.attributes import read_attributes
 from ..data.images import decode_resize
 from ..data.manifest import read_manifest
@@ -256,7 +256,7 @@ def read_audit(storage: Storage, run_key: str) -> pd.DataFrame | None:
     key = layout.label_audit_key(run_key)
     if not storage.exists(key):
         return None
-    return pd.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False)
+    return tables.read_csv(io.BytesIO(storage.get_bytes(key)), keep_default_na=False)
 
 
 def _label_audit_section(storage: Storage, run_key: str, settings: Settings, summary: dict | None,

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .. import layout
+from .. import layout, tables
 from ..evaluation.metrics import classification_metrics, encode_labels
 from ..evaluation.predict import load_exported
 from ..settings import CLASSES, ENSEMBLE, Settings
@@ -103,7 +103,7 @@ def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dic
     def key(name: str) -> str:
         return layout.model_file_key(run_key, ENSEMBLE, name)
 
-    storage.put_bytes(key("predictions.csv"), preds.to_csv(index=False).encode())
+    storage.put_bytes(key("predictions.csv"), tables.to_csv(preds, index=False).encode())
     storage.put_bytes(key("metrics.json"), json.dumps(metrics, indent=1).encode())
     storage.put_bytes(key("model.ts"), export_ensemble(storage, run_key, models, card))
     accuracy = test_metrics["accuracy"] if test_metrics else None

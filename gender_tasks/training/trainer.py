@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import layout
+from .. import layout, tables
 from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
 from ..evaluation.metrics import classification_metrics
@@ -234,7 +234,7 @@ def _write_outputs(storage: Storage, file_key: Callable[[str], str], run: Traini
     """The model's outputs, in layout.MODEL_OUTPUTS order: the model card, written last, marks it complete."""
     s, name = run.settings, run.model_name
     preds, test_metrics = _predictions(run)
-    storage.put_bytes(file_key("predictions.csv"), preds.to_csv(index=False).encode())
+    storage.put_bytes(file_key("predictions.csv"), tables.to_csv(preds, index=False).encode())
     storage.put_bytes(file_key("history.json"), json.dumps(run.history, indent=1).encode())
     last = run.history[-1]
     metrics = {
