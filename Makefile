@@ -7,6 +7,7 @@ PROFILE ?= cpu
 STORAGE ?=
 EXTERNAL ?=
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export GENDER_DATA_DIR ?= $(CURDIR)/.data
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False

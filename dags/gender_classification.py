@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 from gender_tasks.settings import form_fields  # plain data: no heavy imports at parse time
+from gender_tasks.timeouts import static_limits  # plain arithmetic over the profiles and the registry
 
 # Training (and the label audit, which trains too) runs on this Celery queue and pool: in the full stack
 # a `gpu` queue that the GPU workers consume and a `gpu` pool with one slot per GPU.
@@ -38,6 +40,10 @@ TRAIN_PRIORITY = 100
 # The label audit (k folds of the CNN) costs about one transfer model at the paper profile: it starts
 # after the two big models and before the two small ones.
 LABEL_AUDIT_PRIORITY = 85
+
+# Each task's execution_timeout: sized for the largest run the settings accept; inside the task a tighter
+# deadline sized for the run's own data applies (gender_tasks/timeouts.py). GENDER_TASK_TIMEOUT_SCALE scales both.
+LIMITS = static_limits()
 
 # The ingested dataset, as an Airflow asset: every ingest emits an event whose extra names the dataset
 # (its content hash), so other DAGs can run when data lands (`schedule=[DATASET_ASSET]`).
@@ -84,17 +90,30 @@ def _skip_if_off(run: dict, step: str) -> None:
         raise AirflowSkipException(reason)
 
 
-def _step(name: str, *args, **kwargs):
-    """Call gender_tasks.pipeline.<name>; bad input or settings fail the task without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
+@contextmanager
+def _failures_for_airflow():
+    """Bad input or settings (PermanentError) fail the task without retries; a step past its deadline
+    fails as Airflow's own timeout does (retried: a hang can be transient)."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
 
-    from gender_tasks import pipeline
     from gender_tasks.errors import PermanentError
+    from gender_tasks.timeouts import TaskTimeLimitExceeded
 
     try:
-        return getattr(pipeline, name)(*args, **kwargs)
+        yield
     except PermanentError as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+    except TaskTimeLimitExceeded as exc:
+        raise AirflowTaskTimeout(str(exc)) from exc
+
+
+def _step(name: str, run: dict, *args, gpu: bool = False, **kwargs):
+    """Call gender_tasks.pipeline.<name> within its deadline, sized for this run (gender_tasks.timeouts)."""
+    from gender_tasks import pipeline
+    from gender_tasks.timeouts import run_deadline
+
+    with _failures_for_airflow(), run_deadline(name, run, model_name=kwargs.get("model_name"), gpu=gpu):
+        return getattr(pipeline, name)(run, *args, **kwargs)
 
 
 @dag(
@@ -113,12 +132,12 @@ def _step(name: str, *args, **kwargs):
 )
 def gender_classification():
     # One run record travels down the chain (gender_tasks.pipeline): each task has one data edge.
-    @task
+    @task(execution_timeout=LIMITS["prepare"])
     def prepare() -> dict:
         context = get_current_context()
         return _step("prepare", dict(context["params"]), run_id=context["run_id"])
 
-    @task(outlets=[DATASET_ASSET])
+    @task(outlets=[DATASET_ASSET], execution_timeout=LIMITS["ingest"])
     def ingest(run: dict) -> dict:
         run = _step("ingest", run)
         dataset = run["dataset"]
@@ -128,19 +147,19 @@ def gender_classification():
         }  # fmt: skip
         return run
 
-    @task
+    @task(execution_timeout=LIMITS["split"])
     def split(run: dict) -> dict:
         return _step("split", run)
 
-    @task
+    @task(execution_timeout=LIMITS["validate"])
     def validate(run: dict) -> dict:
         return _step("validate", run)
 
-    @task
+    @task(execution_timeout=LIMITS["preprocess"])
     def preprocess(run: dict) -> dict:
         return _step("preprocess", run)
 
-    @task
+    @task(execution_timeout=LIMITS["plan_training"])
     def plan_training(run: dict) -> list[dict]:
         from gender_tasks.scheduling import training_plan
 
@@ -150,35 +169,36 @@ def gender_classification():
     # moment it starts: the expanded arguments are in `task.op_kwargs` before execution, which is when
     # Airflow first renders this template.
     @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, map_index_template="{{ task.op_kwargs['label'] }}",
-          priority_weight=TRAIN_PRIORITY, weight_rule=TRAIN_WEIGHT_RULE, executor_config=gpu_executor_config())  # fmt: skip
+          priority_weight=TRAIN_PRIORITY, weight_rule=TRAIN_WEIGHT_RULE, executor_config=gpu_executor_config(),
+          execution_timeout=LIMITS["train"])  # fmt: skip
     def train(model_name: str, repeat: int, label: str, run: dict) -> dict:
-        from gender_tasks.scheduling import claim_gpu
+        from gender_tasks.scheduling import claim_gpu, parallel_training
 
-        parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
-        with claim_gpu():  # one GPU of this worker's, before anything touches CUDA
-            return _step("train", run, model_name, parallel_tasks=parallel, repeat=repeat)
+        # One GPU of this worker's, before anything touches CUDA.
+        with _failures_for_airflow(), claim_gpu() as claim:
+            return _step("train", run, model_name=model_name, parallel_tasks=parallel_training(), repeat=repeat,
+                         gpu=claim.gpu is not None)  # fmt: skip
 
-    @task
+    @task(execution_timeout=LIMITS["ensemble"])
     def ensemble(run: dict) -> dict:
         return _step("ensemble", run)
 
     @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, priority_weight=LABEL_AUDIT_PRIORITY, weight_rule="absolute",
-          executor_config=gpu_executor_config())  # fmt: skip
+          executor_config=gpu_executor_config(), execution_timeout=LIMITS["label_audit"])  # fmt: skip
     def label_audit(run: dict) -> dict:
-        from gender_tasks.scheduling import claim_gpu
+        from gender_tasks.scheduling import claim_gpu, parallel_training
 
         _skip_if_off(run, "label_audit")
-        parallel = int(os.environ.get("GENDER_PARALLEL_TRAINING", "1"))
-        with claim_gpu():
-            return _step("label_audit", run, parallel_tasks=parallel)
+        with _failures_for_airflow(), claim_gpu() as claim:
+            return _step("label_audit", run, parallel_tasks=parallel_training(), gpu=claim.gpu is not None)
 
-    @task
+    @task(execution_timeout=LIMITS["evaluate_external"])
     def evaluate_external(run: dict) -> dict:
         _skip_if_off(run, "evaluate_external")
         return _step("evaluate_external", run)
 
     # Runs when a switched-off step was skipped (none_failed), not when one failed.
-    @task(trigger_rule="none_failed")
+    @task(trigger_rule="none_failed", execution_timeout=LIMITS["report"])
     def report(run: dict, trained: list[dict], ensembled: dict, audit: dict | None, external: dict | None) -> dict:
         # Index rather than iterate: iterating a mapped result probes one past its end (a logged 404).
         trained = [trained[i] for i in range(len(trained))]

@@ -16,17 +16,24 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "gender_classification"
 KEEP_DAYS_VAR = "GENDER_KEEP_DAYS"
 DEFAULT_KEEP_DAYS = 30.0
+STORAGE_HELP = ("s3://bucket/prefix or a local folder (default: $GENDER_STORAGE, else store/ in $GENDER_DATA_DIR, "
+                "else in the checkout's .data/ or, installed, ~/.local/share/gender-tasks)")  # fmt: skip
 
 
 def airflow_env_defaults() -> None:
-    """The embedded default: an AIRFLOW_HOME inside the checkout, this repo's dags and plugins."""
-    os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow"))
-    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
-    os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
+    """The embedded default's Airflow: AIRFLOW_HOME in the checkout (.airflow) with its dags and plugins,
+    or, for an installed package, in the user's data folder (environment.user_data_home()/airflow), where
+    the DAG folder must be given (AIRFLOW__CORE__DAGS_FOLDER: the package does not ship the DAG file)."""
+    from .environment import source_checkout, user_data_home
+
+    checkout = source_checkout()
+    os.environ.setdefault("AIRFLOW_HOME", str(checkout / ".airflow" if checkout else user_data_home() / "airflow"))
+    if checkout:
+        os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(checkout / "dags"))
+        os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(checkout / "plugins"))
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -69,7 +76,8 @@ def run_dag(conf: dict) -> int:
         return 2
 
     airflow_env_defaults()
-    from airflow.dag_processing.dagbag import DagBag  # noqa: PLC0415  (Airflow only for this command)
+    from airflow.configuration import conf as airflow_conf  # noqa: PLC0415  (Airflow only for this command)
+    from airflow.dag_processing.dagbag import DagBag
     from airflow.models.dagrun import DagRun
     from airflow.utils import timezone
     from airflow.utils.state import DagRunState
@@ -79,10 +87,15 @@ def run_dag(conf: dict) -> int:
     from .local_airflow import claim_run, prepare_airflow
     from .storage import LocalStorage, open_storage
 
-    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    dags_folder = airflow_conf.get("core", "dags_folder")
+    bag = DagBag(dag_folder=dags_folder)
     if bag.import_errors:
         print(f"error: the DAG files do not import: {bag.import_errors}", file=sys.stderr)
         return 1
+    if DAG_ID not in bag.dags:
+        print(f"error: no DAG {DAG_ID!r} in {dags_folder}: set AIRFLOW__CORE__DAGS_FOLDER to the folder holding "
+              "gender_classification.py (dags/ in the source checkout)", file=sys.stderr)  # fmt: skip
+        return 2
     dag = bag.dags[DAG_ID]
     prepare_airflow(DAG_ID)  # ends runs whose process died; registers the DAG one process at a time
     # The run id dag.test() will give the run, known beforehand so that this process can claim it first.
@@ -150,13 +163,27 @@ def verify(storage_uri: str | None, dataset: str | None, run: str | None, repair
     return 1 if report.corrupt else 0
 
 
+def _parse_conf(text: str) -> dict | None:
+    """--conf as a JSON object; anything else is reported (None) in words, not a traceback."""
+    example = """give a JSON object, e.g. --conf '{"epochs": 3}'"""
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as exc:
+        print(f"error: --conf is not valid JSON ({exc}): {example}", file=sys.stderr)
+        return None
+    if not isinstance(conf, dict):
+        print(f"error: --conf is a JSON {type(conf).__name__}, not an object: {example}", file=sys.stderr)
+        return None
+    return conf
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gender_tasks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the DAG once, end to end, in this process")
     run.add_argument("--source", help="folder, .zip, s3://bucket/prefix or kaggle:owner/slug")
     run.add_argument("--profile", help="paper | cpu | tiny")
-    run.add_argument("--storage", help="s3://bucket/prefix or a local folder (default: ./.data/store)")
+    run.add_argument("--storage", help=STORAGE_HELP)
     run.add_argument("--models", help="comma-separated subset of cnn,resnet50,inceptionv3,mobilenetv2")
     run.add_argument("--epochs", type=int)
     run.add_argument("--weights", help="none | imagenet | folder or s3:// prefix of <model>.pth")
@@ -177,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--out", required=True, type=Path, help="CSV to write")
 
     gc = sub.add_parser("gc", help="remove old runs and objects no manifest or kept run references")
-    gc.add_argument("--storage", help="s3://bucket/prefix or a local folder (default: ./.data/store)")
+    gc.add_argument("--storage", help=STORAGE_HELP)
     gc.add_argument("--keep-days", type=float, default=None,
                     help=f"keep runs this many days (default: ${KEEP_DAYS_VAR} or {DEFAULT_KEEP_DAYS:g})")  # fmt: skip
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
@@ -191,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "run":
-        conf = json.loads(args.conf)
+        conf = _parse_conf(args.conf)
+        if conf is None:
+            return 2
         for key in ("source", "profile", "storage", "epochs", "weights", "repeats"):
             if getattr(args, key) not in (None, ""):
                 conf[key] = getattr(args, key)

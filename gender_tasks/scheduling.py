@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 GPU_LOCK_DIR_VAR = "GENDER_GPU_LOCK_DIR"
 TASKS_PER_GPU_VAR = "GENDER_TASKS_PER_GPU"
+PARALLEL_TRAINING_VAR = "GENDER_PARALLEL_TRAINING"
 
 
 def order_slowest_first(models: Iterable[str]) -> list[str]:
@@ -98,6 +99,14 @@ def tasks_per_gpu() -> int:
     return int(env_number(TASKS_PER_GPU_VAR, 1, minimum=1, inclusive=True, whole=True, error=PermanentError,
                           says="a positive whole number", example="1 (one training per GPU), or how many trainings "
                           "one GPU should run at once"))  # fmt: skip
+
+
+def parallel_training() -> int:
+    """How many training tasks share this worker's CPU cores (GENDER_PARALLEL_TRAINING, default 1): each
+    takes its share of the cores for its torch threads. The one place that reads the variable."""
+    return int(env_number(PARALLEL_TRAINING_VAR, 1, minimum=1, inclusive=True, whole=True, error=PermanentError,
+                          says="a positive whole number", example="2 (two trainings side by side on this "
+                          "worker's CPU, each with half of its cores)"))  # fmt: skip
 
 
 def claim_gpu(gpus: list[str] | None = None, lock_dir: str | Path | None = None,

@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from .environment import env_number
+from .environment import default_data_dir, env_number
 from .errors import PermanentError
 from .integrity import mismatch, repair_hint, sha256_hex, verify_bytes
 from .layout import checksum_key
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LOCAL_ROOT = Path(os.environ.get("GENDER_DATA_DIR", Path(__file__).resolve().parent.parent / ".data"))
 
 CONN_ID_VAR = "GENDER_S3_CONN_ID"
 # How long a dead S3 endpoint can hold things up, and why.
@@ -504,7 +502,8 @@ def _env_attempts() -> int:
 
 
 def default_storage_uri() -> str:
-    return os.environ.get("GENDER_STORAGE") or (DEFAULT_LOCAL_ROOT / "store").as_uri()
+    """GENDER_STORAGE, else store/ in the default data folder (environment.default_data_dir)."""
+    return os.environ.get("GENDER_STORAGE") or (default_data_dir() / "store").as_uri()
 
 
 def s3_options_from_connection(conn_id: str) -> dict:

@@ -37,6 +37,24 @@ def test_tags_retries_and_docs(dagbag, dag_id):
         assert task.retries >= 1, f"{dag_id}.{task.task_id} has no retries"
 
 
+def test_every_task_has_an_execution_timeout_sized_from_the_profiles(dagbag):
+    """A hung task (a FIFO read, a stalled mount) fails instead of holding its worker forever: each task's
+    limit is gender_tasks.timeouts' bound for the largest run, and survives serialization (what the
+    scheduler and workers see)."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from gender_tasks.timeouts import static_limits
+
+    dag = dagbag.dags["gender_classification"]
+    limits = static_limits()
+    serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    for task in dag.tasks:
+        assert task.execution_timeout is not None, f"{task.task_id} has no execution_timeout"
+        assert task.execution_timeout == limits[task.task_id], task.task_id
+        assert serialized.get_task(task.task_id).execution_timeout == limits[task.task_id], task.task_id
+    assert set(limits) == set(dag.task_ids)
+
+
 def test_one_run_record_travels_down_the_chain(dagbag):
     """Fewer, clearer edges: each data step has one upstream task, the one before it."""
     dag = dagbag.dags["gender_classification"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import tables
 from ..errors import PermanentError
 from ..layout import attributes_key
 from ..storage import Storage, get_recorded, put_recorded
@@ -137,7 +138,9 @@ def store_attributes(labels: Labels | None, root: Path, storage: Storage, datase
     if attrs.empty or not len(attrs.columns):
         return 0
     attrs.insert(0, "sha256", table["file"].map(rel))
-    put_recorded(storage, attributes_key(dataset_id), attrs.drop_duplicates("sha256").to_csv(index=False).encode())
+    put_recorded(
+        storage, attributes_key(dataset_id), tables.to_csv(attrs.drop_duplicates("sha256"), index=False).encode()
+    )
     log.info("attributes from %s: %s (%d images)", labels_csv, list(attrs.columns[1:]), len(attrs))
     return len(attrs.columns) - 1
 
@@ -145,4 +148,6 @@ def store_attributes(labels: Labels | None, root: Path, storage: Storage, datase
 def read_attributes(storage: Storage, dataset_id: str) -> pd.DataFrame | None:
     if not storage.exists(attributes_key(dataset_id)):
         return None
-    return pd.read_csv(io.BytesIO(get_recorded(storage, attributes_key(dataset_id))), dtype=str, keep_default_na=False)
+    return tables.read_csv(
+        io.BytesIO(get_recorded(storage, attributes_key(dataset_id))), dtype=str, keep_default_na=False
+    )

@@ -17,7 +17,7 @@ import io
 
 import pandas as pd
 
-from .. import layout
+from .. import layout, tables
 from ..integrity import IntegrityError, repair_hint, verify_bytes
 from ..storage import Storage, get_recorded, put_recorded
 
@@ -74,12 +74,12 @@ def read_manifest(
 
 
 def parse_manifest(data: bytes) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(data), keep_default_na=False, dtype=dict.fromkeys(TEXT_COLUMNS, str))
+    return tables.read_csv(io.BytesIO(data), keep_default_na=False, dtype=dict.fromkeys(TEXT_COLUMNS, str))
 
 
 def write_manifest(storage: Storage, key: str, manifest: pd.DataFrame) -> str:
     """Write a manifest or split with its sha256 recorded beside it; returns the sha256."""
-    return put_recorded(storage, key, manifest.to_csv(index=False).encode())
+    return put_recorded(storage, key, tables.to_csv(manifest, index=False).encode())
 
 
 def read_image(storage: Storage, key: str) -> bytes:

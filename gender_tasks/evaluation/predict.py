@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import layout
+from .. import layout, tables
 from ..data.folders import IMAGE_SUFFIXES, read_regular, shown
 from ..data.images import decode_resize
 from ..errors import PermanentError
@@ -293,6 +293,6 @@ def predict_folder(model: str | Path, folder: Path, out_csv: Path, batch_size: i
             rows.append({"file": str(path), "predicted": meta["classes"][int(p >= 0.5)],
                          "prob_male": float(p), "error": ""})  # fmt: skip
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["file", "predicted", "prob_male", "error"]).to_csv(out_csv, index=False)
+    tables.to_csv(pd.DataFrame(rows, columns=["file", "predicted", "prob_male", "error"]), out_csv, index=False)
     log.info("predicted %d images with %s -> %s", len(rows), meta.get("model"), out_csv)
     return len(rows)

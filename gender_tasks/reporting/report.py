@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import layout
+from .. import layout, tables
 from ..data.attributes import read_attributes
 from ..data.images import decode_resize
 from ..data.manifest import read_image, read_manifest
@@ -121,7 +121,7 @@ def load_model_outputs(storage: Storage, run_key: str, model_name: str) -> dict:
     return {
         "metrics": json.loads(read("metrics.json")),
         "history": json.loads(read("history.json")) if storage.exists(history_key) else [],  # none for the ensemble
-        "predictions": pd.read_csv(io.BytesIO(read("predictions.csv")), keep_default_na=False),
+        "predictions": tables.read_csv(io.BytesIO(read("predictions.csv")), keep_default_na=False),
     }
 
 
@@ -256,7 +256,7 @@ def read_audit(storage: Storage, run_key: str) -> pd.DataFrame | None:
     key = layout.label_audit_key(run_key)
     if not storage.exists(key):
         return None
-    return pd.read_csv(io.BytesIO(get_recorded(storage, key)), keep_default_na=False)
+    return tables.read_csv(io.BytesIO(get_recorded(storage, key)), keep_default_na=False)
 
 
 def _label_audit_section(storage: Storage, run_key: str, settings: Settings, summary: dict | None,

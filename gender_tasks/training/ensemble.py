@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .. import layout
+from .. import layout, tables
 from ..evaluation.metrics import classification_metrics, encode_labels
 from ..evaluation.predict import MODEL_CARD, load_stored_model, stored_checksums
 from ..integrity import sha256_hex
@@ -57,7 +57,9 @@ def _mean_predictions(storage: Storage, run_key: str, models: tuple[str, ...]) -
     for name in models:
         prefix = layout.model_prefix(run_key, name)
         sha = stored_checksums(storage, prefix, ["predictions.csv"])["predictions.csv"]
-        table = pd.read_csv(io.BytesIO(read_verified(storage, f"{prefix}/predictions.csv", sha)), keep_default_na=False)
+        table = tables.read_csv(
+            io.BytesIO(read_verified(storage, f"{prefix}/predictions.csv", sha)), keep_default_na=False
+        )
         table = table[["key", "split", "label", "prob_male"]].rename(columns={"prob_male": name})
         merged = table if merged is None else merged.merge(table, on=["key", "split", "label"], how="inner")
     merged["prob_male"] = merged[list(models)].mean(axis=1)
@@ -107,7 +109,7 @@ def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dic
     def key(name: str) -> str:
         return layout.model_file_key(run_key, ENSEMBLE, name)
 
-    files = {"predictions.csv": preds.to_csv(index=False).encode(),
+    files = {"predictions.csv": tables.to_csv(preds, index=False).encode(),
              "metrics.json": json.dumps(metrics, indent=1).encode(),
              "model.ts": export_ensemble(storage, run_key, models, card)}  # fmt: skip
     for name, data in files.items():

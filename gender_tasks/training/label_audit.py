@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
-from .. import layout
+from .. import layout, tables
 from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
 from ..evaluation.metrics import encode_labels
@@ -47,11 +47,11 @@ def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, d
     reused = storage.exists(keyed)
     if reused:
         log.info("label audit: reusing the predictions made with the same inputs, %s", storage.url(keyed))
-        table = pd.read_csv(io.BytesIO(get_recorded(storage, keyed)))
+        table = tables.read_csv(io.BytesIO(get_recorded(storage, keyed)))
     else:
         table = _audit(storage, manifest, dataset_id, settings, parallel_tasks,
                        fold_key=lambda k: layout.audit_fold_key(dataset_id, audit_key, k))  # fmt: skip
-        put_recorded(storage, keyed, table.to_csv(index=False).encode())
+        put_recorded(storage, keyed, tables.to_csv(table, index=False).encode())
         for k in range(int(table["fold"].max()) + 1):  # the finished audit replaces its folds
             fold = layout.audit_fold_key(dataset_id, audit_key, k)
             storage.delete(fold)
@@ -76,7 +76,7 @@ def _summary(storage: Storage, run_key: str, table: pd.DataFrame, model_name: st
 def _finished_fold(storage: Storage, key: str, shas: pd.Series) -> np.ndarray | None:
     """A fold's stored P(male), if an earlier (killed) try of the same audit finished it."""
     try:
-        done = pd.read_csv(io.BytesIO(get_recorded(storage, key)))
+        done = tables.read_csv(io.BytesIO(get_recorded(storage, key)))
     except FileNotFoundError:
         return None
     if done["sha256"].tolist() != shas.tolist():  # cannot happen for the same key; never trust it blindly
@@ -118,7 +118,7 @@ def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: 
             continue
         prob[held_idx] = fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx), seed + k)
         fold = pd.DataFrame({"sha256": shas.to_numpy(), "prob_male": prob[held_idx]})
-        put_recorded(storage, fold_key(k), fold.to_csv(index=False, float_format="%.9g").encode())
+        put_recorded(storage, fold_key(k), tables.to_csv(fold, index=False, float_format="%.9g").encode())
         log.info("label audit: fold %d/%d done (%.0fs)", k + 1, folds, time.monotonic() - started)
     table = rows[["key", "source_path", "label", "split"]].copy()
     table["fold"] = fold_of

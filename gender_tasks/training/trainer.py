@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import layout
+from .. import layout, tables
 from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
 from ..evaluation.metrics import classification_metrics
@@ -278,7 +278,7 @@ def _write_outputs(storage: Storage, file_key: Callable[[str], str], run: Traini
     and records the sha256 of every file written before it ("files"), checked whenever they are read."""
     s, name = run.settings, run.model_name
     preds, test_metrics = _predictions(run)
-    predictions = preds.to_csv(index=False).encode()
+    predictions = tables.to_csv(preds, index=False).encode()
     storage.put_bytes(file_key("predictions.csv"), predictions)
     history = json.dumps(run.history, indent=1).encode()
     storage.put_bytes(file_key("history.json"), history)
