@@ -144,7 +144,7 @@ def _publish(storage: Storage, run_key: str, model_name: str, prefix: str, recor
     test = metrics.get("test")
     return {"model": model_name, "metrics_uri": storage.url(layout.model_file_key(run_key, model_name, "metrics.json")),
             "test_accuracy": test["accuracy"] if test else None, "reused": record["reused"],
-            "train_key": record["train_key"]}  # fmt: skip
+            "train_key": record["train_key"], "model_sha256": files["model.ts"]}  # fmt: skip
 
 
 def _start(storage: Storage, model_name: str, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
