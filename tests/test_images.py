@@ -354,6 +354,7 @@ def test_an_outdated_cache_is_refused_by_readers_and_rebuilt_by_writers(local_st
     old = {**index, "format": 1}
     del old["decode"]  # what the old decode wrote
     local_storage.put_bytes(shards.index_key(prefix), json.dumps(old).encode())
+    local_storage.delete(shards.index_key(prefix) + ".sha256")  # the old version recorded no checksum
     local_storage.put_bytes(shards.shard_key(prefix, 0), b"old decode's pixels")
     with pytest.raises(shards.CacheOutdated, match=r"index format 1, decode None.*run the preprocess step to rebuild"):
         shards.ShardReader(local_storage, prefix, cache_dir=tmp_path / "cache")
