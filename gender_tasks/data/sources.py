@@ -130,8 +130,8 @@ def _refuse_bad_names(names: list[str], item: Callable[[str], str], fix: str) ->
     as macOS's and Windows' do), and names more than MAX_COPY_PARTS deep. `item(name)` names one as the
     user knows it; `fix` ends the message."""
     for name in names:
-        depth = name.rstrip("/").count("/") + 1
-        if depth > MAX_COPY_PARTS:
+        if name.rstrip("/").count("/") + 1 > MAX_COPY_PARTS:
+            depth = name.count("/")  # the folders it lies in (or is)
             raise SourceError(f"{item(_abbreviated(name))} is {depth} folders deep, more than any dataset needs "
                               f"(at most {MAX_DEPTH} below a class folder): refused before a byte was written; "
                               f"{fix}")  # fmt: skip
@@ -212,8 +212,7 @@ def safe_extract_zip(archive: Path, target: Path, *, max_bytes: int = RunConfig.
         show_copy_as(target, lambda rel: entry(rel) if rel else shown(archive))
         written, done = 0, False
         try:
-            target.mkdir(parents=True, exist_ok=True)
-            for info in infos:
+            for info in infos:  # the first file's folders make `target`
                 try:
                     _extract_entry(zf, info, target, entry(shown(info.filename)))
                 except OSError as exc:
