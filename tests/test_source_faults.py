@@ -374,8 +374,8 @@ def test_a_file_changing_during_upload_leaves_no_orphan(faces, local_storage, mo
         return real_load(item, max_bytes)
 
     monkeypatch.setattr(ingest_mod, "_load", edit_after_6)
-    # 6 written before the edited image, or 7: the upload thread may store the next before the failure stops it
-    with pytest.raises(IngestError, match=r"changed while it was being ingested.*The [67] object\(s\) this ingest had "
+    # 6 written before the edited image, and more: the upload thread goes on until the failure stops it
+    with pytest.raises(IngestError, match=r"changed while it was being ingested.*The \d+ object\(s\) this ingest had "
                        r"written were removed again"):  # fmt: skip
         ingest_folder(faces, local_storage, upload_workers=1)
     assert local_storage.list("") == []
