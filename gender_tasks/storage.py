@@ -12,6 +12,7 @@ only then, so this module works without it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -85,6 +86,36 @@ class StorageConfigError(StorageError, PermanentError):
     """Storage is misconfigured (no credentials, no such bucket, access denied): a retry cannot help."""
 
 
+class DiskFullError(PermanentError):
+    """A local disk (or the user's quota on it) is full: a retry would write into the same full disk.
+    The message says which folder, how much it has free, about how much is needed, and the fix."""
+
+
+# A write that fails with one of these found no room: no space left on the device, or the quota used up.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def human_bytes(n: float) -> str:
+    """A byte count as people read it: 12.3 kB, 4.5 MB, 10.0 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def disk_full(exc: OSError, folder: str | Path, needed: int, *, what: str, fix: str) -> DiskFullError:
+    """The DiskFullError for `exc` (an OSError in DISK_FULL_ERRNOS) raised writing into `folder`: `what`
+    names the folder to the user ("the storage folder"), `needed` is about how many bytes were still to
+    be written, `fix` what to do. `folder` is measured, never shown, where `what` names it already."""
+    existing = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), Path("/"))
+    try:
+        free = human_bytes(shutil.disk_usage(existing).free)
+    except OSError:
+        free = "an unknown amount"
+    full = "the disk quota there is used up" if exc.errno == errno.EDQUOT else "its disk has no space left"
+    return DiskFullError(f"{what} is full ({full}: {free} free, about {human_bytes(needed)} more needed); {fix}")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One stored object as a listing sees it: what garbage collection weighs (size) and ages (modified)."""
@@ -138,22 +169,37 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `path` through a temporary file renamed into place: no reader sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, so other users (a web
-    # server, a worker under another uid) could not read what the pipeline wrote. os.open with
-    # 0o666 lets the kernel apply the umask (and default ACLs), as for any ordinary file; O_EXCL
-    # and a random name keep concurrent writers of one key apart.
+HOW_TO_FREE_STORAGE = (
+    "free space on that disk, or choose other storage (--storage, GENDER_STORAGE or the DAG param storage)"
+)
+
+
+def _write_atomically(path: Path, data: bytes, *, root: Path | None = None) -> None:
+    """Write `path` through a temporary file renamed into place: no reader sees half of it.
+
+    A full disk (or quota) removes the temporary file and raises DiskFullError naming `root` (the
+    storage folder; default: the file's folder), not the raw OSError: a retry cannot make room.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, so other users (a web
+        # server, a worker under another uid) could not read what the pipeline wrote. os.open with
+        # 0o666 lets the kernel apply the umask (and default ACLs), as for any ordinary file; O_EXCL
+        # and a random name keep concurrent writers of one key apart.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        folder = root or path.parent
+        raise disk_full(exc, folder, len(data), what=f"the storage folder {folder}", fix=HOW_TO_FREE_STORAGE) from None
 
 
 class LocalStorage:
@@ -183,7 +229,7 @@ class LocalStorage:
             self.root.mkdir(parents=True, exist_ok=True)  # again: it may have gone since __init__
             if writable:
                 probe = self._path(_probe_key())
-                _write_atomically(probe, PROBE_BODY)
+                _write_atomically(probe, PROBE_BODY, root=self.root)  # a full disk: DiskFullError, not "permissions"
                 probe.unlink()
                 try:
                     (self.root / PROBE_PREFIX).rmdir()
@@ -199,7 +245,7 @@ class LocalStorage:
             ) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        _write_atomically(self._path(key), data)
+        _write_atomically(self._path(key), data, root=self.root)
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -229,16 +275,21 @@ class LocalStorage:
         source, target = self._path(src), self._path(dst)
         if not source.is_file():
             raise FileNotFoundError(f"{self.url(src)} does not exist")
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(source, tmp)
-            except OSError:  # another device, or a file system without hard links
+            except OSError as exc:  # another device, or a file system without hard links
+                if exc.errno in DISK_FULL_ERRNOS:  # not even a directory entry fits: a copy would not either
+                    raise
                 shutil.copyfile(source, tmp)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc, self.root, source.stat().st_size, what=f"the storage folder {self.root}",
+                                fix=HOW_TO_FREE_STORAGE) from None  # fmt: skip
             raise
 
     def list_info(self, prefix: str) -> list[ObjectInfo]:

@@ -5,9 +5,13 @@
 Everything is decided from names and `lstat`/`stat` alone, before a byte of any file is read:
 regular files only (a FIFO would block the reader forever, a device never ends), symbolic links
 followed only where they stay inside the source folder, names that are valid UTF-8 without control
-characters, and size limits per file and in total. Hidden entries (names starting with ".": editor,
-OS and tool caches such as `.DS_Store`, `.cache/`, `.ipynb_checkpoints/`) are skipped and counted,
-never taken as images.
+or bidirectional-text characters, folders at most MAX_DEPTH deep, and size limits per file and in
+total. Hidden entries (names starting with ".": editor, OS and tool caches such as `.DS_Store`,
+`.cache/`, `.ipynb_checkpoints/`) are skipped and counted, never taken as images.
+
+A zip or S3 source is scanned as a local copy in a temporary folder; `show_copy_as` makes every
+message name its items as the user knows them (an entry of the zip, an S3 URL), never by the
+temporary path, which means nothing to the user and is gone when they read the message.
 """
 
 from __future__ import annotations
@@ -16,65 +20,116 @@ import errno
 import logging
 import os
 import stat
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PermanentError
 from ..settings import CLASSES
+from ..storage import human_bytes
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 PROBLEMS_SHOWN = 10
+# Folders deeper than this below a class folder (or wrapping folders above it) are refused: no real
+# dataset nests so deep, and a walk of thousands of levels would hit path-length and recursion limits.
+MAX_DEPTH = 32
+# Invisible characters a name may hold between two non-ASCII characters: the zero-width non-joiner and
+# joiner, which Persian and Indic words and emoji sequences ("👩‍🔬") need. Any other format character
+# (Unicode category Cf: bidirectional overrides and isolates, zero-width spaces, soft hyphens, tags) can
+# make a name display as another one, so it is refused, as are control characters and line separators.
+JOINERS = {"\u200c", "\u200d"}
+REFUSED_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible formatting character", "Cs": "a surrogate",
+                      "Zl": "a line separator", "Zp": "a paragraph separator"}  # fmt: skip
+BIDI_CONTROLS = {chr(c) for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 
 class IngestError(PermanentError):
     """The source's layout is wrong; the message names the offending item and the fix."""
 
 
+# Local copies of sources (real path of the copy's root) -> how the user names a path below it.
+_COPIES: dict[str, Callable[[str], str]] = {}
+
+
+def show_copy_as(local_root: Path, name: Callable[[str], str]) -> None:
+    """Show every path below `local_root`, a local copy of a source (an unpacked zip, a downloaded S3
+    prefix), as `name(relative)` does: `relative` is the POSIX path below the root, already escaped as
+    shown() escapes ('' for the root itself)."""
+    _COPIES[os.path.realpath(local_root)] = name
+
+
+def _escaped(text: str) -> str:
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c in JOINERS else repr(c)[1:-1] for c in text)
+
+
 def shown(path: Path | str) -> str:
-    """A path as it can be printed safely: bytes that are not UTF-8 as `\\xNN`, control characters escaped."""
-    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def human_bytes(n: float) -> str:
-    """A byte count as people read it: 12.3 kB, 4.5 MB, 10.0 GB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} bytes"
+    """A path as it can be printed safely: bytes that are not UTF-8 as `\\xNN`, control characters escaped;
+    below a local copy of a source (see show_copy_as), the name the user knows it by."""
+    text = os.fspath(path)
+    for local, name in list(_COPIES.items()):
+        if text == local or text.startswith(local + os.sep):
+            return name(_escaped(text[len(local) + 1 :].replace(os.sep, "/")))
+    return _escaped(text)
 
 
 def name_problem(name: str) -> str:
-    """Why a file name is refused ('' if it is not): names travel into CSV, logs, HTML and S3 keys."""
+    """Why a file name is refused ('' if it is not): names travel into CSV, logs, HTML and S3 keys, and
+    must show what they are (no character that hides itself or reorders the text around it)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
         return "has a name that is not valid UTF-8: rename it (e.g. `convmv -f latin1 -t utf8`)"
-    if not name.isprintable():
-        return "has control characters (a newline, a tab, …) in its name: rename it"
+    for i, c in enumerate(name):
+        if c in JOINERS and 0 < i < len(name) - 1 and not name[i - 1].isascii() and not name[i + 1].isascii():
+            continue
+        what = REFUSED_CATEGORIES.get(unicodedata.category(c))
+        if what is None:
+            continue
+        if c in BIDI_CONTROLS:
+            what = "a bidirectional-text control, which can make a name display as another one,"
+        elif c in JOINERS:
+            what += " (joiners are accepted only between two non-ASCII characters, as in emoji and scripts)"
+        elif unicodedata.category(c) == "Cc":
+            what = "control characters (a newline, a tab, …)"
+        code = f"U+{ord(c):04X} {unicodedata.name(c, '')}".rstrip()
+        return f"has {what} in its name ({code}): rename it"
     return ""
 
 
 def find_class_dirs(root: Path) -> dict[str, Path]:
     """Map each class to its folder under `root`, names matched case-insensitively.
 
-    The class folders may sit one wrapping folder down (Kaggle's `ThisPersonDoesNotExist/Female`).
-    Any other folder beside them is an error: its images would silently be dropped. So are two
-    folders of one class in different case (`Female/` and `female/`): one would be dropped.
+    The class folders may sit one wrapping folder down (Kaggle's `ThisPersonDoesNotExist/Female`),
+    or a few (at most MAX_DEPTH). Any other folder beside them is an error: its images would silently
+    be dropped. So are two folders of one class in different case (`Female/` and `female/`): one
+    would be dropped.
     """
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    by_name: dict[str, Path] = {}
-    for p in subdirs:
-        if p.name.lower() in by_name:
-            raise IngestError(
-                f"{shown(root)} has two folders for one class, {shown(by_name[p.name.lower()].name)!r} and "
-                f"{shown(p.name)!r} (names differ only in case); merge them into one folder"
-            )
-        by_name[p.name.lower()] = p
-    if not set(CLASSES) & set(by_name) and len(subdirs) == 1:
-        return find_class_dirs(subdirs[0])
+    top = root
+    for _ in range(MAX_DEPTH + 1):
+        try:
+            subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError as exc:
+            raise IngestError(f"{shown(root)} cannot be listed ({exc.strerror or exc}): fix its permissions") from None
+        by_name: dict[str, Path] = {}
+        for p in subdirs:
+            if p.name.lower() in by_name:
+                raise IngestError(
+                    f"{shown(root)} has two folders for one class, {shown(by_name[p.name.lower()].name)!r} and "
+                    f"{shown(p.name)!r} (names differ only in case); merge them into one folder"
+                )
+            by_name[p.name.lower()] = p
+        if set(CLASSES) & set(by_name) or len(subdirs) != 1:
+            break
+        root = subdirs[0]  # a wrapping folder: look inside
+    else:
+        raise IngestError(
+            f"{shown(top)} holds only a chain of more than {MAX_DEPTH} single folders ({shown(root)}), no class "
+            "folders: point the source at the folder that has female/ and male/ in it"
+        )
     unknown = [shown(p.name) for p in subdirs if p.name.lower() not in CLASSES]
     missing = [c for c in CLASSES if c not in by_name]
     if missing and not unknown:
@@ -125,7 +180,9 @@ def _follow(path: Path, root_real: Path, found: SourceFiles) -> os.stat_result |
         return None
 
 
-def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found: SourceFiles, seen: set) -> None:
+def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found: SourceFiles, seen: set,
+          depth: int = 0) -> None:  # fmt: skip
+    """Judge every entry below `folder`, `depth` folders below its class folder (at most MAX_DEPTH)."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
@@ -149,8 +206,14 @@ def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found:
                     f"{shown(path)} leads to a folder already scanned ({shown(real)}): remove the link"
                 )
                 continue
+            if depth >= MAX_DEPTH:
+                found.problems.append(
+                    f"{shown(path)} is more than {MAX_DEPTH} folders below its class folder: refused unread (too "
+                    "deep for any dataset); move its images up, or remove it"
+                )
+                continue
             seen.add(real)
-            _walk(path, label, root_real, max_file_bytes, found, seen)
+            _walk(path, label, root_real, max_file_bytes, found, seen, depth + 1)
         elif not stat.S_ISREG(st.st_mode):
             kind = _KINDS.get(stat.S_IFMT(st.st_mode), "special file")
             found.problems.append(f"{shown(path)} is a {kind}, not a regular file: remove it (never opened)")
@@ -223,7 +286,12 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "no longer a regular file")
-        data = f.read(max_bytes + 1)
+        # Asking for the size it has (not the limit) keeps a read from reserving max_bytes of memory;
+        # a file that grew since the stat is read on, still bounded by the limit.
+        want = min(st.st_size, max_bytes) + 1
+        data = f.read(want)
+        if len(data) == want and want <= max_bytes:
+            data += f.read(max_bytes + 1 - len(data))
     if len(data) > max_bytes:
         raise OSError(errno.EFBIG, f"grew over the {human_bytes(max_bytes)} per-file limit (max_file_bytes)")
     return data

@@ -30,9 +30,10 @@ import numpy as np
 import pandas as pd
 
 from .. import layout
+from ..errors import PermanentError
 from ..leases import hold_lease, holder_name
 from ..settings import RunConfig
-from ..storage import Storage, put_many
+from ..storage import DiskFullError, Storage, human_bytes, put_many
 from .folders import PROBLEMS_SHOWN, IngestError, list_images, read_regular, shown
 from .images import PHASH_DECODE_SIZE, decode_rgb, image_phash
 from .manifest import MANIFEST_COLUMNS, dataset_id_of, read_manifest, write_manifest
@@ -285,6 +286,39 @@ def _refresh_phashes(storage: Storage, dataset_id: str, rows: list[dict]) -> Non
         write_manifest(storage, key, stored)
 
 
+class _Written:
+    """The storage as put_many sees it, remembering each object it wrote (in this attempt)."""
+
+    def __init__(self, storage: Storage):
+        self.storage, self.keys = storage, []
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.storage.put_bytes(key, data)
+        self.keys.append(key)  # list.append is atomic: put_many's threads may call this at once
+
+
+def _undone(exc: PermanentError, written: _Written, storage: Storage, dataset_id: str, *,
+            todo_bytes: int) -> PermanentError:  # fmt: skip
+    """Remove the objects this ingest wrote before `exc` stopped it; the same error, saying so (and for a
+    full disk, how much the whole upload needs)."""
+    failed = []
+    for key in written.keys:
+        try:
+            storage.delete(key)
+        except Exception as delete_exc:  # a storage that broke down meanwhile: say which objects stay
+            failed.append((key, delete_exc))
+    need = ""
+    if isinstance(exc, DiskFullError):
+        need = f" Ingesting dataset {dataset_id} needs about {human_bytes(todo_bytes)} there in all."
+    undone = f" The {len(written.keys)} object(s) this ingest had written were removed again"
+    if failed:
+        undone += (f", except {len(failed)} that could not be (e.g. {storage.url(failed[0][0])}: {failed[0][1]}); "
+                   "they are unreferenced and safe to delete")  # fmt: skip
+    log.warning("ingest %s failed after writing %d object(s); %d removed", dataset_id, len(written.keys),
+                len(written.keys) - len(failed))  # fmt: skip
+    return type(exc)(f"{str(exc).rstrip('.')}.{need}{undone}: nothing is left half-written.")
+
+
 def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
                   upload_workers: int = UPLOAD_WORKERS) -> dict:  # fmt: skip
     """Upload a folder-per-class dataset into `storage`; a no-op if that content is already there.
@@ -293,7 +327,8 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
     before the first write, and the hashes give the dataset id. Then each image is read again and
     uploaded, in parallel (a large dataset never sits in memory whole). The manifest is written
     last, as the commit marker: an interrupted upload resumes where it stopped, its objects being
-    content-addressed.
+    content-addressed. A failure no retry can fix (a full disk, a file changed meanwhile) removes the
+    objects this attempt wrote, and says so: nothing is left that no manifest refers to.
     """
     limits = limits or Limits()
     started = time.monotonic()
@@ -312,7 +347,7 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
         "images": len(rows),
         "bytes": total_bytes,
         "uploaded": 0,
-        "source_root": str(root),
+        "source_root": shown(root),  # as the user named it, never a temporary copy's path
         "scan_seconds": round(scan_seconds, 2),
         "upload_seconds": 0.0,
     }
@@ -328,20 +363,28 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
         present = set(storage.list(layout.images_prefix(dataset_id)))  # resume an interrupted ingest
         todo = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
                 if s.row["key"] not in present]  # fmt: skip
+        todo_bytes = sum(s.row["bytes"] for s in scanned if s.row["key"] not in present)
         progress = _Progress(f"ingest {dataset_id}: uploaded", len(todo))
-        uploaded = put_many(storage, todo, workers=upload_workers, progress=progress.update)
-        # Before the commit, every image must be there: a gc that started before the lease was written, or
-        # ran while it lapsed, may have removed some (of an earlier, interrupted ingest) since the listing.
-        lease.renew()
-        present = set(storage.list(layout.images_prefix(dataset_id)))
-        gone = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
-                if s.row["key"] not in present]  # fmt: skip
-        if gone:
-            log.warning("ingest %s: %d image(s) were removed during the upload (lease lapsed: %s); uploading them "
-                        "again", dataset_id, len(gone), lease.lapsed)  # fmt: skip
-            uploaded += put_many(storage, gone, workers=upload_workers)
-        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
-        write_manifest(storage, layout.manifest_key(dataset_id), manifest)
+        written = _Written(storage)
+        try:
+            uploaded = put_many(written, todo, workers=upload_workers, progress=progress.update)
+            # Before the commit, every image must be there: a gc that started before the lease was written, or
+            # ran while it lapsed, may have removed some (of an earlier, interrupted ingest) since the listing.
+            lease.renew()
+            present = set(storage.list(layout.images_prefix(dataset_id)))
+            gone = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
+                    if s.row["key"] not in present]  # fmt: skip
+            if gone:
+                log.warning("ingest %s: %d image(s) were removed during the upload (lease lapsed: %s); uploading "
+                            "them again", dataset_id, len(gone), lease.lapsed)  # fmt: skip
+                uploaded += put_many(written, gone, workers=upload_workers)
+            manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["label", "sha256", "source_path"])
+            write_manifest(storage, layout.manifest_key(dataset_id), manifest)
+        except PermanentError as exc:
+            # No retry follows, so what this attempt wrote would stay behind, unreferenced: remove it (not
+            # what was there before, which an earlier attempt, or another run, may still need). A retryable
+            # error keeps it: the retry resumes from it.
+            raise _undone(exc, written, storage, dataset_id, todo_bytes=todo_bytes) from None
     summary["uploaded"] = uploaded
     summary["upload_seconds"] = round(time.monotonic() - upload_started, 2)
     log.info(
