@@ -18,6 +18,7 @@ model and its inputs), so the report, the UI and `predict` read one self-contain
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ import torch
 from .. import layout
 from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
+from ..evaluation.health import check_predictions, likely_cause
 from ..evaluation.metrics import classification_metrics
 from ..models.network import set_backbone_frozen
 from ..models.registry import get_model_spec
@@ -91,8 +93,22 @@ def train_model(storage: Storage, *, run_key: str, model_name: str, manifest: pd
         _write_outputs(storage, file_key, run)
         storage.delete(file_key(layout.CHECKPOINT))  # exported: a resume has nothing left to do
     prefix = layout.trained_prefix(dataset_id, model_name, train_key)
-    return _publish(storage, run_key, model_name, file_key, {"trained": prefix, "train_key": train_key,
-                                                             "reused": reused, "inputs": inputs})  # fmt: skip
+    summary = _publish(storage, run_key, model_name, file_key, {"trained": prefix, "train_key": train_key,
+                                                                "reused": reused, "inputs": inputs})  # fmt: skip
+    _warn_if_flagged(storage, run_key, model_name)
+    return summary
+
+
+def _warn_if_flagged(storage: Storage, run_key: str, model_name: str) -> None:
+    """The report's health checks (evaluation.health), in this task's log too: a collapsed model warns here."""
+    preds = pd.read_csv(io.BytesIO(storage.get_bytes(layout.model_file_key(run_key, model_name, "predictions.csv"))),
+                        keep_default_na=False)  # fmt: skip
+    metrics = json.loads(storage.get_bytes(layout.model_file_key(run_key, model_name, "metrics.json")))
+    findings = check_predictions(preds, metrics.get("train_accuracy"), model=model_name)
+    for f in findings:
+        log.warning("%s is flagged (%s): %s", model_name, f["check"], f["detail"])
+    if findings:
+        log.warning("%s: likely cause: %s (the ensemble leaves flagged models out)", model_name, likely_cause(findings))
 
 
 def _publish(storage: Storage, run_key: str, model_name: str, file_key: Callable[[str], str], record: dict) -> dict:
