@@ -93,6 +93,15 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
     history = json.loads(storage.get_bytes(f"{model_prefix('r2', 'mobilenetv2')}/history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert [h["frozen"] for h in history] == [True, False, False]
+    # After the last epoch the BatchNorm statistics were recomputed for the final weights (loop.
+    # recalibrate_batchnorm): the last validation numbers, and metrics.json's, are the exported model's.
+    prefix = model_prefix("r2", "mobilenetv2")
+    assert history[-1]["batchnorm_recalibrated_on"] == len(manifest[manifest["split"] == "train"])
+    assert "val_accuracy_before_recalibration" in history[-1]
+    preds = pd.read_csv(storage.local_path(f"{prefix}/predictions.csv"))
+    val = preds[preds["split"] == "val"]
+    metrics = json.loads(storage.get_bytes(f"{prefix}/metrics.json"))
+    assert metrics["val_accuracy"] == history[-1]["val_accuracy"] == pytest.approx((val.label == val.predicted).mean())
 
 
 def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):

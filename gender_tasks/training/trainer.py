@@ -43,7 +43,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_torchscript
 from .keys import key_of, model_inputs
-from .loop import epoch_generator, predict_proba, progress_logger, setup_model, train_one_epoch
+from .loop import epoch_generator, predict_proba, progress_logger, recalibrate_batchnorm, setup_model, train_one_epoch
 from .recipe import make_optimizer, make_scheduler, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,26 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
         save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=epoch, frozen=frozen,
                         history=run.history, scheduler=scheduler)  # fmt: skip
         _log_epoch(run, record, started, epoch - start_epoch + 1)
+    _recalibrate(run)
     run.train_seconds = time.monotonic() - started
+
+
+def _recalibrate(run: TrainingRun) -> None:
+    """After the last epoch, BatchNorm statistics for the final weights (loop.recalibrate_batchnorm); the last
+    epoch's validation numbers become those of the model as exported (the lagging ones are kept beside)."""
+    s, val = run.settings, run.data["val"]
+    frozen = run.plan.freeze_epochs >= run.plan.epochs
+    used = recalibrate_batchnorm(run.model, run.model_name, run.data["train"], run.inputs, s.batch_size,
+                                 run.autocast, frozen=frozen, seed=s.seed)  # fmt: skip
+    if not used or not run.history or not len(val):
+        return
+    last = run.history[-1]
+    prob, loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast, s.recipe.tta)
+    accuracy = float(((prob >= 0.5) == val.labels.numpy().astype(bool)).mean())
+    last.setdefault("val_accuracy_before_recalibration", last["val_accuracy"])
+    last.update(val_loss=loss, val_accuracy=accuracy, batchnorm_recalibrated_on=used)
+    log.info("%s: BatchNorm statistics recomputed on %d training images: validation accuracy %.3f (was %.3f)",
+             run.model_name, used, accuracy, last["val_accuracy_before_recalibration"])  # fmt: skip
 
 
 def _log_epoch(run: TrainingRun, record: dict, started: float, epochs_done: int) -> None:
