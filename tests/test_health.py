@@ -186,7 +186,8 @@ class _Constant(torch.nn.Module):
         return (x.mean(dim=(1, 2, 3)) * self.scale).unsqueeze(1)
 
 
-def write_model(storage, run_key: str, name: str, preds: pd.DataFrame, train_accuracy: float, size: int = 16):
+def write_model(storage, run_key: str, name: str, preds: pd.DataFrame, train_accuracy: float, size: int = 16,
+                last_epoch: dict | None = None):  # fmt: skip
     def put(file: str, data: bytes) -> None:
         storage.put_bytes(layout.model_file_key(run_key, name, file), data)
 
@@ -199,6 +200,7 @@ def write_model(storage, run_key: str, name: str, preds: pd.DataFrame, train_acc
                "mean_images_per_s": 100.0, "device": "cpu"}  # fmt: skip
     history = [{"epoch": e, "accuracy": train_accuracy, "val_accuracy": val_acc, "loss": 0.5, "val_loss": 0.6}
                for e in (1, 2)]  # fmt: skip
+    history[-1].update(last_epoch or {})
     put("predictions.csv", preds.to_csv(index=False).encode())
     put("metrics.json", json.dumps(metrics).encode())
     put("history.json", json.dumps(history).encode())
@@ -222,7 +224,8 @@ def _settings(tmp_path, **extra):
 def _write_run(storage, run_key: str, seed: int = 0) -> pd.DataFrame:
     rows = _split_rows()
     write_model(storage, run_key, "cnn", _predictions(rows, _good(rows, 0.85, seed)), 0.88)
-    write_model(storage, run_key, "resnet50", _predictions(rows, _good(rows, 0.8, seed + 1)), 0.83)
+    write_model(storage, run_key, "resnet50", _predictions(rows, _good(rows, 0.8, seed + 1)), 0.83,
+                last_epoch={"batchnorm_recalibrated_on": 60, "val_accuracy_before_recalibration": 0.5})  # fmt: skip
     write_model(storage, run_key, "mobilenetv2", _predictions(rows, _one_class(rows, seed)), 0.876)
     return rows
 
@@ -332,6 +335,11 @@ def test_the_report_warns_marks_the_row_and_names_the_ensemble_members(local_sto
     for label in ens["labels"]:
         assert label in members
     assert "Left out" in members and "MobileNet V2" in members and "validation split only" in members
+    card = html[html.index('id="model-resnet50"') :]
+    assert "BatchNorm statistics recomputed on\n60 training images" in card[: card.index("</p>")]
+    assert (
+        "BatchNorm statistics recomputed" not in html[html.index('id="model-cnn"') : html.index('id="model-resnet50"')]
+    )
 
 
 def test_a_two_repeat_report_keeps_every_interval_inside_0_1_and_says_it_means_little(local_storage, tmp_path):

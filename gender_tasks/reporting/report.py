@@ -376,6 +376,8 @@ def build_report(
             "metrics": met,
             "plots": _plots(hist, t["confusion_matrix"], y_true, test["prob_male"].to_numpy()),
             "recall_gap": recalls["female"] - recalls["male"],
+            # training.loop.recalibrate_batchnorm's effect on the last epoch's validation accuracy, if it ran
+            "recalibration": hist[-1] if hist and "batchnorm_recalibrated_on" in hist[-1] else None,
             "groups": _group_accuracy(test.assign(sha256=test["key"].map(sha_of_key)), attributes),
         }
 
