@@ -253,9 +253,19 @@ def test_a_model_forced_to_one_class_is_left_out_of_the_ensemble(local_storage, 
     assert json.loads(module_meta["meta.json"])["members"] == metrics["members"]
 
 
-def test_ensemble_selection_reads_no_test_data(local_storage):
+def test_ensemble_selection_reads_no_test_data(local_storage, monkeypatch):
+    from gender_tasks.training import ensemble
+
     rows = _write_run(local_storage, "r2", seed=3)
+    seen = []
+
+    def spy(labels, val_probs):
+        seen.append((len(labels), {m: len(p) for m, p in val_probs.items()}))
+        return select_members(labels, val_probs)
+
+    monkeypatch.setattr(ensemble, "select_members", spy)
     before = choose_members(local_storage, "r2", MODELS)
+    assert seen == [(40, {"cnn": 40, "resnet50": 40})]  # the 40 validation images of the unflagged models only
     # Poison every test row: the test split now says the opposite of everything, and the best model there
     # changes. The choice must not move.
     for name in MODELS:
