@@ -236,6 +236,7 @@ def test_a_model_forced_to_one_class_is_left_out_of_the_ensemble(local_storage, 
     assert "mobilenetv2" not in out["members"] and out["members"]
     metrics = json.loads(local_storage.get_bytes(layout.model_file_key("r1", "ensemble", "metrics.json")))
     assert set(metrics["excluded"]["mobilenetv2"]) == {"one_class", "not_above_majority", "train_val_gap"}
+    assert metrics["flagged"] == metrics["excluded"]
     assert metrics["all_flagged"] is False and metrics["members"] == out["members"]
     # The stored ensemble is the plain mean of exactly the chosen members.
     ens = pd.read_csv(local_storage.local_path(layout.model_file_key("r1", "ensemble", "predictions.csv")))
@@ -288,7 +289,7 @@ def test_when_every_model_is_flagged_the_ensemble_says_so(local_storage, tmp_pat
         write_model(local_storage, "r3", name, _predictions(rows, _one_class(rows, i)), 0.9)
     out = build_ensemble(local_storage, run_key="r3", settings=_settings(tmp_path))
     metrics = json.loads(local_storage.get_bytes(layout.model_file_key("r3", "ensemble", "metrics.json")))
-    assert metrics["all_flagged"] is True and set(metrics["excluded"]) == set(MODELS)
+    assert metrics["all_flagged"] is True and set(metrics["flagged"]) == set(MODELS) and metrics["excluded"] == {}
     assert out["members"]  # chosen among the flagged models, and flagged as such
 
 

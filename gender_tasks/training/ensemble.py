@@ -120,24 +120,32 @@ def _key(score: tuple[float, float]) -> tuple[float, float]:
 def choose_members(storage: Storage, run_key: str, models: tuple[str, ...]) -> dict:
     """Leave out the models the health checks flag (evaluation.health), then pick the members among the
     rest on the validation split (select_members). When every model is flagged none can be left out: the
-    choice is made among all of them and `all_flagged` says so (the report warns)."""
-    val, excluded = {}, {}
+    choice is made among all of them, `all_flagged` says so (the report warns) and `excluded` is empty.
+
+    Returns select_members' answer plus {"flagged": {model: [checks]}, "excluded": {model: [checks]},
+    "all_flagged"}."""
+    val, flagged = {}, {}
     for name in models:
         preds = pd.read_csv(io.BytesIO(storage.get_bytes(layout.model_file_key(run_key, name, "predictions.csv"))),
                             keep_default_na=False)  # fmt: skip
         metrics = json.loads(storage.get_bytes(layout.model_file_key(run_key, name, "metrics.json")))
         findings = check_predictions(preds, metrics.get("train_accuracy"), model=name)
         if findings:
-            excluded[name] = [f["check"] for f in findings]
+            flagged[name] = [f["check"] for f in findings]
         val[name] = preds[preds["split"] == "val"].set_index("key")[["label", "prob_male"]]
-    candidates = [m for m in models if m not in excluded] or list(models)
+    all_flagged = len(flagged) == len(models)
+    excluded = {} if all_flagged else flagged
+    candidates = [m for m in models if m not in excluded]
     keys = sorted(set.intersection(*(set(val[m].index) for m in candidates)))
     labels = encode_labels(val[candidates[0]].loc[keys, "label"])
     chosen = select_members(labels, {m: val[m].loc[keys, "prob_male"].to_numpy() for m in candidates})
     if excluded:
         log.warning("ensemble: left out %s (flagged: %s)", ", ".join(excluded),
                     "; ".join(f"{m} {', '.join(c)}" for m, c in excluded.items()))  # fmt: skip
-    return {**chosen, "excluded": excluded, "all_flagged": len(excluded) == len(models)}
+    elif all_flagged:
+        log.warning("ensemble: every model is flagged (%s), so none is left out: chosen among all of them",
+                    "; ".join(f"{m} {', '.join(c)}" for m, c in flagged.items()))  # fmt: skip
+    return {**chosen, "flagged": flagged, "excluded": excluded, "all_flagged": all_flagged}
 
 
 def export_ensemble(storage: Storage, run_key: str, models: tuple[str, ...], card: dict) -> bytes:
@@ -169,7 +177,8 @@ def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dic
     test_metrics = classification_metrics(encode_labels(test["label"]), test["prob_male"].to_numpy()) if len(test) \
         else None  # fmt: skip
     metrics = {"model": ENSEMBLE, "members": list(models), "weights": choice["weights"],
-               "excluded": choice["excluded"], "all_flagged": choice["all_flagged"], "selection": choice["steps"],
+               "flagged": choice["flagged"], "excluded": choice["excluded"], "all_flagged": choice["all_flagged"],
+               "selection": choice["steps"],
                "test": test_metrics,
                # Unlike the members' (running accuracy on augmented batches): the mean prediction on the
                # un-augmented training images.
