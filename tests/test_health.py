@@ -28,6 +28,11 @@ from gender_tasks.training.export import export_torchscript
 SIZES = {"train": 60, "val": 40, "test": 40}  # images per split, half of each class
 
 
+def _classes(prob_male) -> np.ndarray:
+    """Class names at the 0.5 threshold, as predictions.csv holds them."""
+    return np.where(np.asarray(prob_male) >= 0.5, "male", "female")
+
+
 def _split_rows(sizes=SIZES) -> pd.DataFrame:
     rows = [{"key": f"{split}/{label}/{i:03d}.jpg", "split": split, "label": label}
             for split, n in sizes.items() for label in ("female", "male") for i in range(n // 2)]  # fmt: skip
@@ -36,9 +41,7 @@ def _split_rows(sizes=SIZES) -> pd.DataFrame:
 
 def _predictions(rows: pd.DataFrame, prob_male) -> pd.DataFrame:
     prob = np.asarray(prob_male, dtype=float)
-    return rows.assign(prob_male=prob, predicted=health.predicted_classes(prob))[
-        ["key", "split", "label", "prob_male", "predicted"]
-    ]
+    return rows.assign(prob_male=prob, predicted=_classes(prob))[["key", "split", "label", "prob_male", "predicted"]]
 
 
 def _good(rows: pd.DataFrame, accuracy: float, seed: int) -> np.ndarray:
@@ -276,7 +279,7 @@ def test_ensemble_selection_reads_no_test_data(local_storage, monkeypatch):
         rng = np.random.default_rng(len(name))
         preds.loc[test, "prob_male"] = rng.random(int(test.sum()))
         preds.loc[test, "label"] = rng.choice(["female", "male"], int(test.sum()))
-        preds["predicted"] = health.predicted_classes(preds["prob_male"])
+        preds["predicted"] = _classes(preds["prob_male"])
         local_storage.put_bytes(key, preds.to_csv(index=False).encode())
     after = choose_members(local_storage, "r2", MODELS)
     assert after == before

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 from scipy.stats import binomtest, norm
 
@@ -152,12 +151,3 @@ def flag_summary(findings: list[dict]) -> dict[str, dict]:
         if cause and cause not in entry["causes"]:
             entry["causes"].append(cause)
     return out
-
-
-def flagged(findings: list[dict]) -> set[str]:
-    return {f["model"] for f in findings}
-
-
-def predicted_classes(prob_male) -> np.ndarray:
-    """Class names for P(male) at the 0.5 threshold, as predictions.csv writes them."""
-    return np.where(np.asarray(prob_male) >= 0.5, CLASSES[1], CLASSES[0])
