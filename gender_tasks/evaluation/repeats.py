@@ -6,7 +6,7 @@ over J repeats of a random train/test split, the per-model summary of each metri
 every pair of models.
 
 Every metric summarised here (accuracy, precision, recall, F1, ROC AUC) lies in [0, 1], and so must its
-interval: a plain t-interval over 2 repeats of [0.5, 1.0] is [-2.7, 4.9]. The interval is therefore a
+interval: a plain t-interval over 2 repeats of [0.5, 1.0] is [-2.43, 3.93]. The interval is therefore a
 t-interval on the logit scale, transformed back (logit_t_interval): inside (0, 1) by construction, and
 honestly wide when the repeats are few (below 3 repeats it spans nearly all of [0, 1]; the report says
 that such an interval means little).
