@@ -86,9 +86,15 @@ def test_summarise_repeats():
     acc = s["cnn"]["test_accuracy"]
     assert acc["mean"] == pytest.approx(0.82) and acc["std"] == pytest.approx(0.02)
     assert (acc["min"], acc["max"], acc["n"]) == (0.80, 0.84, 3)
-    half = stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)  # 4.3027 * 0.02 / 1.7321 = 0.04968
-    assert half == pytest.approx(0.049683, abs=1e-5)
-    assert (acc["ci_low"], acc["ci_high"]) == (pytest.approx(0.82 - half), pytest.approx(0.82 + half))
+    # The interval is the t-interval of the logits, transformed back: logit(0.80, 0.84, 0.82) = 1.38629,
+    # 1.65823, 1.51635; mean 1.52029, sd 0.13601, half-width 4.3027 * 0.13601 / sqrt(3) = 0.33787.
+    logits = np.log(np.array([0.80, 0.84, 0.82]) / (1 - np.array([0.80, 0.84, 0.82])))
+    half = stats.t.ppf(0.975, 2) * logits.std(ddof=1) / math.sqrt(3)
+    assert (logits.mean(), half) == (pytest.approx(1.52029, abs=1e-5), pytest.approx(0.33787, abs=1e-5))
+    expit = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    assert acc["ci_low"] == pytest.approx(expit(1.52029 - 0.33787), abs=1e-5)  # 0.7654
+    assert acc["ci_high"] == pytest.approx(expit(1.52029 + 0.33787), abs=1e-5)  # 0.8651
+    assert 0 < acc["ci_low"] < 0.82 < acc["ci_high"] < 1
     assert s["cnn"]["f1"]["n"] == 2  # None and nested dicts are skipped
     assert "test" not in s["cnn"]
 
@@ -99,18 +105,17 @@ def test_summary_of_one_repeat_has_no_spread():
     assert t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
 
 
-def test_rank_first_counts_split_and_each():
-    # Repeat 2 is a tie (0.84 each).
-    assert rank_first_counts(REPEATS) == {"cnn": 2.5, "resnet50": 0.5}
-    assert rank_first_counts(REPEATS, ties="each") == {"cnn": 3.0, "resnet50": 1.0}
-    assert sum(rank_first_counts(REPEATS).values()) == pytest.approx(len(REPEATS))
-    with pytest.raises(ValueError):
-        rank_first_counts(REPEATS, ties="drop")
+def test_rank_first_counts_are_whole_with_ties_as_ties():
+    # Repeat 1 is a tie (0.84 each): it counts for no one alone.
+    counts = rank_first_counts(REPEATS)
+    assert counts == {"alone": {"cnn": 2, "resnet50": 0}, "tied": {"cnn": 1, "resnet50": 1},
+                      "ties": [{"repeat": 1, "models": ["cnn", "resnet50"]}]}  # fmt: skip
+    assert sum(counts["alone"].values()) + len(counts["ties"]) == len(REPEATS)
 
 
 def test_rank_first_counts_lists_models_that_never_win():
     counts = rank_first_counts([{"a": {"test_accuracy": 0.9}, "b": {"test_accuracy": 0.8}}, {"b": {}}])
-    assert counts == {"a": 1.0, "b": 0.0}
+    assert counts == {"alone": {"a": 1, "b": 0}, "tied": {"a": 0, "b": 0}, "ties": []}
 
 
 def test_pairwise_corrected_tests():

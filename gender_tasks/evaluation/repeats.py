@@ -2,8 +2,14 @@
 
 Owns: the corrected resampled t-test of Nadeau and Bengio (2003) for the difference of two models
 over J repeats of a random train/test split, the per-model summary of each metric over repeats
-(mean, sample std, range, 95% t-interval of the mean), how often each model ranks first, and the
-corrected test for every pair of models.
+(mean, sample std, range, 95% interval), how often each model ranks first, and the corrected test for
+every pair of models.
+
+Every metric summarised here (accuracy, precision, recall, F1, ROC AUC) lies in [0, 1], and so must its
+interval: a plain t-interval over 2 repeats of [0.5, 1.0] is [-2.43, 3.93]. The interval is therefore a
+t-interval on the logit scale, transformed back (logit_t_interval): inside (0, 1) by construction, and
+honestly wide when the repeats are few (below 3 repeats it spans nearly all of [0, 1]; the report says
+that such an interval means little).
 
 `per_repeat` everywhere is a list with one entry per repeat: {model name: {metric name: value}}.
 Non-numeric metric values (None, nested dicts, strings) are ignored; a model missing from a repeat
@@ -17,7 +23,7 @@ from itertools import combinations
 from numbers import Real
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 CONFIDENCE = 0.95
 
@@ -63,9 +69,31 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
     return float(v.mean() - half), float(v.mean() + half)
 
 
-def _describe(values: list[float]) -> dict:
+def logit_t_interval(values, n_images: int | None = None, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The t-interval of the mean of proportions `values` (each in [0, 1]) on the logit scale, transformed
+    back: it always lies inside [0, 1], and is asymmetric near the bounds (NaN for fewer than two values).
+
+    A value of exactly 0 or 1 has no logit; it is moved half an image inside (to 0.5 / n_images or
+    1 - 0.5 / n_images, the usual continuity correction), so `n_images` (the number of images each value
+    was measured on) is required when one occurs. Values with no spread give [v, v]."""
     v = np.asarray(values, dtype=float)
-    low, high = t_interval(v)
+    if len(v) < 2:
+        return math.nan, math.nan
+    if np.any((v < 0) | (v > 1)):
+        raise ValueError(f"logit_t_interval needs proportions in [0, 1], got {v.tolist()}")
+    if np.allclose(v, v[0], rtol=0, atol=1e-15):
+        return float(v[0]), float(v[0])
+    if np.any((v == 0) | (v == 1)):
+        if not n_images or n_images < 1:
+            raise ValueError(f"values {v.tolist()} include 0 or 1: give n_images (the images each was measured on)")
+        v = np.clip(v, 0.5 / n_images, 1 - 0.5 / n_images)
+    low, high = t_interval(special.logit(v), confidence)
+    return float(special.expit(low)), float(special.expit(high))
+
+
+def _describe(values: list[float], n_images: int | None) -> dict:
+    v = np.asarray(values, dtype=float)
+    low, high = logit_t_interval(v, n_images)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else math.nan,
             "min": float(v.min()), "max": float(v.max()), "n": len(v), "ci_low": low, "ci_high": high}  # fmt: skip
 
@@ -85,32 +113,37 @@ def collect(per_repeat: list[dict]) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def summarise_repeats(per_repeat: list[dict]) -> dict:
-    """{model: {metric: {mean, std (ddof=1), min, max, n, ci_low, ci_high}}}: the 95% t-interval of
-    the mean; std and the interval are NaN for a metric seen in one repeat only."""
-    return {model: {name: _describe(vals) for name, vals in metrics.items()}
+def summarise_repeats(per_repeat: list[dict], n_images: int | None = None) -> dict:
+    """{model: {metric: {mean, std (ddof=1), min, max, n, ci_low, ci_high}}}: the 95% interval is the
+    t-interval on the logit scale (logit_t_interval; every metric must lie in [0, 1]; `n_images`, the test
+    set's size, places a value of exactly 0 or 1). std and the interval are NaN for a metric seen in one
+    repeat only."""
+    return {model: {name: _describe(vals, n_images) for name, vals in metrics.items()}
             for model, metrics in collect(per_repeat).items()}  # fmt: skip
 
 
-def rank_first_counts(per_repeat: list[dict], metric: str = "test_accuracy", ties: str = "split") -> dict[str, float]:
-    """How often each model has the highest `metric` in a repeat (models without it there are skipped).
+def rank_first_counts(per_repeat: list[dict], metric: str = "test_accuracy") -> dict:
+    """In how many repeats each model has the highest `metric` (models without it there are skipped):
+    whole counts, ties kept as ties.
 
-    ties="split": k models tied for first get 1/k each, so the counts sum to the number of repeats;
-    ties="each": every tied model gets 1 (counts may sum to more than the repeats).
-    Every model seen in any repeat appears, with 0 if it never ranked first.
-    """
-    if ties not in ("split", "each"):
-        raise ValueError(f"ties must be 'split' or 'each', got {ties!r}")
-    counts = {model: 0.0 for repeat in per_repeat for model in repeat}
-    for repeat in per_repeat:
+    Returns {"alone": {model: repeats it was first on its own}, "tied": {model: repeats it shared first
+    place}, "ties": [{"repeat": r, "models": [...]}, ...]}. Every model seen in any repeat appears in both
+    counts (0 where it never ranked first); sum(alone) + len(ties) is the number of repeats with the metric."""
+    models = list(dict.fromkeys(model for repeat in per_repeat for model in repeat))
+    alone, tied, ties = dict.fromkeys(models, 0), dict.fromkeys(models, 0), []
+    for r, repeat in enumerate(per_repeat):
         scores = {m: float(v[metric]) for m, v in repeat.items() if _is_number(v.get(metric))}
         if not scores:
             continue
         best = max(scores.values())
         winners = [m for m, s in scores.items() if s == best]
-        for m in winners:
-            counts[m] += 1.0 / len(winners) if ties == "split" else 1.0
-    return counts
+        if len(winners) == 1:
+            alone[winners[0]] += 1
+        else:
+            ties.append({"repeat": r, "models": winners})
+            for m in winners:
+                tied[m] += 1
+    return {"alone": alone, "tied": tied, "ties": ties}
 
 
 def paired_differences(per_repeat: list[dict], a: str, b: str, metric: str) -> list[float]:

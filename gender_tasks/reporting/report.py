@@ -27,6 +27,7 @@ from ..data.attributes import read_attributes
 from ..data.images import decode_resize
 from ..data.manifest import read_image, read_manifest
 from ..data.split import split_counts as count_splits
+from ..evaluation import health
 from ..evaluation.metrics import encode_labels
 from ..evaluation.repeats import pairwise_corrected_tests, rank_first_counts, summarise_repeats
 from ..evaluation.stats import bootstrap_ci, mcnemar
@@ -43,6 +44,36 @@ ROC_POINTS = 400  # vertices of a plotted ROC curve, whatever the test set's siz
 
 
 TABLE_METRICS = ("train_accuracy", "test_accuracy", "precision", "recall", "f1")
+INTERVAL_METHOD = "95% t-interval of the mean on the logit scale, transformed back (inside [0, 1])"
+MIN_REPEATS_FOR_INTERVALS = 3  # below this, an interval over repeats rests on one degree of freedom
+
+
+def _health(storage: Storage, run_key: str, settings: Settings, models: list[str], first: dict) -> list[dict]:
+    """Every health finding (evaluation.health) of every reported model in every repeat; `first` holds
+    repeat 0's outputs, already read."""
+    findings = []
+    for r in range(settings.repeats):
+        key = layout.repeat_run_key(run_key, r)
+        for m in models:
+            out = first[m] if r == 0 else load_model_outputs(storage, key, m)
+            findings += health.check_predictions(out["predictions"], out["metrics"].get("train_accuracy"),
+                                                 model=m, repeat=r)  # fmt: skip
+    return findings
+
+
+def _ensemble_members(storage: Storage, run_key: str, settings: Settings, first: dict) -> list[dict] | None:
+    """Per repeat: the ensemble's members, weights and the models it left out (its metrics.json)."""
+    if ENSEMBLE not in first:
+        return None
+    out = []
+    for r in range(settings.repeats):
+        met = first[ENSEMBLE]["metrics"] if r == 0 else json.loads(
+            storage.get_bytes(layout.model_file_key(layout.repeat_run_key(run_key, r), ENSEMBLE, "metrics.json")))  # fmt: skip
+        members = met["members"]
+        out.append({"repeat": r, "members": members, "labels": [_label(m) for m in members],
+                    "weights": met.get("weights", [1 / len(members)] * len(members)),
+                    "excluded": met.get("excluded", {}), "all_flagged": met.get("all_flagged", False)})  # fmt: skip
+    return out
 
 
 def _label(model_name: str) -> str:
@@ -175,12 +206,15 @@ def _repeats_section(storage: Storage, run_key: str, settings: Settings, models:
     counts = count_splits(read_manifest(storage, repeat_split_keys[0]))
     n_train, n_test = (sum(counts.get(s, {}).values()) for s in ("train", "test"))
     tests = pairwise_corrected_tests(per_repeat, n_train=n_train, n_test=n_test)
+    rank_first = rank_first_counts(per_repeat)
     for t in tests:
         t["significant"] = not math.isnan(t["p"]) and bool(t["p"] < SIGNIFICANCE)  # NaN: not testable
         t["mcnemar_significant_repeats"] = mcnemar_hits.get((_label(t["a"]), _label(t["b"])), 0)
         t["a_label"], t["b_label"] = _label(t["a"]), _label(t["b"])
     return {"repeats": settings.repeats, "seeds": [settings.seed + r for r in range(settings.repeats)],
-            "summary": summarise_repeats(per_repeat), "rank_first": rank_first_counts(per_repeat),
+            "summary": summarise_repeats(per_repeat, n_images=n_test), "interval": INTERVAL_METHOD,
+            "interval_means_little": settings.repeats < MIN_REPEATS_FOR_INTERVALS,
+            "rank_first": {"alone": rank_first["alone"], "tied": rank_first["tied"]}, "ties": rank_first["ties"],
             "corrected_tests": tests, "n_train": n_train, "n_test": n_test, "per_repeat": per_repeat}  # fmt: skip
 
 
@@ -306,6 +340,12 @@ def build_report(
     models = _reported_models(storage, run_key, settings)
     outputs = {m: load_model_outputs(storage, run_key, m) for m in models}
     repeats = _repeats_section(storage, run_key, settings, models, repeat_split_keys or [split_key])
+    warnings = _health(storage, run_key, settings, models, outputs)
+    flags = health.flag_summary(warnings)
+    ensemble = _ensemble_members(storage, run_key, settings, outputs)
+    for name, flag in flags.items():  # what the ensemble did with each flagged model, per repeat
+        flag["left_out_of_ensemble"] = [e["repeat"] for e in ensemble or [] if name in e["excluded"]]
+        flag["kept_in_ensemble"] = [e["repeat"] for e in ensemble or [] if e["all_flagged"] and name in e["members"]]
     manifest = read_manifest(storage, split_key)
     split_counts = count_splits(manifest)
     sha_of_key = dict(zip(manifest["key"], manifest["sha256"], strict=True))
@@ -322,7 +362,7 @@ def build_report(
         t = met["test"]
         first = {k: v for k, v in _table_values(met).items() if k in TABLE_METRICS}
         row = {"model": name, "label": _label(name), "ours": first, "first": first, "macro": t["macro"],
-               "paper": ref, "ci": ci, "roc_auc": t["roc_auc"], "repeat_ci": None}  # fmt: skip
+               "paper": ref, "ci": ci, "roc_auc": t["roc_auc"], "repeat_ci": None, "flagged": flags.get(name)}  # fmt: skip
         if repeats:  # Table 1's "ours": the mean over the repeats, with its 95% t-interval
             summary = repeats["summary"][name]
             row["ours"] = {k: summary[k]["mean"] for k in TABLE_METRICS}
@@ -336,6 +376,8 @@ def build_report(
             "metrics": met,
             "plots": _plots(hist, t["confusion_matrix"], y_true, test["prob_male"].to_numpy()),
             "recall_gap": recalls["female"] - recalls["male"],
+            # training.loop.recalibrate_batchnorm's effect on the last epoch's validation accuracy, if it ran
+            "recalibration": hist[-1] if hist and "batchnorm_recalibrated_on" in hist[-1] else None,
             "groups": _group_accuracy(test.assign(sha256=test["key"].map(sha_of_key)), attributes),
         }
 
@@ -355,6 +397,14 @@ def build_report(
         "settings": settings.to_dict(),
         "validation": validation,
         "class_balance": balance,
+        "warnings": warnings,
+        "flagged": flags,
+        "health_rules": {
+            "alpha": health.ALPHA,
+            "nearly_none": health.NEARLY_NONE,
+            "gap_tolerance": health.GAP_TOLERANCE,
+        },  # fmt: skip
+        "ensemble": ensemble,
         "table": rows,
         "setup": _setup_comparison(settings),
         "repeats": repeats,

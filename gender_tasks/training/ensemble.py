@@ -1,5 +1,10 @@
 """The ensemble of a run's trained models: the mean of their P(male), evaluated and exported like a model.
 
+Its members are chosen on the validation split only (choose_members): models the health checks flag
+(evaluation.health: one class, chance level, a train/validation gap) are left out, then greedy forward
+selection keeps adding the model that most improves the mean on validation, so the ensemble is never
+worse there than its best member. The test split plays no part in the choice.
+
     runs/<run_key>/models/ensemble/predictions.csv   every image's mean P(male), with its split
     runs/<run_key>/models/ensemble/metrics.json      test metrics, train / validation accuracy, members
     runs/<run_key>/models/ensemble/model.ts          TorchScript: the members' exported modules in one, each
@@ -22,8 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import log_loss
 
 from .. import layout, tables
+from ..evaluation.health import check_predictions
 from ..evaluation.metrics import classification_metrics, encode_labels
 from ..evaluation.predict import MODEL_CARD, load_stored_model, stored_checksums
 from ..integrity import sha256_hex
@@ -51,14 +58,18 @@ class _Ensemble(torch.nn.Module):
         return total / len(self.sizes)
 
 
+def _member_file(storage: Storage, run_key: str, name: str, file: str) -> bytes:
+    """A member's file, checked against the sha256 its model card recorded (an IntegrityError if it changed)."""
+    prefix = layout.model_prefix(run_key, name)
+    return read_verified(storage, f"{prefix}/{file}", stored_checksums(storage, prefix, [file])[file])
+
+
 def _mean_predictions(storage: Storage, run_key: str, models: tuple[str, ...]) -> pd.DataFrame:
     """key, split, label, prob_male (the members' mean), predicted: one row per image all members scored."""
     merged = None
     for name in models:
-        prefix = layout.model_prefix(run_key, name)
-        sha = stored_checksums(storage, prefix, ["predictions.csv"])["predictions.csv"]
         table = tables.read_csv(
-            io.BytesIO(read_verified(storage, f"{prefix}/predictions.csv", sha)), keep_default_na=False
+            io.BytesIO(_member_file(storage, run_key, name, "predictions.csv")), keep_default_na=False
         )
         table = table[["key", "split", "label", "prob_male"]].rename(columns={"prob_male": name})
         merged = table if merged is None else merged.merge(table, on=["key", "split", "label"], how="inner")
@@ -70,6 +81,82 @@ def _mean_predictions(storage: Storage, run_key: str, models: tuple[str, ...]) -
 def _accuracy(preds: pd.DataFrame, split: str) -> float | None:
     part = preds[preds["split"] == split]
     return float((part["label"] == part["predicted"]).mean()) if len(part) else None
+
+
+def select_members(labels, val_probs: dict[str, np.ndarray]) -> dict:
+    """The members of the ensemble, chosen on validation data only (greedy forward selection).
+
+    `labels` (0/1) and each candidate's P(male) are the validation images', in the same order; nothing
+    else is seen, so the test split cannot steer the choice. Start from the best single candidate
+    (validation accuracy, then log-loss, then the order given), then add whichever candidate improves the
+    plain mean's (accuracy, -log-loss) most, while one does. Each step must improve on the last, so the
+    chosen mean is never worse on validation than its best member. Weights are equal (1 / members).
+
+    Returns {"members", "weights", "val_accuracy", "val_log_loss", "steps"} (steps: the score after each
+    added member)."""
+    y = np.asarray(labels, dtype=int)
+    if not val_probs:
+        raise ValueError("select_members needs at least one candidate")
+    if len(y) == 0:
+        raise ValueError("select_members needs validation images: the split has none")
+
+    def score(names: list[str]) -> tuple[float, float]:
+        p = np.mean([np.asarray(val_probs[n], dtype=float) for n in names], axis=0)
+        return float(((p >= 0.5) == y).mean()), float(log_loss(y, p, labels=[0, 1]))
+
+    order = list(val_probs)
+    chosen = [max(order, key=lambda n: (*_key(score([n])), -order.index(n)))]
+    steps = [{"added": chosen[0], "val_accuracy": score(chosen)[0], "val_log_loss": score(chosen)[1]}]
+    while True:
+        rest = [n for n in order if n not in chosen]
+        if not rest:
+            break
+        best = max(rest, key=lambda n: (*_key(score([*chosen, n])), -order.index(n)))
+        if _key(score([*chosen, best])) <= _key(score(chosen)):
+            break
+        chosen.append(best)
+        acc, loss = score(chosen)
+        steps.append({"added": best, "val_accuracy": acc, "val_log_loss": loss})
+    acc, loss = score(chosen)
+    return {"members": chosen, "weights": [1 / len(chosen)] * len(chosen), "val_accuracy": acc,
+            "val_log_loss": loss, "steps": steps}  # fmt: skip
+
+
+def _key(score: tuple[float, float]) -> tuple[float, float]:
+    """Higher is better: accuracy first, then the lower log-loss."""
+    return score[0], -score[1]
+
+
+def choose_members(storage: Storage, run_key: str, models: tuple[str, ...]) -> dict:
+    """Leave out the models the health checks flag (evaluation.health), then pick the members among the
+    rest on the validation split (select_members). When every model is flagged none can be left out: the
+    choice is made among all of them, `all_flagged` says so (the report warns) and `excluded` is empty.
+
+    Returns select_members' answer plus {"flagged": {model: [checks]}, "excluded": {model: [checks]},
+    "all_flagged"}."""
+    val, flagged = {}, {}
+    for name in models:
+        preds = tables.read_csv(
+            io.BytesIO(_member_file(storage, run_key, name, "predictions.csv")), keep_default_na=False
+        )
+        metrics = json.loads(_member_file(storage, run_key, name, "metrics.json"))
+        findings = check_predictions(preds, metrics.get("train_accuracy"), model=name)
+        if findings:
+            flagged[name] = [f["check"] for f in findings]
+        val[name] = preds[preds["split"] == "val"].set_index("key")[["label", "prob_male"]]
+    all_flagged = len(flagged) == len(models)
+    excluded = {} if all_flagged else flagged
+    candidates = [m for m in models if m not in excluded]
+    keys = sorted(set.intersection(*(set(val[m].index) for m in candidates)))
+    labels = encode_labels(val[candidates[0]].loc[keys, "label"])
+    chosen = select_members(labels, {m: val[m].loc[keys, "prob_male"].to_numpy() for m in candidates})
+    if excluded:
+        log.warning("ensemble: left out %s (flagged: %s)", ", ".join(excluded),
+                    "; ".join(f"{m} {', '.join(c)}" for m, c in excluded.items()))  # fmt: skip
+    elif all_flagged:
+        log.warning("ensemble: every model is flagged (%s), so none is left out: chosen among all of them",
+                    "; ".join(f"{m} {', '.join(c)}" for m, c in flagged.items()))  # fmt: skip
+    return {**chosen, "flagged": flagged, "excluded": excluded, "all_flagged": all_flagged}
 
 
 def export_ensemble(storage: Storage, run_key: str, models: tuple[str, ...], card: dict) -> bytes:
@@ -92,14 +179,18 @@ def export_ensemble(storage: Storage, run_key: str, models: tuple[str, ...], car
 
 def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dict:
     """Write the ensemble of the run's models (at least two); returns a small summary (XCom-safe)."""
-    models = tuple(settings.models)
-    if len(models) < 2:
+    if len(settings.models) < 2:
         return {"skipped": "an ensemble needs at least two models"}
+    choice = choose_members(storage, run_key, tuple(settings.models))
+    models = tuple(choice["members"])
     preds = _mean_predictions(storage, run_key, models)
     test = preds[preds["split"] == "test"]
     test_metrics = classification_metrics(encode_labels(test["label"]), test["prob_male"].to_numpy()) if len(test) \
         else None  # fmt: skip
-    metrics = {"model": ENSEMBLE, "members": list(models), "test": test_metrics,
+    metrics = {"model": ENSEMBLE, "members": list(models), "weights": choice["weights"],
+               "flagged": choice["flagged"], "excluded": choice["excluded"], "all_flagged": choice["all_flagged"],
+               "selection": choice["steps"],
+               "test": test_metrics,
                # Unlike the members' (running accuracy on augmented batches): the mean prediction on the
                # un-augmented training images.
                "train_accuracy": _accuracy(preds, "train"), "val_accuracy": _accuracy(preds, "val"),
@@ -119,5 +210,5 @@ def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dic
     storage.put_bytes(key(MODEL_CARD), json.dumps({**metrics, **card, "files": checksums}, indent=1).encode())
     accuracy = test_metrics["accuracy"] if test_metrics else None
     log.info("ensemble of %s: test accuracy %s", ", ".join(models), accuracy)
-    return {"model": ENSEMBLE, "run_key": run_key, "test_accuracy": accuracy,
+    return {"model": ENSEMBLE, "run_key": run_key, "test_accuracy": accuracy, "members": list(models),
             "model_uri": storage.url(key("model.ts"))}  # fmt: skip

@@ -23,6 +23,9 @@ from .recipe import make_optimizer, make_scheduler, steps_per_epoch
 
 AUX_LOSS_WEIGHT = 0.4  # InceptionV3's auxiliary classifier, as in the Inception paper
 PROGRESS_EVERY_S = 30.0  # how often a running epoch logs how far it is
+# Training images that re-estimate BatchNorm statistics after the last epoch (recalibrate_batchnorm): a few
+# thousand estimate them closely; the cap keeps the pass short on large datasets.
+RECALIBRATION_IMAGES = 8192
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,51 @@ def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimiz
     return float(loss_sum), float(correct)
 
 
+def recalibrate_batchnorm(model, model_name: str, data: Split, inputs: Inputs, batch_size: int, autocast, *,
+                          frozen: bool = False, seed: int = 0, max_images: int = RECALIBRATION_IMAGES) -> int:  # fmt: skip
+    """Recompute every trained BatchNorm layer's running statistics for the final weights ("precise BN"),
+    from up to `max_images` training images in a seeded random order, un-augmented, as inference sees them.
+
+    Why: during training, running statistics are an exponential average (momentum 0.1) over batches seen
+    under earlier, different weights. After few optimizer steps (small data, few epochs) they lag far
+    behind: measured with MobileNetV2, `cpu` profile, 150 faces a class (35 steps), two seeds each run
+    twice, the model reached 0.89-0.92 running training accuracy yet in eval mode called every image one
+    class (validation and test accuracy 0.500 in all four); recomputed statistics gave validation
+    0.70-0.86 and test 0.76-0.85. With many steps the running averages are already close, and this
+    changes little.
+
+    The statistics are a plain average over the batches (momentum None) of the layers in training mode
+    (set_train_mode: a frozen backbone's layers keep theirs); everything else stays in eval mode (dropout
+    off), so the statistics are those of the network inference runs. A layer no batch reaches (InceptionV3's
+    auxiliary head, off in eval mode) keeps its statistics. Deterministic for given weights: a resumed run
+    recalibrates to the same values. Returns the number of images used."""
+    set_train_mode(model_name, model, frozen)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    model.eval()
+    if not layers or len(data) < 2:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.train()
+        m.momentum = None  # cumulative average from the first batch on
+        m.num_batches_tracked.zero_()
+    data = inputs.stage(data)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    used = 0
+    try:
+        with torch.no_grad(), autocast():
+            for xb, _ in data.batches(order, batch_size):
+                if used >= max_images or len(xb) < 2:  # a batch of one has no variance to average
+                    break
+                model(inputs(xb))
+                used += len(xb)
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return used
+
+
 def progress_logger(label: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int], None]:
     """A `progress` callback that logs "<label>: 1,024/8,000 images (13%)" at most every `every_s` seconds,
     so a long epoch (minutes on the paper profile) shows it is moving; short epochs log nothing."""
@@ -178,5 +226,6 @@ def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: Spl
     for epoch in range(plan.epochs):
         train_one_epoch(model, model_name, train, inputs, optimizer, epoch_generator(seed, epoch),
                         settings.batch_size, autocast, recipe=recipe, scheduler=scheduler)  # fmt: skip
+    recalibrate_batchnorm(model, model_name, train, inputs, settings.batch_size, autocast, seed=seed)
     prob, _ = predict_proba(model, predict, inputs, settings.batch_size * 2, autocast, tta=recipe.tta)
     return prob

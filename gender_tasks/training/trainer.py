@@ -20,6 +20,7 @@ run folder. The files are verified against the card before they are reused or co
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ import torch
 from .. import layout, tables
 from ..data.shards import ShardReader, memory_budget
 from ..errors import PermanentError
+from ..evaluation.health import check_predictions, likely_cause
 from ..evaluation.metrics import classification_metrics
 from ..evaluation.predict import card_checksums
 from ..integrity import IntegrityError, repair_hint, sha256_hex
@@ -45,7 +47,7 @@ from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_torchscript
 from .keys import key_of, model_inputs
-from .loop import epoch_generator, predict_proba, progress_logger, setup_model, train_one_epoch
+from .loop import epoch_generator, predict_proba, progress_logger, recalibrate_batchnorm, setup_model, train_one_epoch
 from .recipe import make_optimizer, make_scheduler, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,22 @@ def train_model(storage: Storage, *, run_key: str, model_name: str, manifest: pd
         _fit(storage, run, file_key(layout.CHECKPOINT))
         _write_outputs(storage, file_key, run)
         discard_checkpoint(storage, file_key(layout.CHECKPOINT))  # exported: a resume has nothing left to do
-    return _publish(storage, run_key, model_name, prefix, {"trained": prefix, "train_key": train_key,
-                                                           "reused": reused, "inputs": inputs})  # fmt: skip
+    summary = _publish(storage, run_key, model_name, prefix, {"trained": prefix, "train_key": train_key,
+                                                              "reused": reused, "inputs": inputs})  # fmt: skip
+    _warn_if_flagged(storage, run_key, model_name)
+    return summary
+
+
+def _warn_if_flagged(storage: Storage, run_key: str, model_name: str) -> None:
+    """The report's health checks (evaluation.health), in this task's log too: a collapsed model warns here."""
+    preds = tables.read_csv(io.BytesIO(storage.get_bytes(layout.model_file_key(run_key, model_name, "predictions.csv"))),
+                            keep_default_na=False)  # fmt: skip
+    metrics = json.loads(storage.get_bytes(layout.model_file_key(run_key, model_name, "metrics.json")))
+    findings = check_predictions(preds, metrics.get("train_accuracy"), model=model_name)
+    for f in findings:
+        log.warning("%s is flagged (%s): %s", model_name, f["check"], f["detail"])
+    if findings:
+        log.warning("%s: likely cause: %s (the ensemble leaves flagged models out)", model_name, likely_cause(findings))
 
 
 def _reusable(storage: Storage, model_name: str, prefix: str) -> bool:
@@ -243,7 +259,26 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
         save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=epoch, frozen=frozen,
                         history=run.history)  # fmt: skip
         _log_epoch(run, record, started, epoch - start_epoch + 1)
+    _recalibrate(run)
     run.train_seconds = time.monotonic() - started
+
+
+def _recalibrate(run: TrainingRun) -> None:
+    """After the last epoch, BatchNorm statistics for the final weights (loop.recalibrate_batchnorm); the last
+    epoch's validation numbers become those of the model as exported (the lagging ones are kept beside)."""
+    s, val = run.settings, run.data["val"]
+    frozen = run.plan.freeze_epochs >= run.plan.epochs
+    used = recalibrate_batchnorm(run.model, run.model_name, run.data["train"], run.inputs, s.batch_size,
+                                 run.autocast, frozen=frozen, seed=s.seed)  # fmt: skip
+    if not used or not run.history or not len(val):
+        return
+    last = run.history[-1]
+    prob, loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast, s.recipe.tta)
+    accuracy = float(((prob >= 0.5) == val.labels.numpy().astype(bool)).mean())
+    last.setdefault("val_accuracy_before_recalibration", last["val_accuracy"])
+    last.update(val_loss=loss, val_accuracy=accuracy, batchnorm_recalibrated_on=used)
+    log.info("%s: BatchNorm statistics recomputed on %d training images: validation accuracy %.3f (was %.3f)",
+             run.model_name, used, accuracy, last["val_accuracy_before_recalibration"])  # fmt: skip
 
 
 def _log_epoch(run: TrainingRun, record: dict, started: float, epochs_done: int) -> None:
