@@ -104,8 +104,16 @@ def _range(minimum: int, maximum: int | None = None) -> dict:
     """Bounds the server validates but Airflow's form does not clamp: its number box reads a top-level
     `minimum`/`maximum` and silently moves 0 to 1 on blur, so the bounds sit one level down (`allOf`),
     where JSON-schema validation still applies them and the refusal names the field and the bound.
-    `form_fields` adds the range to the field's help text, where the form shows it."""
-    return {"allOf": [{"minimum": minimum, **({"maximum": maximum} if maximum is not None else {})}]}
+    `form_fields` adds the range to the field's help text, where the form shows it. `multipleOf` 1 keeps
+    out the fractions that WHOLE_NUMBER's "number" lets through the type check."""
+    return {"allOf": [{"minimum": minimum, **({"maximum": maximum} if maximum is not None else {}), "multipleOf": 1}]}
+
+
+# The JSON types of a whole-number field. Airflow's form gives a plain "integer" a number box that silently
+# drops what is not a number ("abc" became empty: the profile's epochs); a field of two number types gets
+# its free-text box instead, which refuses anything that is not a number on the spot ("Value must be one
+# of: integer, number") and keeps the form from being submitted. `_range` refuses fractions.
+WHOLE_NUMBER = ["integer", "number"]
 
 
 def _range_text(spec: dict) -> str:
@@ -146,18 +154,18 @@ class RunConfig:
         type="array", items={"type": "string"}, minItems=1, uniqueItems=True))  # fmt: skip
     epochs: int | None = field(default=None, metadata=_form(
         "Epochs", "Overrides the profile's epochs for every model (empty: the profile's).",
-        type=["null", "integer"], **_range(1, 500)))  # fmt: skip
+        type=["null", *WHOLE_NUMBER], **_range(1, 500)))  # fmt: skip
     image_size: int | None = field(default=None, metadata=_form(
         "Image size (px)", "Overrides the profile's input size (InceptionV3 never below 75).",
-        type=["null", "integer"], **_range(16, 512)))  # fmt: skip
+        type=["null", *WHOLE_NUMBER], **_range(16, 512)))  # fmt: skip
     weights: str | None = field(default=None, metadata=_form(
         "Pretrained weights", "none, imagenet, or a folder / s3:// prefix holding <model>.pth (empty: the profile's).",
         type=["null", "string"], pattern=NOT_BLANK))  # fmt: skip
     seed: int = field(default=42, metadata=_form(
-        "Seed", "For the split, initialisation and augmentation.", type="integer", **_range(0)))  # fmt: skip
+        "Seed", "For the split, initialisation and augmentation.", type=WHOLE_NUMBER, **_range(0)))  # fmt: skip
     repeats: int = field(default=1, metadata=_form(
         "Repeats", "Rerun the split and every model with seeds seed, seed+1, ...; the report then gives the "
-        "mean, spread and a corrected paired test over the repeats.", type="integer", **_range(1, 20)))  # fmt: skip
+        "mean, spread and a corrected paired test over the repeats.", type=WHOLE_NUMBER, **_range(1, 20)))  # fmt: skip
     split: tuple[float, float, float] = (0.70, 0.15, 0.15)
     min_rows: int = 10
     max_rows: int = 1_000_000
