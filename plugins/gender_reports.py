@@ -163,12 +163,13 @@ def create_app():
         unknown = [r for r, found in zip(wanted, runs, strict=True) if found is None]
         if unknown:
             return html(access.not_found_page(unknown[0]), 404)
+        runs.sort(key=lambda r: (r.started is None, r.started or 0))  # oldest first: deltas read later - earlier
         results = [access.read_results(r) for r in runs]
         return html(access.render_comparison(runs, results, URL_PREFIX), csp=access.REPORT_CSP)
 
     @app.get("/", response_class=HTMLResponse, dependencies=[can_read_runs])
     def index() -> HTMLResponse:
-        return html(access.render_index(recent_runs(), URL_PREFIX, DAG_ID), csp=access.LIST_CSP)
+        return html(access.render_index(recent_runs(), URL_PREFIX), csp=access.LIST_CSP)
 
     return app
 

@@ -39,9 +39,9 @@ STRICT_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'none'; base-uri 'none'; "
     "frame-ancestors 'self'; sandbox"
 )
-# Reports and the list link to runs, logs and files: they may open them in a new tab (a popup that leaves
-# the sandbox), since inside Airflow's iframe a link would otherwise load the whole UI in the frame, and
-# may download (a sandboxed document cannot, unless allowed).
+# Reports and the list link to runs, logs and files: a link may be opened in a new tab (a popup that leaves
+# the sandbox) where the page is not framed by Airflow, and files may download (a sandboxed document
+# cannot, unless allowed).
 REPORT_CSP = f"{STRICT_CSP} allow-popups allow-popups-to-escape-sandbox allow-downloads"
 # The list also submits its one form (the runs to compare, a GET to this app).
 LIST_CSP = REPORT_CSP.replace("form-action 'none'", "form-action 'self'") + " allow-forms"
@@ -163,11 +163,11 @@ def report_url(url_prefix: str, run_id: str) -> str:
     return f"{url_prefix}/runs/{quote(run_id, safe='')}"
 
 
-def _a(href: str, text: str, *, new_tab: bool = True, download: bool = False, cls: str = "") -> str:
-    attrs = " target='_blank' rel='noopener'" if new_tab and not download else ""
-    attrs += " download" if download else ""
-    attrs += f" class='{cls}'" if cls else ""
-    return f"<a href='{html.escape(href)}'{attrs}>{html.escape(text)}</a>"
+def _a(href: str, text: str, *, download: bool = False) -> str:
+    """A link that opens in the same frame. Airflow frames a plugin's page with `sandbox="allow-scripts
+    allow-same-origin allow-forms allow-downloads"`: no popups, no top-level navigation, so a new-tab or
+    `_top` link would do nothing there; a plain link works in the frame and on a page of its own."""
+    return f"<a href='{html.escape(href)}'{' download' if download else ''}>{html.escape(text)}</a>"
 
 
 def training_task(run: RunView, model: str) -> TaskView | None:
@@ -409,7 +409,7 @@ def _row(run: RunView, results: dict | None, url_prefix: str) -> str:
     )
 
 
-def render_index(runs: list[RunView], url_prefix: str, dag_id: str = "") -> str:
+def render_index(runs: list[RunView], url_prefix: str) -> str:
     """The reports list: one row per run, newest first, with links to the run, its report and files, why
     a failed run failed, and boxes to pick runs to compare."""
     rows = "".join(_row(run, read_results(run), url_prefix) for run in runs)
@@ -565,7 +565,7 @@ def render_comparison(runs: list[RunView], results: list[dict | None], url_prefi
         why = "".join(f"<li><code>{html.escape(r.run_id)}</code> ({html.escape(r.state)}): no results yet</li>"
                       for r in missing)  # fmt: skip
         return page("Compare runs", "<p>Pick two or more finished runs in the "
-                    f"{_a(url_prefix + '/', 'reports list', new_tab=False)}.</p><ul>{why}</ul>")  # fmt: skip
+                    f"{_a(url_prefix + '/', 'reports list')}.</p><ul>{why}</ul>")  # fmt: skip
     c = comparison(runs, results)  # type: ignore[arg-type]
     names = [f"run {i + 1}" for i in range(len(runs))]
     run_rows = "".join(
