@@ -93,8 +93,9 @@ def _skip_if_off(run: dict, step: str) -> None:
 @contextmanager
 def _failures_for_airflow():
     """Bad input or settings (PermanentError) fail the task without retries; a step past its deadline
-    fails as Airflow's own timeout does (retried: a hang can be transient)."""
-    from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
+    fails as Airflow's own timeout does (retried: a hang can be transient); any other error is retried as
+    it is. Each records its message first (`_record_failure`), for the reports pages."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowTaskTimeout
 
     from gender_tasks.errors import PermanentError
     from gender_tasks.timeouts import TaskTimeLimitExceeded
@@ -107,6 +108,11 @@ def _failures_for_airflow():
     except TaskTimeLimitExceeded as exc:
         _record_failure(str(exc), permanent=False)
         raise AirflowTaskTimeout(str(exc)) from exc
+    except AirflowException:
+        raise  # an inner step's, recorded there
+    except Exception as exc:  # retried: if it is the last try, this is why the task failed
+        _record_failure(f"{type(exc).__name__}: {exc}", permanent=False)
+        raise
 
 
 # The XCom key of a failing step's message: the reports plugin shows it where users look (the report tab and

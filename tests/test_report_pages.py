@@ -235,3 +235,56 @@ def test_the_list_offers_comparison_and_downloads(two_runs):
     assert "name='run' value='manual__a'" in body and "name='run' value='manual__b'" in body
     assert "/gender-reports/download?run=manual__b&amp;file=results.json" in body
     assert "<meta name='viewport'" in body and "class='scroll'" in body
+
+
+# --- what the DAG records for these pages ----------------------------------------------------------
+
+
+class _FakeTI:
+    def __init__(self):
+        self.pushed: list[tuple[str, object]] = []
+
+    def xcom_push(self, key, value):
+        self.pushed.append((key, value))
+
+
+@pytest.fixture
+def dag_module(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "dags" / "gender_classification.py"
+    spec = importlib.util.spec_from_file_location("dag_failures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ti = _FakeTI()
+    monkeypatch.setattr(module, "get_current_context", lambda: {"ti": ti})
+    return module, ti
+
+
+def test_a_failing_step_records_its_message_for_the_pages(dag_module):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from gender_tasks.settings import SettingsError
+
+    module, ti = dag_module
+    with pytest.raises(AirflowFailException), module._failures_for_airflow():
+        raise SettingsError("unknown setting(s) ['epoch'] (did you mean 'epochs' instead of 'epoch'?)")
+    assert ti.pushed == [("failure", {"error": "SettingsError: unknown setting(s) ['epoch'] (did you mean 'epochs' "
+                                               "instead of 'epoch'?)", "permanent": True})]  # fmt: skip
+    ti.pushed.clear()
+    with pytest.raises(ConnectionError), module._failures_for_airflow():  # retried as it was, recorded too
+        raise ConnectionError("s3://bucket: connection refused")
+    assert ti.pushed == [("failure", {"error": "ConnectionError: s3://bucket: connection refused", "permanent": False})]
+
+
+def test_a_nested_step_records_once(dag_module):
+    """train and label_audit wrap `_step` (which records) in a second `_failures_for_airflow`."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from gender_tasks.errors import PermanentError
+
+    module, ti = dag_module
+    with pytest.raises(AirflowFailException), module._failures_for_airflow(), module._failures_for_airflow():
+        raise PermanentError("model 'cnn' has no plan for profile 'x'")
+    assert [v["error"] for _, v in ti.pushed] == ["PermanentError: model 'cnn' has no plan for profile 'x'"]
