@@ -104,7 +104,8 @@ def test_logged_in_user_reads_the_report(api_server, token):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["/gender-reports/runs/x", "/gender-reports/"])
+@pytest.mark.parametrize("path", ["/gender-reports/runs/x", "/gender-reports/", "/gender-reports/compare?run=a&run=b",
+                                  "/gender-reports/download?run=x&file=results.json"])  # fmt: skip
 def test_unauthenticated_requests_are_refused(api_server, path):
     status, body = raw_request(api_server, "GET", path)
     assert status in (401, 403), (status, body[:200])
@@ -126,6 +127,10 @@ def test_unauthenticated_requests_are_refused(api_server, path):
         "/gender-reports/runs/....//secret.txt",
         "/gender-reports/runs/%2Fetc%2Fpasswd",
         "/gender-reports/runs/..%5c..%5csecret.txt",
+        "/gender-reports/download?run=manual__2026-01-01T00%3A00%3A00%2B00%3A00&file=..%2Fsecret.txt",
+        "/gender-reports/download?run=manual__2026-01-01T00%3A00%3A00%2B00%3A00&file=..%2F..%2Fsecret.txt",
+        "/gender-reports/download?run=..&file=secret.txt",
+        "/gender-reports/download?run=x&file=%2Fetc%2Fpasswd",
     ],
 )
 def test_path_traversal_is_refused(api_server, token, path):
