@@ -158,7 +158,10 @@ def create_app():
 
     @app.get("/compare", response_class=HTMLResponse, dependencies=[can_read_runs])
     def compare(run: list[str] = Query(default=[])) -> HTMLResponse:  # noqa: B008 - FastAPI's idiom
-        wanted = list(dict.fromkeys(run))[:COMPARED_RUNS]
+        wanted = list(dict.fromkeys(run))
+        if len(wanted) > COMPARED_RUNS:
+            return html(access.page("Compare runs", f"<p>Pick at most {COMPARED_RUNS} runs to compare "
+                                    f"({len(wanted)} were picked).</p>"), 400)  # fmt: skip
         runs = [find_run(r) for r in wanted]
         unknown = [r for r, found in zip(wanted, runs, strict=True) if found is None]
         if unknown:
