@@ -11,7 +11,11 @@ export GENDER_DATA_DIR ?= $(CURDIR)/.data
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
-export PATH := $(CURDIR)/$(BIN):$(PATH)
+# VENV may be relative (to this folder) or absolute: `make ui VENV=/opt/venvs/gender`.
+export PATH := $(abspath $(BIN)):$(PATH)
+# The UI's port (`make ui PORT=8081`). Tasks reach the API server through the execution API URL, which
+# must name the same port: `ui` sets both (and the base URL), unless they are set already.
+PORT ?= 8080
 
 .PHONY: run test ui lint bench venv clean
 
@@ -34,8 +38,11 @@ run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
-# The Airflow UI (and scheduler) on the embedded default: http://localhost:8080
+# The Airflow UI (and scheduler) on the embedded default: http://localhost:$(PORT)
 ui: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
+	AIRFLOW__API__PORT=$(PORT) \
+	AIRFLOW__API__BASE_URL="$${AIRFLOW__API__BASE_URL:-http://localhost:$(PORT)}" \
+	AIRFLOW__CORE__EXECUTION_API_SERVER_URL="$${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://localhost:$(PORT)/execution/}" \
 	$(BIN)/airflow standalone
 
 # Benchmarks (not tests): ratios measured side by side in one run; figures go to bench/RESULTS.md.

@@ -93,8 +93,9 @@ def _skip_if_off(run: dict, step: str) -> None:
 @contextmanager
 def _failures_for_airflow():
     """Bad input or settings (PermanentError) fail the task without retries; a step past its deadline
-    fails as Airflow's own timeout does (retried: a hang can be transient)."""
-    from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
+    fails as Airflow's own timeout does (retried: a hang can be transient); any other error is retried as
+    it is. Each records its message first (`_record_failure`), for the reports pages."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowTaskTimeout
 
     from gender_tasks.errors import PermanentError
     from gender_tasks.timeouts import TaskTimeLimitExceeded
@@ -102,9 +103,31 @@ def _failures_for_airflow():
     try:
         yield
     except PermanentError as exc:
+        _record_failure(f"{type(exc).__name__}: {exc}", permanent=True)
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
     except TaskTimeLimitExceeded as exc:
+        _record_failure(str(exc), permanent=False)
         raise AirflowTaskTimeout(str(exc)) from exc
+    except AirflowException:
+        raise  # an inner step's, recorded there
+    except Exception as exc:  # retried: if it is the last try, this is why the task failed
+        _record_failure(f"{type(exc).__name__}: {exc}", permanent=False)
+        raise
+
+
+# The XCom key of a failing step's message: the reports plugin shows it where users look (the report tab and
+# the reports list). XCom, not a file in the run's storage or the task log: it lives in Airflow's database,
+# which the plugin reads anyway, so it is there when the storage itself is what failed (a bad `storage`
+# setting, a full disk), when `prepare` refuses a run before it has a storage folder, and whatever the log
+# backend; and a retry clears it with the attempt's other XComs.
+FAILURE_XCOM = "failure"
+
+
+def _record_failure(message: str, *, permanent: bool) -> None:
+    try:
+        get_current_context()["ti"].xcom_push(key=FAILURE_XCOM, value={"error": message[:4000], "permanent": permanent})
+    except Exception:  # noqa: BLE001 - the step's own error must surface, not this one's
+        logging.getLogger(__name__).warning("could not record the failure for the reports page", exc_info=True)
 
 
 def _step(name: str, run: dict, *args, gpu: bool = False, **kwargs):
@@ -123,7 +146,10 @@ def _step(name: str, run: dict, *args, gpu: bool = False, **kwargs):
     schedule=os.environ.get("GENDER_SCHEDULE") or None,
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    # Runs do not wait for one another: a run with bad settings reaches `prepare`, which refuses it in
+    # seconds, even while another run trains. What must be bounded is training, and it is: train and
+    # label_audit take slots of TRAIN_POOL (one per GPU in the full stack) and of the executor.
+    max_active_runs=int(os.environ.get("GENDER_MAX_ACTIVE_RUNS", "16")),
     tags=["ml", "gender-classification", "paper-reproduction"],
     default_args={"owner": "ml-platform", "retries": 2, "retry_delay": pendulum.duration(minutes=1)},
     doc_md=__doc__,

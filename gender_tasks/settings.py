@@ -10,7 +10,10 @@ registry, which is plain data: the DAG imports this module while Airflow parses 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +103,27 @@ def _form(title: str, description: str = "", **schema) -> dict:
 def _range(minimum: int, maximum: int | None = None) -> dict:
     """Bounds the server validates but Airflow's form does not clamp: its number box reads a top-level
     `minimum`/`maximum` and silently moves 0 to 1 on blur, so the bounds sit one level down (`allOf`),
-    where JSON-schema validation still applies them and the refusal names the field and the bound."""
-    return {"allOf": [{"minimum": minimum, **({"maximum": maximum} if maximum is not None else {})}]}
+    where JSON-schema validation still applies them and the refusal names the field and the bound.
+    `form_fields` adds the range to the field's help text, where the form shows it. `multipleOf` 1 keeps
+    out the fractions that WHOLE_NUMBER's "number" lets through the type check."""
+    return {"allOf": [{"minimum": minimum, **({"maximum": maximum} if maximum is not None else {}), "multipleOf": 1}]}
+
+
+# The JSON types of a whole-number field. Airflow's form gives a plain "integer" a number box that silently
+# drops what is not a number ("abc" became empty: the profile's epochs); a field of two number types gets
+# its free-text box instead, which refuses anything that is not a number on the spot ("Value must be one
+# of: integer, number") and keeps the form from being submitted. `_range` refuses fractions.
+WHOLE_NUMBER = ["integer", "number"]
+
+
+def _range_text(spec: dict) -> str:
+    """The allowed range of a numeric field, in words ("1-500", "0 or more"), or "" for other fields."""
+    limits = {k: v for part in spec.get("allOf", []) for k, v in part.items()}
+    if "minimum" not in limits:
+        return ""
+    if "maximum" in limits:
+        return f"{limits['minimum']}-{limits['maximum']}"
+    return f"{limits['minimum']} or more"
 
 
 def default_source() -> str:
@@ -127,22 +149,23 @@ class RunConfig:
         "Training profile", "paper: the study's settings (GPU); cpu: minutes on a laptop; tiny: tests.",
         type="string", enum=list(PROFILES)))  # fmt: skip
     models: tuple[str, ...] = field(default=STUDY_MODELS, metadata=_form(
-        "Models to train", "Pick one or more; they train in parallel, slowest first.",
+        "Models to train", "Pick one or more; they train in parallel, slowest first. Trigger stays disabled "
+        "while none is picked: pick at least one.",
         type="array", items={"type": "string"}, minItems=1, uniqueItems=True))  # fmt: skip
     epochs: int | None = field(default=None, metadata=_form(
         "Epochs", "Overrides the profile's epochs for every model (empty: the profile's).",
-        type=["null", "integer"], **_range(1, 500)))  # fmt: skip
+        type=["null", *WHOLE_NUMBER], **_range(1, 500)))  # fmt: skip
     image_size: int | None = field(default=None, metadata=_form(
         "Image size (px)", "Overrides the profile's input size (InceptionV3 never below 75).",
-        type=["null", "integer"], **_range(16, 512)))  # fmt: skip
+        type=["null", *WHOLE_NUMBER], **_range(16, 512)))  # fmt: skip
     weights: str | None = field(default=None, metadata=_form(
         "Pretrained weights", "none, imagenet, or a folder / s3:// prefix holding <model>.pth (empty: the profile's).",
         type=["null", "string"], pattern=NOT_BLANK))  # fmt: skip
     seed: int = field(default=42, metadata=_form(
-        "Seed", "For the split, initialisation and augmentation.", type="integer", **_range(0)))  # fmt: skip
+        "Seed", "For the split, initialisation and augmentation.", type=WHOLE_NUMBER, **_range(0)))  # fmt: skip
     repeats: int = field(default=1, metadata=_form(
         "Repeats", "Rerun the split and every model with seeds seed, seed+1, ...; the report then gives the "
-        "mean, spread and a corrected paired test over the repeats.", type="integer", **_range(1, 20)))  # fmt: skip
+        "mean, spread and a corrected paired test over the repeats.", type=WHOLE_NUMBER, **_range(1, 20)))  # fmt: skip
     split: tuple[float, float, float] = (0.70, 0.15, 0.15)
     min_rows: int = 10
     max_rows: int = 1_000_000
@@ -177,8 +200,40 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise SettingsError(f"unknown setting(s) {unknown}; expected some of {sorted(known)}")
+            guesses = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+            hint = "; ".join(f"did you mean {g[0]!r} instead of {u!r}?" for u, g in guesses.items() if g)
+            raise SettingsError(f"unknown setting(s) {unknown}" + (f" ({hint})" if hint else "")
+                                + f"; expected some of {sorted(known)}")  # fmt: skip
+        for name, value in overrides.items():
+            if value is not None:
+                _check_type(name, value)
         return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _check_type(name: str, value: Any) -> None:
+    """Refuse a value of the wrong JSON type for a setting (e.g. "abc" or 3.5 for an integer), naming it:
+    a run started through the API gets this from `prepare` in seconds instead of failing hours later."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = [k for k in (typing.get_args(hint) if union else (hint,)) if k is not type(None)]
+    ok = False
+    for kind in kinds:
+        origin = typing.get_origin(kind) or kind
+        if origin is bool:
+            ok |= isinstance(value, bool)
+        elif origin is int:
+            ok |= isinstance(value, int) and not isinstance(value, bool)
+        elif origin is float:
+            ok |= isinstance(value, int | float) and not isinstance(value, bool)
+        elif origin is tuple:  # a list from JSON, or one comma-separated string (the CLI's models)
+            ok |= isinstance(value, list | tuple | str)
+        else:
+            ok |= isinstance(value, origin)
+    if not ok:
+        wanted = " or ".join(sorted({"a whole number" if k is int else "a number" if k is float else "true/false"
+                                     if k is bool else "a list" if typing.get_origin(k) is tuple else "text"
+                                     for k in kinds}))  # fmt: skip
+        raise SettingsError(f"setting {name!r} must be {wanted}, got {value!r} ({type(value).__name__})")
 
 
 def form_fields() -> dict[str, dict]:
@@ -188,7 +243,10 @@ def form_fields() -> dict[str, dict]:
     for f in dataclasses.fields(RunConfig):
         if "form" in f.metadata:
             value = getattr(defaults, f.name)
-            out[f.name] = {"default": list(value) if isinstance(value, tuple) else value, **f.metadata["form"]}
+            spec = {"default": list(value) if isinstance(value, tuple) else value, **f.metadata["form"]}
+            if _range_text(spec):  # the form shows no bounds of its own: the help text says them
+                spec["description"] = f"{spec.get('description', '')} Allowed: {_range_text(spec)}.".strip()
+            out[f.name] = spec
     # Whatever is registered. `items.enum` is what the server validates; Airflow's form renders an array
     # with `examples` as a multi-select of those values (labelled by `values_display`).
     names = list(model_names())

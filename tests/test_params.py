@@ -121,3 +121,63 @@ def test_number_bounds_are_where_the_form_cannot_clamp_them(dag):
         schema = dag.params.get_param(name).schema
         assert "minimum" not in schema and "maximum" not in schema, name
         assert "minimum" in schema["allOf"][0], name
+
+
+def test_a_misspelt_setting_is_refused_naming_the_likely_one():
+    from gender_tasks.settings import SettingsError, resolve_settings
+
+    with pytest.raises(
+        SettingsError, match=r"unknown setting\(s\) \['epoch'\] \(did you mean 'epochs' instead of 'epoch'\?\)"
+    ):
+        resolve_settings({"epoch": 3})
+
+
+@pytest.mark.parametrize(
+    ("conf", "says"),
+    [
+        ({"epochs": "abc"}, "'epochs' must be a whole number, got 'abc'"),
+        ({"epochs": 3.5}, "'epochs' must be a whole number, got 3.5"),
+        ({"min_rows": "10"}, "'min_rows' must be a whole number"),
+        ({"label_audit": "yes"}, "'label_audit' must be true/false"),
+        ({"seed": True}, "'seed' must be a whole number"),
+        ({"source": 7}, "'source' must be text"),
+        ({"split": 0.7}, "'split' must be a list"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_refused_by_prepare(conf, says):
+    """What the REST API lets through (settings off the form have no schema there) `prepare` refuses at once."""
+    from gender_tasks.settings import SettingsError, resolve_settings
+
+    with pytest.raises(SettingsError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        resolve_settings(conf)
+
+
+@pytest.mark.parametrize("conf", [{"epochs": "abc"}, {"epochs": 2.5}, {"seed": "x"}, {"repeats": 1.5}])
+def test_the_form_refuses_a_non_number_or_a_fraction(dag, conf):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = copy.deepcopy(dag.params)
+    with pytest.raises(ParamValidationError, match=f"param {next(iter(conf))}"):
+        params.update(conf)
+        params.validate()
+
+
+def test_number_fields_get_the_free_text_box_that_refuses_non_numbers(dag):
+    """Airflow's form renders a field of more than one non-null type, with no enum or examples, as a text box
+    that parses what is typed and says "Value must be one of: ..." when it is not a number (its number box
+    dropped "abc" silently)."""
+    for name in ("epochs", "image_size", "seed", "repeats"):
+        schema = dag.params.get_param(name).schema
+        types = [t for t in schema["type"] if t != "null"]
+        assert sorted(types) == ["integer", "number"], name
+        assert "enum" not in schema and "examples" not in schema, name
+
+
+@pytest.mark.parametrize(("name", "says"), [("epochs", "1-500"), ("image_size", "16-512"), ("repeats", "1-20"),
+                                            ("seed", "0 or more")])  # fmt: skip
+def test_every_number_fields_help_gives_its_range(dag, name, says):
+    assert dag.params.get_param(name).description.endswith(f"Allowed: {says}.")
+
+
+def test_the_models_help_says_why_trigger_is_disabled_without_one(dag):
+    assert "Trigger stays disabled while none is picked" in dag.params.get_param("models").description

@@ -104,7 +104,8 @@ def test_logged_in_user_reads_the_report(api_server, token):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["/gender-reports/runs/x", "/gender-reports/"])
+@pytest.mark.parametrize("path", ["/gender-reports/runs/x", "/gender-reports/", "/gender-reports/compare?run=a&run=b",
+                                  "/gender-reports/download?run=x&file=results.json"])  # fmt: skip
 def test_unauthenticated_requests_are_refused(api_server, path):
     status, body = raw_request(api_server, "GET", path)
     assert status in (401, 403), (status, body[:200])
@@ -126,6 +127,10 @@ def test_unauthenticated_requests_are_refused(api_server, path):
         "/gender-reports/runs/....//secret.txt",
         "/gender-reports/runs/%2Fetc%2Fpasswd",
         "/gender-reports/runs/..%5c..%5csecret.txt",
+        "/gender-reports/download?run=manual__2026-01-01T00%3A00%3A00%2B00%3A00&file=..%2Fsecret.txt",
+        "/gender-reports/download?run=manual__2026-01-01T00%3A00%3A00%2B00%3A00&file=..%2F..%2Fsecret.txt",
+        "/gender-reports/download?run=..&file=secret.txt",
+        "/gender-reports/download?run=x&file=%2Fetc%2Fpasswd",
     ],
 )
 def test_path_traversal_is_refused(api_server, token, path):
@@ -185,7 +190,7 @@ def test_a_failed_run_names_the_failed_task(tmp_path):
     from gender_tasks.reporting.access import answer
 
     status, body = answer("x", _view("failed", failed_tasks=["validate"], record={"storage": str(tmp_path)}))
-    assert status == 200 and "the run failed" in body and "<code>validate</code>" in body
+    assert status == 200 and "the run failed" in body and "data-failed-task='validate'><b>validate</b>" in body
 
 
 def test_a_report_is_read_from_the_storage_the_run_recorded(finished_run, tmp_path):
@@ -216,10 +221,12 @@ def test_pages_carry_the_strict_csp(api_server, token):
         resp = conn.getresponse()
         resp.read()
         csp = resp.getheader("Content-Security-Policy")
-        for directive in ("default-src 'none'", "style-src 'unsafe-inline'", "img-src data:", "form-action 'none'",
-                          "base-uri 'none'", "frame-ancestors 'self'", "sandbox"):  # fmt: skip
+        for directive in ("default-src 'none'", "style-src 'unsafe-inline'", "img-src data:", "base-uri 'none'",
+                          "frame-ancestors 'self'", "sandbox"):  # fmt: skip
             assert directive in csp, (path, csp)
-        assert "script-src" not in csp  # default-src 'none' covers scripts
+        # Only the list submits a form (its runs to compare, to this app); nothing may run scripts.
+        assert ("form-action 'self'" if path == "/gender-reports/" else "form-action 'none'") in csp, (path, csp)
+        assert "script-src" not in csp and "allow-scripts" not in csp and "allow-same-origin" not in csp
     conn.close()
 
 

@@ -146,7 +146,8 @@ def _field(driver, title: str):
     from selenium.webdriver.common.by import By
 
     label = driver.find_element(By.XPATH, f"//label[starts-with(normalize-space(.), '{title}')]")
-    return label.find_element(By.XPATH, "ancestor::*[.//input][1]").find_element(By.TAG_NAME, "input")
+    row = label.find_element(By.XPATH, "ancestor::*[.//input or .//textarea][1]")
+    return row.find_element(By.XPATH, ".//input|.//textarea")
 
 
 def _choose(driver, element_id: str, option: str) -> None:
@@ -191,6 +192,19 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     _open_trigger(browser, base)
     browser.save_screenshot(str(shots / "trigger-form-defaults.png"))
     _type(browser, "element_source", str(faces))
+    # Every number field's help gives its range; "abc" in Epochs is refused on the spot, not dropped.
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert all(r in body for r in ("Allowed: 1-500.", "Allowed: 16-512.", "Allowed: 1-20.", "Allowed: 0 or more."))
+    _type(browser, "element_epochs", "abc")
+    _until(
+        browser, "the non-number refusal", lambda d: "Value must be one of" in d.find_element(By.TAG_NAME, "body").text
+    )
+    trigger = [
+        b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Trigger" and b.is_displayed()
+    ]
+    assert not trigger[-1].is_enabled(), "Trigger is enabled with 'abc' in Epochs"
+    browser.save_screenshot(str(shots / "trigger-refuses-abc.png"))
+    _type(browser, "element_epochs", "")
     epochs = _field(browser, "Epochs")
     epochs.send_keys("0")
     _field(browser, "Seed").click()  # leave the box: the form must not move 0 to 1
@@ -247,3 +261,198 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     text = browser.find_element(By.TAG_NAME, "table").text
     assert run_id in text and "success" in text and "tiny" in text and "inceptionv3" in text
     browser.save_screenshot(str(shots / "reports-list.png"))
+
+
+# --- after the run: failures that explain themselves, downloads, runs side by side, phone width -----
+
+BUSY_EPOCHS = 400  # about a minute of tiny-CNN training here: the run is training while the next one comes
+REFUSAL_S = 30
+
+
+def _trigger(port: int, token: str, conf: dict) -> tuple[int, dict | str]:
+    return api_request(port, "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", token, {"logical_date": None, "conf": conf})
+
+
+def _run_state(port: int, token: str, run_id: str) -> str:
+    return api_request(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}", token)[1]["state"]
+
+
+def _task_states(port: int, token: str, run_id: str) -> dict[str, str]:
+    status, body = api_request(port, "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances",
+                               token)  # fmt: skip
+    assert status == 200, body
+    return {t["task_id"] + (f"[{t['map_index']}]" if t["map_index"] >= 0 else ""): t["state"]
+            for t in body["task_instances"]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def after_the_run(airflow_ui):
+    """A run training (cnn only, many epochs), a misspelt setting triggered meanwhile (refused: how long it
+    took), and a second small run; both small runs finished. Tiny profile, 24 images."""
+    import time
+
+    port, token, stack = airflow_ui["port"], airflow_ui["token"], airflow_ui["stack"]
+    faces = write_dataset(airflow_ui["tmp"] / "faces-after", 12)
+    small = {"source": str(faces), "profile": "tiny", "models": ["cnn"], "label_audit": False}
+    status, busy = _trigger(port, token, {**small, "epochs": BUSY_EPOCHS})
+    assert status == 200, busy
+    busy_id = busy["dag_run_id"]
+    stack.wait("the first run to train", lambda: _task_states(port, token, busy_id).get("train[0]") == "running", 300,
+               every=1)  # fmt: skip
+    started = time.monotonic()
+    status, refused = _trigger(port, token, {**small, "epoch": 3})  # misspelt: "epochs"
+    assert status == 200, refused  # Airflow lets unknown keys through: `prepare` must refuse them
+    refused_id = refused["dag_run_id"]
+    # Poll fast: the figure is the time to the refusal, within the 30 s the issue allows.
+    stack.wait("the misspelt run to be refused", lambda: _run_state(port, token, refused_id) == "failed",
+               REFUSAL_S + 30, every=0.5)  # fmt: skip
+    refusal_s = time.monotonic() - started
+    busy_train_at_refusal = _task_states(port, token, busy_id).get("train[0]")
+    status, second = _trigger(port, token, {**small, "epochs": 1})
+    assert status == 200, second
+    second_id = second["dag_run_id"]
+
+    def done(run_id):
+        state = _run_state(port, token, run_id)
+        return state if state in ("success", "failed") else None
+
+    assert stack.wait("the training run to finish", lambda: done(busy_id), RUN_TIMEOUT_S) == "success"
+    assert stack.wait("the second run to finish", lambda: done(second_id), RUN_TIMEOUT_S) == "success"
+    return {"busy": busy_id, "refused": refused_id, "second": second_id, "refusal_s": refusal_s,
+            "busy_train_at_refusal": busy_train_at_refusal}  # fmt: skip
+
+
+@pytest.fixture
+def logged_in(airflow_ui, browser):
+    base = f"http://127.0.0.1:{airflow_ui['port']}"
+    _log_in(browser, base, airflow_ui["password"])
+    return base
+
+
+@pytest.mark.slow
+def test_a_misspelt_setting_is_refused_within_30_s_while_another_run_trains(after_the_run):
+    print(f"misspelt run refused {after_the_run['refusal_s']:.1f} s after its trigger")
+    assert after_the_run["busy_train_at_refusal"] == "running"
+    assert after_the_run["refusal_s"] <= REFUSAL_S
+
+
+@pytest.mark.slow
+def test_a_failed_run_says_why_on_its_tab_and_in_the_list(airflow_ui, after_the_run, browser, logged_in):
+    from selenium.webdriver.common.by import By
+
+    refused = after_the_run["refused"]
+    states = _task_states(airflow_ui["port"], airflow_ui["token"], refused)
+    assert states["prepare"] == "failed"
+    # The run's tab (the plugin's page in Airflow's frame).
+    browser.get(f"{logged_in}/dags/{DAG_ID}/runs/{quote(refused, safe='')}")
+    tab = _until(browser, "the Comparison report tab", lambda d: d.find_element(
+        By.XPATH, "//*[self::a or self::button][normalize-space(.)='Comparison report']"))  # fmt: skip
+    tab.click()
+    browser.switch_to.frame(_until(browser, "the report frame", lambda d: d.find_element(By.TAG_NAME, "iframe")))
+    why = _until(browser, "the failure", lambda d: d.find_element(By.CSS_SELECTOR, "[data-failed-task='prepare']"))
+    text = why.text
+    assert "unknown setting(s) ['epoch']" in text and "did you mean 'epochs'" in text
+    assert "Traceback" not in browser.page_source and 'File "' not in browser.page_source
+    log = why.find_element(By.LINK_TEXT, "its log").get_attribute("href")
+    assert log.endswith(f"/dags/{DAG_ID}/runs/{quote(refused, safe='')}/tasks/prepare")
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(_shots() / "failed-run-tab.png"))
+    # The reports list: the row names the task and the cause, and links to the log.
+    browser.get(f"{logged_in}/gender-reports/")
+    row = browser.find_element(By.CSS_SELECTOR, f"tr[data-run-id='{refused}']")
+    assert "prepare" in row.text and "did you mean 'epochs'" in row.text and "Traceback" not in row.text
+    assert row.find_element(By.LINK_TEXT, "log").get_attribute("href").endswith("/tasks/prepare")
+    # The log itself holds the same message (the link leads where the cause is written down).
+    browser.get(log)
+    _until(browser, "the task log", lambda d: "did you mean 'epochs'" in d.find_element(By.TAG_NAME, "body").text, 90)
+
+
+@pytest.mark.slow
+def test_every_download_needs_a_login_and_serves_the_file(airflow_ui, after_the_run, browser, logged_in):
+    import http.client
+
+    from selenium.webdriver.common.by import By
+
+    run_id = after_the_run["busy"]
+    browser.get(f"{logged_in}/gender-reports/runs/{quote(run_id, safe='')}")
+    _until(browser, "Table 1", lambda d: d.find_element(By.ID, "table1-data"))
+    header = browser.find_element(By.ID, "run-links")
+    assert header.find_element(By.LINK_TEXT, "This run in the grid").get_attribute("href").endswith(
+        f"/dags/{DAG_ID}/runs/{quote(run_id, safe='')}")  # fmt: skip
+    cnn_row = browser.find_element(By.CSS_SELECTOR, "#table1-data tr[data-model='cnn']")
+    assert cnn_row.find_element(By.LINK_TEXT, "training log").get_attribute("href").endswith("/tasks/train/mapped/0")
+    links = {a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#run-links a[download]")}
+    browser.get(f"{logged_in}/gender-reports/")
+    row = browser.find_element(By.CSS_SELECTOR, f"tr[data-run-id='{run_id}']")
+    list_links = {a.get_attribute("href") for a in row.find_elements(By.CSS_SELECTOR, "a[download]")}
+    assert list_links and list_links <= links
+    names = {link.rpartition("file=")[2] for link in links}
+    assert {"results.json", "report.html", "models%2Fcnn%2Fpredictions.csv", "models%2Fcnn%2Fmetrics.json"} <= names
+    from gender_tasks.layout import MODEL_OUTPUTS
+
+    assert {f"models%2Fcnn%2F{quote(f, safe='')}" for f in MODEL_OUTPUTS} <= names  # every model file
+    cookie = f"_token={browser.get_cookie('_token')['value']}"  # the browser's session
+    port = airflow_ui["port"]
+    for link in sorted(links):
+        path = link.removeprefix(f"http://127.0.0.1:{port}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for headers, expected in (({"Cookie": cookie}, 200), ({}, 401),
+                                  ({"Accept": "text/html,application/xhtml+xml"}, 303)):  # fmt: skip
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            assert resp.status == expected, (path, headers, resp.status, data[:200])
+            if expected == 200:
+                assert resp.getheader("Content-Disposition").startswith("attachment;") and data, path
+                if path.endswith("results.json"):
+                    assert json.loads(data)["run_id"] == run_id
+            elif expected == 303:
+                assert resp.getheader("Location").startswith("/auth/login?next=")
+        conn.close()
+
+
+@pytest.mark.slow
+def test_two_runs_side_by_side(airflow_ui, after_the_run, browser, logged_in):
+    from selenium.webdriver.common.by import By
+
+    busy, second = after_the_run["busy"], after_the_run["second"]
+    browser.get(f"{logged_in}/gender-reports/")
+    for run_id in (busy, second):
+        browser.find_element(By.CSS_SELECTOR, f"tr[data-run-id='{run_id}'] input[name='run']").click()
+    browser.find_element(By.XPATH, "//button[normalize-space(.)='Compare selected runs']").click()
+    _until(browser, "the comparison", lambda d: d.find_element(By.ID, "compare-table1"))
+    assert "/gender-reports/compare?" in browser.current_url
+    settings = browser.find_element(By.ID, "compare-settings").text
+    assert "epochs" in settings and str(BUSY_EPOCHS) in settings
+    table = browser.find_element(By.ID, "compare-table1")
+    assert len(table.find_elements(By.CSS_SELECTOR, "tr[data-model='cnn']")) == 2
+    assert "[" in browser.find_element(By.ID, "compare-accuracy").text  # intervals
+    paired = browser.find_element(By.CSS_SELECTOR, "#compare-paired tr[data-paired='cnn']").text
+    assert "significant" in paired and "Different test splits" not in paired  # same data, seed and split
+    browser.save_screenshot(str(_shots() / "comparison.png"))
+
+
+@pytest.mark.slow
+def test_the_report_the_list_and_the_comparison_read_at_400_px(airflow_ui, after_the_run, browser, logged_in):
+    from selenium.webdriver.common.by import By
+
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 400, "height": 860, "deviceScaleFactor": 1, "mobile": True})  # fmt: skip
+    busy, second = after_the_run["busy"], after_the_run["second"]
+    pages = {
+        "report": f"/gender-reports/runs/{quote(busy, safe='')}",
+        "list": "/gender-reports/",
+        "comparison": f"/gender-reports/compare?run={quote(busy, safe='')}&run={quote(second, safe='')}",
+    }
+    for name, path in pages.items():
+        browser.get(logged_in + path)
+        _until(browser, name, lambda d: d.find_element(By.TAG_NAME, "h1"))
+        assert browser.execute_script("return window.innerWidth") == 400
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 400, f"{name} scrolls sideways: {width} px"
+        assert browser.find_elements(By.CSS_SELECTOR, "meta[name='viewport']"), name
+        browser.save_screenshot(str(_shots() / f"phone-{name}.png"))
+        if name == "report":
+            plots = browser.find_elements(By.CSS_SELECTOR, ".plots svg")
+            assert plots and all(p.get_attribute("role") == "img" and p.get_attribute("aria-label") for p in plots)
+            assert all(p.find_elements(By.TAG_NAME, "title") for p in plots)

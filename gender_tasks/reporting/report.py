@@ -9,6 +9,7 @@ data (file names, labels, settings) from injecting markup. Plots are inline SVG 
 
 from __future__ import annotations
 
+import html
 import io
 import itertools
 import json
@@ -80,17 +81,22 @@ def _label(model_name: str) -> str:
     return "Ensemble (mean probability)" if model_name == ENSEMBLE else get_model_spec(model_name).display_name
 
 
-def _svg(fig) -> str:
+def _svg(fig, title: str) -> str:
+    """The figure as inline SVG with an accessible name: role img, aria-label and a <title> (what a
+    screen reader reads and a pointer shows) saying what the plot is."""
     import matplotlib.pyplot as plt
 
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     svg = buf.getvalue()
-    return svg[svg.index("<svg") :]  # drop the XML prolog so it can sit inside HTML
+    svg = svg[svg.index("<svg") :]  # drop the XML prolog so it can sit inside HTML
+    end = svg.index(">") + 1
+    label = html.escape(title, quote=True)
+    return f'{svg[: end - 1]} role="img" aria-label="{label}"><title>{label}</title>{svg[end:]}'
 
 
-def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, str]:
+def _plots(history: list[dict], cm: list[list[int]], y_true, prob, label: str = "") -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +114,7 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
     ax1.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    curves = _svg(fig)
+    curves = _svg(fig, f"{label}: accuracy and loss per epoch, train and validation".lstrip(": "))
 
     fig, ax = plt.subplots(figsize=(2.3, 2.2))
     arr = np.asarray(cm)
@@ -117,7 +123,8 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > arr.max() / 2 else "black")
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASSES, yticklabels=CLASSES, xlabel="predicted", ylabel="true")
     ax.set_title("Confusion matrix (test)")
-    confusion = _svg(fig)
+    cells = ", ".join(f"true {CLASSES[i]} predicted {CLASSES[j]}: {v}" for (i, j), v in np.ndenumerate(arr))
+    confusion = _svg(fig, f"{label}: confusion matrix on the test images ({cells})".lstrip(": "))
 
     fig, ax = plt.subplots(figsize=(2.3, 2.2))
     if len(set(np.asarray(y_true).tolist())) == 2:
@@ -126,7 +133,7 @@ def _plots(history: list[dict], cm: list[list[int]], y_true, prob) -> dict[str, 
         ax.plot(fpr[keep], tpr[keep])  # thinned: the SVG's size does not grow with the test set
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test, male = positive)")
-    roc = _svg(fig)
+    roc = _svg(fig, f"{label}: ROC curve on the test images, male as the positive class".lstrip(": "))
     return {"curves": curves, "confusion": confusion, "roc": roc}
 
 
@@ -374,7 +381,7 @@ def build_report(
         per_model[name] = {
             "label": _label(name),
             "metrics": met,
-            "plots": _plots(hist, t["confusion_matrix"], y_true, test["prob_male"].to_numpy()),
+            "plots": _plots(hist, t["confusion_matrix"], y_true, test["prob_male"].to_numpy(), _label(name)),
             "recall_gap": recalls["female"] - recalls["male"],
             # training.loop.recalibrate_batchnorm's effect on the last epoch's validation accuracy, if it ran
             "recalibration": hist[-1] if hist and "batchnorm_recalibrated_on" in hist[-1] else None,
