@@ -17,7 +17,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # must name the same port: `ui` sets both (and the base URL), unless they are set already.
 PORT ?= 8080
 
-.PHONY: run test ui lint bench venv clean
+.PHONY: run test test-fast ui lint bench venv clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,14 @@ $(AIRFLOW_HOME)/airflow.db: $(BIN)/.installed
 run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/python -m gender_tasks run --profile "$(PROFILE)" $(if $(SOURCE),--source "$(SOURCE)") $(if $(STORAGE),--storage "$(STORAGE)") $(if $(EXTERNAL),--external "$(EXTERNAL)")
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+# The fast tier: unit tests, no training, no processes or servers started, no timeouts waited out (under a
+# minute); the `slow` and `services` markers (pyproject.toml) set the rest apart.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not slow and not services"
+
+# The full suite: the fast tier first (a broken unit fails within a minute), then the rest.
+test: test-fast
+	$(BIN)/python -m pytest -m "slow or services"
 
 # The Airflow UI (and scheduler) on the embedded default: http://localhost:$(PORT)
 ui: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db

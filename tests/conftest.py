@@ -141,7 +141,7 @@ def s3_storage(s3_bucket):
     return S3Storage(s3_bucket, "pipeline")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])  # S3 through a moto server: slow tier
 def any_storage(request):
     """Each storage backend in turn: a local folder, and a bucket prefix on the moto S3 server."""
     return request.getfixturevalue("local_storage" if request.param == "local" else "s3_storage")

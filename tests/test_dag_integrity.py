@@ -92,6 +92,7 @@ print(json.dumps({"heavy": heavy}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)
 def test_parsing_imports_nothing_heavy_and_touches_no_network(dag_file, tmp_path):
     # A fresh interpreter, no database, no services: only what parsing itself needs.
@@ -104,6 +105,7 @@ def test_parsing_imports_nothing_heavy_and_touches_no_network(dag_file, tmp_path
     assert not (tmp_path / "absent.db").exists(), "parsing created or opened a metadata database"
 
 
+@pytest.mark.slow
 def test_schedule_comes_from_configuration(tmp_path):
     probe = (
         "import importlib.util, sys; spec = importlib.util.spec_from_file_location('d', sys.argv[1]); "

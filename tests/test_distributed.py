@@ -452,6 +452,7 @@ print(json.dumps({"kubernetes_imported": "kubernetes" in sys.modules, "limits": 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpus", [None, "1"])
 def test_kubernetes_gpu_limit_is_opt_in_and_free_otherwise(gpus, tmp_path):
     """GENDER_K8S_GPUS unset: no pod override and no kubernetes import at parse time. Set: a GPU limit

@@ -259,6 +259,7 @@ def _within(seconds: float, fn):
     return out, time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("query", [None, "age >= 0"])
 def test_a_fifo_in_an_external_set_is_refused_within_seconds_and_nothing_is_written(tmp_path, models_in_storage,
                                                                                     query):  # fmt: skip
@@ -276,6 +277,7 @@ def test_a_fifo_in_an_external_set_is_refused_within_seconds_and_nothing_is_writ
     assert not models_in_storage.list(layout.external_prefix(RUN))
 
 
+@pytest.mark.slow
 def test_the_size_limits_of_the_settings_apply(tmp_path, models_in_storage):
     root = write_dataset(tmp_path / "ext", 3)
     big = max(p.stat().st_size for p in root.rglob("*.jpg"))
@@ -291,6 +293,7 @@ def test_the_size_limits_of_the_settings_apply(tmp_path, models_in_storage):
 # --- streaming -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batches_give_the_probabilities_of_one_big_batch(tmp_path, models_in_storage, monkeypatch):
     root = _labels(write_dataset(tmp_path / "ext", 5, seed=7))  # 10 images: 4 batches of at most 3
     settings = _settings()

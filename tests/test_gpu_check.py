@@ -20,6 +20,7 @@ from gender_tasks.training.devices import MIN_HEADROOM_BYTES, compile_backend, m
 from gender_tasks.training.loop import epoch_plan
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_every_part_and_writes_numbers(tmp_path, airflow_db):
     faces = write_dataset(tmp_path / "faces", 12, size=64)
     results = tmp_path / "results"
@@ -80,6 +81,7 @@ def test_gpu_resident_images_keep_a_headroom_and_a_share_per_task():
     assert resident_budget(free=16 * gib, total=16 * gib, sharing=1) == 16 * gib - MIN_HEADROOM_BYTES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("value", "backend"), [("", None), ("0", None), ("1", "inductor"), ("eager", "eager")])
 def test_torch_compile_is_opt_in(monkeypatch, value, backend):
     monkeypatch.setenv("GENDER_TORCH_COMPILE", value)

@@ -169,6 +169,7 @@ def test_kaggle_download_path_uses_kagglehub(monkeypatch, tmp_path):
 # --- S3: ingest into a bucket prefix, an S3 source, and what storage problems look like ----------
 
 
+@pytest.mark.slow
 def test_ingest_into_s3_prefix_then_reingest_uploads_nothing(dataset_dir, s3_bucket, monkeypatch):
     from gender_tasks.storage import S3Storage
 
@@ -220,6 +221,7 @@ def test_ingest_logs_progress_files_and_rate(dataset_dir, any_storage, caplog):
     assert f"ingest {out['dataset_id']}: uploaded 40/40 files" in text and "MB/s" in text
 
 
+@pytest.mark.slow
 def test_s3_source_ingests_like_the_same_local_folder(dataset_dir, s3_bucket, local_storage, tmp_path):
     storage = open_storage(f"s3://{s3_bucket}")
     client = storage.client
@@ -240,6 +242,7 @@ def test_s3_source_that_does_not_exist(s3_bucket, tmp_path):
         resolve_source("s3://missing-source-bucket/faces", tmp_path / "w2")
 
 
+@pytest.mark.slow
 def test_s3_source_keys_escaping_the_target_are_refused(s3_bucket, tmp_path):
     client = open_storage(f"s3://{s3_bucket}").client
     client.put_object(Bucket=s3_bucket, Key="faces/female/ok.jpg", Body=b"x")
@@ -333,6 +336,7 @@ def test_zip_source_with_bad_entries_writes_nothing(tmp_path, local_storage):
     assert not Path("/tmp/evil.jpg").exists()
 
 
+@pytest.mark.slow
 def test_scanning_in_worker_processes_gives_the_same_rows_and_refusals(tmp_path, monkeypatch):
     root = write_dataset(tmp_path / "faces", 12, seed=3)
     on_threads = [s.row for s in ingest_mod.scan_folder(root)]

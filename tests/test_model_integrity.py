@@ -467,6 +467,7 @@ def test_predict_skips_fifos_and_links_out_of_the_folder_without_opening_them(tm
     assert not any("linked" in f for f in table.index)
 
 
+@pytest.mark.slow
 def test_python_m_predict_given_a_jpeg_as_the_model_prints_one_line(tmp_path):
     """The real command, logging and library warnings included: one line on stderr, exit 2."""
     images = write_dataset(tmp_path / "imgs", 1)

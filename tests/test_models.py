@@ -10,6 +10,7 @@ SIZES = {"cnn": 32, "resnet50": 32, "inceptionv3": 75, "mobilenetv2": 32}
 AUX_SIZE = INCEPTION_AUX_MIN_SIZE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SIZES))
 def test_forward_backward_at_input_size(name):
     torch.manual_seed(0)
@@ -23,6 +24,7 @@ def test_forward_backward_at_input_size(name):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_inception_at_299_trains_its_auxiliary_classifier_too():
     model = M.build_model("inceptionv3", AUX_SIZE, "none").train()
     main, aux = model(torch.rand(2, 3, AUX_SIZE, AUX_SIZE))
@@ -40,6 +42,7 @@ EXPECTED_HEAD = {  # study head: Dense(128, ReLU) -> Dropout -> Dense(1)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPECTED_HEAD))
 def test_frozen_and_unfrozen_parameter_counts(name):
     model = M.build_model(name, SIZES[name], "none")
@@ -69,6 +72,7 @@ def test_cnn_matches_the_study_architecture():
     assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.modules())
 
 
+@pytest.mark.slow
 def test_offline_weights_from_a_state_dict_file(tmp_path):
     from torchvision.models import mobilenet_v2
 

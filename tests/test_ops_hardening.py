@@ -289,6 +289,7 @@ def test_a_hung_read_ends_at_the_deadline_with_a_named_error(monkeypatch, tmp_pa
     assert (outer_left - (time.monotonic() - started) - 1 < left <= outer_left) if outer_left else left == 0.0
 
 
+@pytest.mark.slow
 def test_the_deadline_works_inside_airflows_execution_timeout_and_hands_it_back(tmp_path):
     from airflow.sdk.exceptions import AirflowTaskTimeout
     from airflow.sdk.execution_time.timeout import timeout as airflow_timeout

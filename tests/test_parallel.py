@@ -43,6 +43,7 @@ PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_task_forked_from_a_celery_pool_worker_can_start_worker_processes(tmp_path):
     import subprocess

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gender_tasks.training.batches import SplitData
@@ -21,6 +22,7 @@ def _batchnorms(model):
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
+@pytest.mark.slow
 def test_statistics_become_those_of_the_training_images_under_the_final_weights():
     model, inputs = setup_model("mobilenetv2", 32, "none", 0, CPU)
     for bn in _batchnorms(model):  # statistics far from anything the weights produce: a lagging average

@@ -19,6 +19,8 @@ from gender_tasks.storage import open_storage
 from gender_tasks.training.batches import SplitData, StreamedSplit, load_splits
 from gender_tasks.training.loop import epoch_generator
 
+pytestmark = pytest.mark.slow  # every test preprocesses and most train
+
 
 @pytest.fixture
 def prepared(tmp_path, monkeypatch):

@@ -83,6 +83,7 @@ def test_local_cache_folder_comes_from_the_environment(local_storage, stored_ima
     assert not list((tmp_path / "env-cache").rglob("*.part")), "temp downloads are renamed into place"
 
 
+@pytest.mark.slow
 def test_decoding_in_worker_processes_gives_the_same_shards(local_storage, stored_images, tmp_path, monkeypatch):
     shas, keys, expected = stored_images
     monkeypatch.setattr(shards, "MIN_IMAGES_FOR_PROCESSES", 0)

@@ -388,6 +388,7 @@ def test_a_file_changing_during_upload_leaves_no_orphan(faces, local_storage, mo
 # --- a dead S3 source endpoint ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint", ["closed_endpoint", "silent_endpoint"])
 def test_a_dead_s3_source_endpoint_is_a_source_error_within_the_bound(endpoint, request, monkeypatch, tmp_path,
                                                                       local_storage):  # fmt: skip

@@ -34,6 +34,8 @@ from gender_tasks.storage import (
     open_storage,
 )
 
+pytestmark = pytest.mark.slow  # the tests wait out connect and read timeouts of dead endpoints
+
 # --- two dead endpoints --------------------------------------------------------------------------
 
 

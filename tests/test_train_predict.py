@@ -13,6 +13,8 @@ from gender_tasks.storage import open_storage
 from gender_tasks.training import trainer
 from gender_tasks.training.trainer import train_model
 
+pytestmark = pytest.mark.slow  # every test trains a model
+
 
 @pytest.fixture
 def prepared(tmp_path):
