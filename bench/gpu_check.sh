@@ -19,7 +19,7 @@
 # nvidia-smi samples utilisation and memory every 0.5 s during each part. Everything lands in
 # RESULTS_DIR: summary.md, results.json (all figures), one JSON per part, logs/, smi-<part>.csv.
 #
-# Environment: PYTHON (the interpreter; default .venv/bin/python, then /work/main/.venv/bin/python,
+# Environment: PYTHON (the interpreter; default the checkout's .venv/bin/python,
 # then python3), GPU_CHECK_FACES (a folder with female/ and male/ faces to vary), GPU_CHECK_KEEP=1
 # (keep the work folder), AIRFLOW_HOME (reused if it holds a migrated airflow.db).
 set -uo pipefail
@@ -40,7 +40,7 @@ mkdir -p "$results/logs" && results=$(cd "$results" && pwd)
 
 PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
-  for candidate in "$REPO/.venv/bin/python" /work/main/.venv/bin/python "$(command -v python3)"; do
+  for candidate in "$REPO/.venv/bin/python" "$(command -v python3)"; do
     [[ -x "$candidate" ]] && { PY=$candidate; break; }
   done
 fi

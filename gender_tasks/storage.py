@@ -398,12 +398,7 @@ class S3Storage:
                 f"endpoint_url of the connection in {CONN_ID_VAR}) points at a working S3 or MinIO, or raise "
                 "GENDER_S3_READ_TIMEOUT if it is merely slow"
             )
-        unreachable = (
-            bx.EndpointConnectionError,
-            bx.ConnectTimeoutError,
-            bx.ConnectionClosedError,
-            bx.ReadTimeoutError,
-        )
+        unreachable = (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError)
         if isinstance(exc, unreachable):
             return StorageError(
                 f"cannot reach S3 for {where}: {exc}. Check that the server is running and that AWS_ENDPOINT_URL "

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..errors import PermanentError
 from ..resources import include_path
+from ..settings import Settings
 from .manifest import decodable_mask
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _describe_failure(res, frame: pd.DataFrame) -> dict:
             "examples": examples, "fix": meta.get("fix", "")}  # fmt: skip
 
 
-def validate_manifest(manifest: pd.DataFrame, settings: dict, suite_path: Path = SUITE_PATH) -> dict:
+def validate_manifest(manifest: pd.DataFrame, settings: Settings, suite_path: Path = SUITE_PATH) -> dict:
     """Run the suite; return a JSON-safe summary, or raise ValidationFailed naming what broke."""
     _quiet_gx()
     import great_expectations as gx
