@@ -57,7 +57,7 @@ def test_dag_runs_end_to_end_with_repeats_an_ensemble_and_the_corrected_test(air
         for prefix in (f"runs/{run_key}/", f"runs/{run_key}/repeats/1/", f"runs/{run_key}/repeats/2/")
     }
     assert splits == {42, 43, 44}
-    assert storage.exists(f"runs/{run_key}/repeats/2/models/ensemble/model.ts")
+    assert storage.exists(f"runs/{run_key}/repeats/2/models/ensemble/model.pt2")
     assert set(results["external"][0]["models"]) == set(models)  # the ensemble too, from its export
     assert results["class_balance"]["totals"] == {"female": 24, "male": 24}
     assert results["validation"]["success"] is True
