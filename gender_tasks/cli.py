@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--conf", default="{}", help="more DAG params as JSON")
 
     pred = sub.add_parser("predict", help="classify a folder of images with a run's model")
-    pred.add_argument("--model", required=True, help="a model.pt2 file (or an earlier run's model.ts), or its storage URI")
+    pred.add_argument(
+        "--model", required=True, help="a model.pt2 file (or an earlier run's model.ts), or its storage URI"
+    )
     pred.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     pred.add_argument("--out", required=True, type=Path, help="CSV to write")
 

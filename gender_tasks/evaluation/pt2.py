@@ -41,7 +41,9 @@ _EXPR = re.compile(r"^[A-Za-z0-9_ +\-*/%(),<>=!.]*$")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYMBOL = re.compile(r"^[suqc]\d+$")
 # How a symbol is written with its assumptions: only these assumptions, only True or False.
-_DECLARED_SYMBOL = re.compile(r"Symbol\('([suqc]\d+)'(?:, (?:positive|integer|nonnegative|real|finite)=(?:True|False))*\)")
+_DECLARED_SYMBOL = re.compile(
+    r"Symbol\('([suqc]\d+)'(?:, (?:positive|integer|nonnegative|real|finite)=(?:True|False))*\)"
+)
 _FUNCTIONS = {"Max", "Min", "Mod", "PythonMod", "FloorDiv", "CleanDiv", "CeilDiv", "IntTrueDiv", "FloatTrueDiv",
               "TruncToInt", "FloorToInt", "CeilToInt", "RoundToInt", "ToFloat", "Integer", "Eq", "Ne", "Ge", "Gt",
               "Le", "Lt", "And", "Or", "Not", "oo", "True", "False", "Abs", "Identity"}  # fmt: skip
