@@ -10,19 +10,23 @@ source, a .pt2 reaches pickle or eval in these places, and nowhere else:
   torch 2.7 zip (serialized_state_dict.pt, ...), all unpickled; an AOTInductor package (compiled code);
 - the sample inputs (data/sample_inputs/<model>.pt): torch.load(weights_only=True), but on failure it
   retries with weights_only=False;
-- symbolic shape expressions (`expr_str` in models/<model>.json): sympy.sympify, which evaluates Python.
+- symbolic shape expressions (`expr_str` in models/<model>.json): sympy.sympify, which evaluates Python;
+- guard code (`guards_code` there): Python source that ExportedProgram.module() compiles into assertions.
 
 `check_archive` refuses, before torch.export.load sees the bytes, any archive that would take one of
 those paths: only the files torch.export.save writes for plain tensors are allowed, every payload must be
 raw bytes (`use_pickle` false), the sample inputs must load with weights_only=True here first (so torch's
 retry never happens), and every shape expression must be arithmetic over symbols (s0, u1) and sympy's
-integer functions: no attribute access, no call of anything else. What remains is JSON, raw tensor bytes
+integer functions (no attribute access, no call of anything else), and every guard an expression comparing
+the inputs' sizes (checked on its syntax tree: the name L, literals, subscripts, .size() and the like, arithmetic,
+comparisons). What remains is JSON, raw tensor bytes
 and weights_only loading. The pipeline also verifies a model's sha256 against its model card before any
 of this: the check is for a card and a model replaced together, or a file given by hand.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -92,6 +96,35 @@ def _check_expression(text) -> None:
         raise UnsafeArchive(f"a shape expression accesses an attribute ({text[:80]!r})")
 
 
+# Guard code (ExportedProgram.module() compiles it into Python assertions): comparisons of input sizes only.
+_GUARD_NODES = (ast.Expression, ast.Compare, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.BinOp,
+                ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
+                ast.Subscript, ast.Name, ast.Constant, ast.Call, ast.Attribute, ast.Load)  # fmt: skip
+_GUARD_METHODS = {"size", "stride", "dim", "numel"}
+
+
+def _check_guard(code) -> None:
+    """A guard is an expression over the inputs' sizes (L['xs'][0].size()[0] == L['xs'][1].size()[0]): only
+    the name L, literals, subscripts, tensor size methods called without arguments, arithmetic and comparisons."""
+    if not isinstance(code, str) or len(code) > 10_000:
+        raise UnsafeArchive("it carries guard code that is not a short expression")
+    try:
+        tree = ast.parse(code, mode="eval")
+    except SyntaxError:
+        raise UnsafeArchive(f"it carries guard code that is not an expression ({code[:80]!r})") from None
+    for node in ast.walk(tree):
+        bad = not isinstance(node, _GUARD_NODES)
+        bad = bad or (isinstance(node, ast.Name) and node.id != "L")
+        bad = bad or (isinstance(node, ast.Constant) and not isinstance(node.value, int | str))
+        bad = bad or (
+            isinstance(node, ast.Call) and (node.args or node.keywords or not isinstance(node.func, ast.Attribute))
+        )
+        bad = bad or (isinstance(node, ast.Attribute) and node.attr not in _GUARD_METHODS)
+        if bad:
+            raise UnsafeArchive(f"it carries guard code, which loading would compile and run as Python, that is not a "
+                                f"comparison of input sizes ({code[:80]!r})")  # fmt: skip
+
+
 def _payloads(zf: zipfile.ZipFile, name: str, prefix: str) -> None:
     """Every payload in the config `name` is raw tensor bytes (never pickled) named `prefix`<n>."""
     config = json.loads(zf.read(name))
@@ -132,8 +165,11 @@ def check_archive(data: bytes) -> None:
             program = json.loads(zf.read(f"{ROOT}models/model.json"))
             if not isinstance(program, dict):
                 raise UnsafeArchive("models/model.json is not a program")
-            if program.get("guards_code"):  # compiled into Python by ExportedProgram.module()
-                raise UnsafeArchive("it carries guard code, which loading would compile and run as Python")
+            guards = program.get("guards_code") or []
+            if not isinstance(guards, list):
+                raise UnsafeArchive("its guard code is not a list")
+            for guard in guards:  # compiled into Python by ExportedProgram.module()
+                _check_guard(guard)
             _check_expressions(program)
         except (ValueError, UnicodeDecodeError) as exc:
             if isinstance(exc, UnsafeArchive):
