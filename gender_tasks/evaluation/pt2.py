@@ -14,14 +14,14 @@ source, a .pt2 reaches pickle or eval in these places, and nowhere else:
 - guard code (`guards_code` there): Python source that ExportedProgram.module() compiles into assertions.
 
 `check_archive` refuses, before torch.export.load sees the bytes, any archive that would take one of
-those paths: only the files torch.export.save writes for plain tensors are allowed, every payload must be
-raw bytes (`use_pickle` false), the sample inputs must load with weights_only=True here first (so torch's
-retry never happens), and every shape expression must be arithmetic over symbols (s0, u1) and sympy's
-integer functions (no attribute access, no call of anything else), and every guard an expression comparing
-the inputs' sizes (checked on its syntax tree: the name L, literals, subscripts, .size() and the like, arithmetic,
-comparisons). What remains is JSON, raw tensor bytes
-and weights_only loading. The pipeline also verifies a model's sha256 against its model card before any
-of this: the check is for a card and a model replaced together, or a file given by hand.
+those paths: only the files torch.export.save writes for plain tensors are allowed; every payload must be
+raw bytes (`use_pickle` false); the sample inputs must load with weights_only=True here first (so torch's
+retry never happens); every shape expression must be arithmetic over shape symbols (s0, u1) and sympy's
+integer functions (no attribute access, no call of anything else); and every guard must be an expression
+comparing the inputs' sizes (checked on its syntax tree: the name L, literals, subscripts, .size() and the
+like, arithmetic, comparisons). What remains is JSON, raw tensor bytes and weights_only loading. The
+pipeline also verifies a model's sha256 against its model card before any of this: the check is for a
+card and a model replaced together, or a file given by hand.
 """
 
 from __future__ import annotations
