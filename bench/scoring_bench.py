@@ -6,7 +6,9 @@ Generates small face-like JPEGs (48 px, about 1.6 KB each) in a temporary folder
 tiny model once (the `tiny` profile's CNN, 32 px, one epoch, on 40 generated faces) into a temporary
 local storage, then scores each folder in its own process with gender_tasks.scoring.score_images (read,
 sha256, decode, score, per-batch parts, predictions.csv, summary) and reports, per size: wall time,
-images/s, and the peak resident memory of that process (ru_maxrss). Then scores the largest folder again:
+images/s, the CPU time the scoring used (user + system, imports excluded: steadier than wall time on a
+shared machine) and the peak resident memory of that process (ru_maxrss; torch's import alone is about
+0.7 GB of it). Then scores the largest folder again:
 unchanged images with the same model, which must write nothing. Results are recorded by hand in
 bench/RESULTS.md.
 """
@@ -28,10 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 _SCORE = r"""
 import json, resource, sys, time
 from gender_tasks.scoring import score_images
+before = resource.getrusage(resource.RUSAGE_SELF)
+cpu_before = before.ru_utime + before.ru_stime  # the imports: not the scoring's
 started = time.monotonic()
 out = score_images(sys.argv[1], sys.argv[2], batch_size=int(sys.argv[3]))
 seconds = time.monotonic() - started
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+                  "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu_before,
                   "images": out["images"], "scored": out.get("scored"), "unchanged": out["unchanged"]}))
 """
 
@@ -110,14 +116,16 @@ def main() -> None:
             print(f"generated {n:,} images ({mb:.0f} MB) in {time.monotonic() - t:.0f} s", flush=True)
             result = score(folder, store, args.batch_size)
             rows.append((n, result))
-            print(f"{n:>7,} images: {result['seconds']:7.1f} s, {n / result['seconds']:6.0f} images/s, "
-                  f"peak RSS {result['peak_rss_mb']:6.0f} MB", flush=True)  # fmt: skip
+            print(f"{n:>7,} images ({result['scored']:,} scored): {result['seconds']:7.1f} s, "
+                  f"{n / result['seconds']:6.0f} images/s, {result['cpu_seconds']:7.1f} CPU s, peak RSS "
+                  f"{result['peak_rss_mb']:6.0f} MB; load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
         again = score(work / f"images-{sizes[-1]}", store, args.batch_size)
         print(f"again, unchanged ({sizes[-1]:,} images): {again['seconds']:.1f} s, unchanged={again['unchanged']}, "
               f"peak RSS {again['peak_rss_mb']:.0f} MB")  # fmt: skip
         if len(rows) > 1:
             (n0, r0), (n1, r1) = rows[0], rows[-1]
-            print(f"per-image time ratio {n1 // n0}x: {(r1['seconds'] / n1) / (r0['seconds'] / n0):.2f}; "
+            print(f"per-image time ratio {n1 // n0}x: {(r1['seconds'] / n1) / (r0['seconds'] / n0):.2f} wall, "
+                  f"{(r1['cpu_seconds'] / n1) / (r0['cpu_seconds'] / n0):.2f} CPU; "
                   f"peak memory ratio: {r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
