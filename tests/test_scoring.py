@@ -351,3 +351,18 @@ def test_the_scoring_dag_runs_end_to_end_and_is_queued_by_the_model_asset(airflo
         assert "gender_scoring" in {d.dag_id for d in due}
         session.rollback()
     assert open_storage(str(storage.root)).exists(f"scoring/{key}/predictions.csv")
+
+
+def test_the_score_command_prints_where_the_results_are_and_refuses_bad_input_in_one_line(store, tmp_path, capsys):
+    from gender_tasks.cli import main
+
+    images = _flat(tmp_path / "imgs", 3)
+    assert main(["score", "--images", str(images), "--storage", str(store.root), "--model", "cnn"]) == 0
+    out = capsys.readouterr().out
+    assert "scored 3 images with cnn of run new" in out and "/summary.html" in out and "/predictions.csv" in out
+    assert main(["score", "--images", str(images), "--storage", str(store.root), "--model", "cnn"]) == 0
+    assert "already scored (unchanged images, same model)" in capsys.readouterr().out
+    os.mkfifo(images / "pipe.jpg")
+    assert main(["score", "--images", str(images), "--storage", str(store.root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "pipe.jpg is a FIFO" in err[0]
