@@ -49,6 +49,9 @@ LIMITS = static_limits()
 # (its content hash), so other DAGs can run when data lands (`schedule=[DATASET_ASSET]`).
 DATASET_ASSET = Asset(name="gender_classification_dataset", uri="x-gender-classification://dataset",
                       group="dataset")  # fmt: skip
+# The run's published models: the report emits it when the run is finished (extra: run_key, storage), and the
+# gender_scoring DAG is scheduled on it.
+MODEL_ASSET = Asset(name="gender_classification_models", uri="x-gender-classification://models", group="model")
 
 
 def gpu_executor_config() -> dict:
@@ -224,11 +227,14 @@ def gender_classification():
         return _step("evaluate_external", run)
 
     # Runs when a switched-off step was skipped (none_failed), not when one failed.
-    @task(trigger_rule="none_failed", execution_timeout=LIMITS["report"])
+    @task(trigger_rule="none_failed", outlets=[MODEL_ASSET], execution_timeout=LIMITS["report"])
     def report(run: dict, trained: list[dict], ensembled: dict, audit: dict | None, external: dict | None) -> dict:
         # Index rather than iterate: iterating a mapped result probes one past its end (a logged 404).
         trained = [trained[i] for i in range(len(trained))]
-        return _step("report", run, trained, label_audit=audit, external=external, ensembled=ensembled)
+        out = _step("report", run, trained, label_audit=audit, external=external, ensembled=ensembled)
+        get_current_context()["outlet_events"][MODEL_ASSET].extra = {"run_key": run["run_key"],
+                                                                     "storage": run["storage"]}  # fmt: skip
+        return out
 
     prepared = prepare()
     run = preprocess(validate(split(ingest(prepared))))

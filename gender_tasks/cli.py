@@ -1,8 +1,9 @@
-"""Command line: `python -m gender_tasks run|predict|gc|verify`.
+"""Command line: `python -m gender_tasks run|predict|score|gc|verify`.
 
 `run` executes the Airflow DAG once, end to end, in this process (Airflow's `dag.test()`, on the
 embedded default: SQLite metadata database, local-folder storage), then prints where the report is.
 `predict` classifies a folder of images with a trained model of a run and writes a CSV.
+`score` scores a folder, zip or s3:// prefix of new images into the storage, as the gender_scoring DAG does.
 `gc` removes old runs and whatever no manifest or kept run references from the storage.
 `verify` checks every stored object against its checksum, and with --repair removes the corrupt ones.
 """
@@ -163,6 +164,23 @@ def verify(storage_uri: str | None, dataset: str | None, run: str | None, repair
     return 1 if report.corrupt else 0
 
 
+def score(args) -> int:
+    """`score`: one line and exit 2 for bad input, as `predict`; prints where the predictions and summary are."""
+    from .errors import PermanentError
+    from .scoring import score_images
+    from .storage import StorageError
+
+    try:
+        out = score_images(args.images, args.storage or "", run=args.run, model=args.model, batch_size=args.batch_size)
+    except (PermanentError, StorageError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2 if isinstance(exc, PermanentError) else 1
+    verb = "already scored (unchanged images, same model)" if out["unchanged"] else f"scored {out['images']} images"
+    print(f"{verb} with {out['model']} of run {out['run_key']}\npredictions: {out['predictions_uri']}\n"
+          f"summary: {out['summary_uri']}")  # fmt: skip
+    return 0
+
+
 def _parse_conf(text: str) -> dict | None:
     """--conf as a JSON object; anything else is reported (None) in words, not a traceback."""
     example = """give a JSON object, e.g. --conf '{"epochs": 3}'"""
@@ -199,9 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--conf", default="{}", help="more DAG params as JSON")
 
     pred = sub.add_parser("predict", help="classify a folder of images with a run's model")
-    pred.add_argument("--model", required=True, help="a model.ts file, or its storage URI")
+    pred.add_argument(
+        "--model", required=True, help="a model.pt2 file (or an earlier run's model.ts), or its storage URI"
+    )
     pred.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     pred.add_argument("--out", required=True, type=Path, help="CSV to write")
+
+    sc = sub.add_parser("score", help="score new images with a run's model into the storage (gender_scoring)")
+    sc.add_argument("--images", required=True, help="a folder, a .zip or an s3://bucket/prefix of images")
+    sc.add_argument("--storage", help=STORAGE_HELP)
+    sc.add_argument("--run", default="latest", help="a training run id or run key (default: the latest finished)")
+    sc.add_argument("--model", default="best", help="a model name, or best (on validation; the default)")
+    sc.add_argument("--batch-size", type=int, default=256)
 
     gc = sub.add_parser("gc", help="remove old runs and objects no manifest or kept run references")
     gc.add_argument("--storage", help=STORAGE_HELP)
@@ -241,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation.predict import predict_folder
     from .storage import StorageError
 
+    if args.command == "score":
+        return score(args)
     try:
         n = predict_folder(args.model, args.images, args.out)
     except (PermanentError, StorageError) as exc:  # a missing or bad model or folder: one line, no traceback

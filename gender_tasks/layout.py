@@ -16,7 +16,7 @@ standard library, so the UI plugin can find a report without loading the trainin
     datasets/<dataset_id>/leases/<holder>.json            work in progress on the dataset (leases.py): gc keeps
                                                           the whole dataset while one is fresh
     runs/<run_key>/models/<model>/...                     a copy of the keyed outputs: metrics, history,
-                                                          predictions, model.ts, model_card, trained.json
+                                                          predictions, model.pt2, model_card, trained.json
     runs/<run_key>/models/ensemble/...                    the mean probability of the run's models (no checkpoint)
     runs/<run_key>/repeats/<r>/models/<model>/...         repeat r >= 1 of a run with repeats (seed + r); repeat 0
                                                           is the run's own folder, as in a run without repeats
@@ -37,8 +37,12 @@ RUNS = "runs"
 CHECKPOINT = "checkpoint.pt"
 # Beside a checkpoint, written after it: its sha256 and size ({"sha256", "bytes"}), checked before it is loaded.
 CHECKPOINT_RECORD = "checkpoint.json"
+# The exported model: a torch.export archive (training/export.py). Runs of earlier versions hold a TorchScript
+# model.ts instead, which still loads (evaluation/predict.py) and is kept with its run.
+MODEL_FILE = "model.pt2"
+LEGACY_MODEL_FILE = "model.ts"
 # A trained model's outputs, in the order they are written: the last one marks the model complete.
-MODEL_OUTPUTS = ("predictions.csv", "history.json", "metrics.json", "model.ts", "model_card.json")
+MODEL_OUTPUTS = ("predictions.csv", "history.json", "metrics.json", MODEL_FILE, "model_card.json")
 # In a run's model folder: which keyed model the run's copy came from (what `gc` keeps for the run).
 TRAINED_RECORD = "trained.json"
 # Leases of work in progress (leases.py), one object per holder, in the folder of what they protect.
@@ -196,7 +200,7 @@ def model_prefix(run_key: str, model_name: str) -> str:
 
 def model_file_key(run_key: str, model_name: str, name: str) -> str:
     """One file of a trained model: checkpoint.pt, metrics.json, history.json, predictions.csv,
-    model.ts, model_card.json."""
+    model.pt2, model_card.json."""
     return f"{model_prefix(run_key, model_name)}/{name}"
 
 

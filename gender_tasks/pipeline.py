@@ -24,7 +24,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from . import layout
+from . import layout, tracking
 from .data.manifest import read_manifest, write_manifest
 from .leases import hold_lease, holder_name
 from .settings import as_settings, resolve_settings
@@ -289,8 +289,11 @@ def report(run: dict, trained: list[dict] | None = None, label_audit: dict | Non
                                                  run["validation"])  # fmt: skip
     storage = open_storage(settings.storage)
     durations = task_durations(run, trained or [], label_audit, external, ensembled)
-    return build_report(
+    out = build_report(
         storage, run_key=run["run_key"], settings=settings, dataset=dataset, validation=validation,
         split_key=split_info["split_key"], task_durations=durations, run_id=run["run_id"], label_audit=label_audit,
         repeat_split_keys=[repeat_split_key(split_info, r) for r in range(settings.repeats)],
     )  # fmt: skip
+    if tracking.enabled():  # opt-in (MLFLOW_TRACKING_URI): only then is mlflow imported
+        out["mlflow"] = tracking.log_run(storage, run_key=run["run_key"], settings=settings)
+    return out

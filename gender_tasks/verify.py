@@ -136,7 +136,7 @@ class _Verifier:
                 "training from the start",
                 size,
             )
-        if "/models/" in key and name in layout.MODEL_OUTPUTS[:-1]:
+        if "/models/" in key and name in (*layout.MODEL_OUTPUTS[:-1], layout.LEGACY_MODEL_FILE):
             folder = key.rpartition("/")[0]
             card = self._json(f"{folder}/{MODEL_CARD}")
             expected = ((card or {}).get("files") or {}).get(name)

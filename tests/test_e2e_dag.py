@@ -57,9 +57,19 @@ def test_dag_runs_end_to_end_with_repeats_an_ensemble_and_the_corrected_test(air
         for prefix in (f"runs/{run_key}/", f"runs/{run_key}/repeats/1/", f"runs/{run_key}/repeats/2/")
     }
     assert splits == {42, 43, 44}
-    assert storage.exists(f"runs/{run_key}/repeats/2/models/ensemble/model.ts")
+    assert storage.exists(f"runs/{run_key}/repeats/2/models/ensemble/model.pt2")
     assert set(results["external"][0]["models"]) == set(models)  # the ensemble too, from its export
     assert results["class_balance"]["totals"] == {"female": 24, "male": 24}
+
+    # The report published the models: an event of the model asset names the run (gender_scoring runs on it).
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        extras = session.scalars(select(AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                                 .where(AssetModel.name == "gender_classification_models")).all()  # fmt: skip
+    assert {"run_key": run_key, "storage": storage.uri} in extras
     assert results["validation"]["success"] is True
     # Mapped training tasks are named after their model in the UI.
     names = {ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "train"}

@@ -222,13 +222,13 @@ def models_in_storage(local_storage):
 
     from gender_tasks.integrity import sha256_hex
     from gender_tasks.models.registry import get_model_spec
-    from gender_tasks.training.export import export_torchscript
+    from gender_tasks.training.export import export_model
 
     for name, size in SIZES.items():
         net = get_model_spec(name).build(size, "none")
-        data = export_torchscript(net, name, size, {})
-        local_storage.put_bytes(layout.model_file_key(RUN, name, "model.ts"), data)
-        card = {"files": {"model.ts": sha256_hex(data)}}  # as training records it: the model is verified on load
+        data = export_model(net, name, size, {})
+        local_storage.put_bytes(layout.model_file_key(RUN, name, "model.pt2"), data)
+        card = {"files": {"model.pt2": sha256_hex(data)}}  # as training records it: the model is verified on load
         local_storage.put_bytes(layout.model_file_key(RUN, name, "model_card.json"), json.dumps(card).encode())
     return local_storage
 
@@ -326,8 +326,8 @@ def test_batches_give_the_probabilities_of_one_big_batch(tmp_path, models_in_sto
         return run
 
     paths = list(table["path"])
-    one = external.predict_streamed(paths, {n: (modules[n], s) for n, s in SIZES.items()}, batch_size=len(paths))
-    many = external.predict_streamed(paths, {n: (recording(n), s) for n, s in SIZES.items()}, batch_size=3)
+    one = external.predict_streamed(paths, {n: (modules[n], [s]) for n, s in SIZES.items()}, batch_size=len(paths))
+    many = external.predict_streamed(paths, {n: (recording(n), [s]) for n, s in SIZES.items()}, batch_size=3)
     for name, size in SIZES.items():
         assert one[name].shape == (10,)
         np.testing.assert_allclose(many[name], one[name], rtol=1e-5, atol=1e-6)

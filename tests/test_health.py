@@ -20,11 +20,12 @@ from gender_tasks import layout
 from gender_tasks.data.manifest import write_manifest
 from gender_tasks.evaluation import health
 from gender_tasks.evaluation.metrics import classification_metrics, encode_labels
+from gender_tasks.evaluation.predict import load_stored_model
 from gender_tasks.evaluation.repeats import logit_t_interval, rank_first_counts, summarise_repeats
 from gender_tasks.integrity import sha256_hex
 from gender_tasks.settings import resolve_settings
 from gender_tasks.training.ensemble import build_ensemble, choose_members, select_members
-from gender_tasks.training.export import export_torchscript
+from gender_tasks.training.export import export_model
 
 SIZES = {"train": 60, "val": 40, "test": 40}  # images per split, half of each class
 
@@ -208,14 +209,14 @@ def write_model(storage, run_key: str, name: str, preds: pd.DataFrame, train_acc
     put("predictions.csv", preds.to_csv(index=False).encode())
     put("metrics.json", json.dumps(metrics).encode())
     put("history.json", json.dumps(history).encode())
-    put("model.ts", export_torchscript(_Constant(float(len(name))), name, size, {"seed": 0}))
+    put("model.pt2", export_model(_Constant(float(len(name))), name, size, {"seed": 0}))
     record_card(storage, run_key, name)
 
 
 def record_card(storage, run_key: str, name: str) -> None:
     """The model card training writes last: the sha256 of each file, which readers check."""
     files = {f: sha256_hex(storage.get_bytes(layout.model_file_key(run_key, name, f)))
-             for f in ("predictions.csv", "history.json", "metrics.json", "model.ts")}  # fmt: skip
+             for f in ("predictions.csv", "history.json", "metrics.json", "model.pt2")}  # fmt: skip
     storage.put_bytes(layout.model_file_key(run_key, name, "model_card.json"), json.dumps({"files": files}).encode())
 
 
@@ -260,10 +261,8 @@ def test_a_model_forced_to_one_class_is_left_out_of_the_ensemble(local_storage, 
         json.loads(local_storage.get_bytes(layout.model_file_key("r1", m, "metrics.json")))["val_accuracy"]
         for m in ("cnn", "resnet50")
     )
-    module_meta = {"meta.json": ""}
-    torch.jit.load(local_storage.local_path(layout.model_file_key("r1", "ensemble", "model.ts")),
-                   _extra_files=module_meta)  # fmt: skip
-    assert json.loads(module_meta["meta.json"])["members"] == metrics["members"]
+    _, meta = load_stored_model(local_storage, layout.model_prefix("r1", "ensemble"))
+    assert meta["members"] == metrics["members"]
 
 
 def test_ensemble_selection_reads_no_test_data(local_storage, monkeypatch):
@@ -310,6 +309,7 @@ def test_training_logs_a_warning_for_a_flagged_model(local_storage, caplog):
     from gender_tasks.training.trainer import _warn_if_flagged
 
     _write_run(local_storage, "r4")
+    caplog.clear()  # torch.export's own debug records while the models were written
     caplog.set_level(logging.WARNING, logger="gender_tasks.training.trainer")
     _warn_if_flagged(local_storage, "r4", "cnn")
     assert caplog.records == []

@@ -29,7 +29,7 @@ from gender_tasks.models.network import build_model
 from gender_tasks.storage import LocalStorage, open_storage
 from gender_tasks.training import checkpoint as ckpt
 from gender_tasks.training import trainer
-from gender_tasks.training.export import export_torchscript
+from gender_tasks.training.export import export_model
 
 
 class _Planted:
@@ -250,15 +250,14 @@ def trained(prepared):
 
 
 def _tamper_weights(data: bytes) -> bytes:
-    """The same TorchScript archive with every weight scaled: a model that loads and answers differently."""
-    module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    with torch.no_grad():
-        for p in module.parameters():
-            p.mul_(-3.0)
+    """The same torch.export archive with every weight scaled: a model that loads and answers differently."""
     extra = {"meta.json": ""}
-    torch.jit.load(io.BytesIO(data), _extra_files=extra)
+    program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    with torch.no_grad():
+        for tensor in program.state_dict.values():
+            tensor.mul_(-3.0)
     buf = io.BytesIO()
-    torch.jit.save(module, buf, _extra_files=extra)
+    torch.export.save(program, buf, extra_files=extra)
     return buf.getvalue()
 
 
@@ -267,7 +266,7 @@ def test_the_model_card_and_trained_record_hold_every_files_sha256(trained):
     run, storage, train_key = trained
     card = json.loads(storage.get_bytes(_keyed(run, train_key, "model_card.json")))
     record = json.loads(storage.get_bytes(layout.model_file_key("r1", "cnn", "trained.json")))
-    assert set(card["files"]) == {"predictions.csv", "history.json", "metrics.json", "model.ts"}
+    assert set(card["files"]) == {"predictions.csv", "history.json", "metrics.json", "model.pt2"}
     for name, sha in card["files"].items():
         assert sha256_hex(storage.get_bytes(_keyed(run, train_key, name))) == sha, name
         assert record["files"][name] == sha
@@ -277,12 +276,12 @@ def test_the_model_card_and_trained_record_hold_every_files_sha256(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["model.ts", "predictions.csv"])
+@pytest.mark.parametrize("name", ["model.pt2", "predictions.csv"])
 def test_a_changed_file_of_a_keyed_model_refuses_its_reuse(trained, monkeypatch, name):
     run, storage, train_key = trained
     key = _keyed(run, train_key, name)
     data = storage.get_bytes(key)
-    storage.put_bytes(key, _tamper_weights(data) if name == "model.ts" else data.replace(b"0.", b"9.", 1))
+    storage.put_bytes(key, _tamper_weights(data) if name == "model.pt2" else data.replace(b"0.", b"9.", 1))
     monkeypatch.setattr(trainer, "_fit", lambda *a: pytest.fail("a changed model must not be trained over"))
     with pytest.raises(IntegrityError) as err:
         pipeline.train({**run, "run_key": "r2"}, "cnn")
@@ -308,7 +307,7 @@ def test_a_keyed_model_of_an_earlier_version_without_checksums_is_trained_again(
 @pytest.mark.slow
 def test_a_changed_model_in_a_run_folder_is_refused_by_predict_naming_it(trained, tmp_path, capsys):
     run, storage, _ = trained
-    key = layout.model_file_key("r1", "cnn", "model.ts")
+    key = layout.model_file_key("r1", "cnn", "model.pt2")
     images = write_dataset(tmp_path / "new", 2, seed=4)
     assert predict_folder(storage.url(key), images, tmp_path / "ok.csv") == 4  # intact: verified and used
     storage.put_bytes(key, _tamper_weights(storage.get_bytes(key)))
@@ -332,26 +331,27 @@ def test_a_changed_model_in_a_run_folder_is_refused_by_predict_naming_it(trained
 @pytest.fixture(scope="module")
 def exported() -> bytes:
     torch.manual_seed(0)
-    return export_torchscript(build_model("cnn", 32, "none"), "cnn", 32, {"source": "test"})
+    return export_model(build_model("cnn", 32, "none"), "cnn", 32, {"source": "test"})
 
 
-def _run_folder(root: Path, model_ts: bytes, files: dict | None = None) -> Path:
-    """A run's model folder in a local storage at `root`: model.ts and a card recording its sha256."""
+def _run_folder(root: Path, model: bytes, files: dict | None = None, name: str = "model.pt2") -> Path:
+    """A run's model folder in a local storage at `root`: the model file and a card recording its sha256."""
     folder = root / "runs" / "r" / "models" / "cnn"
     folder.mkdir(parents=True)
-    (folder / "model.ts").write_bytes(model_ts)
-    card = {"model": "cnn", "files": files if files is not None else {"model.ts": sha256_hex(model_ts)}}
+    (folder / name).write_bytes(model)
+    card = {"model": "cnn", "files": files if files is not None else {name: sha256_hex(model)}}
     (folder / "model_card.json").write_bytes(json.dumps(card).encode())
-    return folder / "model.ts"
+    return folder / name
 
 
-def test_a_planted_pickle_as_model_ts_is_refused_by_its_checksum_before_any_load(tmp_path, exported, monkeypatch):
+def test_a_planted_pickle_as_model_pt2_is_refused_by_its_checksum_before_any_load(tmp_path, exported, monkeypatch):
     path = _run_folder(tmp_path / "store", exported)
     marker = tmp_path / "MARKER"
     path.write_bytes(pickle.dumps(_Planted(marker)))
     loads = []
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
     storage = LocalStorage(tmp_path / "store")
     for model in (str(path), path.as_uri()):
         with pytest.raises(IntegrityError, match="is corrupt") as err:
@@ -365,7 +365,7 @@ def test_a_planted_pickle_as_model_ts_is_refused_by_its_checksum_before_any_load
 
 
 def test_a_standalone_model_loads_with_a_warning_and_an_expected_sha256_is_enforced(tmp_path, exported, caplog):
-    path = tmp_path / "mine.ts"
+    path = tmp_path / "mine.pt2"
     path.write_bytes(exported)
     caplog.set_level("WARNING")
     module, meta = load_exported(path)
@@ -374,7 +374,7 @@ def test_a_standalone_model_loads_with_a_warning_and_an_expected_sha256_is_enfor
     caplog.clear()
     load_exported(path, expected_sha256=sha256_hex(exported))  # verified: no warning
     assert "cannot be verified" not in caplog.text
-    with pytest.raises(IntegrityError, match="mine.ts is corrupt"):
+    with pytest.raises(IntegrityError, match="mine.pt2 is corrupt"):
         load_exported(path, expected_sha256="0" * 64)
 
 
@@ -383,8 +383,8 @@ def test_a_stored_model_needs_its_card(tmp_path, exported):
     storage = LocalStorage(tmp_path / "store")
     module, meta = load_stored_model(storage, "runs/r/models/cnn")
     assert meta["model"] == "cnn"
-    (path.parent / "model_card.json").write_bytes(json.dumps({"model": "cnn", "files": {"model.ts": "x"}}).encode())
-    with pytest.raises(IntegrityError, match="records no valid sha256 for model.ts"):
+    (path.parent / "model_card.json").write_bytes(json.dumps({"model": "cnn", "files": {"model.pt2": "x"}}).encode())
+    with pytest.raises(IntegrityError, match="records no valid sha256 for model.pt2"):
         load_stored_model(storage, "runs/r/models/cnn")
     (path.parent / "model_card.json").write_bytes(b"\x00garbage")
     with pytest.raises(IntegrityError, match="model_card.json is not a model card"):
@@ -414,25 +414,25 @@ def test_predict_refuses_a_missing_or_non_model_file_in_one_line(tmp_path, expor
     images = write_dataset(tmp_path / "imgs", 1)
     out = tmp_path / "out.csv"
     with pytest.raises(ModelFileError):  # permanent: the DAG fails it without retries
-        load_exported(tmp_path / "nope.ts")
-    code, lines = _predict(capsys, tmp_path / "nope.ts", images, out)
-    _one_line_error(code, lines, "nope.ts does not exist", "give the model.ts of a trained run")
-    code, lines = _predict(capsys, (tmp_path / "nope.ts").as_uri(), images, out)
+        load_exported(tmp_path / "nope.pt2")
+    code, lines = _predict(capsys, tmp_path / "nope.pt2", images, out)
+    _one_line_error(code, lines, "nope.pt2 does not exist", "give the model.pt2 of a trained run")
+    code, lines = _predict(capsys, (tmp_path / "nope.pt2").as_uri(), images, out)
     _one_line_error(code, lines, "does not exist")
     jpeg = next((images / "male").iterdir())
     code, lines = _predict(capsys, jpeg, images, out)
-    _one_line_error(code, lines, f"{jpeg} is not a model exported by this pipeline", "give the model.ts")
-    truncated = tmp_path / "truncated.ts"
+    _one_line_error(code, lines, f"{jpeg} is not a model exported by this pipeline", "give the model.pt2")
+    truncated = tmp_path / "truncated.pt2"
     truncated.write_bytes(exported[: len(exported) // 2])
     code, lines = _predict(capsys, truncated, images, out)
-    _one_line_error(code, lines, "truncated.ts is not a model exported by this pipeline")
+    _one_line_error(code, lines, "truncated.pt2 is not a model exported by this pipeline")
     code, lines = _predict(capsys, tmp_path, images, out)
     _one_line_error(code, lines, "is a folder, not a model file")
     assert not out.exists()
 
 
 def test_predict_refuses_a_missing_or_empty_images_folder_in_one_line(tmp_path, exported, capsys):
-    model = tmp_path / "model.ts"
+    model = tmp_path / "model.pt2"
     model.write_bytes(exported)
     out = tmp_path / "out.csv"
     code, lines = _predict(capsys, model, tmp_path / "missing", out)
@@ -448,7 +448,7 @@ def test_predict_refuses_a_missing_or_empty_images_folder_in_one_line(tmp_path, 
 
 @pytest.mark.timeout(60)
 def test_predict_skips_fifos_and_links_out_of_the_folder_without_opening_them(tmp_path, exported, capsys):
-    model = tmp_path / "model.ts"
+    model = tmp_path / "model.pt2"
     model.write_bytes(exported)
     images = write_dataset(tmp_path / "imgs", 2)
     os.mkfifo(images / "female" / "pipe.jpg")  # opened for reading, a FIFO would block forever
@@ -478,7 +478,8 @@ def test_python_m_predict_given_a_jpeg_as_the_model_prints_one_line(tmp_path):
                           timeout=120)  # fmt: skip
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()  # no log lines, no library warnings, no traceback
-    assert line.startswith(f"error: {jpeg} is not a model exported by this pipeline (TorchScript cannot load it: ")
-    assert line.endswith("): give the model.ts of a trained run (runs/<run_key>/models/<model>/model.ts in the "
+    assert line.startswith(f"error: {jpeg} is not a model exported by this pipeline (neither a torch.export archive "
+                           "nor TorchScript: ")  # fmt: skip
+    assert line.endswith("): give the model.pt2 of a trained run (runs/<run_key>/models/<model>/model.pt2 in the "
                          "storage, or its URI)")  # fmt: skip
     assert done.stdout == "" and not (tmp_path / "out.csv").exists()

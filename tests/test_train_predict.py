@@ -37,7 +37,7 @@ def test_training_writes_every_output_and_removes_its_checkpoint(prepared):
     storage = open_storage(prepared["storage"])
     prefix = model_prefix(prepared["run_key"], "cnn")
     keyed = trained_prefix(dataset["dataset_id"], "cnn", out["train_key"])
-    for name in ("metrics.json", "history.json", "predictions.csv", "model.ts", "model_card.json"):
+    for name in ("metrics.json", "history.json", "predictions.csv", "model.pt2", "model_card.json"):
         assert storage.exists(f"{prefix}/{name}"), name
         assert storage.get_bytes(f"{prefix}/{name}") == storage.get_bytes(f"{keyed}/{name}"), name
     metrics = json.loads(storage.get_bytes(f"{prefix}/metrics.json"))
@@ -60,7 +60,7 @@ def test_a_second_run_with_the_same_inputs_reuses_the_model_and_a_changed_settin
     assert "cnn: reusing the model trained with the same inputs" in caplog.text
     assert "cnn epoch 1/2" not in caplog.text  # nothing was trained
     storage = open_storage(settings["storage"])
-    assert storage.exists(f"{model_prefix('rb', 'cnn')}/model.ts")
+    assert storage.exists(f"{model_prefix('rb', 'cnn')}/model.pt2")
     caplog.clear()
     changed = pipeline.train({**run, "settings": {**settings, "learning_rate": 5e-4}, "run_key": "rc"}, "cnn")
     assert changed["reused"] is False and changed["train_key"] != first["train_key"]
@@ -111,7 +111,7 @@ def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
     run = {**prepared, "run_key": "r3"}
     pipeline.train(run, "cnn")
     storage = open_storage(run["storage"])
-    model_uri = storage.url(f"{model_prefix('r3', 'cnn')}/model.ts")
+    model_uri = storage.url(f"{model_prefix('r3', 'cnn')}/model.pt2")
     images = write_dataset(tmp_path / "new", 4, seed=9)
     n = predict_folder(model_uri, images, tmp_path / "pred.csv")
     table = pd.read_csv(tmp_path / "pred.csv")
@@ -174,11 +174,11 @@ def test_the_ensemble_is_evaluated_and_its_export_loads_with_predict(prepared, t
     # Written last, its card records the sha256 of each of its files: `predict` verifies the export.
     card = json.loads(storage.get_bytes(f"{prefix}/model_card.json"))
     assert card["members"] == metrics["members"]
-    for name in ("predictions.csv", "metrics.json", "model.ts"):
+    for name in ("predictions.csv", "metrics.json", "model.pt2"):
         assert card["files"][name] == sha256_hex(storage.get_bytes(f"{prefix}/{name}")), name
 
     images = write_dataset(tmp_path / "new", 3, seed=5)
-    model_ts = storage.url(f"{prefix}/model.ts")
+    model_ts = storage.url(f"{prefix}/model.pt2")
     caplog.set_level("WARNING")
     assert main(["predict", "--model", model_ts, "--images", str(images), "--out", str(tmp_path / "e.csv")]) == 0
     assert "cannot be verified" not in caplog.text

@@ -275,6 +275,48 @@ def list_images(root: Path, *, max_file_bytes: int, max_total_bytes: int) -> lis
     return found.files
 
 
+def list_unlabeled_images(root: Path, *, max_file_bytes: int, max_total_bytes: int) -> list[tuple[Path, int]]:
+    """Every image below `root`, a folder of new images without class folders (what scoring reads), as
+    (path, size) sorted by path, judged without reading one: the same rules as list_images.
+
+    Refuses (IngestError, naming the files and the fix) special files, links leaving the folder, bad
+    names, folders nested deeper than MAX_DEPTH, files over `max_file_bytes` or a total over
+    `max_total_bytes`, files that are not images, and a folder with no image at all. Hidden entries are
+    skipped, and the skip is logged with examples.
+    """
+    try:
+        st = os.stat(root)
+    except OSError as exc:
+        raise IngestError(f"images folder {shown(root)} cannot be read ({exc.strerror or exc}): give a folder, a "
+                          ".zip or an s3:// prefix of images") from None  # fmt: skip
+    if not stat.S_ISDIR(st.st_mode):
+        raise IngestError(f"{shown(root)} is not a folder: give a folder, a .zip or an s3:// prefix of images")
+    root_real = Path(os.path.realpath(root))
+    found = SourceFiles()
+    _walk(root, "", root_real, max_file_bytes, found, {str(root_real)})
+    _refuse("file(s)", found.problems)
+    if found.not_images:
+        first, rest = found.not_images[0], found.not_images[1:]
+        more = f" (and {len(rest)} more: {', '.join(map(shown, rest[: PROBLEMS_SHOWN - 1]))})" if rest else ""
+        raise IngestError(
+            f"{shown(first)} is not an image (suffix {first.suffix or 'none'!r}){more}; a folder to score must "
+            f"hold only images ({', '.join(sorted(IMAGE_SUFFIXES))}): move or delete it"
+        )
+    if found.hidden:
+        log.warning("skipped %d hidden file(s) or folder(s) (names starting with '.'), e.g. %s",
+                    len(found.hidden), ", ".join(map(shown, found.hidden[:3])))  # fmt: skip
+    if not found.files:
+        raise IngestError(f"{shown(root)} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): give a folder that "
+                          "holds the images to score")  # fmt: skip
+    total = sum(size for _, _, size in found.files)
+    if total > max_total_bytes:
+        raise IngestError(
+            f"{shown(root)} holds {human_bytes(total)} of images, over the {human_bytes(max_total_bytes)} limit "
+            "(setting max_source_bytes): score a subset, or raise max_source_bytes"
+        )
+    return sorted((path, size) for path, _, size in found.files)
+
+
 def read_regular(path: Path, max_bytes: int) -> bytes:
     """The bytes of `path`, which must still be a regular file of at most `max_bytes`.
 

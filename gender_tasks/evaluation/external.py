@@ -107,23 +107,22 @@ def _load(path: Path, sizes: Sequence[int], max_file_bytes: int) -> list[np.ndar
         raise ExternalSetError(f"{shown(path)} cannot be decoded as an image ({exc}): replace or remove it") from None
 
 
-def predict_streamed(paths: Sequence[Path], models: dict[str, tuple[Callable, int]], *,
+def predict_streamed(paths: Sequence[Path], models: dict[str, tuple[Callable, list[int]]], *,
                      max_file_bytes: int = RunConfig.max_file_bytes,
                      batch_size: int = BATCH_SIZE) -> dict[str, np.ndarray]:  # fmt: skip
-    """P(male) of every image for every model ({name: (module, input size)}), `batch_size` images at a
-    time: each file is read once per run, decoded at each distinct input size and run through every
-    model; only one batch is ever held decoded."""
-    sizes = sorted({size for _, size in models.values()})
+    """P(male) of every image for every model ({name: (module, its input sizes)}), `batch_size` images at
+    a time: each file is read once per run, decoded at each distinct input size and run through every
+    model (the ensemble takes one input per member size); only one batch is ever held decoded."""
+    sizes = sorted({size for _, model_sizes in models.values() for size in model_sizes})
     probs: dict[str, list[np.ndarray]] = {name: [] for name in models}
     with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool, torch.inference_mode():
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             decoded = list(pool.map(lambda p: _load(p, sizes, max_file_bytes), chunk))
-            for i, size in enumerate(sizes):
-                x = torch.from_numpy(np.stack([d[i] for d in decoded])).permute(0, 3, 1, 2).float() / 255.0
-                for name, (module, model_size) in models.items():
-                    if model_size == size:
-                        probs[name].append(np.asarray(module(x)).reshape(-1))
+            x = {size: torch.from_numpy(np.stack([d[i] for d in decoded])).permute(0, 3, 1, 2).float() / 255.0
+                 for i, size in enumerate(sizes)}  # fmt: skip
+            for name, (module, model_sizes) in models.items():
+                probs[name].append(np.asarray(module(*[x[s] for s in model_sizes])).reshape(-1))
             del decoded
     return {name: np.concatenate(p) if p else np.zeros(0) for name, p in probs.items()}
 
@@ -134,11 +133,11 @@ def evaluate_external(storage: Storage, *, run_key: str, settings: Settings, spe
     table = list_labeled_images(root, query, max_file_bytes=settings.max_file_bytes,
                                 max_total_bytes=settings.max_source_bytes)  # fmt: skip
     y = encode_labels(table["label"])
-    ensemble = [ENSEMBLE] if storage.exists(layout.model_file_key(run_key, ENSEMBLE, "model.ts")) else []
+    ensemble = [ENSEMBLE] if storage.exists(layout.model_file_key(run_key, ENSEMBLE, layout.MODEL_OUTPUTS[-1])) else []
     models = {}
     for model_name in [*settings.models, *ensemble]:
         module, meta = load_stored_model(storage, layout.model_prefix(run_key, model_name))  # verified by its card
-        models[model_name] = (module, int(meta["image_size"]))
+        models[model_name] = (module, meta["input_sizes"])
     probs = predict_streamed(list(table["path"]), models, max_file_bytes=settings.max_file_bytes,
                              batch_size=batch_size)  # fmt: skip
     results = {}

@@ -1,12 +1,17 @@
-"""Classify a folder of images with an exported model (TorchScript), no training code needed, and load
-exported models safely wherever they are used (the ensemble, external evaluation, `predict`).
+"""Classify a folder of images with an exported model (torch.export `model.pt2`), no training code
+needed, and load exported models safely wherever they are used (the ensemble, external evaluation,
+`predict`, scoring).
 
-The model file carries its input size and class names (`meta.json` inside the TorchScript archive).
-A model's files are verified before they are used: the model card written last beside them
-(model_card.json) records every file's sha256 under "files", and model.ts is loaded only once its
-bytes match; a stored model whose bytes changed (tampered with, or damaged) is an IntegrityError,
-never loaded. A standalone model.ts with no card beside it (a user's own copy) loads with a warning
-that it cannot be verified, unless the caller knows the sha256 it must have.
+The model file carries its input sizes and class names (`meta.json` inside the archive). A model's
+files are verified before they are used: the model card written last beside them (model_card.json)
+records every file's sha256 under "files", and model.pt2 is loaded only once its bytes match; a stored
+model whose bytes changed (tampered with, or damaged) is an IntegrityError, never loaded. The archive is
+then checked for anything torch.export.load would unpickle or evaluate (evaluation/pt2.py). A standalone
+model.pt2 with no card beside it (a user's own copy) loads with a warning that it cannot be verified,
+unless the caller knows the sha256 it must have.
+
+A `model.ts` (TorchScript) of a run from an earlier version still loads, verified the same way (its
+card records model.ts); TorchScript is deprecated in torch 2.14, so a warning says to retrain.
 """
 
 from __future__ import annotations
@@ -32,19 +37,22 @@ from ..errors import PermanentError
 from ..integrity import IntegrityError, repair_hint, verify_bytes
 from ..settings import Settings
 from ..storage import Storage
+from .pt2 import UnsafeArchive, is_pt2, load_archive
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.ts"
+MODEL_FILE = layout.MODEL_FILE
+LEGACY_MODEL_FILE = layout.LEGACY_MODEL_FILE  # TorchScript, written by earlier versions
+MODEL_FILES = (MODEL_FILE, LEGACY_MODEL_FILE)
 MODEL_CARD = layout.MODEL_OUTPUTS[-1]
 FILES_RECORD = "files"  # the model card's {file name: sha256} of the files written before it
 MAX_MODEL_BYTES = 2_000_000_000  # an ensemble of the four paper-profile models is ~0.3 GB
 MAX_CARD_BYTES = 10_000_000
 MAX_IMAGE_BYTES = Settings.max_file_bytes  # the ingest's per-file limit
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# A model.ts inside a storage: <root>/runs/<run>[/repeats/<r>]/models/<model>/ or <root>/datasets/<id>/models/<m>/<key>/
+# A model file inside a storage: <root>/runs/<run>[/repeats/<r>]/models/<model>/ or <root>/datasets/<id>/models/<m>/<key>/
 _STORED = re.compile(r"^(?P<root>.+?)/(runs/[^/]+(/repeats/\d+)?/models/[^/]+|datasets/[^/]+/models/[^/]+/[^/]+)$")
-_FIX = "give the model.ts of a trained run (runs/<run_key>/models/<model>/model.ts in the storage, or its URI)"
+_FIX = "give the model.pt2 of a trained run (runs/<run_key>/models/<model>/model.pt2 in the storage, or its URI)"
 
 
 class ModelFileError(PermanentError):
@@ -93,10 +101,28 @@ def stored_checksums(storage: Storage, prefix: str, names) -> dict[str, str]:
     return sums
 
 
-def load_stored_model(storage: Storage, prefix: str) -> tuple[torch.jit.ScriptModule, dict]:
-    """The model.ts in the storage folder `prefix`, verified against the model card beside it (required)."""
-    key = f"{prefix}/{MODEL_FILE}"
-    sha = stored_checksums(storage, prefix, [MODEL_FILE])[MODEL_FILE]
+def stored_model_file(storage: Storage, prefix: str) -> str:
+    """The model file the card in `prefix` records: model.pt2, or the model.ts of a run from an earlier
+    version (IntegrityError, naming the card, where it records neither or no card is there)."""
+    key, fix = f"{prefix}/{MODEL_CARD}", repair_hint(storage.uri)
+    try:
+        parsed = json.loads(storage.get_bytes(key))
+    except FileNotFoundError:
+        raise IntegrityError(f"{storage.url(key)} is missing: the model files beside it cannot be verified. {fix}") \
+            from None  # fmt: skip
+    except ValueError:
+        parsed = None
+    files = parsed.get(FILES_RECORD) if isinstance(parsed, dict) else None
+    return LEGACY_MODEL_FILE if isinstance(files, dict) and MODEL_FILE not in files and LEGACY_MODEL_FILE in files \
+        else MODEL_FILE  # fmt: skip
+
+
+def load_stored_model(storage: Storage, prefix: str) -> tuple[torch.nn.Module, dict]:
+    """The model file in the storage folder `prefix` (model.pt2, or an earlier run's model.ts), verified
+    against the model card beside it (required)."""
+    name = stored_model_file(storage, prefix)
+    key = f"{prefix}/{name}"
+    sha = stored_checksums(storage, prefix, [name])[name]
     data = verify_bytes(storage.get_bytes(key), sha, what=storage.url(key), fix=repair_hint(storage.uri))
     return _load_module(data, storage.url(key))
 
@@ -104,8 +130,9 @@ def load_stored_model(storage: Storage, prefix: str) -> tuple[torch.jit.ScriptMo
 # --- loading a model file ----------------------------------------------------------------------------------
 
 
-def load_exported(model: str | Path, expected_sha256: str | None = None) -> tuple[torch.jit.ScriptModule, dict]:
-    """Load a model.ts from a path or a storage URI (s3://bucket/.../model.ts, file://...), verified first.
+def load_exported(model: str | Path, expected_sha256: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Load a model.pt2 (or an earlier run's model.ts) from a path or a storage URI (s3://bucket/.../model.pt2,
+    file://...), verified first.
 
     With `expected_sha256` its bytes must have that sha256. Without, a model card beside it (the same
     folder) must record its sha256; with no card there it loads with a warning that it cannot be verified
@@ -116,9 +143,10 @@ def load_exported(model: str | Path, expected_sha256: str | None = None) -> tupl
     unverified = ""
     if expected_sha256 is None:
         has_card = card is not None
-        recorded = card_checksums(card, [MODEL_FILE], what=_beside(text, MODEL_CARD), fix=fix) if has_card else None
+        name = text.rpartition("/")[2]
+        recorded = card_checksums(card, [name], what=_beside(text, MODEL_CARD), fix=fix) if has_card else None
         if recorded:
-            expected_sha256 = recorded[MODEL_FILE]
+            expected_sha256 = recorded[name]
         else:
             unverified = "its model card records no checksums (written by an earlier version)" if has_card else \
                 f"no {MODEL_CARD} beside it records its sha256 (a standalone model file)"  # fmt: skip
@@ -140,7 +168,7 @@ def _fix_for(model: str) -> str:
     m = _STORED.match(model.rpartition("/")[0])
     if m:
         return repair_hint(m["root"])
-    return "replace it with an intact copy of the model.ts it was copied from"
+    return "replace it with an intact copy of the model file it was copied from"
 
 
 def _read_model(text: str) -> tuple[bytes, bytes | None, str]:
@@ -156,7 +184,7 @@ def _read_model(text: str) -> tuple[bytes, bytes | None, str]:
         except FileNotFoundError:
             raise ModelFileError(f"model {text} does not exist: {_FIX}") from None
         try:
-            card = storage.get_bytes(MODEL_CARD) if name == MODEL_FILE else None
+            card = storage.get_bytes(MODEL_CARD) if name in MODEL_FILES else None
         except FileNotFoundError:
             card = None
         return data, card, _fix_for(text)
@@ -164,7 +192,7 @@ def _read_model(text: str) -> tuple[bytes, bytes | None, str]:
     data = _read_local(path, MAX_MODEL_BYTES, text)
     card_path = path.parent / MODEL_CARD
     card = None
-    if path.name == MODEL_FILE and os.path.lexists(card_path):
+    if path.name in MODEL_FILES and os.path.lexists(card_path):
         card = _read_local(card_path, MAX_CARD_BYTES, str(card_path), "model card")
     return data, card, _fix_for(text)
 
@@ -188,28 +216,66 @@ def _read_local(path: Path, max_bytes: int, given: str, kind: str = "model file"
         raise ModelFileError(f"{kind} {shown(given)} cannot be read ({exc.strerror or exc}): {_FIX}") from None
 
 
-def _load_module(data: bytes, what: str) -> tuple[torch.jit.ScriptModule, dict]:
-    """The TorchScript module in `data` and its meta.json; a ModelFileError where `data` is not one."""
-    extra = {"meta.json": ""}
+def _load_module(data: bytes, what: str) -> tuple[torch.nn.Module, dict]:
+    """The exported module in `data` and its meta.json (with `input_sizes`); a ModelFileError where `data`
+    is not one. A .pt2 is checked first for anything that loading would unpickle or evaluate (pt2.py)."""
+    if is_pt2(data):
+        try:
+            module, extra = load_archive(data)
+        except UnsafeArchive as exc:
+            raise ModelFileError(f"{shown(what)} is refused unloaded: {exc}. Loading it could run code; {_FIX}") \
+                from None  # fmt: skip
+        except Exception as exc:  # noqa: BLE001  (untrusted bytes: any failure to parse them is "not a model")
+            raise ModelFileError(f"{shown(what)} is not a model exported by this pipeline (torch.export cannot load "
+                                 f"it: {_reason(exc)}): {_FIX}") from None  # fmt: skip
+        text = extra.get("meta.json", "")
+    else:
+        module, text = _load_torchscript(data, what)
     try:
-        with warnings.catch_warnings():  # TorchScript stays the format for now: not the user's concern
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
-    except Exception as exc:  # noqa: BLE001  (untrusted bytes: any failure to parse them is "not a model")
-        text = " ".join(str(exc).split())
-        reason = text.split(". ")[0][:200] if text else type(exc).__name__
-        raise ModelFileError(f"{shown(what)} is not a model exported by this pipeline (TorchScript cannot load it: "
-                             f"{reason}): {_FIX}") from None  # fmt: skip
-    try:
-        meta = json.loads(extra["meta.json"])
-        int(meta["image_size"])
+        meta = json.loads(text)
+        sizes = [int(s) for s in meta.get("input_sizes") or [meta["image_size"]]]
         classes = meta["classes"]
-    except (ValueError, KeyError, TypeError):
-        raise ModelFileError(f"{shown(what)} is TorchScript without this pipeline's meta.json (input size, classes): "
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelFileError(f"{shown(what)} has no meta.json of this pipeline (input size, classes): "
                              f"{_FIX}") from None  # fmt: skip
     if not isinstance(classes, list) or len(classes) != 2:
         raise ModelFileError(f"{shown(what)} names {classes!r} as its classes, not two: {_FIX}")
-    return module.eval(), meta
+    if not sizes or any(not 1 <= s <= 4096 for s in sizes):
+        raise ModelFileError(f"{shown(what)} declares input sizes {sizes!r}: {_FIX}")
+    meta["input_sizes"] = sizes
+    return module, meta
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text.split(". ")[0][:200] if text else type(exc).__name__
+
+
+def _load_torchscript(data: bytes, what: str) -> tuple[torch.nn.Module, str]:
+    """A model.ts written by an earlier version (TorchScript's own loader: tensors and code objects of its
+    format, no Python pickle): loads, with a warning that the format is deprecated."""
+    extra = {"meta.json": ""}
+    try:
+        with warnings.catch_warnings():  # said once below, in words the user can act on
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
+    except Exception as exc:  # noqa: BLE001  (untrusted bytes: any failure to parse them is "not a model")
+        raise ModelFileError(f"{shown(what)} is not a model exported by this pipeline (neither a torch.export "
+                             f"archive nor TorchScript: {_reason(exc)}): {_FIX}") from None  # fmt: skip
+    log.warning("%s is TorchScript (model.ts), exported by an earlier version: it loads, but TorchScript is "
+                "deprecated in PyTorch; train the run again to get a model.pt2", shown(what))  # fmt: skip
+    return module.eval(), extra["meta.json"]
+
+
+def input_batches(arrays: list[list[np.ndarray]]) -> list[torch.Tensor]:
+    """The model's inputs for a batch: `arrays[i]` holds every image decoded at input size i (uint8 HWC),
+    as one float NCHW tensor in [0, 1] per input size."""
+    return [torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() / 255.0 for a in arrays]
+
+
+def decode_inputs(data: bytes, meta: dict) -> list[np.ndarray]:
+    """One image's bytes decoded at each of the model's input sizes (decode_resize, as training decodes)."""
+    return [decode_resize(data, size) for size in meta["input_sizes"]]
 
 
 # --- classifying a folder ----------------------------------------------------------------------------------
@@ -273,22 +339,20 @@ def predict_folder(model: str | Path, folder: Path, out_csv: Path, batch_size: i
                                 f"{f' ({len(skipped)} entries skipped)' if skipped else ''}: give a folder that "
                                 "holds images")  # fmt: skip
     module, meta = load_exported(model)
-    size = int(meta["image_size"])
     rows = [{"file": str(path), "predicted": "", "prob_male": np.nan, "error": why} for path, why in skipped]
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         arrays, ok = [], []
         for path in chunk:
             try:
-                arrays.append(decode_resize(read_regular(path, MAX_IMAGE_BYTES), size))
+                arrays.append(decode_inputs(read_regular(path, MAX_IMAGE_BYTES), meta))
                 ok.append(path)
             except Exception as exc:  # one unreadable file must not stop the rest
                 rows.append({"file": str(path), "predicted": "", "prob_male": np.nan, "error": str(exc)})
         if not arrays:
             continue
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
         with torch.inference_mode():
-            prob = module(x).numpy()
+            prob = module(*input_batches([list(per_size) for per_size in zip(*arrays, strict=True)])).numpy()
         for path, p in zip(ok, prob, strict=True):
             rows.append({"file": str(path), "predicted": meta["classes"][int(p >= 0.5)],
                          "prob_male": float(p), "error": ""})  # fmt: skip

@@ -7,14 +7,16 @@ worse there than its best member. The test split plays no part in the choice.
 
     runs/<run_key>/models/ensemble/predictions.csv   every image's mean P(male), with its split
     runs/<run_key>/models/ensemble/metrics.json      test metrics, train / validation accuracy, members
-    runs/<run_key>/models/ensemble/model.ts          TorchScript: the members' exported modules in one, each
-                                                     fed the input resized to its own size
+    runs/<run_key>/models/ensemble/model.pt2         torch.export: the members' exported programs in one, each
+                                                     fed the images decoded at its own size
     runs/<run_key>/models/ensemble/model_card.json   written last: the card, with the sha256 of each file above
 
-No training: it reads the members' predictions.csv and model.ts, each verified first against the
+No training: it reads the members' predictions.csv and model.pt2, each verified first against the
 sha256 its member's model card records (an IntegrityError naming the file if one changed). The
-exported module takes images at the largest member size (its meta.json says so, as every model.ts does) and resizes them (bilinear,
-antialiased) for the smaller members, so `predict` and the external sets use it like any model.
+exported program computes what the report scored: each member on the image decoded at that member's own
+input size (decode_resize, as training's cache decodes it), then the plain mean. So it takes one input
+per distinct member size (meta.json `input_sizes`, ascending; `member_sizes` per member), and `predict`,
+scoring and the external sets feed it each image decoded at every one of those sizes, as for any model.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import logging
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import log_loss
 
 from .. import layout, tables
@@ -36,26 +37,25 @@ from ..evaluation.predict import MODEL_CARD, load_stored_model, stored_checksums
 from ..integrity import sha256_hex
 from ..settings import CLASSES, ENSEMBLE, Settings
 from ..storage import Storage, read_verified
+from .export import INPUT, save_program
 
 log = logging.getLogger(__name__)
 
 
 class _Ensemble(torch.nn.Module):
-    """Mean P(male) of exported member modules; the input is resized to each member's size."""
+    """Mean P(male) of exported member modules; input i is the images at input size i, and each member
+    reads the input of its own size (no resizing inside: each was decoded at that size)."""
 
-    def __init__(self, members: list[torch.nn.Module], sizes: list[int], input_size: int):
+    def __init__(self, members: list[torch.nn.Module], inputs: list[int]):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
-        self.sizes = sizes
-        self.resize = [size != input_size for size in sizes]  # decided here, so the trace holds no shape test
+        self.inputs = inputs  # the index of the input each member reads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for member, size, resize in zip(self.members, self.sizes, self.resize, strict=True):
-            xi = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True) \
-                if resize else x  # fmt: skip
-            total = total + member(xi)
-        return total / len(self.sizes)
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(xs[0].shape[0], dtype=xs[0].dtype, device=xs[0].device)
+        for member, i in zip(self.members, self.inputs, strict=True):
+            total = total + member(xs[i])
+        return total / len(self.inputs)
 
 
 def _member_file(storage: Storage, run_key: str, name: str, file: str) -> bytes:
@@ -160,21 +160,20 @@ def choose_members(storage: Storage, run_key: str, models: tuple[str, ...]) -> d
 
 
 def export_ensemble(storage: Storage, run_key: str, models: tuple[str, ...], card: dict) -> bytes:
-    """One TorchScript module over the members' model.ts; meta.json: the largest member size as input."""
+    """One torch.export program over the members' model.pt2: one input per distinct member size."""
     members, sizes = [], []
     for name in models:
         module, meta = load_stored_model(storage, layout.model_prefix(run_key, name))
+        if len(meta["input_sizes"]) != 1:
+            raise ValueError(f"ensemble member {name} takes {len(meta['input_sizes'])} inputs, not one")
         members.append(module)
-        sizes.append(int(meta["image_size"]))
-    size = max(sizes)
-    wrapper = _Ensemble(members, sizes, size).eval()
-    with torch.inference_mode():
-        scripted = torch.jit.trace(wrapper, torch.rand(2, 3, size, size), check_trace=False)
-    meta = {"model": ENSEMBLE, "members": list(models), "member_sizes": sizes, "image_size": size,
-            "classes": list(CLASSES), "input": "float32 NCHW RGB in [0, 1]", "output": "P(male)", **card}  # fmt: skip
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf, _extra_files={"meta.json": json.dumps(meta, default=str)})
-    return buf.getvalue()
+        sizes.append(meta["input_sizes"][0])
+    input_sizes = sorted(set(sizes))
+    wrapper = _Ensemble(members, [input_sizes.index(s) for s in sizes])
+    meta = {"model": ENSEMBLE, "members": list(models), "member_sizes": sizes, "input_sizes": input_sizes,
+            "image_size": max(sizes), "classes": list(CLASSES), "input": INPUT,
+            "output": "P(male): the mean of the members'", **card}  # fmt: skip
+    return save_program(wrapper, input_sizes, meta)
 
 
 def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dict:
@@ -202,7 +201,7 @@ def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dic
 
     files = {"predictions.csv": tables.to_csv(preds, index=False).encode(),
              "metrics.json": json.dumps(metrics, indent=1).encode(),
-             "model.ts": export_ensemble(storage, run_key, models, card)}  # fmt: skip
+             layout.MODEL_FILE: export_ensemble(storage, run_key, models, card)}  # fmt: skip
     for name, data in files.items():
         storage.put_bytes(key(name), data)
     # Written last, as a trained model's: the ensemble is complete, and its files are verified on read.
@@ -211,4 +210,4 @@ def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dic
     accuracy = test_metrics["accuracy"] if test_metrics else None
     log.info("ensemble of %s: test accuracy %s", ", ".join(models), accuracy)
     return {"model": ENSEMBLE, "run_key": run_key, "test_accuracy": accuracy, "members": list(models),
-            "model_uri": storage.url(key("model.ts"))}  # fmt: skip
+            "model_uri": storage.url(key(layout.MODEL_FILE))}  # fmt: skip

@@ -1,9 +1,22 @@
-"""Export a trained model as TorchScript with its pre- and post-processing inside: float [0, 1] NCHW
-RGB in, P(male) out, its model card as `meta.json` in the archive. It loads without this code."""
+"""Export a trained model as a torch.export program (`model.pt2`) with its pre- and post-processing
+inside: float [0, 1] NCHW RGB in, P(male) out, and its model card as `meta.json` in the archive. It
+loads without this code (torch.export.load, or `predict`, which checks the archive first: see
+evaluation/exported.py).
+
+Why torch.export and not TorchScript (deprecated: every torch.jit.load warns in torch 2.14) or ONNX:
+the program is the same ATen graph PyTorch runs, so exported and in-process probabilities agree
+exactly, it needs no new dependency, and torch.export is the format PyTorch keeps (AOTInductor and
+ExecuTorch compile from it). The batch dimension is dynamic.
+
+Every export declares its inputs in meta.json: `input_sizes` (one square RGB input per size, in that
+order; a single model has one), `image_size` (the single input's size, as model.ts files had), the
+class names, the normalisation and whether it averages with the mirror image (test-time augmentation).
+"""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 
@@ -11,6 +24,10 @@ import torch
 
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, get_model_spec
 from ..settings import CLASSES
+
+# The most images one call may score: the exported program's batch dimension ranges up to this.
+MAX_BATCH = 1 << 16
+INPUT = "float32 NCHW RGB in [0, 1], one tensor per input size (meta.json input_sizes)"
 
 
 class _Exportable(torch.nn.Module):
@@ -34,16 +51,30 @@ class _Exportable(torch.nn.Module):
         return prob
 
 
-def export_torchscript(model: torch.nn.Module, model_name: str, image_size: int, card: dict,
-                       tta: bool = False) -> bytes:  # fmt: skip
-    """TorchScript of the model with its pre/post-processing; `card` rides along as meta.json."""
-    net = copy.deepcopy(model).float().cpu().eval()
-    wrapper = _Exportable(net, get_model_spec(model_name).imagenet_normalised, tta).eval()
-    example = torch.rand(2, 3, image_size, image_size)
-    with torch.inference_mode():
-        scripted = torch.jit.trace(wrapper, example, check_trace=False)
-    meta = {"model": model_name, "image_size": image_size, "classes": list(CLASSES),
-            "input": "float32 NCHW RGB in [0, 1]", "output": "P(male)", "tta": tta, **card}  # fmt: skip
+def save_program(module: torch.nn.Module, sizes: list[int], meta: dict) -> bytes:
+    """torch.export `module`, in eval mode (one float NCHW input per size in `sizes`, the batch dimension dynamic and
+    shared) and save it with `meta` as meta.json; returns the .pt2 archive's bytes."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    example = tuple(torch.rand(2, 3, size, size) for size in sizes)
+    shapes = tuple({0: batch} for _ in sizes)
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params and params[0].kind == inspect.Parameter.VAR_POSITIONAL:  # forward(*xs): the shapes of xs, nested
+        shapes = (shapes,)
+    with torch.no_grad():
+        program = torch.export.export(module, example, dynamic_shapes=shapes)
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf, _extra_files={"meta.json": json.dumps(meta, default=str)})
+    torch.export.save(program, buf, extra_files={"meta.json": json.dumps(meta, default=str)})
     return buf.getvalue()
+
+
+def export_model(model: torch.nn.Module, model_name: str, image_size: int, card: dict, tta: bool = False) -> bytes:
+    """The .pt2 of the model with its pre/post-processing; `card` rides along in meta.json."""
+    net = copy.deepcopy(model).float().cpu().eval()
+    normalised = get_model_spec(model_name).imagenet_normalised
+    wrapper = _Exportable(net, normalised, tta).eval()
+    meta = {"model": model_name, "image_size": image_size, "input_sizes": [image_size], "classes": list(CLASSES),
+            "input": INPUT, "output": "P(male)", "tta": tta,
+            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if normalised else None,
+            "resize": "decode_resize: Pillow bilinear (reducing_gap 2.0) to image_size x image_size, 8-bit RGB",
+            **card}  # fmt: skip
+    return save_program(wrapper, [image_size], meta)

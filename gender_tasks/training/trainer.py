@@ -9,7 +9,7 @@ resumes a killed training from its checkpoint, or reuses the finished model with
 <trained>/predictions.csv  every image's probability of "male", with its split
 <trained>/history.json     per-epoch loss / accuracy, train and validation
 <trained>/metrics.json     test metrics, train accuracy, settings, timings
-<trained>/model.ts         TorchScript: float [0,1] NCHW in, P(male) out
+<trained>/model.pt2        torch.export archive: float [0,1] NCHW in, P(male) out (training/export.py)
 <trained>/model_card.json  written last: the model is complete; "files" holds the sha256 of each file above
 
 The run then gets its own copy (runs/<run_key>/models/<model>/, plus trained.json naming the keyed
@@ -45,7 +45,7 @@ from ..storage import Storage, read_verified
 from .batches import Inputs, Split, load_splits
 from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
-from .export import export_torchscript
+from .export import export_model
 from .keys import key_of, model_inputs
 from .loop import epoch_generator, predict_proba, progress_logger, recalibrate_batchnorm, setup_model, train_one_epoch
 from .recipe import make_optimizer, make_scheduler, steps_per_epoch
@@ -126,6 +126,10 @@ def _reusable(storage: Storage, model_name: str, prefix: str) -> bool:
         card = storage.get_bytes(key)
     except FileNotFoundError:
         return False
+    if _exported_as_torchscript(card):
+        log.warning("%s: the model under %s was exported as TorchScript (model.ts) by an earlier version; training it "
+                    "again to export a model.pt2", model_name, storage.url(prefix))  # fmt: skip
+        return False
     if card_checksums(card, _VERIFIED, what=storage.url(key), fix=repair_hint(storage.uri)) is None:
         log.warning("%s: the model under %s records no checksums of its files (an earlier version wrote it), so "
                     "it cannot be verified; training it again", model_name, storage.url(prefix))  # fmt: skip
@@ -133,11 +137,20 @@ def _reusable(storage: Storage, model_name: str, prefix: str) -> bool:
     return True
 
 
+def _exported_as_torchscript(card: bytes) -> bool:
+    """Whether a model card records a model.ts and no model.pt2 (a model exported by an earlier version)."""
+    try:
+        files = json.loads(card).get("files")
+    except (ValueError, AttributeError):
+        return False  # a damaged card: card_checksums names it
+    return isinstance(files, dict) and layout.LEGACY_MODEL_FILE in files and layout.MODEL_FILE not in files
+
+
 def _publish(storage: Storage, run_key: str, model_name: str, prefix: str, record: dict) -> dict:
     """Copy the keyed model's outputs into the run's folder, with a record of where they came from.
 
     A copy (a hard link locally, a server-side copy on S3), not a pointer: every reader of a run (the
-    report, the UI plugin, external evaluation, `predict --model runs/…/model.ts`) keeps reading one
+    report, the UI plugin, external evaluation, `predict --model runs/…/model.pt2`) keeps reading one
     self-contained folder, and a run stays complete when `gc` later drops keyed models no run needs.
 
     Every file is first checked against the sha256 its model card recorded (an IntegrityError naming
@@ -160,7 +173,7 @@ def _publish(storage: Storage, run_key: str, model_name: str, prefix: str, recor
     test = metrics.get("test")
     return {"model": model_name, "metrics_uri": storage.url(layout.model_file_key(run_key, model_name, "metrics.json")),
             "test_accuracy": test["accuracy"] if test else None, "reused": record["reused"],
-            "train_key": record["train_key"], "model_sha256": files["model.ts"]}  # fmt: skip
+            "train_key": record["train_key"], "model_sha256": files[layout.MODEL_FILE]}  # fmt: skip
 
 
 def _start(storage: Storage, model_name: str, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
@@ -341,10 +354,10 @@ def _write_outputs(storage: Storage, file_key: Callable[[str], str], run: Traini
     storage.put_bytes(file_key("metrics.json"), metrics_json)
     card = {"dataset_id": run.dataset_id, "source": s.source, "seed": s.seed, "profile": s.profile,
             "test_metrics": test_metrics, "epochs": len(run.history)}  # fmt: skip
-    model_ts = export_torchscript(run.model, name, run.plan.image_size, card, tta=s.recipe.tta)
-    storage.put_bytes(file_key("model.ts"), model_ts)
+    exported = export_model(run.model, name, run.plan.image_size, card, tta=s.recipe.tta)
+    storage.put_bytes(file_key(layout.MODEL_FILE), exported)
     files = {"predictions.csv": predictions, "history.json": history, "metrics.json": metrics_json,
-             "model.ts": model_ts}  # fmt: skip
+             layout.MODEL_FILE: exported}  # fmt: skip
     card = {**metrics, **card, "files": {n: sha256_hex(data) for n, data in files.items()}}
     storage.put_bytes(file_key(layout.MODEL_OUTPUTS[-1]), json.dumps(card, indent=1).encode())
     accuracy = test_metrics["accuracy"] if test_metrics else float("nan")
