@@ -51,7 +51,7 @@ def _write_run(storage: LocalStorage, run_key: str, results: dict, test: dict[st
     storage.put_bytes(f"{prefix}/leases/holder.json", b"{}")  # not offered
     for model in right:
         files = {"predictions.csv": _predictions(test, right[model]), "metrics.json": b'{"test": {}}',
-                 "history.json": b"[]", "model.ts": b"weights of " + model.encode()}  # fmt: skip
+                 "history.json": b"[]", layout.MODEL_FILE: b"weights of " + model.encode()}  # fmt: skip
         for name, data in files.items():
             storage.put_bytes(layout.model_file_key(run_key, model, name), data)
         card = {"files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
@@ -134,10 +134,10 @@ def test_downloads_offer_the_run_files_and_each_models_outputs(two_runs):
             f"models/{model}/{name}" for name in layout.MODEL_OUTPUTS
         ]
     assert not any("leases" in f or layout.TRAINED_RECORD in f for f in files)
-    data, filename, media = access.read_download(a, "models/cnn/model.ts")
+    data, filename, media = access.read_download(a, f"models/cnn/{layout.MODEL_FILE}")
     assert (
         data == b"weights of cnn"
-        and filename == "manual__a-models-cnn-model.ts"
+        and filename == f"manual__a-models-cnn-{layout.MODEL_FILE}"
         and media == "application/octet-stream"
     )
     data, filename, media = access.read_download(a, "results.json")
@@ -147,11 +147,11 @@ def test_downloads_offer_the_run_files_and_each_models_outputs(two_runs):
 def test_downloads_follow_the_layouts_model_outputs(two_runs, monkeypatch):
     """A renamed model file (another export format) is offered under its new name, with no code change here."""
     storage, a, _ = two_runs
-    storage.put_bytes(layout.model_file_key(a.run_key, "cnn", "model.pt2"), b"exported")
-    monkeypatch.setattr(layout, "MODEL_OUTPUTS", ("predictions.csv", "metrics.json", "model.pt2", "model_card.json"))
+    storage.put_bytes(layout.model_file_key(a.run_key, "cnn", "model.onnx"), b"exported")
+    monkeypatch.setattr(layout, "MODEL_OUTPUTS", ("predictions.csv", "metrics.json", "model.onnx", "model_card.json"))
     files = access.downloads(a)
-    assert "models/cnn/model.pt2" in files and "models/cnn/model.ts" not in files
-    assert access.read_download(a, "models/cnn/model.pt2")[0] == b"exported"
+    assert "models/cnn/model.onnx" in files and f"models/cnn/{layout.MODEL_FILE}" not in files
+    assert access.read_download(a, "models/cnn/model.onnx")[0] == b"exported"
 
 
 @pytest.mark.parametrize("name", ["../secret.txt", "models/cnn/../../secret.txt", "leases/holder.json",
@@ -166,9 +166,9 @@ def test_only_offered_files_are_served(two_runs, name, tmp_path):
 
 def test_a_download_that_does_not_match_its_recorded_checksum_is_refused(two_runs):
     storage, a, _ = two_runs
-    storage.put_bytes(layout.model_file_key(a.run_key, "cnn", "model.ts"), b"tampered")
+    storage.put_bytes(layout.model_file_key(a.run_key, "cnn", layout.MODEL_FILE), b"tampered")
     with pytest.raises(access.DownloadError) as err:
-        access.read_download(a, "models/cnn/model.ts")
+        access.read_download(a, f"models/cnn/{layout.MODEL_FILE}")
     assert err.value.status == 500 and "checksum" in str(err.value)
 
 
