@@ -30,6 +30,8 @@ from gender_tasks.training.ensemble import build_ensemble, export_ensemble
 from gender_tasks.training.export import _Exportable, export_model
 from gender_tasks.training.loop import predict_proba
 
+pytestmark = pytest.mark.slow  # torch.export traces every model (seconds each)
+
 
 class _Planted:
     """Unpickling this creates a file: proof that a load ran code from the bytes."""

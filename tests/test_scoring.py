@@ -23,6 +23,8 @@ from gender_tasks.errors import PermanentError
 from gender_tasks.integrity import sha256_hex
 from gender_tasks.storage import LocalStorage, open_storage
 
+pytestmark = pytest.mark.slow  # every test exports a model with torch.export and most start decode workers
+
 REPO = Path(__file__).resolve().parent.parent
 
 

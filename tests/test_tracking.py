@@ -54,6 +54,7 @@ def test_a_run_without_mlflow_configured_imports_none_of_it(trained):
     assert result == {"mlflow": [], "logged": False}
 
 
+@pytest.mark.slow  # a subprocess imports every module
 def test_importing_every_module_loads_no_mlflow():
     code = ("import sys, pkgutil, importlib, gender_tasks\n"
             "for m in pkgutil.walk_packages(gender_tasks.__path__, 'gender_tasks.'):\n"
