@@ -10,6 +10,8 @@ record checksums:
   integrity.verify_bytes / sha256_hex / sha256_file   hashing what is read (and what is recorded)
   storage.recorded_sha256                             reading the checksum records beside objects
   manifest.check_rows                                 manifests checked against their dataset id
+  pt2.check_archive                                   model files checked for anything loading would
+                                                      unpickle or evaluate, before torch.export.load
 
 Nested calls count once (the outermost), and calls on parallel threads add up, so the share printed is
 an upper bound on what verification adds to the run's wall time. Target: at most 5 %.
@@ -59,6 +61,7 @@ def instrument() -> None:
     """Replace the checksum functions wherever the package imported them (module attributes by identity)."""
     from gender_tasks import integrity, storage
     from gender_tasks.data import manifest
+    from gender_tasks.evaluation import pt2
 
     targets = {
         integrity.verify_bytes: "verify_bytes",
@@ -66,6 +69,7 @@ def instrument() -> None:
         integrity.sha256_file: "sha256_file",
         storage.recorded_sha256: "recorded_sha256",
         manifest.check_rows: "check_rows",
+        pt2.check_archive: "pt2.check_archive",
     }
     import gender_tasks  # noqa: F401
 

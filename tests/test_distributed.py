@@ -297,12 +297,17 @@ def test_celery_stack_runs_training_on_the_gpu_worker_side_by_side(request, tmp_
     overlap = (min(a[1], b[1]) - max(a[0], b[0])).total_seconds()
     assert overlap > 0, f"the two trainings did not overlap (overlap {overlap:.1f}s)\n{summary}"
 
-    # The dataset asset: one event from this run's ingest, naming the dataset it ingested.
+    # The dataset asset: one event from this run's ingest, naming the dataset it ingested (the report emits the
+    # models asset too: one event of each).
     query = urlencode({"source_dag_id": DAG_ID, "source_run_id": run_id})
     status, body = api.request("GET", f"/api/v2/assets/events?{query}")
     assert status == 200, body
-    (event,) = body["asset_events"]
-    assert event["name"] == "gender_classification_dataset" and event["source_task_id"] == "ingest", event
+    events = {e["name"]: e for e in body["asset_events"]}
+    assert sorted(e["name"] for e in body["asset_events"]) == ["gender_classification_dataset",
+                                                                "gender_classification_models"], body  # fmt: skip
+    event = events["gender_classification_dataset"]
+    assert event["source_task_id"] == "ingest", event
+    assert events["gender_classification_models"]["source_task_id"] == "report", events
     # The report, in the storage the run was given.
     run_dir = store / "runs" / run_key_for(run_id)
     assert (run_dir / "report.html").stat().st_size > 0
