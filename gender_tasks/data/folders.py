@@ -252,27 +252,36 @@ def list_images(root: Path, *, max_file_bytes: int, max_total_bytes: int) -> lis
                                   f"the source folder {shown(root_real)}: point the source at the real folder")  # fmt: skip
             continue
         _walk(folder, label, root_real, max_file_bytes, found, {os.path.realpath(folder)})
+    _judge_found(found, holder="class folders must")
+    for label, folder in class_dirs.items():
+        if not any(lbl == label for _, lbl, _ in found.files):
+            raise IngestError(f"class folder {shown(folder)} holds no images; every class needs at least one")
+    _refuse_total(found, root, max_total_bytes, verb="ingest")
+    return found.files
+
+
+def _judge_found(found: SourceFiles, *, holder: str) -> None:
+    """What a walk found that is refused (problems, files that are not images), named; hidden skips logged."""
     _refuse("file(s)", found.problems)
     if found.not_images:
         first, rest = found.not_images[0], found.not_images[1:]
         more = f" (and {len(rest)} more: {', '.join(map(shown, rest[: PROBLEMS_SHOWN - 1]))})" if rest else ""
         raise IngestError(
-            f"{shown(first)} is not an image (suffix {first.suffix or 'none'!r}){more}; class folders must "
+            f"{shown(first)} is not an image (suffix {first.suffix or 'none'!r}){more}; {holder} "
             f"hold only images ({', '.join(sorted(IMAGE_SUFFIXES))}): move or delete it"
         )
     if found.hidden:
         log.warning("skipped %d hidden file(s) or folder(s) (names starting with '.'), e.g. %s",
                     len(found.hidden), ", ".join(map(shown, found.hidden[:3])))  # fmt: skip
-    for label, folder in class_dirs.items():
-        if not any(lbl == label for _, lbl, _ in found.files):
-            raise IngestError(f"class folder {shown(folder)} holds no images; every class needs at least one")
+
+
+def _refuse_total(found: SourceFiles, root: Path, max_total_bytes: int, *, verb: str) -> None:
     total = sum(size for _, _, size in found.files)
     if total > max_total_bytes:
         raise IngestError(
             f"{shown(root)} holds {human_bytes(total)} of images, over the {human_bytes(max_total_bytes)} limit "
-            "(setting max_source_bytes): ingest a subset, or raise max_source_bytes"
+            f"(setting max_source_bytes): {verb} a subset, or raise max_source_bytes"
         )
-    return found.files
 
 
 def list_unlabeled_images(root: Path, *, max_file_bytes: int, max_total_bytes: int) -> list[tuple[Path, int]]:
@@ -294,26 +303,11 @@ def list_unlabeled_images(root: Path, *, max_file_bytes: int, max_total_bytes: i
     root_real = Path(os.path.realpath(root))
     found = SourceFiles()
     _walk(root, "", root_real, max_file_bytes, found, {str(root_real)})
-    _refuse("file(s)", found.problems)
-    if found.not_images:
-        first, rest = found.not_images[0], found.not_images[1:]
-        more = f" (and {len(rest)} more: {', '.join(map(shown, rest[: PROBLEMS_SHOWN - 1]))})" if rest else ""
-        raise IngestError(
-            f"{shown(first)} is not an image (suffix {first.suffix or 'none'!r}){more}; a folder to score must "
-            f"hold only images ({', '.join(sorted(IMAGE_SUFFIXES))}): move or delete it"
-        )
-    if found.hidden:
-        log.warning("skipped %d hidden file(s) or folder(s) (names starting with '.'), e.g. %s",
-                    len(found.hidden), ", ".join(map(shown, found.hidden[:3])))  # fmt: skip
+    _judge_found(found, holder="a folder to score must")
     if not found.files:
         raise IngestError(f"{shown(root)} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): give a folder that "
                           "holds the images to score")  # fmt: skip
-    total = sum(size for _, _, size in found.files)
-    if total > max_total_bytes:
-        raise IngestError(
-            f"{shown(root)} holds {human_bytes(total)} of images, over the {human_bytes(max_total_bytes)} limit "
-            "(setting max_source_bytes): score a subset, or raise max_source_bytes"
-        )
+    _refuse_total(found, root, max_total_bytes, verb="score")
     return sorted((path, size) for path, _, size in found.files)
 
 
