@@ -61,13 +61,16 @@ class Report:
     seconds: float = 0.0
 
 
+def _differs(data: bytes, expected: str, where: str) -> str | None:
+    """None if `data` hashes to `expected`, else the problem ("sha256 ... is not the ... <where>")."""
+    actual = sha256_hex(data)
+    return None if actual == expected else f"sha256 {actual[:16]}... is not the {expected[:16]}... {where}"
+
+
 def _sidecar_checker(storage: Storage, key: str, data: bytes) -> str | None:
     """Problem with an object recorded by storage.put_recorded ('' when unverifiable), or None if it is intact."""
     expected = recorded_sha256(storage, key)
-    if expected is None:
-        return ""
-    actual = sha256_hex(data)
-    return None if actual == expected else f"sha256 {actual[:16]}... is not the recorded {expected[:16]}..."
+    return "" if expected is None else _differs(data, expected, "recorded beside it")
 
 
 class _Verifier:
@@ -94,9 +97,8 @@ class _Verifier:
             sha = layout.image_sha(key)
             if sha is None:
                 return "", (), "", size
-            actual = sha256_hex(data)
             manifest = layout.manifest_key(owner)
-            problem = None if actual == sha else f"sha256 {actual[:16]}... is not the {sha[:16]}... its key names"
+            problem = _differs(data, sha, "its key names")
             return problem, (key, manifest, layout.checksum_key(manifest)), "the next ingest of its source", size
         if kind == "manifest" or "/splits/" in key:
             problem = _sidecar_checker(storage, key, data)
@@ -119,42 +121,28 @@ class _Verifier:
                 expected = None
             if expected is None:
                 return "", (), "", size
-            actual = sha256_hex(data)
-            problem = (
-                None if actual == expected else f"sha256 {actual[:16]}... is not the {expected[:16]}... in {index_key}"
-            )
+            problem = _differs(data, expected, f"in {index_key}")
             return problem, (key, index_key, layout.checksum_key(index_key)), "the next run's preprocess step", size
         if name == layout.CHECKPOINT:
-            record = self._json(f"{key.rpartition('/')[0]}/{layout.CHECKPOINT_RECORD}")
+            record_key = f"{key.rpartition('/')[0]}/{layout.CHECKPOINT_RECORD}"
+            record = self._json(record_key)
             if not record or "sha256" not in record:
                 return "", (), "", size
-            actual = sha256_hex(data)
-            problem = None if actual == record["sha256"] else f"sha256 {actual[:16]}... is not the recorded one"
-            return (
-                problem,
-                (key, f"{key.rpartition('/')[0]}/{layout.CHECKPOINT_RECORD}"),
-                "training from the start",
-                size,
-            )
+            problem = _differs(data, record["sha256"], f"in {layout.CHECKPOINT_RECORD}")
+            return problem, (key, record_key), "training from the start", size
         if "/models/" in key and name in (*layout.MODEL_OUTPUTS[:-1], layout.LEGACY_MODEL_FILE):
             folder = key.rpartition("/")[0]
             card = self._json(f"{folder}/{MODEL_CARD}")
             expected = ((card or {}).get("files") or {}).get(name)
             if expected is None:
                 return "", (), "", size
-            actual = sha256_hex(data)
-            problem = (
-                None
-                if actual == expected
-                else f"sha256 {actual[:16]}... is not the {expected[:16]}... in its model card"
-            )
+            problem = _differs(data, expected, "in its model card")
             if kind == "run":
                 return problem, (key,), f"nothing: run {owner} is damaged, rerun it", size
             return problem, (key, f"{folder}/{MODEL_CARD}"), "the next run that trains this model", size
-        if storage_recorded := recorded_sha256(storage, key):
-            actual = sha256_hex(data)
-            problem = None if actual == storage_recorded else f"sha256 {actual[:16]}... is not the recorded one"
-            return problem, (key, layout.checksum_key(key)), "the next run that needs it", size
+        if recorded := recorded_sha256(storage, key):
+            return _differs(data, recorded, "recorded beside it"), (key, layout.checksum_key(key)), \
+                "the next run that needs it", size  # fmt: skip
         return "", (), "", size
 
 
