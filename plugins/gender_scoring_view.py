@@ -19,9 +19,6 @@ DAG_ID = "gender_scoring"
 TASK_ID = "score"
 LISTED_RUNS = 50
 SCORE_KEY = re.compile(r"^[0-9a-f]{24}$")
-CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'none'; base-uri 'none'; "
-       "frame-ancestors 'self'; sandbox")  # fmt: skip
-LIST_CSP = f"{CSP} allow-popups allow-popups-to-escape-sandbox"
 
 
 def _page(title: str, body: str) -> str:
@@ -87,6 +84,9 @@ def create_app():
     from fastapi.responses import HTMLResponse
     from sqlalchemy import select
 
+    from gender_tasks.reporting.access import STRICT_CSP as CSP  # the reports' own policy, not a copy
+
+    list_csp = f"{CSP} allow-popups allow-popups-to-escape-sandbox"  # the list's links open in a new tab
     app = FastAPI(title="Gender scoring summaries", docs_url=None, redoc_url=None, openapi_url=None)
     can_read_runs = Depends(requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=DAG_ID))
 
@@ -105,7 +105,7 @@ def create_app():
             runs = session.scalars(select(DagRun).where(DagRun.dag_id == DAG_ID)
                                    .order_by(DagRun.run_after.desc()).limit(LISTED_RUNS)).all()  # fmt: skip
             listed = [(r.run_id, str(r.state), _result(session, r.run_id)) for r in runs]
-        return HTMLResponse(index_page(listed), headers={"Content-Security-Policy": LIST_CSP})
+        return HTMLResponse(index_page(listed), headers={"Content-Security-Policy": list_csp})
 
     return app
 
