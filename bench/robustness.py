@@ -1,0 +1,184 @@
+"""Robustness: do the four models (and their ensemble) hold up on small and odd datasets?
+
+    .venv/bin/python bench/robustness.py --sizes 100,300,1000 --kinds sample,variants --seeds 0,1,2,3,4 \
+        --jobs 2 --out bench/robustness.jsonl
+    .venv/bin/python bench/robustness.py --table bench/robustness.jsonl     # the markdown table only
+
+Each *run* is one (size, kind, seed): a dataset of `size` faces a class, built in a temp folder outside
+the repo from ../shared/data/generated_photos, then the pipeline as a user runs it, in its own process
+(prepare, ingest, split, validate, preprocess, train the four models at the `cpu` profile, ensemble,
+report), on local storage in that folder, with `seed` as the run's seed (split and training):
+
+  sample    `size` distinct faces a class, drawn at random (seeded) from the shared faces; not possible
+            where the class has fewer faces than that (the shared set has 577 female, 417 male).
+  variants  `size` generated variants a class (random crop, rotation, flip, colour change; 96 px JPEGs)
+            of faces drawn at random from the shared faces, as many distinct faces as the class has
+            up to `size`: at 100 and 300 a class every variant has its own face; at 1,000 faces repeat
+            (two or three variants each), and the split keeps only near-identical ones together.
+
+Each run appends one JSON line to --out (test accuracy per model and the ensemble, the models the
+report flagged, seconds); a rerun with the same --out skips the runs already there. The table gives,
+per size and kind, the min and median test accuracy of each model over the seeds, and checks the
+target: no model below 0.65 in any run where the CNN reaches 0.80.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale_bench import SOURCE, _sources, _variant  # noqa: E402 - the bench folder's own helpers
+
+MODELS = ("cnn", "resnet50", "inceptionv3", "mobilenetv2")
+COLUMNS = (*MODELS, "ensemble")
+TARGET_CNN, TARGET_FLOOR = 0.80, 0.65
+
+
+def build_dataset(size: int, kind: str, seed: int, folder: Path, source: Path = SOURCE) -> int:
+    """`size` faces a class of `kind` in folder/<label>/; returns how many distinct source faces it used."""
+    rng = random.Random(f"robustness-{kind}-{size}-{seed}")
+    by_class = {label: [p for p, lab in _sources(source) if lab == label] for label in ("female", "male")}
+    distinct = 0
+    for label, faces in by_class.items():
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        if kind == "sample":
+            if len(faces) < size:
+                raise ValueError(f"{source.name} has {len(faces)} {label} faces, fewer than {size}")
+            for path in rng.sample(faces, size):
+                shutil.copyfile(path, folder / label / path.name)
+            distinct += size
+        elif kind == "variants":
+            chosen = rng.sample(faces, min(size, len(faces)))
+            distinct += len(chosen)
+            base = rng.randrange(10**9)  # variant i's crop/rotation/colour is seeded by base + i
+            for i in range(size):
+                _variant((base + i, chosen[i % len(chosen)], label, folder, 96))
+        else:
+            raise ValueError(f"unknown kind {kind!r}: expected sample or variants")
+    return distinct
+
+
+def one_run(size: int, kind: str, seed: int, jobs: int) -> dict:
+    """In a child process: build the dataset, run the pipeline on it, return its figures."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from gender_tasks import pipeline
+    from gender_tasks.data.shards import CACHE_DIR_ENV
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="robustness-"))
+    try:
+        folder = work / "faces"
+        distinct = build_dataset(size, kind, seed, folder)
+        os.environ[CACHE_DIR_ENV] = str(work / "local-cache")
+        conf = {"source": str(folder), "storage": str(work / "store"), "profile": "cpu", "seed": seed,
+                "label_audit": False}  # fmt: skip
+        run = pipeline.prepare(conf, run_id=f"robustness-{size}-{kind}-{seed}")
+        for step in (pipeline.ingest, pipeline.split, pipeline.validate, pipeline.preprocess):
+            run = step(run)
+        trained = [pipeline.train(run, name, parallel_tasks=jobs) for name in MODELS]
+        ensembled = pipeline.ensemble(run)
+        out = pipeline.report(run, trained, ensembled=ensembled)
+        results = json.loads(Path(out["results_uri"].removeprefix("file://")).read_text())
+        return {
+            "size": size, "kind": kind, "seed": seed, "distinct_faces": distinct,
+            "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
+            "flagged": sorted(results.get("flagged") or {}),
+            "ensemble_members": (results.get("ensemble") or {}).get("members"),
+            "seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _child(size: int, kind: str, seed: int, jobs: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", f"{size},{kind},{seed}", "--jobs", str(jobs)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        tail = (done.stderr or done.stdout)[-2000:]
+        return {"size": size, "kind": kind, "seed": seed, "error": f"exit {done.returncode}: {tail}"}
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _done(out: Path) -> dict[tuple, dict]:
+    if not out.exists():
+        return {}
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return {(r["size"], r["kind"], r["seed"]): r for r in rows if "error" not in r}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per size and kind, min / median test accuracy of each column over the seeds, then the target."""
+    lines = ["| faces a class | kind | runs | " + " | ".join(f"{c} min / median" for c in COLUMNS) + " | flagged |",
+             "|---|---|---|" + "---|" * (len(COLUMNS) + 1)]  # fmt: skip
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["size"], r["kind"]), []).append(r)
+    misses = []
+    for (size, kind), runs in sorted(cells.items()):
+        figures = []
+        for column in COLUMNS:
+            values = [r["test_accuracy"].get(column) for r in runs if r["test_accuracy"].get(column) is not None]
+            figures.append(f"{min(values):.3f} / {statistics.median(values):.3f}" if values else "n/a")
+        flagged = sum(len(r["flagged"]) for r in runs)
+        lines.append(f"| {size:,} | {kind} | {len(runs)} | " + " | ".join(figures) + f" | {flagged} |")
+        for r in runs:
+            accuracy = r["test_accuracy"]
+            if accuracy.get("cnn", 0) >= TARGET_CNN:
+                misses += [f"{size} {kind} seed {r['seed']}: {m} {accuracy[m]:.3f}"
+                           for m in MODELS if accuracy.get(m) is not None and accuracy[m] < TARGET_FLOOR]  # fmt: skip
+    counted = sum(1 for r in rows if r["test_accuracy"].get("cnn", 0) >= TARGET_CNN)
+    verdict = (f"Target (no model below {TARGET_FLOOR} in a run where the CNN reaches {TARGET_CNN}): "
+               + ("met" if not misses else "MISSED: " + "; ".join(misses))
+               + f" ({counted} of {len(rows)} runs have the CNN at {TARGET_CNN} or more)")  # fmt: skip
+    return "\n".join(lines) + "\n\n" + verdict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100,300,1000")
+    parser.add_argument("--kinds", default="sample,variants")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each trains with cores/jobs threads)")
+    parser.add_argument("--out", type=Path, default=Path("robustness.jsonl"))
+    parser.add_argument("--table", type=Path, help="print the table of this --out file and exit")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        size, kind, seed = args.one.split(",")
+        print("RESULT " + json.dumps(one_run(int(size), kind, int(seed), args.jobs)), flush=True)
+        return
+    if args.table:
+        print(table(list(_done(args.table).values())))
+        return
+    done = _done(args.out)
+    per_class = {label: sum(1 for _, lab in _sources(SOURCE) if lab == label) for label in ("female", "male")}
+    todo = [(int(size), kind, int(seed)) for size in args.sizes.split(",") for kind in args.kinds.split(",")
+            for seed in args.seeds.split(",")
+            if (int(size), kind, int(seed)) not in done and not (kind == "sample" and int(size) > min(per_class.values()))]  # fmt: skip
+    print(f"{len(done)} runs on record, {len(todo)} to go ({args.jobs} at once)", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for future in as_completed([pool.submit(_child, *t, args.jobs) for t in todo]):
+            result = future.result()
+            with args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            shown = result.get("error") or {k: round(v, 3) for k, v in result["test_accuracy"].items()}
+            print(result["size"], result["kind"], result["seed"], shown, result.get("seconds"), flush=True)
+    print(table(list(_done(args.out).values())))
+
+
+if __name__ == "__main__":
+    main()
