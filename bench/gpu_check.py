@@ -122,6 +122,7 @@ def cmd_job(args) -> None:
     from gender_tasks import layout
     from gender_tasks.data.manifest import read_manifest
     from gender_tasks.data.shards import ShardReader, memory_budget
+    from gender_tasks.environment import get_text
     from gender_tasks.models.network import set_backbone_frozen
     from gender_tasks.settings import resolve_settings
     from gender_tasks.storage import open_storage
@@ -158,7 +159,7 @@ def cmd_job(args) -> None:
     _write(Path(args.out), {"model": args.model, "size": size, "train_images": len(train), "val_images": len(val),
                             "setup_seconds": ready - started, "epoch_seconds": epochs, "total_seconds": done - started,
                             "train_images_per_s": len(train) * len(epochs) / sum(epochs),
-                            "compile": os.environ.get("GENDER_TORCH_COMPILE", ""), "device": str(device),
+                            "compile": get_text("GENDER_TORCH_COMPILE") or "", "device": str(device),
                             "peak_device_memory_mb": peak_memory_mb(device)})  # fmt: skip
 
 

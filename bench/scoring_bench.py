@@ -87,7 +87,7 @@ def train_tiny(work: Path, store: Path) -> str:
 
 
 def score(folder: Path, store: Path, batch_size: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GENDER_TORCH_THREADS": os.environ.get("GENDER_TORCH_THREADS", "1")}
+    env = {"GENDER_TORCH_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO)}  # one thread unless set
     done = subprocess.run([sys.executable, "-c", _SCORE, str(folder), str(store), str(batch_size)], env=env,
                           capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:

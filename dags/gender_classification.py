@@ -20,19 +20,19 @@ All logic lives in the `gender_tasks` package; this file only wires it.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
+from gender_tasks.environment import get_cron, get_text, get_whole  # every variable: environment.VARIABLES
 from gender_tasks.settings import form_fields  # plain data: no heavy imports at parse time
 from gender_tasks.timeouts import static_limits  # plain arithmetic over the profiles and the registry
 
 # Training (and the label audit, which trains too) runs on this Celery queue and pool: in the full stack
 # a `gpu` queue that the GPU workers consume and a `gpu` pool with one slot per GPU.
-TRAIN_QUEUE = os.environ.get("GENDER_TRAIN_QUEUE", "default")
-TRAIN_POOL = os.environ.get("GENDER_TRAIN_POOL", "default_pool")
+TRAIN_QUEUE = get_text("GENDER_TRAIN_QUEUE")
+TRAIN_POOL = get_text("GENDER_TRAIN_POOL")
 # Slowest model first: `train` is mapped over the models slowest first, and this strategy (registered by
 # plugins/gender_scheduling.py) weights map index i as TRAIN_PRIORITY - 10 * i.
 TRAIN_WEIGHT_RULE = "gender_scheduling.SlowestModelFirst"
@@ -59,8 +59,8 @@ def gpu_executor_config() -> dict:
 
     Unset (the default) this imports nothing, so parsing stays cheap where Kubernetes is not used.
     """
-    gpus = os.environ.get("GENDER_K8S_GPUS", "").strip()
-    if not gpus or gpus == "0":
+    gpus = get_whole("GENDER_K8S_GPUS")
+    if not gpus:
         return {}
     try:
         from kubernetes.client import models as k8s
@@ -71,7 +71,7 @@ def gpu_executor_config() -> dict:
             gpus,
         )
         return {}
-    resources = k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": gpus})
+    resources = k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": str(gpus)})
     # "base" is the task container's name in the pods KubernetesExecutor starts.
     return {
         "pod_override": k8s.V1Pod(spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="base", resources=resources)]))
@@ -146,13 +146,13 @@ def _step(name: str, run: dict, *args, gpu: bool = False, **kwargs):
     dag_id="gender_classification",
     description="Trains the study's four gender classifiers on a folder of labeled faces and compares them "
     "with the paper's Table 1 (Comparison report tab on each run).",
-    schedule=os.environ.get("GENDER_SCHEDULE") or None,
+    schedule=get_cron("GENDER_SCHEDULE"),
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     # Runs do not wait for one another: a run with bad settings reaches `prepare`, which refuses it in
     # seconds, even while another run trains. What must be bounded is training, and it is: train and
     # label_audit take slots of TRAIN_POOL (one per GPU in the full stack) and of the executor.
-    max_active_runs=int(os.environ.get("GENDER_MAX_ACTIVE_RUNS", "16")),
+    max_active_runs=get_whole("GENDER_MAX_ACTIVE_RUNS"),
     tags=["ml", "gender-classification", "paper-reproduction"],
     default_args={"owner": "ml-platform", "retries": 2, "retry_delay": pendulum.duration(minutes=1)},
     doc_md=__doc__,

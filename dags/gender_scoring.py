@@ -16,14 +16,14 @@ All logic lives in `gender_tasks.scoring`; this file only wires it.
 
 from __future__ import annotations
 
-import os
-
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
+from gender_tasks.environment import get_cron, get_text  # every variable: environment.VARIABLES
+
 # Emitted by gender_classification's report task when a run's models are published (its extra: run_key, storage).
 MODEL_ASSET = Asset(name="gender_classification_models", uri="x-gender-classification://models", group="model")
-SCHEDULE_CRON = os.environ.get("GENDER_SCORING_SCHEDULE", "").strip()
+SCHEDULE_CRON = get_cron("GENDER_SCORING_SCHEDULE") or ""
 
 
 def _schedule():
@@ -46,7 +46,7 @@ def _schedule():
     doc_md=__doc__,
     params={
         "source": Param(
-            os.environ.get("GENDER_SCORING_SOURCE", ""),
+            get_text("GENDER_SCORING_SOURCE") or "",
             type="string",
             title="Images to score",
             description="A folder, a .zip or an s3://bucket/prefix of images (no class folders).",

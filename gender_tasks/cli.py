@@ -1,4 +1,4 @@
-"""Command line: `python -m gender_tasks run|predict|score|gc|verify`.
+"""Command line: `python -m gender_tasks run|predict|score|gc|verify|env-table`.
 
 `run` executes the Airflow DAG once, end to end, in this process (Airflow's `dag.test()`, on the
 embedded default: SQLite metadata database, local-folder storage), then prints where the report is.
@@ -6,6 +6,7 @@ embedded default: SQLite metadata database, local-folder storage), then prints w
 `score` scores a folder, zip or s3:// prefix of new images into the storage, as the gender_scoring DAG does.
 `gc` removes old runs and whatever no manifest or kept run references from the storage.
 `verify` checks every stored object against its checksum, and with --repair removes the corrupt ones.
+`env-table` prints the README's table of environment variables (from environment.VARIABLES), or writes it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import os
 import sys
 from pathlib import Path
 
+from .environment import get_number, get_text, variable
+
 DAG_ID = "gender_classification"
 KEEP_DAYS_VAR = "GENDER_KEEP_DAYS"
-DEFAULT_KEEP_DAYS = 30.0
+DEFAULT_KEEP_DAYS = variable(KEEP_DAYS_VAR).default  # 30
 STORAGE_HELP = ("s3://bucket/prefix or a local folder (default: $GENDER_STORAGE, else store/ in $GENDER_DATA_DIR, "
                 "else in the checkout's .data/ or, installed, ~/.local/share/gender-tasks)")  # fmt: skip
 
@@ -49,7 +52,7 @@ def _preflight(conf: dict) -> dict:
 
     settings = resolve_settings(conf)
     check_source(settings.source)
-    if os.environ.get(CONN_ID_VAR, "").strip():
+    if get_text(CONN_ID_VAR):
         airflow_env_defaults()  # the connection is looked up in the AIRFLOW_HOME the run will use
     try:
         open_storage(settings.storage).check()  # reachable, bucket there, writable: bounded, see storage.py
@@ -117,11 +120,8 @@ def run_dag(conf: dict) -> int:
 
 
 def _keep_days_default() -> float:
-    raw = os.environ.get(KEEP_DAYS_VAR, "").strip()
-    try:
-        return float(raw) if raw else DEFAULT_KEEP_DAYS
-    except ValueError:
-        raise SystemExit(f"error: {KEEP_DAYS_VAR}={raw!r} is not a number of days") from None
+    """GENDER_KEEP_DAYS (30 unset); a bad value ends the command with the error, naming the variable."""
+    return get_number(KEEP_DAYS_VAR, error=lambda message: SystemExit(f"error: {message}"))
 
 
 def collect_garbage(storage_uri: str | None, keep_days: float, dry_run: bool) -> int:
@@ -195,6 +195,22 @@ def _parse_conf(text: str) -> dict | None:
     return conf
 
 
+def env_table(readme: Path | None) -> int:
+    """Print the table of environment variables, or write it into `readme` between its markers."""
+    from .environment import env_table as table
+    from .environment import with_env_table
+
+    if readme is None:
+        print(table())
+        return 0
+    text = readme.read_text(encoding="utf-8")
+    updated = with_env_table(text)
+    if updated != text:
+        readme.write_text(updated, encoding="utf-8")
+    print(f"{readme}: the environment table is {'updated' if updated != text else 'up to date'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gender_tasks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--run", help="only this run's folder (its run key, as under runs/)")
     ver.add_argument("--repair", action="store_true",
                      help="remove corrupt objects and what marks them reusable, so the next run rebuilds them")  # fmt: skip
+    env = sub.add_parser("env-table", help="print the README's table of environment variables (environment.py)")
+    env.add_argument("--write", type=Path, metavar="README", help="replace the table in this file instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -258,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_label_audit:
             conf["label_audit"] = False
         return run_dag(conf)
+    if args.command == "env-table":
+        return env_table(args.write)
     if args.command == "verify":
         return verify(args.storage, args.dataset, args.run, args.repair)
     if args.command == "gc":

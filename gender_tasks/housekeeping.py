@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import layout
-from .environment import env_number
+from .environment import get_number, variable
 from .errors import PermanentError
 from .leases import describe_holder, expiry_seconds, is_fresh
 from .storage import ObjectInfo, Storage
@@ -46,7 +46,7 @@ DAY_S = 86_400
 GRACE_S = 3_600  # objects this young may belong to an ingest or a training in progress
 RUN_RECORDS = ("results.json", layout.TRAINED_RECORD, "model_card.json", "label_audit.json")
 UNFINISHED_VAR = "GENDER_GC_UNFINISHED_HOURS"
-DEFAULT_UNFINISHED_H = 24.0
+DEFAULT_UNFINISHED_H = variable(UNFINISHED_VAR).default  # 24 h
 RECHECK_EVERY = 100  # removals between two looks at the leases of the run or dataset being cleaned
 
 
@@ -56,8 +56,7 @@ class HousekeepingConfigError(PermanentError):
 
 def unfinished_run_seconds() -> float:
     """How long a run without results.json is kept after its last write, whatever the retention."""
-    hours = env_number(UNFINISHED_VAR, DEFAULT_UNFINISHED_H, says="a positive number of hours",
-                       example=f"{DEFAULT_UNFINISHED_H:g}", error=HousekeepingConfigError)  # fmt: skip
+    hours = get_number(UNFINISHED_VAR, error=HousekeepingConfigError)
     return hours * 3_600
 
 

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .environment import env_number
+from .environment import get_number, variable
 from .errors import PermanentError
 from .storage import ObjectInfo, Storage
 
@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_VAR = "GENDER_LEASE_HEARTBEAT_S"
 EXPIRY_VAR = "GENDER_LEASE_EXPIRY_S"
-DEFAULT_HEARTBEAT_S = 60.0
-DEFAULT_EXPIRY_S = 900.0  # 15 heartbeats: a slow storage or a busy machine skips some without losing the lease
+DEFAULT_HEARTBEAT_S = variable(HEARTBEAT_VAR).default  # 60 s
+# 900 s, 15 heartbeats: a slow storage or a busy machine skips some without losing the lease.
+DEFAULT_EXPIRY_S = variable(EXPIRY_VAR).default
 # The expiry must leave the heartbeat room for a few failed renewals.
 MIN_BEATS_PER_EXPIRY = 3
 _HOLDER_CHARS = re.compile(r"[^a-z0-9]+")
@@ -53,14 +54,12 @@ class LeaseConfigError(PermanentError):
 
 
 def heartbeat_seconds() -> float:
-    return env_number(HEARTBEAT_VAR, DEFAULT_HEARTBEAT_S, says="a positive number of seconds",
-                      example=f"{DEFAULT_HEARTBEAT_S:g}", error=LeaseConfigError)  # fmt: skip
+    return get_number(HEARTBEAT_VAR, error=LeaseConfigError)
 
 
 def expiry_seconds() -> float:
     """How long a lease not renewed stays fresh; at least MIN_BEATS_PER_EXPIRY heartbeats."""
-    expiry = env_number(EXPIRY_VAR, DEFAULT_EXPIRY_S, says="a positive number of seconds",
-                        example=f"{DEFAULT_EXPIRY_S:g}", error=LeaseConfigError)  # fmt: skip
+    expiry = get_number(EXPIRY_VAR, error=LeaseConfigError)
     beat = heartbeat_seconds()
     if expiry < MIN_BEATS_PER_EXPIRY * beat:
         raise LeaseConfigError(

@@ -30,6 +30,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from .environment import get_path
 from .layout import run_key_for
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,10 @@ RUN_LOCKS = "runs"
 
 
 def _state_dir() -> Path:
-    path = Path(os.environ["AIRFLOW_HOME"]) / STATE_DIR
+    home = get_path("AIRFLOW_HOME")
+    if home is None:  # cli.airflow_env_defaults sets it before any command gets here
+        raise RuntimeError("AIRFLOW_HOME is not set: run through python -m gender_tasks, which sets it")
+    path = home / STATE_DIR
     (path / RUN_LOCKS).mkdir(parents=True, exist_ok=True)
     return path
 

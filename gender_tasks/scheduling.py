@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .environment import env_number
+from .environment import get_list, get_path, get_whole
 from .errors import PermanentError
 from .models.registry import get_model_spec
 
@@ -59,9 +59,9 @@ def visible_gpus() -> list[str]:
     CUDA reads CUDA_VISIBLE_DEVICES once, when a process first touches it, so the choice must be
     made before torch asks whether CUDA is available: hence nvidia-smi rather than torch here.
     """
-    preset = os.environ.get("CUDA_VISIBLE_DEVICES")
+    preset = get_list("CUDA_VISIBLE_DEVICES")
     if preset is not None:
-        return [d.strip() for d in preset.split(",") if d.strip() and d.strip() != "-1"]
+        return [d for d in preset if d != "-1"]
     smi = shutil.which("nvidia-smi")
     if not smi:
         return []
@@ -96,17 +96,13 @@ class GpuClaim:
 def tasks_per_gpu() -> int:
     """How many training tasks share one GPU (GENDER_TASKS_PER_GPU, default 1): the `gpu` pool has
     that many slots per GPU and a GPU worker that many Celery processes per GPU."""
-    return int(env_number(TASKS_PER_GPU_VAR, 1, minimum=1, inclusive=True, whole=True, error=PermanentError,
-                          says="a positive whole number", example="1 (one training per GPU), or how many trainings "
-                          "one GPU should run at once"))  # fmt: skip
+    return get_whole(TASKS_PER_GPU_VAR, error=PermanentError)
 
 
 def parallel_training() -> int:
     """How many training tasks share this worker's CPU cores (GENDER_PARALLEL_TRAINING, default 1): each
     takes its share of the cores for its torch threads. The one place that reads the variable."""
-    return int(env_number(PARALLEL_TRAINING_VAR, 1, minimum=1, inclusive=True, whole=True, error=PermanentError,
-                          says="a positive whole number", example="2 (two trainings side by side on this "
-                          "worker's CPU, each with half of its cores)"))  # fmt: skip
+    return get_whole(PARALLEL_TRAINING_VAR, error=PermanentError)
 
 
 def claim_gpu(gpus: list[str] | None = None, lock_dir: str | Path | None = None,
@@ -123,7 +119,7 @@ def claim_gpu(gpus: list[str] | None = None, lock_dir: str | Path | None = None,
     if not gpus:
         return GpuClaim(None)
     per_gpu = tasks_per_gpu() if per_gpu is None else per_gpu
-    folder = Path(lock_dir or os.environ.get(GPU_LOCK_DIR_VAR) or Path(tempfile.gettempdir()) / "gender-gpu-locks")
+    folder = Path(lock_dir or get_path(GPU_LOCK_DIR_VAR) or Path(tempfile.gettempdir()) / "gender-gpu-locks")
     folder.mkdir(parents=True, exist_ok=True)
     for slot in range(per_gpu):
         for gpu in gpus:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from .environment import default_data_dir, env_number
+from .environment import default_data_dir, get_number, get_text, get_whole, variable
 from .errors import PermanentError
 from .integrity import mismatch, repair_hint, sha256_hex, verify_bytes
 from .layout import checksum_key
@@ -53,12 +53,12 @@ CONN_ID_VAR = "GENDER_S3_CONN_ID"
 # the storage before Airflow starts (cli._preflight), so there a dead endpoint fails in seconds.
 #
 # AWS_MAX_ATTEMPTS (the standard variable) overrides the attempt count.
-S3_MAX_ATTEMPTS = 5
+S3_MAX_ATTEMPTS = variable("AWS_MAX_ATTEMPTS").default  # 5
 # botocore's default connect timeout is 60 s, which makes an unreachable endpoint look like a hang.
-S3_CONNECT_TIMEOUT_S = 10.0
+S3_CONNECT_TIMEOUT_S = variable("GENDER_S3_CONNECT_TIMEOUT").default  # 10 s
 # The wait for each answer (botocore: 60 s). S3 answers within a second or two; 20 s leaves room for
 # a MinIO on slow disks that stores a large object before it answers.
-S3_READ_TIMEOUT_S = 20.0
+S3_READ_TIMEOUT_S = variable("GENDER_S3_READ_TIMEOUT").default  # 20 s
 # check() is the "fail before any long work" path: 2 attempts (one blip forgiven), short timeouts, so
 # a dead endpoint fails it in about 2 x 5 s and even a server that answers the first request and
 # hangs the next two (head, put, delete) stays within 30 s.
@@ -156,10 +156,9 @@ def _probe_key() -> str:
     return f"{PROBE_PREFIX}/{uuid.uuid4().hex}"
 
 
-def _env_seconds(name: str, default: float) -> float:
-    """A positive number of seconds from the environment variable `name`; unset or empty: `default`."""
-    return env_number(name, default, says="a positive number of seconds", example=f"{default:g}",
-                      error=StorageConfigError)  # fmt: skip
+def _env_seconds(name: str) -> float:
+    """A positive number of seconds from the environment variable `name`; unset or empty: its default."""
+    return get_number(name, error=StorageConfigError)
 
 
 def _check_prefix(prefix: str) -> str:
@@ -329,10 +328,10 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.endpoint_url = endpoint_url or get_text("AWS_ENDPOINT_URL")
         self.max_attempts = max_attempts or _env_attempts()
-        self.connect_timeout = connect_timeout or _env_seconds("GENDER_S3_CONNECT_TIMEOUT", S3_CONNECT_TIMEOUT_S)
-        self.read_timeout = read_timeout or _env_seconds("GENDER_S3_READ_TIMEOUT", S3_READ_TIMEOUT_S)
+        self.connect_timeout = connect_timeout or _env_seconds("GENDER_S3_CONNECT_TIMEOUT")
+        self.read_timeout = read_timeout or _env_seconds("GENDER_S3_READ_TIMEOUT")
         self._make_check_client: Callable[[], object] | None = None
         if client is None:
             from botocore.exceptions import ProfileNotFound
@@ -539,17 +538,12 @@ class S3Storage:
 
 
 def _env_attempts() -> int:
-    raw = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
-    if not raw:
-        return S3_MAX_ATTEMPTS
-    if not raw.isdigit() or int(raw) < 1:
-        raise StorageConfigError(f"AWS_MAX_ATTEMPTS={raw!r} is not a whole number of attempts >= 1; set e.g. 5")
-    return int(raw)
+    return get_whole("AWS_MAX_ATTEMPTS", error=StorageConfigError)
 
 
 def default_storage_uri() -> str:
     """GENDER_STORAGE, else store/ in the default data folder (environment.default_data_dir)."""
-    return os.environ.get("GENDER_STORAGE") or (default_data_dir() / "store").as_uri()
+    return get_text("GENDER_STORAGE") or (default_data_dir() / "store").as_uri()
 
 
 def s3_options_from_connection(conn_id: str) -> dict:
@@ -610,7 +604,7 @@ def open_storage(uri: str | None = None) -> Storage:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageConfigError(f"storage URI {uri!r} names no bucket; use s3://<bucket>/<prefix>")
-        conn_id = os.environ.get(CONN_ID_VAR, "").strip()
+        conn_id = get_text(CONN_ID_VAR)
         options = s3_options_from_connection(conn_id) if conn_id else {}
         return S3Storage(parsed.netloc, parsed.path, **options)
     if parsed.scheme == "file":

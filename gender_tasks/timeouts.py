@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .environment import env_number
+from .environment import get_number
 from .errors import PermanentError
 from .models.registry import get_model_spec, model_names
 from .scheduling import tasks_per_gpu
@@ -87,8 +87,7 @@ class Budget:
 
 def timeout_scale() -> float:
     """GENDER_TASK_TIMEOUT_SCALE: every limit is multiplied by it (default 1)."""
-    return env_number(SCALE_VAR, 1.0, error=PermanentError, says="a positive number",
-                      example="2 (twice the time), or 0.5 to fail hung tasks sooner")  # fmt: skip
+    return get_number(SCALE_VAR, error=PermanentError)
 
 
 def duration_words(seconds: float) -> str:

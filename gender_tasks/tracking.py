@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 from . import layout
+from .environment import get_text, variable
 from .settings import ENSEMBLE, Settings
 from .storage import Storage, read_verified
 
@@ -37,15 +37,15 @@ log = logging.getLogger(__name__)
 URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "GENDER_MLFLOW_EXPERIMENT"
 MODEL_PREFIX_ENV = "GENDER_MLFLOW_MODEL_PREFIX"
-DEFAULT_EXPERIMENT = "gender_classification"
-DEFAULT_MODEL_PREFIX = "gender-classification-"
+DEFAULT_EXPERIMENT = variable(EXPERIMENT_ENV).default  # gender_classification
+DEFAULT_MODEL_PREFIX = variable(MODEL_PREFIX_ENV).default  # gender-classification-
 RUN_KEY_TAG = "gender.run_key"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 
 
 def enabled() -> bool:
     """Whether runs log to MLflow: MLFLOW_TRACKING_URI is set (and not blank)."""
-    return bool(os.environ.get(URI_ENV, "").strip())
+    return get_text(URI_ENV) is not None
 
 
 def flat_metrics(values: dict, prefix: str = "") -> dict[str, float]:
@@ -86,9 +86,9 @@ def log_run(storage: Storage, *, run_key: str, settings: Settings) -> dict | Non
     import mlflow
     from mlflow import MlflowClient
 
-    experiment = os.environ.get(EXPERIMENT_ENV, "").strip() or DEFAULT_EXPERIMENT
-    model_prefix = os.environ.get(MODEL_PREFIX_ENV, "").strip() or DEFAULT_MODEL_PREFIX
-    mlflow.set_tracking_uri(os.environ[URI_ENV].strip())
+    experiment = get_text(EXPERIMENT_ENV)
+    model_prefix = get_text(MODEL_PREFIX_ENV)
+    mlflow.set_tracking_uri(get_text(URI_ENV))
     client = MlflowClient()
     experiment_id = mlflow.set_experiment(experiment).experiment_id
     done = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and "

@@ -1,7 +1,7 @@
 import pytest
 
-from gender_tasks.models.registry import STUDY_MODELS, get_model_spec, model_names
-from gender_tasks.settings import PROFILES, Settings, SettingsError, TrainPlan, resolve_settings
+from gender_tasks.models.registry import STUDY_MODELS, ProfilePlan, get_model_spec, model_names
+from gender_tasks.settings import PROFILES, Settings, SettingsError, resolve_settings
 
 
 def test_defaults_resolve_every_model_with_the_profile_sizes():
@@ -28,7 +28,7 @@ def test_settings_are_immutable_and_round_trip_through_json():
 def test_overrides_keep_inception_at_its_minimum_and_the_frozen_share():
     s = resolve_settings({"profile": "paper", "epochs": 4, "image_size": 32, "models": ["resnet50", "inceptionv3"]})
     assert s.models == ("resnet50", "inceptionv3")
-    assert s.per_model["resnet50"] == TrainPlan(image_size=32, epochs=4, freeze_epochs=2)
+    assert s.per_model["resnet50"] == ProfilePlan(image_size=32, epochs=4, freeze_epochs=2)
     assert s.per_model["inceptionv3"].image_size == 75
 
 
@@ -109,3 +109,48 @@ def test_the_warmup_cosine_schedule_rises_then_decays_to_zero():
     assert lr_factor(100, 100, recipe) == pytest.approx(0.0)
     assert {lr_factor(s, 100, STUDY_RECIPE) for s in range(100)} == {1.0}
     assert steps_per_epoch(65, 32) == 2 and steps_per_epoch(66, 32) == 3  # a last batch of one is skipped
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"split_group_distance": 65}, "split_group_distance: 65 is greater than the maximum of 64 (allowed: -1 to 64"),
+        ({"split_group_distance": -2}, "split_group_distance: -2 is less than the minimum of -1 (allowed: -1 to 64"),
+        (
+            {"near_duplicate_distance": 65},
+            "near_duplicate_distance: 65 is greater than the maximum of 64 (allowed: 0 to",
+        ),
+        ({"label_audit_folds": 1}, "label_audit_folds: 1 is less than the minimum of 2 (allowed: 2 or more"),
+        ({"repeats": 21}, "repeats: 21 is greater than the maximum of 20 (Repeats: minimum 1, maximum 20)"),
+        ({"epochs": 0}, "epochs: 0 is less than the minimum of 1 (Epochs: minimum 1, maximum 500)"),
+    ],
+)
+def test_a_setting_out_of_range_is_refused_naming_it_the_value_and_the_range(overrides, says):
+    with pytest.raises(SettingsError) as err:
+        resolve_settings(overrides)
+    assert str(err.value).startswith(says)
+
+
+def test_every_range_comes_from_one_schema():
+    """The limits resolve_settings enforces are the trigger form's schema (and, off the form, the same kind of
+    schema): no second hand-written copy of a bound."""
+    from gender_tasks.settings import field_schemas, form_fields
+
+    schemas, form = field_schemas(), form_fields()
+    for name in ("epochs", "image_size", "seed", "repeats"):
+        assert schemas[name]["allOf"] == form[name]["allOf"], name
+    for name, bounds in (("split_group_distance", (-1, 64)), ("near_duplicate_distance", (0, 64)),
+                         ("label_audit_folds", (2, None))):  # fmt: skip
+        (limits,) = schemas[name]["allOf"]
+        assert (limits["minimum"], limits.get("maximum")) == bounds, name
+    # The edges are allowed.
+    s = resolve_settings({"split_group_distance": -1, "near_duplicate_distance": 64, "label_audit_folds": 2,
+                          "repeats": 20, "epochs": 500})  # fmt: skip
+    assert (s.split_group_distance, s.near_duplicate_distance, s.label_audit_folds) == (-1, 64, 2)
+
+
+def test_plans_are_the_registrys_type_and_keep_their_json():
+    s = resolve_settings({"profile": "tiny", "models": ["cnn", "resnet50"]})
+    assert all(type(p) is ProfilePlan for p in [*s.per_model.values(), s.label_audit_spec])
+    assert s.to_dict()["label_audit_spec"] == {"image_size": 32, "epochs": 2, "freeze_epochs": 0}
+    assert Settings.from_dict(s.to_dict()).per_model == s.per_model

@@ -22,8 +22,8 @@ from gender_tasks import layout, pipeline
 from gender_tasks.data.images import decode_resize
 from gender_tasks.evaluation.predict import ModelFileError, load_exported, load_stored_model
 from gender_tasks.integrity import IntegrityError, sha256_hex
-from gender_tasks.models.registry import get_model_spec
-from gender_tasks.settings import Settings, TrainPlan
+from gender_tasks.models.registry import ProfilePlan, get_model_spec
+from gender_tasks.settings import Settings
 from gender_tasks.storage import open_storage
 from gender_tasks.training.batches import Inputs, SplitData
 from gender_tasks.training.ensemble import build_ensemble, export_ensemble
@@ -105,7 +105,7 @@ def trained_run(tmp_path):
                             "models": ["cnn", "mobilenetv2"], "min_rows": 10, "epochs": 1})  # fmt: skip
     run = pipeline.split(pipeline.ingest(run))
     settings = Settings.from_dict(run["settings"])
-    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": TrainPlan(40, 1, 0)})
+    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": ProfilePlan(40, 1, 0)})
     run = pipeline.preprocess(pipeline.validate({**run, "settings": settings.to_dict()}))
     for model in ("cnn", "mobilenetv2"):
         pipeline.train({**run, "run_key": "r"}, model)

@@ -8,7 +8,8 @@ from gender_tasks import pipeline
 from gender_tasks.evaluation.predict import predict_folder
 from gender_tasks.integrity import sha256_hex
 from gender_tasks.layout import model_prefix, trained_prefix
-from gender_tasks.settings import Settings, TrainPlan
+from gender_tasks.models.registry import ProfilePlan
+from gender_tasks.settings import Settings
 from gender_tasks.storage import open_storage
 from gender_tasks.training import trainer
 from gender_tasks.training.trainer import train_model
@@ -76,7 +77,7 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
     storage = open_storage(settings["storage"])
     manifest = _manifest(settings, split_info)
     settings = Settings.from_dict(settings)
-    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": TrainPlan(32, 3, 1)})
+    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": ProfilePlan(32, 3, 1)})
     kwargs = dict(model_name="mobilenetv2", manifest=manifest, dataset_id=dataset["dataset_id"],
                   settings=settings)  # fmt: skip
     save = trainer.save_checkpoint
@@ -126,7 +127,7 @@ def test_a_resumed_run_takes_the_same_learning_rates_as_an_uninterrupted_one(pre
     storage = open_storage(prepared["storage"])
     settings = Settings.from_dict(prepared["settings"])
     assert settings.recipe.schedule == "warmup_cosine"
-    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": TrainPlan(32, 3, 1)})
+    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": ProfilePlan(32, 3, 1)})
     kwargs = dict(model_name="mobilenetv2", manifest=_manifest(prepared["settings"], prepared["split"]),
                   dataset_id=prepared["dataset"]["dataset_id"])  # fmt: skip
     # Another seed (initialisation and order only: the same steps, so the same rates) keys another model.

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..environment import env_number
+from ..environment import get_number, get_path, variable
 from ..errors import PermanentError
 from ..integrity import sha256_file
 from ..storage import Storage, get_recorded, put_recorded, read_verified
@@ -54,7 +54,7 @@ DECODE_CHUNK = 256
 # Below this many images, worker processes cost more to start than they save.
 MIN_IMAGES_FOR_PROCESSES = 1024
 FETCH_THREADS = 16
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+DEFAULT_MEMORY_BUDGET = int(variable(MEMORY_BUDGET_ENV).default * 1024**2)  # 2 GiB
 
 
 class CacheIncomplete(FileNotFoundError):
@@ -196,17 +196,16 @@ def read_index(storage: Storage, prefix: str) -> dict:
 
 def memory_budget() -> int:
     """Bytes of decoded images one task may hold in memory (GENDER_MEMORY_BUDGET_MB); past it, it streams."""
-    megabytes = env_number(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BUDGET / 1024**2, inclusive=True, error=PermanentError,
-                           says="a number of megabytes >= 0", example="2048 (or 0 to always stream from the shards)")  # fmt: skip
+    megabytes = get_number(MEMORY_BUDGET_ENV, error=PermanentError)
     return int(megabytes * 1024**2)
 
 
 def local_cache_root() -> Path:
     """Where shards are kept on this machine: GENDER_CACHE_DIR, or a folder of this user's own in the temp
     dir (made 0700: another user of the machine can neither read the faces nor plant pixels)."""
-    configured = os.environ.get(CACHE_DIR_ENV)
-    if configured:
-        return Path(configured)
+    configured = get_path(CACHE_DIR_ENV)
+    if configured is not None:
+        return configured
     return Path(tempfile.gettempdir()) / f"gender-shard-cache-{os.getuid()}"
 
 

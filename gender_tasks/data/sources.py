@@ -11,7 +11,6 @@ Each resolves to a local folder that `ingest` scans.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import tempfile
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..environment import get_flag
 from ..errors import PermanentError
 from ..settings import RunConfig
 from ..storage import DISK_FULL_ERRNOS, DiskFullError, disk_full, human_bytes
@@ -58,7 +58,7 @@ def is_kaggle(source: str) -> bool:
 
 def check_kaggle_reachable(timeout: float = 5.0) -> None:
     """Fail within seconds, with the fix, where Kaggle cannot be reached."""
-    if os.environ.get("GENDER_OFFLINE") == "1":
+    if get_flag("GENDER_OFFLINE", error=SourceError):
         raise SourceError(f"Kaggle is not reachable: GENDER_OFFLINE=1 is set. {HOW_TO_USE_A_FOLDER}")
     try:
         with socket.create_connection((KAGGLE_HOST, 443), timeout=timeout):

@@ -8,12 +8,14 @@ import os
 
 import torch
 
+from ..environment import get_flag, get_text, get_whole
+from ..errors import PermanentError
 from ..scheduling import tasks_per_gpu
 
 log = logging.getLogger(__name__)
 
 COMPILE_VAR = "GENDER_TORCH_COMPILE"  # unset/0: eager; 1: torch.compile (inductor); or a backend name
-RESIDENT_VAR = "GENDER_GPU_RESIDENT"  # unset/auto: by the memory check; 0: never (pinned host memory)
+RESIDENT_VAR = "GENDER_GPU_RESIDENT"  # unset/auto (or 1): by the memory check; 0: never (pinned host memory)
 # GPU memory left free beside the images: the model, its gradients, Adam's state and the activations of
 # a batch of 32 at 299 px take under 6 GiB for the largest model here (InceptionV3, bf16 autocast).
 MIN_HEADROOM_BYTES = 6 << 30
@@ -26,7 +28,7 @@ def pick_device() -> torch.device:
 
 def configure_threads(parallel_tasks: int = 1) -> int:
     """Split the CPU cores among training tasks running side by side (GENDER_TORCH_THREADS wins)."""
-    threads = int(os.environ.get("GENDER_TORCH_THREADS", 0)) or max(1, (os.cpu_count() or 1) // parallel_tasks)
+    threads = get_whole("GENDER_TORCH_THREADS", error=PermanentError) or max(1, (os.cpu_count() or 1) // parallel_tasks)
     torch.set_num_threads(threads)
     return threads
 
@@ -58,7 +60,7 @@ def resident_budget(free: int, total: int, sharing: int) -> int:
 def fits_on_device(nbytes: int, device: torch.device, already: int = 0) -> bool:
     """Whether `nbytes` more (after `already` placed by this task) may live on `device`; the CPU: no
     (nothing to move). GENDER_GPU_RESIDENT=0 forces the pinned-memory path."""
-    if device.type != "cuda" or os.environ.get(RESIDENT_VAR, "auto").strip().lower() in {"0", "false", "no"}:
+    if device.type != "cuda" or get_flag(RESIDENT_VAR, error=PermanentError) is False:
         return False
     free, total = torch.cuda.mem_get_info(device)
     return already + nbytes <= resident_budget(free + already, total, tasks_per_gpu())
@@ -68,7 +70,7 @@ def compile_backend() -> str | None:
     """The torch.compile backend asked for by GENDER_TORCH_COMPILE, or None (eager, the default:
     compiling costs tens of seconds per model and whether 10 epochs earn that back is measured by
     bench/gpu_check.sh)."""
-    value = os.environ.get(COMPILE_VAR, "").strip().lower()
+    value = (get_text(COMPILE_VAR) or "").lower()
     if value in {"", "0", "false", "no", "off"}:
         return None
     return "inductor" if value in {"1", "true", "yes", "on"} else value

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.network import build_model, set_backbone_frozen, set_train_mode
-from ..settings import STUDY_RECIPE, Recipe, Settings, TrainPlan
+from ..models.registry import ProfilePlan
+from ..settings import STUDY_RECIPE, Recipe, Settings
 from .augment import augment_params
 from .batches import Inputs, Split
 from .devices import make_autocast, maybe_compile, pick_device
@@ -211,7 +212,7 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
     return model, inputs
 
 
-def fit_predict(model_name: str, plan: TrainPlan, settings: Settings, train: Split, predict: Split,
+def fit_predict(model_name: str, plan: ProfilePlan, settings: Settings, train: Split, predict: Split,
                 seed: int) -> np.ndarray:  # fmt: skip
     """Train a fresh model on `train` for the plan's epochs (no checkpoints, no validation) and return
     P(male) for `predict` (the settings' recipe: optimizer, schedule, smoothing, augmentation, TTA):

@@ -39,8 +39,8 @@ from ..evaluation.metrics import classification_metrics
 from ..evaluation.predict import card_checksums
 from ..integrity import IntegrityError, repair_hint, sha256_hex
 from ..models.network import set_backbone_frozen
-from ..models.registry import get_model_spec
-from ..settings import Settings, TrainPlan
+from ..models.registry import ProfilePlan, get_model_spec
+from ..settings import Settings
 from ..storage import Storage, read_verified
 from .batches import Inputs, Split, load_splits
 from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
@@ -66,7 +66,7 @@ class TrainingRun:
     """One model's training in progress: what it trains on and with, and what it has done so far."""
 
     model_name: str
-    plan: TrainPlan
+    plan: ProfilePlan
     settings: Settings
     dataset_id: str
     data: dict[str, Split]
