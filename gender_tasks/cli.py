@@ -86,7 +86,7 @@ def run_dag(conf: dict) -> int:
 
     from .layout import report_key, run_key_for
     from .local_airflow import claim_run, prepare_airflow
-    from .storage import LocalStorage, open_storage
+    from .storage import open_storage
 
     dags_folder = airflow_conf.get("core", "dags_folder")
     bag = DagBag(dag_folder=dags_folder)
@@ -111,7 +111,7 @@ def run_dag(conf: dict) -> int:
         print(f"\nerror: run {run.run_id} ended {run.state}; failed task(s): {failed}. "
               "The task log above says why.", file=sys.stderr)  # fmt: skip
         return 1
-    where = LocalStorage.local_path(storage, key) if isinstance(storage, LocalStorage) else storage.url(key)
+    where = storage.local_path(key) or storage.url(key)
     print(f"\nRun {run.run_id} succeeded.\nReport: {where}")
     return 0
 
