@@ -155,11 +155,10 @@ def mem_storage():
     drop_bucket(bucket)
 
 
-@pytest.fixture(params=["local", "mem", pytest.param("s3", marks=pytest.mark.slow)])  # S3 through moto: slow tier
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])  # S3 through a moto server: slow tier
 def any_storage(request):
-    """Each storage backend in turn: a local folder, a bucket prefix of the in-memory test backend (a new
-    backend is one module and its scheme's registration), and a bucket prefix on the moto S3 server."""
-    return request.getfixturevalue(f"{request.param}_storage")
+    """Each storage backend in turn: a local folder, and a bucket prefix on the moto S3 server."""
+    return request.getfixturevalue("local_storage" if request.param == "local" else "s3_storage")
 
 
 # --- Lines a test wants in pytest's closing summary, shown with or without -s ---------------------

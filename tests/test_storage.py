@@ -33,7 +33,14 @@ from gender_tasks.storage import (
     unregister_scheme,
 )
 
-# --- the interface, on both backends ------------------------------------------------------------
+# --- the interface, on every backend --------------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "mem", pytest.param("s3", marks=pytest.mark.slow)])  # S3 through moto: slow tier
+def any_storage(request):
+    """conftest's any_storage (a local folder, a bucket prefix on the moto S3 server) and the in-memory test
+    backend (memory_storage.py: a new backend is one module and its scheme's registration)."""
+    return request.getfixturevalue(f"{request.param}_storage")
 
 
 def test_roundtrip_list_and_exists(any_storage):
