@@ -52,7 +52,7 @@ def _preflight(conf: dict) -> dict:
     if os.environ.get(CONN_ID_VAR, "").strip():
         airflow_env_defaults()  # the connection is looked up in the AIRFLOW_HOME the run will use
     try:
-        open_storage(settings.storage).check()  # reachable, bucket there, writable: bounded, see storage.py
+        open_storage(settings.storage).check()  # reachable, bucket there, writable: bounded, see storage/s3.py
     except StorageError as exc:
         if isinstance(exc, PermanentError):
             raise
