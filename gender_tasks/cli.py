@@ -55,7 +55,7 @@ def _preflight(conf: dict) -> dict:
     if get_text(CONN_ID_VAR):
         airflow_env_defaults()  # the connection is looked up in the AIRFLOW_HOME the run will use
     try:
-        open_storage(settings.storage).check()  # reachable, bucket there, writable: bounded, see storage.py
+        open_storage(settings.storage).check()  # reachable, bucket there, writable: bounded, see storage/s3.py
     except StorageError as exc:
         if isinstance(exc, PermanentError):
             raise
@@ -89,7 +89,7 @@ def run_dag(conf: dict) -> int:
 
     from .layout import report_key, run_key_for
     from .local_airflow import claim_run, prepare_airflow
-    from .storage import LocalStorage, open_storage
+    from .storage import open_storage
 
     dags_folder = airflow_conf.get("core", "dags_folder")
     bag = DagBag(dag_folder=dags_folder)
@@ -114,7 +114,7 @@ def run_dag(conf: dict) -> int:
         print(f"\nerror: run {run.run_id} ended {run.state}; failed task(s): {failed}. "
               "The task log above says why.", file=sys.stderr)  # fmt: skip
         return 1
-    where = LocalStorage.local_path(storage, key) if isinstance(storage, LocalStorage) else storage.url(key)
+    where = storage.local_path(key) or storage.url(key)
     print(f"\nRun {run.run_id} succeeded.\nReport: {where}")
     return 0
 

@@ -51,7 +51,7 @@ from .data.sources import resolve_source
 from .errors import PermanentError
 from .integrity import sha256_hex
 from .settings import RunConfig
-from .storage import Storage, get_recorded, open_storage, put_recorded
+from .storage import Storage, get_recorded, is_remote_location, open_storage, put_recorded
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def score_images(source: str, storage_uri: str | None = None, *, run: str = "lat
         raise ScoringError("no images to score: give a folder, a .zip or an s3:// prefix of images (param source)")
     storage = open_storage(storage_uri)
     chosen = choose_model(storage, run, model)  # before any download: a wrong model fails in seconds
-    if not source.startswith("s3://") and not Path(source).expanduser().exists():
+    if not is_remote_location(source) and not Path(source).expanduser().exists():
         raise ScoringError(f"images to score {source!r} do not exist: give a folder, a .zip or an s3:// prefix")
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="gender-score-", dir=workdir))

@@ -141,6 +141,20 @@ def s3_storage(s3_bucket):
     return S3Storage(s3_bucket, "pipeline")
 
 
+@pytest.fixture
+def mem_storage():
+    """A fresh bucket prefix of the in-memory test backend (memory_storage.py), opened by its mem:// URI."""
+    import uuid
+
+    from memory_storage import drop_bucket
+
+    from gender_tasks.storage import open_storage
+
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    yield open_storage(f"mem://{bucket}/pipeline")
+    drop_bucket(bucket)
+
+
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])  # S3 through a moto server: slow tier
 def any_storage(request):
     """Each storage backend in turn: a local folder, and a bucket prefix on the moto S3 server."""

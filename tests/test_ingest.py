@@ -235,6 +235,21 @@ def test_s3_source_ingests_like_the_same_local_folder(dataset_dir, s3_bucket, lo
     assert from_s3["images"] == 40 and from_s3["dataset_id"] == from_folder["dataset_id"]
 
 
+def test_a_source_in_any_registered_storage_is_downloaded_and_ingests_like_the_folder(dataset_dir, mem_storage,
+                                                                                     local_storage, tmp_path):  # fmt: skip
+    # mem:// is the test backend (memory_storage.py): sources are read through the scheme registry, not by s3:// only
+    for path in sorted(dataset_dir.rglob("*.jpg")):
+        mem_storage.put_bytes(f"sources/faces/{path.relative_to(dataset_dir).as_posix()}", path.read_bytes())
+    source = f"{mem_storage.uri}/sources/faces/"
+    root = resolve_source(source, tmp_path / "work")
+    assert root.is_relative_to(tmp_path / "work")
+    from_source = ingest_folder(root, local_storage)
+    from_folder = ingest_folder(dataset_dir, local_storage)
+    assert from_source["images"] == 40 and from_source["dataset_id"] == from_folder["dataset_id"]
+    with pytest.raises(SourceError, match=rf"{mem_storage.uri}/nothing holds no objects"):
+        resolve_source(f"{mem_storage.uri}/nothing", tmp_path / "w2")
+
+
 def test_s3_source_that_does_not_exist(s3_bucket, tmp_path):
     with pytest.raises(SourceError, match=rf"s3://{s3_bucket}/nothing/here holds no objects; check the bucket"):
         resolve_source(f"s3://{s3_bucket}/nothing/here", tmp_path / "w1")

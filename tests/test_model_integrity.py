@@ -364,6 +364,24 @@ def test_a_planted_pickle_as_model_pt2_is_refused_by_its_checksum_before_any_loa
     assert loads == [] and not marker.exists()
 
 
+def test_a_model_in_any_registered_storage_loads_verified_by_its_card(mem_storage, exported):
+    # mem:// is the test backend (memory_storage.py): predict reads a storage URI through the scheme registry
+    folder = "runs/r/models/cnn"
+    mem_storage.put_bytes(f"{folder}/model.pt2", exported)
+    mem_storage.put_bytes(
+        f"{folder}/model_card.json", json.dumps({"files": {"model.pt2": sha256_hex(exported)}}).encode()
+    )
+    url = mem_storage.url(f"{folder}/model.pt2")
+    module, meta = load_exported(url)
+    assert meta["image_size"] == 32 and module(torch.rand(1, 3, 32, 32)).shape == (1,)
+    mem_storage.put_bytes(f"{folder}/model.pt2", exported + b"\0")  # changed in storage since
+    with pytest.raises(IntegrityError, match="is corrupt") as err:
+        load_exported(url)
+    assert url in str(err.value) and f"verify --storage {mem_storage.uri} --repair" in str(err.value)
+    with pytest.raises(ModelFileError, match=rf"model {mem_storage.uri}/nope\.pt2 does not exist"):
+        load_exported(f"{mem_storage.uri}/nope.pt2")
+
+
 def test_a_standalone_model_loads_with_a_warning_and_an_expected_sha256_is_enforced(tmp_path, exported, caplog):
     path = tmp_path / "mine.pt2"
     path.write_bytes(exported)

@@ -84,6 +84,25 @@ def test_offline_weights_from_a_state_dict_file(tmp_path):
         M.build_model("resnet50", 32, str(tmp_path))
 
 
+def test_offline_weights_from_a_folder_or_any_registered_storage(tmp_path, mem_storage):
+    import io
+
+    from gender_tasks.models.transfer import load_pretrained_state
+
+    state = {"w": torch.arange(3.0)}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "resnet50.pth").write_bytes(buffer.getvalue())
+    mem_storage.put_bytes("weights/resnet50.pth", buffer.getvalue())  # mem://: the test backend (memory_storage.py)
+    for weights in (str(tmp_path / "w"), (tmp_path / "w").as_uri(), f"{mem_storage.uri}/weights/"):
+        assert torch.equal(load_pretrained_state("resnet50", weights)["w"], state["w"])
+    with pytest.raises(PermanentError, match=rf"no pretrained weights for mobilenetv2 at {tmp_path / 'w'}/mob"):
+        load_pretrained_state("mobilenetv2", (tmp_path / "w").as_uri())
+    with pytest.raises(FileNotFoundError, match=rf"{mem_storage.uri}/weights/mobilenetv2\.pth does not exist"):
+        load_pretrained_state("mobilenetv2", f"{mem_storage.uri}/weights")
+
+
 def test_unknown_model_fails_loudly():
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         M.build_model("vgg", 32)

@@ -29,7 +29,6 @@ from test_hostile_sources import PER_CLASS, SENTINEL, listing, one_image, zip_of
 from test_storage_outages import closed_endpoint, silent_endpoint  # noqa: F401 (fixtures)
 
 from gender_tasks import layout, pipeline
-from gender_tasks import storage as storage_mod
 from gender_tasks.data import ingest as ingest_mod
 from gender_tasks.data import sources
 from gender_tasks.data.folders import MAX_DEPTH, IngestError, name_problem
@@ -38,6 +37,7 @@ from gender_tasks.data.manifest import read_manifest
 from gender_tasks.data.sources import SourceError, safe_extract_zip
 from gender_tasks.errors import PermanentError
 from gender_tasks.storage import DiskFullError, LocalStorage, StorageError, open_storage
+from gender_tasks.storage import local as storage_mod
 
 BOUND_S = 30  # the issue's bound for every refusal: a liveness check, not a benchmark
 TEMP_MARKS = ("gender-ingest-", "gender-src-")
@@ -288,7 +288,7 @@ def test_a_full_disk_while_downloading_an_s3_source(s3_bucket, faces, tmp_path, 
 
 
 class _OsWithAFullDisk:
-    """The os module as storage.py sees it, with a disk that is full after `files` files are written."""
+    """The os module as storage/local.py sees it, with a disk that is full after `files` files are written."""
 
     def __init__(self, files: int):
         self.files, self.written = files, 0

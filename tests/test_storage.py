@@ -4,14 +4,43 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, isolate_aws_env
 
 from gender_tasks.errors import PermanentError
-from gender_tasks.storage import LocalStorage, S3Storage, StorageConfigError, StorageError, open_storage, put_many
+from gender_tasks.integrity import IntegrityError, sha256_hex
+from gender_tasks.layout import checksum_key
+from gender_tasks.storage import (
+    PROBE_PREFIX,
+    LocalStorage,
+    Location,
+    S3Storage,
+    StorageConfigError,
+    StorageError,
+    get_recorded,
+    is_remote_location,
+    is_storage_location,
+    local_path_of,
+    open_location,
+    open_storage,
+    put_many,
+    put_recorded,
+    read_verified,
+    recorded_sha256,
+    register_scheme,
+    unregister_scheme,
+)
 
-# --- the interface, on both backends ------------------------------------------------------------
+# --- the interface, on every backend --------------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "mem", pytest.param("s3", marks=pytest.mark.slow)])  # S3 through moto: slow tier
+def any_storage(request):
+    """conftest's any_storage (a local folder, a bucket prefix on the moto S3 server) and the in-memory test
+    backend (memory_storage.py: a new backend is one module and its scheme's registration)."""
+    return request.getfixturevalue(f"{request.param}_storage")
 
 
 def test_roundtrip_list_and_exists(any_storage):
@@ -92,6 +121,60 @@ def test_put_many_raises_the_first_failure(any_storage):
 
 def test_check_passes_on_usable_storage(any_storage):
     any_storage.check()
+    any_storage.check(writable=False)
+    assert not any(k.startswith(PROBE_PREFIX) for k in any_storage.list(""))
+
+
+def test_reopened_from_its_uri_it_is_the_same_storage(any_storage):
+    any_storage.put_bytes("a/k.txt", b"shared")
+    again = open_location(any_storage.uri)
+    assert type(again) is type(any_storage) and again.uri == any_storage.uri
+    assert again.get_bytes("a/k.txt") == b"shared" and again.url("a/k.txt") == any_storage.url("a/k.txt")
+
+
+def test_local_path_is_the_file_on_this_machine_or_none(any_storage):
+    any_storage.put_bytes("r/report.html", b"<p>")
+    path = any_storage.local_path("r/report.html")
+    if isinstance(any_storage, LocalStorage):
+        assert path.read_bytes() == b"<p>" and path.as_uri() == any_storage.url("r/report.html")
+    else:
+        assert path is None
+
+
+# --- verify-on-read, the same on every backend: a sha256 sidecar beside the object ----------------------
+
+
+def test_recorded_objects_have_a_sha256_sidecar_and_read_back_verified(any_storage):
+    sha = put_recorded(any_storage, "d/manifest.csv", b"sha256,label\n")
+    assert sha == sha256_hex(b"sha256,label\n")
+    assert any_storage.get_bytes(checksum_key("d/manifest.csv")) == sha.encode() + b"\n"
+    assert any_storage.list("d/") == ["d/manifest.csv", "d/manifest.csv.sha256"]
+    assert recorded_sha256(any_storage, "d/manifest.csv") == sha
+    assert get_recorded(any_storage, "d/manifest.csv") == b"sha256,label\n"
+    assert read_verified(any_storage, "d/manifest.csv", sha) == b"sha256,label\n"
+
+
+def test_corrupted_bytes_are_found_and_named_with_the_repair(any_storage):
+    put_recorded(any_storage, "d/split.json", b'{"train": [1, 2]}')
+    any_storage.put_bytes("d/split.json", b'{"train": [1, 3]}')  # changed in storage since
+    for read in (lambda: get_recorded(any_storage, "d/split.json"),
+                 lambda: read_verified(any_storage, "d/split.json", sha256_hex(b'{"train": [1, 2]}'))):  # fmt: skip
+        with pytest.raises(IntegrityError, match="is corrupt") as err:
+            read()
+        assert any_storage.url("d/split.json") in str(err.value)
+        assert f"verify --storage {any_storage.uri} --repair" in str(err.value)
+    any_storage.put_bytes(checksum_key("d/split.json"), b"not a checksum\n")
+    with pytest.raises(IntegrityError, match=r"the checksum record .*split\.json\.sha256 is corrupt"):
+        get_recorded(any_storage, "d/split.json")
+
+
+def test_objects_without_a_sidecar_read_with_a_warning_and_missing_ones_are_named(any_storage, caplog):
+    any_storage.put_bytes("d/old.csv", b"a,b\n")
+    assert recorded_sha256(any_storage, "d/old.csv") is None
+    assert get_recorded(any_storage, "d/old.csv") == b"a,b\n"
+    assert f"{any_storage.url('d/old.csv')} has no recorded checksum" in caplog.text
+    with pytest.raises(FileNotFoundError, match="d/gone.csv"):
+        get_recorded(any_storage, "d/gone.csv")
 
 
 # --- local specifics ----------------------------------------------------------------------------
@@ -130,6 +213,46 @@ def test_open_storage_selects_backend(tmp_path, s3_env):
         open_storage("ftp://host/x")
     with pytest.raises(StorageError, match="names no bucket"):
         open_storage("s3:///prefix")
+
+
+# --- locations: the one place that reads a scheme ---------------------------------------------------------
+
+
+def _old_weights_check(value) -> bool:
+    """settings._is_weights_location as it was, before is_storage_location took its place."""
+    return isinstance(value, str) and (value.startswith(("s3://", "file://", "/")) or value.startswith("."))
+
+
+@pytest.mark.parametrize("value", ["s3://bucket/weights", "file:///w", "/abs/w", "./w", "../w", ".w", "imagenet",
+                                   "none", "weights/dir", "ftp://host/w", "http://host/w", "kaggle:o/s", "", None, 3,
+                                   "s3:bucket", "~/w"])  # fmt: skip
+def test_is_storage_location_answers_as_the_settings_check_did(value):
+    assert is_storage_location(value) == _old_weights_check(value)
+
+
+def test_locations_tell_remote_from_local(tmp_path, mem_storage):
+    folder = tmp_path / "a b%"  # a file:// URI quotes it
+    assert local_path_of(str(folder)) == local_path_of(folder.as_uri()) == folder
+    assert local_path_of("~/w") == Path.home() / "w"
+    for remote in ("s3://bucket/p", mem_storage.uri):
+        assert is_remote_location(remote) and local_path_of(remote) is None and is_storage_location(remote)
+    for local in (str(folder), folder.as_uri(), "relative/dir", "kaggle:owner/slug", "http://host/x"):
+        assert not is_remote_location(local)
+    assert LocalStorage(folder).root == folder  # the storage a URI names is the folder it was made from
+    assert open_location(LocalStorage(folder).uri).root == folder
+
+
+def test_a_scheme_is_opened_by_the_backend_registered_for_it(tmp_path):
+    opened = []
+    register_scheme("test-x", lambda location: opened.append(location) or LocalStorage(tmp_path / location.netloc))
+    try:
+        storage = open_location("test-x://bucket/some/prefix")
+        assert storage.root == tmp_path / "bucket" and is_remote_location("test-x://bucket")
+        assert opened == [Location("test-x://bucket/some/prefix", "test-x", "bucket", "/some/prefix")]
+    finally:
+        unregister_scheme("test-x")
+    with pytest.raises(StorageConfigError, match=r"unsupported storage URI 'test-x://bucket'"):
+        open_location("test-x://bucket")
 
 
 # --- S3: what goes wrong, said with the location and the fix -------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..environment import get_flag
 from ..errors import PermanentError
 from ..settings import RunConfig
-from ..storage import DISK_FULL_ERRNOS, DiskFullError, disk_full, human_bytes
+from ..storage import DISK_FULL_ERRNOS, DiskFullError, disk_full, human_bytes, is_remote_location
 from .folders import MAX_DEPTH, show_copy_as, shown
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def check_source(source: str) -> None:
     if is_kaggle(source):
         check_kaggle_reachable()
         return
-    if source.startswith("s3://"):
+    if is_remote_location(source):
         return
     path = Path(source).expanduser()
     if not path.exists():
@@ -352,11 +352,11 @@ def resolve_source(source: str, workdir: Path | None = None, *, max_bytes: int =
     if is_kaggle(source):
         return download_kaggle(source.removeprefix("kaggle:"))
     path = Path(source).expanduser()
-    if not source.startswith("s3://") and not path.is_file():
+    if not is_remote_location(source) and not path.is_file():
         return path
     base = Path(workdir or tempfile.mkdtemp(prefix="gender-src-"))
     try:
-        if source.startswith("s3://"):
+        if is_remote_location(source):
             return download_s3_source(source, base / "s3", max_bytes=max_bytes)
         return safe_extract_zip(path, base / "zip", max_bytes=max_bytes)
     except BaseException:

@@ -24,7 +24,6 @@ import re
 import stat
 import warnings
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -36,7 +35,7 @@ from ..data.images import decode_resize
 from ..errors import PermanentError
 from ..integrity import IntegrityError, repair_hint, verify_bytes
 from ..settings import Settings
-from ..storage import Storage
+from ..storage import Storage, local_path_of, open_location
 from .pt2 import UnsafeArchive, is_pt2, load_archive
 
 log = logging.getLogger(__name__)
@@ -173,12 +172,10 @@ def _fix_for(model: str) -> str:
 
 def _read_model(text: str) -> tuple[bytes, bytes | None, str]:
     """(the model file's bytes, the bytes of the model card beside it or None, the fix for bad bytes)."""
-    parsed = urlparse(text)
-    if parsed.scheme == "s3":
-        from ..storage import open_storage
-
+    path = local_path_of(text)
+    if path is None:  # in object storage (s3://bucket/.../model.pt2)
         parent, _, name = text.rpartition("/")
-        storage = open_storage(parent)
+        storage = open_location(parent)
         try:
             data = storage.get_bytes(name)
         except FileNotFoundError:
@@ -188,7 +185,6 @@ def _read_model(text: str) -> tuple[bytes, bytes | None, str]:
         except FileNotFoundError:
             card = None
         return data, card, _fix_for(text)
-    path = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(text).expanduser()
     data = _read_local(path, MAX_MODEL_BYTES, text)
     card_path = path.parent / MODEL_CARD
     card = None

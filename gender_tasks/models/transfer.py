@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -56,14 +55,14 @@ def load_pretrained_state(name: str, weights: str) -> dict | None:
             "inceptionv3": tvm.Inception_V3_Weights.IMAGENET1K_V1,
         }[name]
         return enum.get_state_dict(progress=False, check_hash=True)  # cached under $TORCH_HOME
-    if weights.startswith("s3://"):
-        from ..storage import open_storage
+    from ..storage import local_path_of, open_location
 
-        bucket_prefix = weights.rstrip("/")
-        store = open_storage(bucket_prefix)
+    folder = local_path_of(weights)
+    if folder is None:  # an object-storage prefix (s3://bucket/prefix)
+        store = open_location(weights.rstrip("/"))
         data = store.get_bytes(f"{name}.pth")
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    path = Path(weights.removeprefix("file://")) / f"{name}.pth"
+    path = folder / f"{name}.pth"
     if not path.is_file():
         raise PermanentError(
             f"no pretrained weights for {name} at {path}; save torchvision's state dict there "

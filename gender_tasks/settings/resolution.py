@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models.registry import ProfilePlan, get_model_spec, model_names
+from ..storage.locations import is_storage_location
 from .form import RunConfig, check_limits
 from .profiles import PROFILES, WEIGHT_CHOICES, Recipe, SettingsError
 
@@ -145,7 +146,7 @@ def _resolve_weights(weights: str) -> str:
 
 
 def _is_weights_location(value: str) -> bool:
-    return isinstance(value, str) and (value.startswith(("s3://", "file://", "/")) or value.startswith("."))
+    return isinstance(value, str) and is_storage_location(value)
 
 
 def _resolve_split(split) -> tuple[float, ...]:

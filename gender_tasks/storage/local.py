@@ -1,0 +1,180 @@
+"""The local backend: a directory on this machine, the embedded default (a plain path or a file:// URI).
+
+A write goes to a temporary file renamed into place, so no reader ever sees half an object.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .base import (
+    DISK_FULL_ERRNOS,
+    PROBE_BODY,
+    PROBE_PREFIX,
+    ObjectInfo,
+    StorageConfigError,
+    check_key,
+    check_prefix,
+    disk_full,
+    is_probe,
+    probe_key,
+)
+from .locations import LOCAL_SCHEME, Location, register_scheme
+
+HOW_TO_FREE_STORAGE = (
+    "free space on that disk, or choose other storage (--storage, GENDER_STORAGE or the DAG param storage)"
+)
+
+
+def _is_temp(key: str) -> bool:
+    """A local write in flight (see LocalStorage.put_bytes) or a check() probe: never listed."""
+    name = key.rpartition("/")[2]
+    return (name.startswith(".") and name.endswith(".part")) or is_probe(key)
+
+
+def _write_atomically(path: Path, data: bytes, *, root: Path | None = None) -> None:
+    """Write `path` through a temporary file renamed into place: no reader sees half of it.
+
+    A full disk (or quota) removes the temporary file and raises DiskFullError naming `root` (the
+    storage folder; default: the file's folder), not the raw OSError: a retry cannot make room.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, so other users (a web
+        # server, a worker under another uid) could not read what the pipeline wrote. os.open with
+        # 0o666 lets the kernel apply the umask (and default ACLs), as for any ordinary file; O_EXCL
+        # and a random name keep concurrent writers of one key apart.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        folder = root or path.parent
+        raise disk_full(exc, folder, len(data), what=f"the storage folder {folder}", fix=HOW_TO_FREE_STORAGE) from None
+
+
+class LocalStorage:
+    """A directory on this machine: the embedded default."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageConfigError(
+                f"cannot create the storage folder {self.root}: {exc}; choose a writable folder (GENDER_STORAGE)"
+            ) from exc
+
+    @classmethod
+    def open(cls, location: Location) -> LocalStorage:
+        """The opener registered for file:// URIs and plain paths (see locations.register_scheme)."""
+        return cls(location.path)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def check(self, *, writable: bool = True) -> None:
+        """Fail fast, before any long work, where the folder cannot be created or (if `writable`) written.
+
+        Writing proves it where os.access cannot (read-only mounts, ACLs, a full disk, root squash):
+        a probe object is written the way put_bytes writes (not through it: the probe is no data write
+        that callers or tests count) and deleted.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)  # again: it may have gone since __init__
+            if writable:
+                probe = self._path(probe_key())
+                _write_atomically(probe, PROBE_BODY, root=self.root)  # a full disk: DiskFullError, not "permissions"
+                probe.unlink()
+                try:
+                    (self.root / PROBE_PREFIX).rmdir()
+                except OSError:
+                    pass  # another check's probe is in it, or it is gone already: either is fine
+            elif not os.access(self.root, os.R_OK | os.X_OK):
+                raise PermissionError(f"no read access to {self.root}")
+        except OSError as exc:
+            what = "written" if writable else "read"
+            raise StorageConfigError(
+                f"the storage folder {self.root} cannot be {what} ({exc}); fix its permissions or choose another "
+                "folder (--storage, GENDER_STORAGE or the DAG param storage)"
+            ) from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        _write_atomically(self._path(key), data, root=self.root)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url(key)} does not exist") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys starting with `prefix` (a plain string prefix, as in S3)."""
+        check_prefix(prefix)
+        base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(k for k in keys if k.startswith(prefix) and not _is_temp(k))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def copy(self, src: str, dst: str) -> None:
+        """`dst` gets `src`'s bytes: a hard link where the file system allows (no space, no time), else a
+        copy; either way through a temporary name, so no reader sees half of it. Objects are never
+        written in place (put_bytes replaces the file), so the two keys cannot change each other."""
+        source, target = self._path(src), self._path(dst)
+        if not source.is_file():
+            raise FileNotFoundError(f"{self.url(src)} does not exist")
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, tmp)
+            except OSError as exc:  # another device, or a file system without hard links
+                if exc.errno in DISK_FULL_ERRNOS:  # not even a directory entry fits: a copy would not either
+                    raise
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc, self.root, source.stat().st_size, what=f"the storage folder {self.root}",
+                                fix=HOW_TO_FREE_STORAGE) from None  # fmt: skip
+            raise
+
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        """Like list(), with each object's size and modification time."""
+        out = []
+        for key in self.list(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            out.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        return out
+
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def local_path(self, key: str) -> Path:
+        """The file behind a key: lets a browser open a report directly."""
+        return self._path(key)
+
+
+register_scheme(LOCAL_SCHEME, LocalStorage.open)
