@@ -20,11 +20,13 @@ All logic lives in the `gender_tasks` package; this file only wires it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
+from gender_tasks import pipeline  # the steps; each imports what it needs (torch, pandas...) when it runs
 from gender_tasks.environment import get_cron, get_text, get_whole  # every variable: environment.VARIABLES
 from gender_tasks.settings import form_fields  # plain data: no heavy imports at parse time
 from gender_tasks.timeouts import static_limits  # plain arithmetic over the profiles and the registry
@@ -78,17 +80,16 @@ def gpu_executor_config() -> dict:
     }
 
 
-def _skip_if_off(run: dict, step: str) -> None:
-    """End the task as skipped (not a green success) when the run's settings switch the step off.
+def _skip_if_off(step: Callable[..., dict], run: dict) -> None:
+    """End the task as skipped (not a green success) when the run's settings leave the step out
+    (pipeline.skip_reason: switched off, or an ensemble of one model).
 
     The reason is left as the task's result first: the report reads it instead of a missing XCom
     (which Airflow's client logs as an error)."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from gender_tasks.pipeline import is_switched_off
-
-    if is_switched_off(run, step):
-        reason = f"{step} is switched off in this run's settings"
+    reason = pipeline.skip_reason(run, step.__name__)
+    if reason is not None:
         get_current_context()["ti"].xcom_push(key="return_value", value={"skipped": reason})
         raise AirflowSkipException(reason)
 
@@ -133,13 +134,13 @@ def _record_failure(message: str, *, permanent: bool) -> None:
         logging.getLogger(__name__).warning("could not record the failure for the reports page", exc_info=True)
 
 
-def _step(name: str, run: dict, *args, gpu: bool = False, **kwargs):
-    """Call gender_tasks.pipeline.<name> within its deadline, sized for this run (gender_tasks.timeouts)."""
-    from gender_tasks import pipeline
+def _call(step: Callable[..., dict], run: dict, *args, gpu: bool = False, **kwargs):
+    """Call a pipeline step (`pipeline.split`, ...) within its deadline, sized for this run
+    (gender_tasks.timeouts; the step's name, `step.__name__`, picks its budget)."""
     from gender_tasks.timeouts import run_deadline
 
-    with _failures_for_airflow(), run_deadline(name, run, model_name=kwargs.get("model_name"), gpu=gpu):
-        return getattr(pipeline, name)(run, *args, **kwargs)
+    with _failures_for_airflow(), run_deadline(step.__name__, run, model_name=kwargs.get("model_name"), gpu=gpu):
+        return step(run, *args, **kwargs)
 
 
 @dag(
@@ -164,11 +165,11 @@ def gender_classification():
     @task(execution_timeout=LIMITS["prepare"])
     def prepare() -> dict:
         context = get_current_context()
-        return _step("prepare", dict(context["params"]), run_id=context["run_id"])
+        return _call(pipeline.prepare, dict(context["params"]), run_id=context["run_id"])
 
     @task(outlets=[DATASET_ASSET], execution_timeout=LIMITS["ingest"])
     def ingest(run: dict) -> dict:
-        run = _step("ingest", run)
+        run = _call(pipeline.ingest, run)
         dataset = run["dataset"]
         get_current_context()["outlet_events"][DATASET_ASSET].extra = {
             "dataset_id": dataset["dataset_id"], "manifest_uri": dataset["manifest_uri"], "images": dataset["images"],
@@ -178,15 +179,15 @@ def gender_classification():
 
     @task(execution_timeout=LIMITS["split"])
     def split(run: dict) -> dict:
-        return _step("split", run)
+        return _call(pipeline.split, run)
 
     @task(execution_timeout=LIMITS["validate"])
     def validate(run: dict) -> dict:
-        return _step("validate", run)
+        return _call(pipeline.validate, run)
 
     @task(execution_timeout=LIMITS["preprocess"])
     def preprocess(run: dict) -> dict:
-        return _step("preprocess", run)
+        return _call(pipeline.preprocess, run)
 
     @task(execution_timeout=LIMITS["plan_training"])
     def plan_training(run: dict) -> list[dict]:
@@ -205,33 +206,35 @@ def gender_classification():
 
         # One GPU of this worker's, before anything touches CUDA.
         with _failures_for_airflow(), claim_gpu() as claim:
-            return _step("train", run, model_name=model_name, parallel_tasks=parallel_training(), repeat=repeat,
-                         gpu=claim.gpu is not None)  # fmt: skip
+            return _call(pipeline.train, run, model_name=model_name, parallel_tasks=parallel_training(),
+                         repeat=repeat, gpu=claim.gpu is not None)  # fmt: skip
 
     @task(execution_timeout=LIMITS["ensemble"])
     def ensemble(run: dict) -> dict:
-        return _step("ensemble", run)
+        _skip_if_off(pipeline.ensemble, run)
+        return _call(pipeline.ensemble, run)
 
     @task(queue=TRAIN_QUEUE, pool=TRAIN_POOL, priority_weight=LABEL_AUDIT_PRIORITY, weight_rule="absolute",
           executor_config=gpu_executor_config(), execution_timeout=LIMITS["label_audit"])  # fmt: skip
     def label_audit(run: dict) -> dict:
         from gender_tasks.scheduling import claim_gpu, parallel_training
 
-        _skip_if_off(run, "label_audit")
+        _skip_if_off(pipeline.label_audit, run)
         with _failures_for_airflow(), claim_gpu() as claim:
-            return _step("label_audit", run, parallel_tasks=parallel_training(), gpu=claim.gpu is not None)
+            return _call(pipeline.label_audit, run, parallel_tasks=parallel_training(), gpu=claim.gpu is not None)
 
-    @task(execution_timeout=LIMITS["evaluate_external"])
+    # After the ensemble (it evaluates it too); still runs where a one-model run skipped it (none_failed).
+    @task(trigger_rule="none_failed", execution_timeout=LIMITS["evaluate_external"])
     def evaluate_external(run: dict) -> dict:
-        _skip_if_off(run, "evaluate_external")
-        return _step("evaluate_external", run)
+        _skip_if_off(pipeline.evaluate_external, run)
+        return _call(pipeline.evaluate_external, run)
 
     # Runs when a switched-off step was skipped (none_failed), not when one failed.
     @task(trigger_rule="none_failed", outlets=[MODEL_ASSET], execution_timeout=LIMITS["report"])
     def report(run: dict, trained: list[dict], ensembled: dict, audit: dict | None, external: dict | None) -> dict:
         # Index rather than iterate: iterating a mapped result probes one past its end (a logged 404).
         trained = [trained[i] for i in range(len(trained))]
-        out = _step("report", run, trained, label_audit=audit, external=external, ensembled=ensembled)
+        out = _call(pipeline.report, run, trained, label_audit=audit, external=external, ensembled=ensembled)
         get_current_context()["outlet_events"][MODEL_ASSET].extra = {"run_key": run["run_key"],
                                                                      "storage": run["storage"]}  # fmt: skip
         return out

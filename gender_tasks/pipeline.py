@@ -12,6 +12,9 @@ plugin where a run's report is whatever storage the run used.
 
 Every step from ingest to report holds leases (leases.py) while it runs, on the run and on its
 dataset: `gc` removes nothing of a run or a dataset in use, whatever its age.
+
+The DAG file imports this module when Airflow parses it, so importing it stays cheap: each step imports
+what it needs (pandas, torch, Great Expectations, boto3, PIL) when it runs, never at module level.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from . import layout, tracking
-from .data.manifest import read_manifest, write_manifest
 from .leases import hold_lease, holder_name
 from .settings import as_settings, resolve_settings
 from .storage import open_storage, recorded_sha256
@@ -102,6 +104,7 @@ def prepare(conf: dict, run_id: str = "local") -> dict:
 def ingest(run: dict) -> dict:
     from .data.attributes import load_labels, store_attributes
     from .data.ingest import Limits, ingest_folder
+    from .data.manifest import read_manifest, write_manifest
     from .data.sources import resolve_source
 
     settings = as_settings(run["settings"])
@@ -134,6 +137,7 @@ def split(run: dict) -> dict:
 
 def _split_one(storage, settings, dataset: dict) -> dict:
     from .data.images import DECODE_VERSION
+    from .data.manifest import read_manifest, write_manifest
     from .data.split import assign_splits, split_counts
 
     dataset_id = dataset["dataset_id"]
@@ -163,6 +167,8 @@ def repeat_split_key(split_info: dict, repeat: int) -> str:
 
 def read_split(storage, run: dict, repeat: int = 0):
     """Repeat `repeat`'s split manifest, checked against the checksum in the run record (and the dataset id)."""
+    from .data.manifest import read_manifest
+
     info = _repeat_split(run["split"], repeat)
     return read_manifest(storage, info["split_key"], info.get("split_sha256"), dataset_id=run["dataset"]["dataset_id"])
 
@@ -222,19 +228,36 @@ def train(run: dict, model_name: str, parallel_tasks: int = 1, repeat: int = 0) 
 @_leased("ensemble")
 @_timed
 def ensemble(run: dict) -> dict:
-    """The ensemble (mean P(male)) of every repeat's trained models, exported beside them."""
+    """The ensemble (mean P(male)) of every repeat's trained models, exported beside them; a run of one
+    model makes none and returns why (`skipped`), as the DAG, which skips the task then, records it."""
     from .training.ensemble import build_ensemble
 
+    if (reason := skip_reason(run, "ensemble")) is not None:
+        return {"skipped": reason}
     settings, run_key = as_settings(run["settings"]), run["run_key"]
     storage = open_storage(settings.storage)
     return {"repeats": [build_ensemble(storage, run_key=layout.repeat_run_key(run_key, r),
                                        settings=settings.for_repeat(r)) for r in range(settings.repeats)]}  # fmt: skip
 
 
-def is_switched_off(run: dict, step: str) -> bool:
-    """Whether this run's settings switch `step` off (the DAG then ends its task as skipped)."""
+def skip_reason(run: dict, step: str) -> str | None:
+    """Why this run's settings leave `step` out, or None where it runs. The DAG then ends the step's task
+    as skipped and leaves this reason as its result, for the report.
+
+    `label_audit` and `evaluate_external` are switched on or off; `ensemble` needs two or more models."""
     settings = run["settings"]
-    return {"label_audit": not settings["label_audit"], "evaluate_external": not settings["external_eval"]}[step]
+    if step == "ensemble":
+        models = list(settings["models"])
+        if len(models) >= 2:
+            return None
+        return f"an ensemble needs at least two models; this run trains only {', '.join(models) or 'none'}"
+    off = {"label_audit": not settings["label_audit"], "evaluate_external": not settings["external_eval"]}[step]
+    return f"{step} is switched off in this run's settings" if off else None
+
+
+def is_switched_off(run: dict, step: str) -> bool:
+    """Whether this run's settings leave `step` out (skip_reason says why)."""
+    return skip_reason(run, step) is not None
 
 
 @_leased("label_audit")
@@ -270,7 +293,7 @@ def task_durations(run: dict, trained: list[dict], label_audit: dict | None, ext
                  if key in run}  # fmt: skip
     durations |= {f"train {t['model']}" + (f" #{t['repeat']}" if t.get("repeat") else ""): t["seconds"]
                   for t in trained}  # fmt: skip
-    if ensembled:
+    if ensembled and "skipped" not in ensembled:
         durations["ensemble"] = ensembled["seconds"]
     if label_audit and "skipped" not in label_audit:
         durations["label audit"] = label_audit["seconds"]
@@ -293,6 +316,7 @@ def report(run: dict, trained: list[dict] | None = None, label_audit: dict | Non
         storage, run_key=run["run_key"], settings=settings, dataset=dataset, validation=validation,
         split_key=split_info["split_key"], task_durations=durations, run_id=run["run_id"], label_audit=label_audit,
         repeat_split_keys=[repeat_split_key(split_info, r) for r in range(settings.repeats)],
+        ensemble_skipped=(ensembled or {}).get("skipped"),
     )  # fmt: skip
     if tracking.enabled():  # opt-in (MLFLOW_TRACKING_URI): only then is mlflow imported
         out["mlflow"] = tracking.log_run(storage, run_key=run["run_key"], settings=settings)

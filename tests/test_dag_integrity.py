@@ -65,6 +65,31 @@ def test_one_run_record_travels_down_the_chain(dagbag):
     assert dag.get_task("report").trigger_rule == "none_failed"  # runs after a switched-off (skipped) step
 
 
+def test_the_dag_calls_each_step_by_its_function_whose_name_picks_its_limits(tmp_path):
+    """The tasks call gender_tasks.pipeline's functions, not names; `_call` sizes each one's deadline by
+    `step.__name__`, so every step keeps its own name through its decorators and names a task's limit."""
+    import ast
+
+    from gender_tasks import pipeline
+    from gender_tasks.timeouts import run_budget, static_limits
+
+    tree = ast.parse((REPO / "dags" / "gender_classification.py").read_text())
+    steps = [node.args[0] for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("_call", "_skip_if_off")]  # fmt: skip
+    assert all(isinstance(s, ast.Attribute) and getattr(s.value, "id", None) == "pipeline" for s in steps)
+    called = {s.attr for s in steps}
+    assert called == {"prepare", "ingest", "split", "validate", "preprocess", "train", "ensemble", "label_audit",
+                      "evaluate_external", "report"}  # fmt: skip
+    limits = static_limits()
+    run = pipeline.prepare({"profile": "tiny", "source": str(tmp_path / "faces"), "storage": str(tmp_path / "store"),
+                            "models": ["cnn", "mobilenetv2"]})  # fmt: skip
+    run["dataset"] = {"images": 1000}
+    for name in called:
+        step = getattr(pipeline, name)
+        assert step.__name__ == name and name in limits, name
+        run_budget(name, run, model_name="cnn")  # a name it did not know would raise ValueError
+
+
 def test_training_is_mapped_over_the_models(dagbag):
     dag = dagbag.dags["gender_classification"]
     train = dag.get_task("train")
@@ -86,9 +111,9 @@ socket.getaddrinfo = refuse
 spec = importlib.util.spec_from_file_location("dag_under_test", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-heavy = [m for m in ("torch", "torchvision", "great_expectations", "boto3", "sklearn", "kagglehub", "matplotlib")
-         if m in sys.modules]
-print(json.dumps({"heavy": heavy}))
+heavy = [m for m in ("torch", "torchvision", "great_expectations", "boto3", "sklearn", "kagglehub", "matplotlib",
+                    "PIL", "pandas") if m in sys.modules]
+print(json.dumps({"heavy": heavy, "pipeline": "gender_tasks.pipeline" in sys.modules}))
 """
 
 
@@ -102,6 +127,8 @@ def test_parsing_imports_nothing_heavy_and_touches_no_network(dag_file, tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [], f"parsing {dag_file.name} imported {result['heavy']}"
+    # The training DAG imports its steps (gender_tasks.pipeline) at parse time, and still nothing heavy.
+    assert result["pipeline"] is (dag_file.name == "gender_classification.py")
     assert not (tmp_path / "absent.db").exists(), "parsing created or opened a metadata database"
 
 

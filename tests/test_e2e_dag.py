@@ -105,7 +105,8 @@ def test_bad_data_stops_the_run_without_retrying(airflow_db, tmp_path, spoil, fa
 
 @pytest.mark.slow
 def test_dag_runs_on_s3_storage_and_a_second_run_uploads_nothing(airflow_db, tmp_path, s3_bucket, capfd):
-    """The whole DAG with its storage in a bucket of a real S3 API (moto's server on 127.0.0.1)."""
+    """The whole DAG with its storage in a bucket of a real S3 API (moto's server on 127.0.0.1); the
+    second run, of one model, skips the ensemble."""
     import boto3
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState
@@ -137,17 +138,31 @@ def test_dag_runs_on_s3_storage_and_a_second_run_uploads_nothing(airflow_db, tmp
 
     s3 = boto3.client("s3")
     before = _objects(s3, s3_bucket, "pipeline/datasets/")
-    second = dag.test(run_conf=conf)
+    # The second run trains one of the two models, with an external set: its ensemble ends skipped like a
+    # switched-off step, and the external evaluation after it still runs.
+    second = dag.test(run_conf={**conf, "models": ["cnn"],
+                                "external_eval": [str(write_dataset(tmp_path / "ext", 4, seed=3))]})  # fmt: skip
     assert second.state == DagRunState.SUCCESS
-    again = json.loads(storage.get_bytes(f"runs/{run_key_for(second.run_id)}/results.json"))
+    states = {ti.task_id: ti.state for ti in second.get_task_instances()}
+    assert states["ensemble"] == "skipped" and states["label_audit"] == "skipped"
+    assert states["evaluate_external"] == "success" and states["report"] == "success"
+    out = capfd.readouterr()
+    assert "XCom not found" not in out.out + out.err
+    second_key = run_key_for(second.run_id)
+    again = json.loads(storage.get_bytes(f"runs/{second_key}/results.json"))
     assert again["dataset"]["dataset_id"] == dataset_id and again["dataset"]["uploaded"] == 0
-    # The dataset, its split, its caches and its trained models: nothing new, nothing rewritten (same content
-    # and timestamps): the second run trained nothing and copied the keyed models into its own folder.
+    # The report says why there is no ensemble, and lists no time for it.
+    reason = "an ensemble needs at least two models; this run trains only cnn"
+    assert again["ensemble"] is None and again["ensemble_skipped"] == reason
+    assert "ensemble" not in again["task_durations"] and "external evaluation" in again["task_durations"]
+    assert [row["model"] for row in again["table"]] == ["cnn"] and again["external"][0]["models"].keys() == {"cnn"}
+    assert reason in storage.get_bytes(f"runs/{second_key}/report.html").decode()
+    # The dataset, its split, its caches and its trained model: nothing new, nothing rewritten (same content
+    # and timestamps): the second run trained nothing and copied the keyed model into its own folder.
     assert _objects(s3, s3_bucket, "pipeline/datasets/") == before
-    for model in ("cnn", "mobilenetv2"):
-        record = json.loads(storage.get_bytes(f"runs/{run_key_for(second.run_id)}/models/{model}/trained.json"))
-        assert record["reused"] is True, model
-    assert storage.exists(f"runs/{run_key_for(second.run_id)}/report.html")
+    record = json.loads(storage.get_bytes(f"runs/{second_key}/models/cnn/trained.json"))
+    assert record["reused"] is True
+    assert not storage.exists(f"runs/{second_key}/models/ensemble/model.pt2")
 
 
 def _objects(s3, bucket: str, prefix: str) -> dict:

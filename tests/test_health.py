@@ -23,7 +23,7 @@ from gender_tasks.evaluation.metrics import classification_metrics, encode_label
 from gender_tasks.evaluation.predict import load_stored_model
 from gender_tasks.evaluation.repeats import logit_t_interval, rank_first_counts, summarise_repeats
 from gender_tasks.integrity import sha256_hex
-from gender_tasks.settings import resolve_settings
+from gender_tasks.settings import as_settings, resolve_settings
 from gender_tasks.training.ensemble import build_ensemble, choose_members, select_members
 from gender_tasks.training.export import export_model
 
@@ -364,6 +364,45 @@ def test_the_report_warns_marks_the_row_and_names_the_ensemble_members(local_sto
     assert (
         "BatchNorm statistics recomputed" not in html[html.index('id="model-cnn"') : html.index('id="model-resnet50"')]
     )
+
+
+def test_a_one_model_run_skips_the_ensemble_and_its_report_says_why(local_storage, tmp_path):
+    """The decision is the run's settings' (pipeline.skip_reason), as for the switched-off steps: the DAG
+    ends the ensemble task skipped with this reason as its result, and the report says it."""
+    from gender_tasks import pipeline
+    from gender_tasks.reporting.report import build_report
+
+    def run(**conf) -> dict:
+        return pipeline.prepare({"profile": "tiny", "source": str(tmp_path / "src"), "storage": local_storage.uri,
+                                 **conf})  # fmt: skip
+
+    one = run(models=["cnn"])
+    reason = "an ensemble needs at least two models; this run trains only cnn"
+    assert pipeline.skip_reason(one, "ensemble") == reason and pipeline.is_switched_off(one, "ensemble")
+    two = run(models=["cnn", "mobilenetv2"], label_audit=False)
+    assert pipeline.skip_reason(two, "ensemble") is None and not pipeline.is_switched_off(two, "ensemble")
+    # The switched-off steps keep their reasons.
+    assert pipeline.skip_reason(two, "label_audit") == "label_audit is switched off in this run's settings"
+    assert pipeline.skip_reason(two, "evaluate_external") == "evaluate_external is switched off in this run's settings"
+    assert pipeline.skip_reason(one, "label_audit") is None  # on by default
+    # Called without the DAG, the step says the same and writes nothing; the report lists no time for it.
+    ensembled = pipeline.ensemble(one)
+    assert ensembled["skipped"] == reason
+    assert not local_storage.exists(layout.model_file_key(one["run_key"], "ensemble", "model.pt2"))
+    assert "ensemble" not in pipeline.task_durations(one, [], None, None, {"skipped": reason})
+
+    rows = _split_rows()
+    write_model(local_storage, "one", "cnn", _predictions(rows, _good(rows, 0.85, 0)), 0.88)
+    settings = as_settings(one["settings"])
+    build_report(local_storage, run_key="one", settings=settings, dataset={"dataset_id": "ds-test", "images": 140},
+                 validation={"evaluated": 1, "success": True, "failed": []},
+                 split_key=write_split(local_storage, rows), ensemble_skipped=reason)  # fmt: skip
+    results = json.loads(local_storage.get_bytes(layout.results_key("one")))
+    assert results["ensemble"] is None and results["ensemble_skipped"] == reason
+    assert [row["model"] for row in results["table"]] == ["cnn"]
+    html = local_storage.get_bytes(layout.report_key("one")).decode()
+    said = html[html.index('id="ensemble-skipped"') :]
+    assert reason in said[: said.index("</p>")] and 'id="ensemble-members"' not in html
 
 
 def test_a_two_repeat_report_keeps_every_interval_inside_0_1_and_says_it_means_little(local_storage, tmp_path):

@@ -382,7 +382,7 @@ def test_hidden_entries_are_skipped_and_said(tmp_path, local_storage, caplog):
 
 
 def test_the_dag_fails_a_refusal_without_retrying(tmp_path, local_storage):
-    """`_step` turns a PermanentError into AirflowFailException: Airflow fails the task, no retries."""
+    """`_call` turns a PermanentError into AirflowFailException: Airflow fails the task, no retries."""
     import importlib.util
 
     from airflow.sdk.exceptions import AirflowFailException
@@ -395,7 +395,7 @@ def test_the_dag_fails_a_refusal_without_retrying(tmp_path, local_storage):
     os.mkfifo(root / "male" / "pipe.jpg")
     run = pipeline.prepare({"source": str(root), "storage": local_storage.uri})
     with pytest.raises(AirflowFailException, match=r"IngestError: .*male/pipe\.jpg is a FIFO"):
-        dag_module._step("ingest", run)
+        dag_module._call(pipeline.ingest, run)
 
 
 def test_min_distinct_images_fill_every_split():

@@ -279,7 +279,7 @@ def test_a_failing_step_records_its_message_for_the_pages(dag_module):
 
 
 def test_a_nested_step_records_once(dag_module):
-    """train and label_audit wrap `_step` (which records) in a second `_failures_for_airflow`."""
+    """train and label_audit wrap `_call` (which records) in a second `_failures_for_airflow`."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from gender_tasks.errors import PermanentError

@@ -336,8 +336,10 @@ def build_report(
     run_id: str | None = None,
     label_audit: dict | None = None,
     repeat_split_keys: list[str] | None = None,
+    ensemble_skipped: str | None = None,
 ) -> dict:
     """Write report.html and results.json for a run; returns their URIs and the headline numbers.
+    `ensemble_skipped`: why the run made no ensemble (pipeline.skip_reason), said in the report.
 
     Every per-image section reads repeat 0 (the run's own folder); with repeats, Table 1 shows the
     mean over the repeats with its 95% t-interval, and the repeats section the rest."""
@@ -412,6 +414,7 @@ def build_report(
             "gap_tolerance": health.GAP_TOLERANCE,
         },  # fmt: skip
         "ensemble": ensemble,
+        "ensemble_skipped": None if ensemble else ensemble_skipped,
         "table": rows,
         "setup": _setup_comparison(settings),
         "repeats": repeats,
