@@ -56,6 +56,8 @@ def _with_labels_csv(root, rng_seed=0):
 
 @pytest.mark.slow
 def test_report_shows_every_section_and_escapes_data(tmp_path):
+    # End to end after real training, label audit and external evaluation: what the fixture tests below
+    # cannot show is that the pipeline's tasks hand the report what it reads, in the form it reads it.
     # A source folder name and an attribute value that try to inject markup.
     src = _with_labels_csv(write_dataset(tmp_path / "<script>alert(1)</script>", 16))
     external = _with_labels_csv(write_dataset(tmp_path / "real", 10, seed=5))
