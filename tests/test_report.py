@@ -1,12 +1,20 @@
+"""The report: its statistics, each section on a stored fixture run (nothing trains; report_fixtures writes
+the outputs a run leaves), the whole report on the same fixture, and once end to end after real training (slow).
+"""
+
 import json
+import re
+from html import escape
 
 import numpy as np
 import pytest
+import report_fixtures as fx
 from conftest import write_dataset
 
-from gender_tasks import pipeline
+from gender_tasks import layout, pipeline
 from gender_tasks.evaluation.stats import bootstrap_ci, mcnemar
-from gender_tasks.storage import open_storage
+from gender_tasks.reporting import report, sections
+from gender_tasks.storage import LocalStorage, open_storage
 
 
 def test_bootstrap_interval_contains_the_estimate_and_narrows_with_n():
@@ -48,6 +56,8 @@ def _with_labels_csv(root, rng_seed=0):
 
 @pytest.mark.slow
 def test_report_shows_every_section_and_escapes_data(tmp_path):
+    # End to end after real training, label audit and external evaluation: what the fixture tests below
+    # cannot show is that the pipeline's tasks hand the report what it reads, in the form it reads it.
     # A source folder name and an attribute value that try to inject markup.
     src = _with_labels_csv(write_dataset(tmp_path / "<script>alert(1)</script>", 16))
     external = _with_labels_csv(write_dataset(tmp_path / "real", 10, seed=5))
@@ -85,3 +95,273 @@ def test_report_shows_every_section_and_escapes_data(tmp_path):
     audit_rows = results["label_audit"]["top"]
     assert [r["p_given_label"] for r in audit_rows] == sorted(r["p_given_label"] for r in audit_rows)
     assert set(out["test_accuracy"]) == {"cnn", "mobilenetv2"}
+
+
+# --- the sections, on a fixture run: three models (mobilenetv2 flagged), their ensemble, two repeats ------
+
+
+def _fixture_run(tmp_path_factory, name: str, **kw):
+    root = tmp_path_factory.mktemp(name) / "store"
+    storage = LocalStorage(root)
+    args = fx.write_run(storage, str(root), **kw)
+    return storage, args, report.gather_inputs(storage, **args)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(storage, build_report's arguments, the gathered inputs) of the full fixture run."""
+    return _fixture_run(tmp_path_factory, "full")
+
+
+@pytest.fixture(scope="module")
+def page(run):
+    """The page's context for the full fixture run (without plots: the whole-report test draws them)."""
+    _, _, inputs = run
+    built = sections.build_sections(inputs, with_plots=False)
+    return sections.page_context(built, inputs)
+
+
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory):
+    """A run of one model, one repeat, no label audit or external sets: the context of its page."""
+    _, _, inputs = _fixture_run(tmp_path_factory, "solo", models=("cnn",), repeats=1, ensemble=False, audit=False,
+                                external=False)  # fmt: skip
+    return sections.page_context(sections.build_sections(inputs, with_plots=False), inputs)
+
+
+def test_the_inputs_are_every_models_outputs_in_every_repeat(run):
+    _, _, inputs = run
+    assert inputs.models == [*fx.MODELS, "ensemble"]
+    assert len(inputs.outputs) == 2 and all(list(o) == inputs.models for o in inputs.outputs)
+    assert [m["members"] for m in inputs.ensemble_metrics] == [["cnn", "resnet50"]] * 2
+    assert inputs.repeat_split_counts["train"] == {"female": 8, "male": 8}
+    assert len(inputs.audit_table) == 56 and len(inputs.audit_thumbnails) == sections.AUDIT_SHOWN
+    assert all(t.startswith("data:image/png;base64,") for t in inputs.audit_thumbnails)
+    assert [e["name"] for e in inputs.external] == [fx.EXTERNAL_SET]
+
+
+def test_the_flagged_model_is_warned_about_at_the_top_and_its_row_marked(run, page):
+    _, _, inputs = run
+    warnings = sections.health_findings(inputs)
+    assert {(w["model"], w["repeat"]) for w in warnings} == {(fx.FLAGGED, 0), (fx.FLAGGED, 1)}
+    assert {w["check"] for w in warnings} == {"one_class", "not_above_majority"}
+    flags = sections.flagged_models(warnings, sections.ensemble_members(inputs))
+    assert list(flags) == [fx.FLAGGED]
+    assert flags[fx.FLAGGED]["repeats"] == [0, 1] and flags[fx.FLAGGED]["left_out_of_ensemble"] == [0, 1]
+    assert (
+        flags[fx.FLAGGED]["kept_in_ensemble"] == [] and "BatchNorm running statistics" in flags[fx.FLAGGED]["causes"][0]
+    )
+
+    top = sections.render_section("warnings", page)
+    assert 'id="warnings"' in top and f'data-flagged-model="{fx.FLAGGED}"' in top and "data-flagged-model" in top
+    assert top.count("data-flagged-model") == 1 and "<b>MobileNet V2</b> (repeats\n0, 1 of 2)" in top
+    assert "[repeat 0]" in top and "[repeat 1]" in top and "<b>Left out of the ensemble</b> (repeats 0, 1)." in top
+    assert sections.PAGE.index("warnings") < sections.PAGE.index("table1")
+    table1 = sections.render_section("table1", page)
+    assert f'data-model="{fx.FLAGGED}" class="flagged" data-flagged="true"' in table1
+    assert "⚠ flagged: one class, not above majority" in table1
+    for healthy in ("cnn", "resnet50", "ensemble"):
+        assert f'<tr data-model="{healthy}"><td' in table1
+
+
+def test_a_run_without_a_flag_has_no_warning(solo):
+    assert solo["r"]["flagged"] == {} and solo["r"]["warnings"] == []
+    assert not sections.render_section("warnings", solo).strip()
+    assert 'class="flagged"' not in sections.render_section("table1", solo)
+
+
+def test_intervals_over_repeats_stay_inside_0_1_and_two_repeats_are_said_to_mean_little(run, page):
+    _, _, inputs = run
+    rp = sections.repeats_section(inputs)
+    assert rp["repeats"] == 2 and rp["seeds"] == [inputs.settings.seed, inputs.settings.seed + 1]
+    assert (rp["n_train"], rp["n_test"]) == (16, 20) and rp["interval_means_little"] is True
+    assert set(rp["summary"]) == set(inputs.models)
+    for model, metrics in rp["summary"].items():
+        for name, s in metrics.items():
+            assert 0.0 <= s["ci_low"] <= s["ci_high"] <= 1.0, (model, name, s)
+    for row in sections.table1_rows(inputs, {}, rp):
+        assert row["ours"]["test_accuracy"] == rp["summary"][row["model"]]["test_accuracy"]["mean"]
+        for k, (low, high) in row["repeat_ci"].items():
+            assert 0.0 <= low <= high <= 1.0, (row["model"], k)
+    counts = rp["rank_first"]
+    assert all(isinstance(n, int) for part in ("alone", "tied") for n in counts[part].values())
+    assert sum(counts["alone"].values()) + len(rp["ties"]) == 2
+    assert len(rp["corrected_tests"]) == 6  # every pair of the four
+    assert all(0 <= t["mcnemar_significant_repeats"] <= 2 for t in rp["corrected_tests"])
+    assert "With only 2 repeats\nthese intervals mean little" in sections.render_section("table1", page)
+    html = sections.render_section("repeats", page)
+    assert "<b>With 2 repeats it means little</b>" in html
+    cells = re.findall(r"<td>\[(-?[\d.]+), (-?[\d.]+)\]</td>", html)
+    assert len(cells) == 4 * 6 and all(0 <= float(lo) <= float(hi) <= 1 for lo, hi in cells)
+
+
+def test_a_one_model_run_has_no_ensemble_repeats_or_paired_tests(solo):
+    r = solo["r"]
+    assert r["ensemble"] is None and r["repeats"] is None and r["comparisons"] == []
+    assert [row["model"] for row in r["table"]] == ["cnn"] and r["table"][0]["repeat_ci"] is None
+    # The ensemble needs two models (training.ensemble skips it): the page has no ensemble paragraph or row.
+    assert not sections.render_section("ensemble", solo).strip()
+    assert 'data-model="ensemble"' not in sections.render_section("table1", solo)
+    assert "Fewer than two models: nothing to compare." in sections.render_section("uncertainty", solo)
+    assert not sections.render_section("repeats", solo).strip()
+    assert 'href="#repeats"' not in sections.render_section("contents", solo)
+    assert "The label audit was switched off for this run." in sections.render_section("label_audit", solo)
+    assert "No external evaluation sets in this run" in sections.render_section("external", solo)
+
+
+def test_the_ensemble_section_names_its_members_weights_and_what_it_left_out(page):
+    html = sections.render_section("ensemble", page)
+    assert "mean probability of\nCNN (weight 0.50), ResNet50 (weight 0.50)\nin repeat 0" in html
+    assert "validation split only" in html
+    assert "Left out in repeat 0, as flagged: MobileNet V2\n(one class, not above majority)." in html
+    assert "Repeat 1: CNN, ResNet50." in html
+
+
+def test_table1_sits_beside_the_study_and_the_bootstrap_intervals_contain_the_estimate(run, page):
+    _, _, inputs = run
+    rows = page["r"]["table"]
+    assert [r["model"] for r in rows] == inputs.models
+    assert rows[0]["paper"]["test_accuracy"] == 0.92 and rows[-1]["paper"] is None  # the study had no ensemble
+    for row in rows:
+        (low, high), acc = row["ci"]["accuracy"], row["first"]["test_accuracy"]
+        assert 0 <= low <= acc <= high <= 1
+    html = sections.render_section("table1", page)
+    cnn = html[html.index('<tr data-model="cnn">') : html.index('<tr data-model="resnet50">')]
+    ours = page["r"]["table"][0]["ours"]["test_accuracy"]
+    assert f'<td class="paper">0.92</td>\n<td class="{"pos" if ours >= 0.92 else "neg"}">{ours - 0.92:+.3f}</td>' in cnn
+
+
+def test_class_balance_counts_every_split(run):
+    _, _, inputs = run
+    assert sections.class_balance(inputs.manifest) == {
+        "splits": {"train": {"female": 8, "male": 8}, "val": {"female": 10, "male": 10},
+                   "test": {"female": 10, "male": 10}},
+        "totals": {"female": 28, "male": 28}, "imbalance_ratio": 1.0}  # fmt: skip
+
+
+def test_model_cards_give_each_trained_model_its_recall_gap_groups_and_recalibration(run, page):
+    _, _, inputs = run
+    cards = sections.model_cards(inputs, with_plots=False)
+    assert list(cards) == list(fx.MODELS)  # the ensemble has no card
+    assert cards[fx.FLAGGED]["recall_gap"] == 1.0  # every image female: female recall 1, male 0
+    assert cards["resnet50"]["recalibration"]["batchnorm_recalibrated_on"] == 16
+    assert cards["cnn"]["recalibration"] is None
+    groups = {g["attribute"]: g for g in cards["cnn"]["groups"]}
+    assert set(groups) == {"age", "ethnicity"}
+    assert sum(x["n"] for x in groups["age"]["groups"]) == 20  # the test images
+    html = sections.render_section("model_cards", page)
+    resnet = html[html.index('id="model-resnet50"') :]
+    assert "BatchNorm statistics recomputed on\n16 training images" in resnet[: resnet.index("</p>")]
+    assert (
+        "BatchNorm statistics recomputed" not in html[html.index('id="model-cnn"') : html.index('id="model-resnet50"')]
+    )
+
+
+def test_text_from_the_data_is_escaped_in_every_section(page):
+    html = sections.render_page(page)
+    for raw in ("<script>", "<b>x</b>", "<i>a</i>", "<b>real</b>", "<b>dup</b>"):
+        assert raw not in html, raw
+    assert "manual__&lt;b&gt;x&lt;/b&gt;" in sections.render_section("page_start", page)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;/female_000.png" in sections.render_section("label_audit", page)
+    assert "<td>&lt;i&gt;a&lt;/i&gt;</td>" in sections.render_section("group_accuracy", page)
+    assert "/data/&lt;b&gt;real&lt;/b&gt;" in sections.render_section("external", page)
+    assert "&lt;b&gt;dup&lt;/b&gt;.png" in sections.render_section("validation", page)
+    assert "/data/&lt;script&gt;alert(1)&lt;/script&gt;" in sections.render_section("metadata", page)
+
+
+def test_formula_cells_are_stored_neutralised_and_shown_as_written(run, page):
+    storage, _, inputs = run
+    stored = storage.get_bytes(layout.label_audit_key("run1")).decode()
+    assert "'=HYPERLINK(" in stored  # a spreadsheet opening the audit's CSV sees text, not a formula
+    assert "'=1+1" in storage.get_bytes(layout.attributes_key(fx.DATASET_ID)).decode()
+    audit = sections.label_audit_section(inputs)
+    assert audit["top"][0]["source_path"] == fx.FORMULA_PATH  # read back as it was
+    record = sections.label_audit_record(audit)
+    assert record["top"][0]["source_path"] == fx.FORMULA_PATH and "thumbnail" not in record["top"][0]
+    html = sections.render_section("label_audit", page)
+    assert "=HYPERLINK(&#34;http://example.invalid&#34;,&#34;x&#34;)/male_000.png (train)" in html
+    assert "'=HYPERLINK" not in html
+    assert "<td>=1+1</td>" in sections.render_section("group_accuracy", page)
+
+
+def test_the_label_audit_shows_the_most_suspicious_images_first(run, page):
+    audit = page["audit"]
+    assert audit["images"] == 56 and len(audit["top"]) == sections.AUDIT_SHOWN
+    given = [t["p_given_label"] for t in audit["top"]]
+    assert given == sorted(given) and given[0] == pytest.approx(0.02)
+    assert audit["below_10"] == int((run[2].audit_table["p_given_label"] < 0.1).sum())
+    html = sections.render_section("label_audit", page)
+    assert html.count('<img src="data:image/png;base64,') == sections.AUDIT_SHOWN
+    assert "3-fold cross-fitting over all 56 images" in html
+
+
+def test_external_sets_show_each_model_and_its_drop_against_the_synthetic_test_split(page):
+    (ext,) = page["r"]["external"]
+    html = sections.render_section("external", page)
+    assert html.count('<tr><td class="l">') == 4 and "Ensemble (mean probability)" in html
+    drop = ext["models"]["cnn"]["accuracy"] - page["synthetic_accuracy"]["cnn"]
+    assert f'<tr><td class="l">CNN</td><td>{ext["models"]["cnn"]["accuracy"]:.3f}</td>' in html
+    assert f"<td>{drop:+.3f}</td>" in html
+
+
+def test_run_metadata_names_the_git_version_and_the_devices(run, page):
+    env = page["r"]["environment"]
+    assert env["code_version"] == run[2].code_version and env["devices"] == ["cpu"]
+    html = sections.render_section("metadata", page)
+    assert f"<code>{run[2].code_version}</code>" in html and 'Task train_cnn</td><td class="l">2.5 s' in html
+
+
+def test_the_reports_git_version_does_not_shadow_the_model_keys_code_version():
+    from gender_tasks.training import keys
+
+    assert not hasattr(report, "code_version")
+    assert isinstance(report.git_version(), str) and report.git_version() != keys.code_version()
+
+
+def test_plots_are_inline_svg_with_an_escaped_accessible_name():
+    history = [{"epoch": e, "accuracy": 0.8, "val_accuracy": 0.7, "loss": 0.5, "val_loss": 0.6} for e in (1, 2)]
+    y = np.array([0, 1] * 10)
+    drawn = sections.plots(history, [[6, 4], [3, 7]], y, np.linspace(0.05, 0.95, 20), "<b>x</b>")
+    assert list(drawn) == ["curves", "confusion", "roc"]
+    for svg in drawn.values():
+        assert svg.startswith("<svg") and "<?xml" not in svg and 'role="img" aria-label="&lt;b&gt;x&lt;/b&gt;: ' in svg
+        assert "<b>x</b>" not in svg
+    assert (
+        "<title>&lt;b&gt;x&lt;/b&gt;: confusion matrix on the test images (true female predicted female: 6, "
+        in (drawn["confusion"])
+    )
+
+
+def test_the_whole_report_joins_the_sections_and_writes_both_files(run, page, monkeypatch):
+    storage, args, _ = run
+
+    def plots(history, cm, y_true, prob, title=""):  # matplotlib's drawing is the previous test's
+        return {
+            part: f'<svg data-plot="{part}" data-title="{escape(title)}"></svg>'
+            for part in ("curves", "confusion", "roc")
+        }
+
+    monkeypatch.setattr(sections, "plots", plots)
+    out = report.build_report(storage, **args)
+    html = storage.get_bytes(layout.report_key("run1")).decode()
+    results = json.loads(storage.get_bytes(layout.results_key("run1")))
+    assert out["report_uri"] == storage.url(layout.report_key("run1"))
+    assert out["test_accuracy"] == {r["model"]: r["ours"]["test_accuracy"] for r in results["table"]}
+    # The sections in their order, the warning first.
+    ids = ["warnings", "table1", "ensemble-members", "uncertainty", "repeats", "models", "balance", "labels",
+           "external", "validation", "meta"]  # fmt: skip
+    positions = [html.index(f'id="{i}"') for i in ids]
+    assert positions == sorted(positions)
+    assert html.startswith("<!DOCTYPE html>") and html.endswith("</html>")
+    assert html.count("<svg") == 9  # curves, confusion matrix and ROC per trained model, as they are
+    cards = html[html.index('id="models"') : html.index('id="balance"')]
+    assert cards.count('<svg data-plot="roc" data-title="') == 3 and 'data-title="MobileNet V2"' in cards
+    assert html.count('<img src="data:image/png;base64,') == sections.AUDIT_SHOWN
+    for raw in ("<script>", "<b>x</b>", "<i>a</i>"):
+        assert raw not in html
+    # results.json holds the sections' numbers (JSON-normalised: tuples become lists).
+    expected = json.loads(json.dumps(page["r"], default=str))
+    for key in ("warnings", "flagged", "ensemble", "table", "repeats", "comparisons", "class_balance", "external",
+                "label_audit", "recall_gaps", "group_accuracy", "setup"):  # fmt: skip
+        assert results[key] == expected[key], key
+    assert set(results) == set(expected)
