@@ -1,7 +1,10 @@
-"""The training loop: one epoch, predictions, and a model set up on its device.
+"""The training loop: one epoch, the epochs of a plan, predictions, and a model set up on its device.
 
-Kept short and free of I/O, like torchvision's references/classification: `trainer` adds storage,
-checkpoints and outputs around it; the label audit uses `fit_predict`.
+Kept short and free of I/O, like torchvision's references/classification. `train_epochs` is the one
+epoch loop (freeze phases, the recipe's optimizer and schedule, per-epoch generators, BatchNorm
+recalibration): `trainer` adds storage, checkpoints and outputs around it through its `on_epoch`
+callback, the label audit uses it through `fit_predict`, and bench/recipe_ablation.py drives it too,
+so every one of them trains a seed's model the same way.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -212,21 +216,80 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
     return model, inputs
 
 
+@dataclass
+class Phase:
+    """The optimizer and per-step schedule of one phase of training (backbone frozen, or not)."""
+
+    frozen: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    learning_rate: float  # the phase's peak rate
+
+
+def start_phase(model, model_name: str, plan: ProfilePlan, settings: Settings, n_train: int, frozen: bool,
+                epoch: int = 0) -> Phase:  # fmt: skip
+    """Freeze or unfreeze the backbone, and the recipe's optimizer over the trainable parameters (the base
+    rate while frozen or never frozen, else fine-tuning's) with its per-step schedule, continued from the
+    first step of `epoch`."""
+    lr = settings.learning_rate if frozen or plan.freeze_epochs == 0 else settings.fine_tune_learning_rate
+    set_backbone_frozen(model_name, model, frozen)
+    optimizer = make_optimizer(model.parameters(), lr, settings.recipe)
+    per_epoch = steps_per_epoch(n_train, settings.batch_size)
+    scheduler = make_scheduler(optimizer, settings.recipe, plan.epochs * per_epoch, epoch * per_epoch)
+    return Phase(frozen, optimizer, scheduler, lr)
+
+
+@dataclass
+class EpochDone:
+    """What `train_epochs` hands its `on_epoch` callback after each epoch."""
+
+    epoch: int  # 0-based
+    phase: Phase  # the phase it trained in (its optimizer is the one to checkpoint)
+    loss_sum: float  # summed over the epoch's images (running, on augmented batches)
+    correct: float  # correct running predictions
+    train_seconds: float  # the epoch's training pass alone
+    started: float  # time.monotonic() when the epoch began
+
+
+def train_epochs(model, model_name: str, train: Split, inputs: Inputs, autocast, *, plan: ProfilePlan,
+                 settings: Settings, seed: int, start_epoch: int = 0, phase: Phase | None = None,
+                 on_epoch: Callable[[EpochDone], None] | None = None) -> int:  # fmt: skip
+    """Train `model` for epochs `start_epoch`..plan.epochs-1 as the pipeline does, then recompute its
+    BatchNorm statistics (recalibrate_batchnorm); returns the number of images that used.
+
+    The backbone is frozen for the plan's first freeze_epochs (a new optimizer when it unfreezes); each
+    epoch's order and augmentation come from epoch_generator(seed, epoch); the settings give the recipe,
+    learning rates and batch size. `phase` is the phase to start in (a resumed run's, with its optimizer
+    state loaded); None starts afresh. `on_epoch` (validation, checkpoints, logs) runs after every epoch,
+    before the next one."""
+    if phase is None:
+        phase = start_phase(model, model_name, plan, settings, len(train), start_epoch < plan.freeze_epochs,
+                            start_epoch)  # fmt: skip
+    for epoch in range(start_epoch, plan.epochs):
+        frozen = epoch < plan.freeze_epochs
+        if frozen != phase.frozen:
+            phase = start_phase(model, model_name, plan, settings, len(train), frozen, epoch)
+            log.info("%s: backbone unfrozen at epoch %d; learning rate %.0e", model_name, epoch + 1,
+                     phase.learning_rate)  # fmt: skip
+        started = time.monotonic()
+        loss_sum, correct = train_one_epoch(model, model_name, train, inputs, phase.optimizer,
+                                            epoch_generator(seed, epoch), settings.batch_size, autocast,
+                                            frozen=frozen, recipe=settings.recipe, scheduler=phase.scheduler,
+                                            progress=progress_logger(f"{model_name} epoch {epoch + 1}/{plan.epochs}"))  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(EpochDone(epoch, phase, loss_sum, correct, time.monotonic() - started, started))
+    return recalibrate_batchnorm(model, model_name, train, inputs, settings.batch_size, autocast,
+                                 frozen=plan.freeze_epochs >= plan.epochs, seed=seed)  # fmt: skip
+
+
 def fit_predict(model_name: str, plan: ProfilePlan, settings: Settings, train: Split, predict: Split,
                 seed: int) -> np.ndarray:  # fmt: skip
-    """Train a fresh model on `train` for the plan's epochs (no checkpoints, no validation) and return
-    P(male) for `predict` (the settings' recipe: optimizer, schedule, smoothing, augmentation, TTA):
-    the building block of out-of-fold predictions."""
+    """Train a fresh model on `train` for the plan's epochs (train_epochs: no checkpoints, no validation)
+    and return P(male) for `predict` (the settings' recipe: optimizer, schedule, smoothing, augmentation,
+    TTA): the building block of out-of-fold predictions."""
     device = pick_device()
     autocast = make_autocast(device)
-    recipe = settings.recipe
     model, inputs = setup_model(model_name, plan.image_size, settings.weights, seed, device)
-    set_backbone_frozen(model_name, model, False)
-    optimizer = make_optimizer(model.parameters(), settings.learning_rate, recipe)
-    scheduler = make_scheduler(optimizer, recipe, plan.epochs * steps_per_epoch(len(train), settings.batch_size))
-    for epoch in range(plan.epochs):
-        train_one_epoch(model, model_name, train, inputs, optimizer, epoch_generator(seed, epoch),
-                        settings.batch_size, autocast, recipe=recipe, scheduler=scheduler)  # fmt: skip
-    recalibrate_batchnorm(model, model_name, train, inputs, settings.batch_size, autocast, seed=seed)
-    prob, _ = predict_proba(model, predict, inputs, settings.batch_size * 2, autocast, tta=recipe.tta)
+    train_epochs(model, model_name, train, inputs, autocast, plan=plan, settings=settings, seed=seed)
+    prob, _ = predict_proba(model, predict, inputs, settings.batch_size * 2, autocast, tta=settings.recipe.tta)
     return prob

@@ -38,7 +38,6 @@ from ..evaluation.health import check_predictions, likely_cause
 from ..evaluation.metrics import classification_metrics
 from ..evaluation.predict import card_checksums
 from ..integrity import IntegrityError, repair_hint, sha256_hex
-from ..models.network import set_backbone_frozen
 from ..models.registry import ProfilePlan, get_model_spec
 from ..settings import Settings
 from ..storage import Storage, read_verified
@@ -47,8 +46,7 @@ from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_model
 from .keys import key_of, model_inputs
-from .loop import epoch_generator, predict_proba, progress_logger, recalibrate_batchnorm, setup_model, train_one_epoch
-from .recipe import make_optimizer, make_scheduler, steps_per_epoch
+from .loop import EpochDone, Phase, predict_proba, setup_model, start_phase, train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -194,22 +192,14 @@ def _start(storage: Storage, model_name: str, manifest: pd.DataFrame, dataset_id
                        threads)  # fmt: skip
 
 
-def _optimizer(run: TrainingRun, frozen: bool, epoch: int = 0):
-    """The recipe's optimizer over the trainable parameters (the base rate while frozen or never frozen,
-    else fine-tuning's) and its per-step schedule, continued from the first step of `epoch`.
-
-    Returns (optimizer, scheduler, peak learning rate)."""
-    s = run.settings
-    lr = s.learning_rate if frozen or run.plan.freeze_epochs == 0 else s.fine_tune_learning_rate
-    set_backbone_frozen(run.model_name, run.model, frozen)
-    optimizer = make_optimizer(run.model.parameters(), lr, s.recipe)
-    per_epoch = steps_per_epoch(len(run.data["train"]), s.batch_size)
-    return optimizer, make_scheduler(optimizer, s.recipe, run.plan.epochs * per_epoch, epoch * per_epoch), lr
+def _phase(run: TrainingRun, frozen: bool, epoch: int = 0) -> Phase:
+    """The recipe's optimizer and schedule for `run` (loop.start_phase), continued from the first step of `epoch`."""
+    return start_phase(run.model, run.model_name, run.plan, run.settings, len(run.data["train"]), frozen, epoch)
 
 
-def _resume(storage: Storage, run: TrainingRun, ckpt_key: str):
-    """The first epoch to train and the optimizer and schedule to train it with, from the checkpoint if
-    there is a sound one (checkpoint.load_checkpoint discards any other, and training starts afresh).
+def _resume(storage: Storage, run: TrainingRun, ckpt_key: str) -> tuple[int, Phase]:
+    """The first epoch to train and the phase (optimizer and schedule) to train it in, from the checkpoint
+    if there is a sound one (checkpoint.load_checkpoint discards any other, and training starts afresh).
 
     The schedule is rebuilt at the checkpoint's global step (make_scheduler's `first_step`), so a
     resumed run takes the same learning rates; the optimizer's state (moments, current rate) is
@@ -218,31 +208,31 @@ def _resume(storage: Storage, run: TrainingRun, ckpt_key: str):
     state = load_checkpoint(storage, ckpt_key, run.model)
     if state is not None:
         start = state["epoch"] + 1
-        frozen = start < plan.freeze_epochs
-        optimizer, scheduler, lr = _optimizer(run, frozen, start)
+        phase = _phase(run, start < plan.freeze_epochs, start)
         try:
-            if state["frozen"] == frozen:
-                optimizer.load_state_dict(state["optimizer"])
+            if state["frozen"] == phase.frozen:
+                phase.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             log.warning("discarding the checkpoint %s: its optimizer state does not fit %s (%s); training starts "
                         "again from the first epoch", storage.url(ckpt_key), run.model_name, exc)  # fmt: skip
             discard_checkpoint(storage, ckpt_key)
             state = None
     if state is None:
-        frozen = plan.freeze_epochs > 0
-        return 0, frozen, *_optimizer(run, frozen)
+        return 0, _phase(run, plan.freeze_epochs > 0)
     run.model.load_state_dict(state["model"])
     run.history = state["history"]
     if start < plan.epochs:
         log.info("%s: resuming at epoch %d/%d (checkpoint of epoch %d)", run.model_name, start + 1, plan.epochs, start)
     else:  # killed while exporting: every epoch is done
         log.info("%s: all %d epochs were trained before; exporting from the checkpoint", run.model_name, start)
-    return start, frozen, optimizer, scheduler, lr
+    return start, phase
 
 
 def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
+    """The shared epoch loop (loop.train_epochs), with validation, a checkpoint and a log line after every
+    epoch, then the validation numbers of the recalibrated model."""
     plan, s, name = run.plan, run.settings, run.model_name
-    start_epoch, frozen, optimizer, scheduler, lr = _resume(storage, run, ckpt_key)
+    start_epoch, phase = _resume(storage, run, ckpt_key)
     train, val = run.data["train"], run.data["val"]
     log.info(
         "%s: %d train / %d val / %d test images at %dpx, %d epochs (%d frozen), batch %d, %s, %d threads",
@@ -250,39 +240,32 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
         s.batch_size, run.device, run.threads,
     )  # fmt: skip
     started = time.monotonic()
-    for epoch in range(start_epoch, plan.epochs):
-        now_frozen = epoch < plan.freeze_epochs
-        if now_frozen != frozen:
-            frozen = now_frozen
-            optimizer, scheduler, lr = _optimizer(run, frozen, epoch)
-            log.info("%s: backbone unfrozen at epoch %d; learning rate %.0e", name, epoch + 1, lr)
-        t0 = time.monotonic()
-        loss_sum, correct = train_one_epoch(run.model, name, train, run.inputs, optimizer,
-                                            epoch_generator(s.seed, epoch), s.batch_size, run.autocast,
-                                            frozen=frozen, recipe=s.recipe, scheduler=scheduler,
-                                            progress=progress_logger(f"{name} epoch {epoch + 1}/{plan.epochs}"))  # fmt: skip
-        train_time = time.monotonic() - t0
+
+    def after_epoch(done: EpochDone) -> None:
         val_prob, val_loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast, s.recipe.tta)
         val_acc = float(((val_prob >= 0.5) == val.labels.numpy().astype(bool)).mean()) if len(val_prob) else 0.0
+        optimizer = done.phase.optimizer
         # The rate of the epoch's last step (the peak rate under a constant schedule).
-        record = {"epoch": epoch + 1, "frozen": frozen, "learning_rate": optimizer.param_groups[0]["lr"], "loss": loss_sum / len(train),
-                  "accuracy": correct / len(train), "val_loss": val_loss, "val_accuracy": val_acc,
-                  "images_per_s": len(train) / train_time, "seconds": time.monotonic() - t0}  # fmt: skip
+        record = {"epoch": done.epoch + 1, "frozen": done.phase.frozen, "learning_rate": optimizer.param_groups[0]["lr"],
+                  "loss": done.loss_sum / len(train), "accuracy": done.correct / len(train), "val_loss": val_loss,
+                  "val_accuracy": val_acc, "images_per_s": len(train) / done.train_seconds,
+                  "seconds": time.monotonic() - done.started}  # fmt: skip
         run.history.append(record)
-        save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=epoch, frozen=frozen,
-                        history=run.history)  # fmt: skip
-        _log_epoch(run, record, started, epoch - start_epoch + 1)
-    _recalibrate(run)
+        save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=done.epoch,
+                        frozen=done.phase.frozen, history=run.history)  # fmt: skip
+        _log_epoch(run, record, started, done.epoch - start_epoch + 1)
+
+    used = train_epochs(run.model, name, train, run.inputs, run.autocast, plan=plan, settings=s, seed=s.seed,
+                        start_epoch=start_epoch, phase=phase, on_epoch=after_epoch)  # fmt: skip
+    _recalibrated(run, used)
     run.train_seconds = time.monotonic() - started
 
 
-def _recalibrate(run: TrainingRun) -> None:
-    """After the last epoch, BatchNorm statistics for the final weights (loop.recalibrate_batchnorm); the last
-    epoch's validation numbers become those of the model as exported (the lagging ones are kept beside)."""
+def _recalibrated(run: TrainingRun, used: int) -> None:
+    """After the last epoch train_epochs recomputed the BatchNorm statistics for the final weights
+    (loop.recalibrate_batchnorm, on `used` images); the last epoch's validation numbers become those of the
+    model as exported (the lagging ones are kept beside)."""
     s, val = run.settings, run.data["val"]
-    frozen = run.plan.freeze_epochs >= run.plan.epochs
-    used = recalibrate_batchnorm(run.model, run.model_name, run.data["train"], run.inputs, s.batch_size,
-                                 run.autocast, frozen=frozen, seed=s.seed)  # fmt: skip
     if not used or not run.history or not len(val):
         return
     last = run.history[-1]
