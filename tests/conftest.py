@@ -1,6 +1,8 @@
-"""Test set-up: an isolated Airflow home, quiet libraries, and tiny generated face datasets.
+"""Test set-up: an isolated Airflow home, quiet libraries, and the shared fixtures (tiny generated face
+datasets, storages, a moto S3 server, Airflow's metadata database).
 
-Tests never read ../shared/data: every image here is generated.
+Only fixtures and hooks live here; the functions tests import are in helpers.py. Tests never read
+../shared/data: every image here is generated.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import REPO, isolate_aws_env, write_dataset
 
-REPO = Path(__file__).resolve().parent.parent
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="gender-airflow-test-"))
 atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
 
@@ -29,38 +31,6 @@ os.environ["GX_ANALYTICS_ENABLED"] = "False"
 os.environ["GENDER_TORCH_THREADS"] = os.environ.get("GENDER_TORCH_THREADS", "2")
 for noisy in ("great_expectations", "matplotlib", "PIL"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def make_face(label: str, rng, size: int = 48):
-    """A synthetic 'face': the class shows in the colour and shape, noise makes every image unique."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    base = np.clip(rng.normal(120, 40, (size, size, 3)), 0, 255).astype("uint8")
-    img = Image.fromarray(base)
-    draw = ImageDraw.Draw(img)
-    m = size // 4
-    if label == "female":
-        draw.ellipse([m, m, size - m, size - m], fill=(230, 90, 120))
-    else:
-        draw.rectangle([m, m, size - m, size - m], fill=(60, 110, 220))
-    return img
-
-
-def write_dataset(root: Path, n_per_class: dict | int = 20, *, size: int = 48, folder_names=None, seed: int = 0,
-                  fmt: str = "JPEG") -> Path:  # fmt: skip
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    counts = n_per_class if isinstance(n_per_class, dict) else {"female": n_per_class, "male": n_per_class}
-    names = folder_names or {"female": "female", "male": "male"}
-    suffix = ".jpg" if fmt == "JPEG" else ".png"
-    for label, n in counts.items():
-        folder = root / names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            make_face(label, rng, size).save(folder / f"{label}_{i:04d}{suffix}", fmt)
-    return root
 
 
 @pytest.fixture
@@ -98,17 +68,6 @@ def moto_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
-
-
-def isolate_aws_env(monkeypatch, tmp_path) -> None:
-    """No AWS configuration from this machine leaks into a test: no ~/.aws files, profile, instance metadata."""
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "GENDER_S3_CONN_ID"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_dataset
+from helpers import write_dataset
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent

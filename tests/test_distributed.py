@@ -30,7 +30,7 @@ from urllib.parse import quote, urlencode
 
 import pytest
 from airflow_stack import Api, Stack, free_port
-from conftest import write_dataset
+from helpers import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "gender_classification"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_face, write_dataset
+from helpers import make_face, write_dataset
 from test_ingest import png_claiming
 
 from gender_tasks import pipeline
@@ -386,7 +386,7 @@ def test_the_dag_fails_a_refusal_without_retrying(tmp_path, local_storage):
     import importlib.util
 
     from airflow.sdk.exceptions import AirflowFailException
-    from conftest import REPO
+    from helpers import REPO
 
     spec = importlib.util.spec_from_file_location("dag_hostile", REPO / "dags" / "gender_classification.py")
     dag_module = importlib.util.module_from_spec(spec)

@@ -6,7 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks.data import ingest as ingest_mod
 from gender_tasks.data.folders import IngestError, find_class_dirs
@@ -253,7 +253,7 @@ def test_s3_source_keys_escaping_the_target_are_refused(s3_bucket, tmp_path):
 
 
 def test_unreachable_storage_fails_before_the_scan(dataset_dir, monkeypatch, tmp_path):
-    from conftest import isolate_aws_env
+    from helpers import isolate_aws_env
     from test_storage import _closed_port
 
     isolate_aws_env(monkeypatch, tmp_path)
@@ -267,7 +267,7 @@ def test_unreachable_storage_fails_before_the_scan(dataset_dir, monkeypatch, tmp
 
 
 def test_missing_credentials_refuse_ingest(dataset_dir, moto_endpoint, monkeypatch, tmp_path):
-    from conftest import isolate_aws_env
+    from helpers import isolate_aws_env
 
     isolate_aws_env(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, write_dataset
+from helpers import REPO, write_dataset
 
 from gender_tasks import tables, timeouts
 from gender_tasks.errors import PermanentError

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import pipeline
 from gender_tasks.evaluation.stats import bootstrap_ci, mcnemar

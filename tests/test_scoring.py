@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_face
+from helpers import make_face
 
 from gender_tasks import layout, scoring
 from gender_tasks.errors import PermanentError

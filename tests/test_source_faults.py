@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
-from conftest import isolate_aws_env, write_dataset
+from helpers import isolate_aws_env, write_dataset
 from test_hostile_sources import PER_CLASS, SENTINEL, listing, one_image, zip_of
 from test_storage_outages import closed_endpoint, silent_endpoint  # noqa: F401 (fixtures)
 

@@ -1,6 +1,6 @@
 import pandas as pd
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks.data.ingest import ingest_folder
 from gender_tasks.data.manifest import read_manifest

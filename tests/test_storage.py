@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, isolate_aws_env
+from helpers import REPO, isolate_aws_env
 
 from gender_tasks.errors import PermanentError
 from gender_tasks.storage import LocalStorage, S3Storage, StorageConfigError, StorageError, open_storage, put_many

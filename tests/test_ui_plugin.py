@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from airflow_stack import free_port, headless_chrome, raw_request
-from conftest import write_dataset
+from helpers import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "manual__2026-01-01T00:00:00+00:00"

@@ -1,0 +1,67 @@
+"""Helpers that tests import (`from helpers import write_dataset`): generated face images, an AWS-free
+environment, and copies of a prepared run. Fixtures live in conftest.py, which nothing imports.
+
+`tests/` is on sys.path through pytest's `pythonpath` setting (pyproject.toml), so this module imports the
+same way under plain pytest and under pytest-xdist's workers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_face(label: str, rng, size: int = 48):
+    """A synthetic 'face': the class shows in the colour and shape, noise makes every image unique."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    base = np.clip(rng.normal(120, 40, (size, size, 3)), 0, 255).astype("uint8")
+    img = Image.fromarray(base)
+    draw = ImageDraw.Draw(img)
+    m = size // 4
+    if label == "female":
+        draw.ellipse([m, m, size - m, size - m], fill=(230, 90, 120))
+    else:
+        draw.rectangle([m, m, size - m, size - m], fill=(60, 110, 220))
+    return img
+
+
+def write_dataset(root: Path, n_per_class: dict | int = 20, *, size: int = 48, folder_names=None, seed: int = 0,
+                  fmt: str = "JPEG") -> Path:  # fmt: skip
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    counts = n_per_class if isinstance(n_per_class, dict) else {"female": n_per_class, "male": n_per_class}
+    names = folder_names or {"female": "female", "male": "male"}
+    suffix = ".jpg" if fmt == "JPEG" else ".png"
+    for label, n in counts.items():
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            make_face(label, rng, size).save(folder / f"{label}_{i:04d}{suffix}", fmt)
+    return root
+
+
+def isolate_aws_env(monkeypatch, tmp_path) -> None:
+    """No AWS configuration from this machine leaks into a test: no ~/.aws files, profile, instance metadata."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "GENDER_S3_CONN_ID"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+
+
+def copy_prepared(base: Path, record, dest: Path):
+    """A private copy of a run prepared once under `base` (its source folder, storage, caches): the folder
+    copied to `dest` and every path in `record` (a JSON-safe run record, or a tuple holding one) moved with
+    it. Module-scoped fixtures do the expensive preparing once; each test gets a copy it may change."""
+    shutil.copytree(base, dest, symlinks=True)
+    text = json.dumps(record)
+    assert str(dest) not in text, "copy_prepared: the destination is inside the prepared folder"
+    return json.loads(text.replace(str(base), str(dest)))
