@@ -108,20 +108,33 @@ def any_storage(request):
 
 # --- Lines a test wants in pytest's closing summary, shown with or without -s ---------------------
 
-_SUMMARY_KEY = pytest.StashKey[list]()
+_SUMMARY_LINES: list[tuple[str, str]] = []  # (title, text), from this process's tests or a worker's
 
 
 @pytest.fixture
 def terminal_summary(request):
-    """`add(title, text)`: print `text` under `title` in pytest's terminal summary, after the results."""
+    """`add(title, text)`: print `text` under `title` in pytest's terminal summary, after the results.
+
+    The lines ride in the test's report (its user_properties), so that they reach the summary from an
+    xdist worker as well as from this process."""
 
     def add(title: str, text: str) -> None:
-        request.config.stash.setdefault(_SUMMARY_KEY, []).append((title, text))
+        request.node.user_properties.append((_SUMMARY_PROPERTY, (title, text)))
 
     return add
 
 
+_SUMMARY_PROPERTY = "gender_terminal_summary"
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":  # the last report of a test: it carries every line the test added
+        for name, value in report.user_properties:
+            if name == _SUMMARY_PROPERTY:
+                _SUMMARY_LINES.append(tuple(value))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    for title, text in config.stash.get(_SUMMARY_KEY, []):
+    for title, text in _SUMMARY_LINES:
         terminalreporter.write_sep("-", title)
         terminalreporter.write_line(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,11 +58,20 @@ def isolate_aws_env(monkeypatch, tmp_path) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound once by the OS, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def copy_prepared(base: Path, record, dest: Path):
     """A private copy of a run prepared once under `base` (its source folder, storage, caches): the folder
-    copied to `dest` and every path in `record` (a JSON-safe run record, or a tuple holding one) moved with
-    it. Module-scoped fixtures do the expensive preparing once; each test gets a copy it may change."""
+    copied to `dest` (timestamps kept) and every path in `record` (a JSON-safe run record, or a list or
+    tuple of them) moved with it. Module-scoped fixtures do the expensive preparing once; each test gets a
+    copy it may change, so no test sees what another trained, reused or spoiled."""
     shutil.copytree(base, dest, symlinks=True)
     text = json.dumps(record)
-    assert str(dest) not in text, "copy_prepared: the destination is inside the prepared folder"
-    return json.loads(text.replace(str(base), str(dest)))
+    for old, new in ((base.resolve(), dest.resolve()), (base, dest)):
+        text = text.replace(str(old), str(new))
+    return json.loads(text)

@@ -253,11 +253,10 @@ def test_s3_source_keys_escaping_the_target_are_refused(s3_bucket, tmp_path):
 
 
 def test_unreachable_storage_fails_before_the_scan(dataset_dir, monkeypatch, tmp_path):
-    from helpers import isolate_aws_env
-    from test_storage import _closed_port
+    from helpers import closed_port, isolate_aws_env
 
     isolate_aws_env(monkeypatch, tmp_path)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

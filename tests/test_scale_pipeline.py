@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import write_dataset
+from helpers import copy_prepared, write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.data.images import decode_resize
@@ -22,13 +22,24 @@ from gender_tasks.training.loop import epoch_generator
 pytestmark = pytest.mark.slow  # every test preprocesses and most train
 
 
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory):
+    """Ingested, split and preprocessed into shards once for the module: (its folder, the run record)."""
+    base = tmp_path_factory.mktemp("prepared")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GENDER_CACHE_DIR", str(base / "local-cache"))
+        src = write_dataset(base / "faces", 14)
+        run = pipeline.prepare({"source": str(src), "storage": str(base / "store"), "profile": "tiny",
+                                "models": ["cnn"], "min_rows": 10, "label_audit_folds": 2})  # fmt: skip
+        return base, pipeline.preprocess(pipeline.split(pipeline.ingest(run)))
+
+
 @pytest.fixture
-def prepared(tmp_path, monkeypatch):
+def prepared(prepared_once, tmp_path, monkeypatch):
+    """The prepared run, copied for this test (the tests train and audit in its storage), with an empty
+    local shard cache of its own."""
+    run = copy_prepared(*prepared_once, tmp_path / "prepared")
     monkeypatch.setenv("GENDER_CACHE_DIR", str(tmp_path / "local-cache"))
-    src = write_dataset(tmp_path / "faces", 14)
-    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                            "models": ["cnn"], "min_rows": 10, "label_audit_folds": 2})  # fmt: skip
-    run = pipeline.preprocess(pipeline.split(pipeline.ingest(run)))
     dataset, split_info, caches = run["dataset"], run["split"], run["caches"]
     storage = open_storage(run["storage"])
     return run, dataset, split_info, caches, storage, read_manifest(storage, split_info["split_key"])

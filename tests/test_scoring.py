@@ -68,14 +68,22 @@ def write_run(storage, run_key: str, models: dict[str, tuple[int, float]], *, tr
     storage.put_bytes(layout.results_key(run_key), b"{}")
 
 
-@pytest.fixture
-def store(tmp_path) -> LocalStorage:
-    storage = LocalStorage(tmp_path / "store")
+@pytest.fixture(scope="module")
+def store_once(tmp_path_factory) -> Path:
+    """Two finished runs' models, exported once for the module: the storage's folder."""
+    storage = LocalStorage(tmp_path_factory.mktemp("scoring") / "store")
     write_run(storage, "old", {"cnn": (32, 0.9)})
     time.sleep(0.01)
     write_run(storage, "new", {"cnn": (32, 0.7), "mobilenetv2": (40, 0.8)})
     os.utime(storage.local_path(layout.results_key("old")), (1, 1))  # "new" finished last
-    return storage
+    return storage.root
+
+
+@pytest.fixture
+def store(store_once, tmp_path) -> LocalStorage:
+    """A copy of the two runs for this test (timestamps kept: "new" still finished last)."""
+    shutil.copytree(store_once, tmp_path / "store")
+    return LocalStorage(tmp_path / "store")
 
 
 def _scoring_objects(storage) -> list[str]:
