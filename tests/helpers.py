@@ -1,5 +1,5 @@
-"""Helpers that tests import (`from helpers import write_dataset`): generated face images, an AWS-free
-environment, and copies of a prepared run. Fixtures live in conftest.py, which nothing imports.
+"""Helpers that tests import (`from helpers import write_dataset`): generated face images and files, an
+AWS-free environment, the pieces the hostile-source tests share, and copies of a prepared run. Fixtures live in conftest.py, which nothing imports.
 
 `tests/` is on sys.path through pytest's `pythonpath` setting (pyproject.toml), so this module imports the
 same way under plain pytest and under pytest-xdist's workers.
@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +48,44 @@ def write_dataset(root: Path, n_per_class: dict | int = 20, *, size: int = 48, f
         for i in range(n):
             make_face(label, rng, size).save(folder / f"{label}_{i:04d}{suffix}", fmt)
     return root
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` px: what a decompression bomb looks like to open()."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+# --- hostile and faulty sources (test_hostile_sources.py, test_source_faults.py) ----------------------
+
+PER_CLASS = 8  # faces per class of a valid dataset: enough for the 70/15/15 split
+SENTINEL = "sentinel/already-here.txt"  # an object stored before the run: a refused run leaves it alone
+
+
+def listing(storage) -> list[str]:
+    """Every object (and temporary file) in the storage: the whole folder, or the whole bucket."""
+    from gender_tasks.storage import LocalStorage
+
+    if isinstance(storage, LocalStorage):
+        return sorted(p.relative_to(storage.root).as_posix() for p in storage.root.rglob("*") if not p.is_dir())
+    pages = storage.client.get_paginator("list_objects_v2").paginate(Bucket=storage.bucket)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def one_image(root: Path) -> bytes:
+    return (root / "female" / "female_0001.jpg").read_bytes()
+
+
+def zip_of(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(folder).as_posix())
+    return archive
 
 
 def isolate_aws_env(monkeypatch, tmp_path) -> None:

@@ -1,12 +1,10 @@
 import logging
-import struct
 import zipfile
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import write_dataset
+from helpers import png_claiming, write_dataset
 
 from gender_tasks.data import ingest as ingest_mod
 from gender_tasks.data.folders import IngestError, find_class_dirs
@@ -23,16 +21,6 @@ def assert_nothing_written(storage) -> None:
         assert [p for p in storage.root.rglob("*") if p.is_file()] == []
     else:  # the whole bucket, not only the storage's prefix
         assert storage.client.list_objects_v2(Bucket=storage.bucket).get("KeyCount", 0) == 0
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims `width` x `height` px: what a decompression bomb looks like to open()."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_ingest_writes_images_and_manifest_content_addressed(dataset_dir, local_storage):
