@@ -106,6 +106,20 @@ def any_storage(request):
     return request.getfixturevalue("local_storage" if request.param == "local" else "s3_storage")
 
 
+# --- The order: the longest modules first --------------------------------------------------------
+
+# Modules that run the DAG or hold a whole Airflow (a minute or more each, on two cores). `make test` hands
+# whole modules to two xdist workers in collection order: these go first, so that neither worker is left
+# with one of them at the end while the other idles. Within a module the order stays as written.
+_LONGEST_FIRST = ("test_e2e_dag.py", "test_ui_trigger.py", "test_gpu_check.py", "test_ui_plugin.py",
+                  "test_distributed.py", "test_local_airflow.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 # --- Lines a test wants in pytest's closing summary, shown with or without -s ---------------------
 
 _SUMMARY_LINES: list[tuple[str, str]] = []  # (title, text), from this process's tests or a worker's
