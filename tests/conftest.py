@@ -28,7 +28,16 @@ os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
 os.environ["GX_ANALYTICS_ENABLED"] = "False"
-os.environ["GENDER_TORCH_THREADS"] = os.environ.get("GENDER_TORCH_THREADS", "2")
+# Under pytest-xdist (`make test`) the workers share the cores: each worker's torch, and the processes it starts,
+# take their share of them, so that two workers do not run four threads on two cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORE_SHARE = max(1, (os.cpu_count() or 2) // _WORKERS)
+# A value the user set wins; the default is re-decided in each worker (which inherits the controller's environment).
+_USER_THREADS = os.environ.get("GENDER_TEST_USER_TORCH_THREADS", os.environ.get("GENDER_TORCH_THREADS", ""))
+os.environ["GENDER_TEST_USER_TORCH_THREADS"] = _USER_THREADS
+os.environ["GENDER_TORCH_THREADS"] = _USER_THREADS or str(min(2, _CORE_SHARE))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_CORE_SHARE))
 for noisy in ("great_expectations", "matplotlib", "PIL"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -108,11 +117,13 @@ def any_storage(request):
 
 # --- The order: the longest modules first --------------------------------------------------------
 
-# Modules that run the DAG or hold a whole Airflow (a minute or more each, on two cores). `make test` hands
-# whole modules to two xdist workers in collection order: these go first, so that neither worker is left
-# with one of them at the end while the other idles. Within a module the order stays as written.
-_LONGEST_FIRST = ("test_e2e_dag.py", "test_ui_trigger.py", "test_gpu_check.py", "test_ui_plugin.py",
-                  "test_distributed.py", "test_local_airflow.py")  # fmt: skip
+# The slow tier's longest modules, longest first (measured: DAG runs, whole Airflows, every model exported or
+# trained; minutes each). `make test` hands whole modules to two xdist workers in collection order
+# (--no-loadscope-reorder): these go first, so that neither worker is left with one of them at the end while
+# the other idles. Within a module the order stays as written.
+_LONGEST_FIRST = ("test_e2e_dag.py", "test_gpu_check.py", "test_export.py", "test_distributed.py", "test_ui_trigger.py",
+                  "test_train_predict.py", "test_ui_plugin.py", "test_scoring.py", "test_tracking.py",
+                  "test_local_airflow.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
