@@ -19,8 +19,6 @@ from gender_tasks.storage import open_storage
 from gender_tasks.training.batches import SplitData, StreamedSplit, load_splits
 from gender_tasks.training.loop import epoch_generator
 
-pytestmark = pytest.mark.slow  # every test preprocesses and most train
-
 
 @pytest.fixture(scope="module")
 def prepared_once(tmp_path_factory):
@@ -45,6 +43,7 @@ def prepared(prepared_once, tmp_path, monkeypatch):
     return run, dataset, split_info, caches, storage, read_manifest(storage, split_info["split_key"])
 
 
+@pytest.mark.slow  # the prepared run preprocesses into shards
 def test_preprocess_writes_every_image_once_into_shards(prepared):
     run, dataset, _, caches, storage, manifest = prepared
     size = Settings.from_dict(run["settings"]).per_model["cnn"].image_size
@@ -58,6 +57,7 @@ def test_preprocess_writes_every_image_once_into_shards(prepared):
     assert np.array_equal(reader.take(np.arange(len(reader))), expected)
 
 
+@pytest.mark.slow  # the prepared run preprocesses into shards
 def test_streamed_and_in_memory_splits_give_identical_batches(prepared):
     settings, dataset, _, _, storage, manifest = prepared
     reader = ShardReader(storage, layout.cache_prefix(dataset["dataset_id"], 32))
@@ -92,6 +92,7 @@ def _train_outputs(run, storage, run_key):
     return pd.read_csv(io.BytesIO(read("predictions.csv"))), read("history.json")
 
 
+@pytest.mark.slow  # trains
 def test_training_streamed_from_the_shards_equals_training_in_memory(prepared, monkeypatch, caplog):
     run, _, _, _, storage, _ = prepared
     caplog.set_level("INFO")
@@ -107,6 +108,7 @@ def test_training_streamed_from_the_shards_equals_training_in_memory(prepared, m
     assert strip(history_mem) == strip(history_stream)
 
 
+@pytest.mark.slow  # trains
 def test_label_audit_streamed_equals_in_memory(prepared, monkeypatch):
     run, _, _, _, storage, _ = prepared
     tables = []
@@ -120,6 +122,7 @@ def test_label_audit_streamed_equals_in_memory(prepared, monkeypatch):
     assert tables[0]["prob_male"].notna().all()
 
 
+@pytest.mark.slow  # trains
 def test_a_killed_label_audit_resumes_after_its_last_finished_fold(prepared, monkeypatch):
     from gender_tasks.training import label_audit as audit_mod
 
