@@ -23,7 +23,6 @@ from gender_tasks.errors import PermanentError
 from gender_tasks.integrity import sha256_hex
 from gender_tasks.storage import LocalStorage, open_storage
 
-
 REPO = Path(__file__).resolve().parent.parent
 # The tests are slow (store exports models with torch.export; most start decode workers, a process or the DAG)
 # but for one unit test of the DAG's inputs.
