@@ -40,9 +40,14 @@ run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slow and not services"
 
-# The full suite: the fast tier first (a broken unit fails within a minute), then the rest.
+# The full suite: the fast tier first (a broken unit fails within a minute), then the rest on
+# TEST_WORKERS pytest-xdist workers (most of it waits on processes, servers and timeouts, so two help
+# even on two cores). `--dist loadfile` keeps a module on one worker: its module-scoped fixtures (a
+# prepared run, an API server) are built once. Modules go out in collection order, the longest first
+# (tests/conftest.py), not xdist's default of the most tests first. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: test-fast
-	$(BIN)/python -m pytest -m "slow or services"
+	$(BIN)/python -m pytest -m "slow or services" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # The Airflow UI (and scheduler) on the embedded default: http://localhost:$(PORT)
 ui: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db

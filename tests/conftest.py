@@ -1,6 +1,8 @@
-"""Test set-up: an isolated Airflow home, quiet libraries, and tiny generated face datasets.
+"""Test set-up: an isolated Airflow home, quiet libraries, and the shared fixtures (tiny generated face
+datasets, storages, a moto S3 server, Airflow's metadata database).
 
-Tests never read ../shared/data: every image here is generated.
+Only fixtures and hooks live here; the functions tests import are in helpers.py. Tests never read
+../shared/data: every image here is generated.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import REPO, isolate_aws_env, write_dataset
 
-REPO = Path(__file__).resolve().parent.parent
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="gender-airflow-test-"))
 atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
 
@@ -26,41 +28,18 @@ os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
 os.environ["GX_ANALYTICS_ENABLED"] = "False"
-os.environ["GENDER_TORCH_THREADS"] = os.environ.get("GENDER_TORCH_THREADS", "2")
+# Under pytest-xdist (`make test`) the workers share the cores: each worker's torch, and the processes it starts,
+# take their share of them, so that two workers do not run four threads on two cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORE_SHARE = max(1, (os.cpu_count() or 2) // _WORKERS)
+# A value the user set wins; the default is re-decided in each worker (which inherits the controller's environment).
+_USER_THREADS = os.environ.get("GENDER_TEST_USER_TORCH_THREADS", os.environ.get("GENDER_TORCH_THREADS", ""))
+os.environ["GENDER_TEST_USER_TORCH_THREADS"] = _USER_THREADS
+os.environ["GENDER_TORCH_THREADS"] = _USER_THREADS or str(min(2, _CORE_SHARE))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_CORE_SHARE))
 for noisy in ("great_expectations", "matplotlib", "PIL"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def make_face(label: str, rng, size: int = 48):
-    """A synthetic 'face': the class shows in the colour and shape, noise makes every image unique."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    base = np.clip(rng.normal(120, 40, (size, size, 3)), 0, 255).astype("uint8")
-    img = Image.fromarray(base)
-    draw = ImageDraw.Draw(img)
-    m = size // 4
-    if label == "female":
-        draw.ellipse([m, m, size - m, size - m], fill=(230, 90, 120))
-    else:
-        draw.rectangle([m, m, size - m, size - m], fill=(60, 110, 220))
-    return img
-
-
-def write_dataset(root: Path, n_per_class: dict | int = 20, *, size: int = 48, folder_names=None, seed: int = 0,
-                  fmt: str = "JPEG") -> Path:  # fmt: skip
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    counts = n_per_class if isinstance(n_per_class, dict) else {"female": n_per_class, "male": n_per_class}
-    names = folder_names or {"female": "female", "male": "male"}
-    suffix = ".jpg" if fmt == "JPEG" else ".png"
-    for label, n in counts.items():
-        folder = root / names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            make_face(label, rng, size).save(folder / f"{label}_{i:04d}{suffix}", fmt)
-    return root
 
 
 @pytest.fixture
@@ -98,17 +77,6 @@ def moto_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
-
-
-def isolate_aws_env(monkeypatch, tmp_path) -> None:
-    """No AWS configuration from this machine leaks into a test: no ~/.aws files, profile, instance metadata."""
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "GENDER_S3_CONN_ID"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
@@ -161,22 +129,51 @@ def any_storage(request):
     return request.getfixturevalue("local_storage" if request.param == "local" else "s3_storage")
 
 
+# --- The order: the longest modules first --------------------------------------------------------
+
+# The slow tier's longest modules, longest first (measured: DAG runs, whole Airflows, every model exported or
+# trained; minutes each). `make test` hands whole modules to two xdist workers in collection order
+# (--no-loadscope-reorder): these go first, so that neither worker is left with one of them at the end while
+# the other idles. Within a module the order stays as written.
+_LONGEST_FIRST = ("test_e2e_dag.py", "test_gpu_check.py", "test_export.py", "test_distributed.py", "test_ui_trigger.py",
+                  "test_train_predict.py", "test_ui_plugin.py", "test_scoring.py", "test_tracking.py",
+                  "test_local_airflow.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 # --- Lines a test wants in pytest's closing summary, shown with or without -s ---------------------
 
-_SUMMARY_KEY = pytest.StashKey[list]()
+_SUMMARY_LINES: list[tuple[str, str]] = []  # (title, text), from this process's tests or a worker's
 
 
 @pytest.fixture
 def terminal_summary(request):
-    """`add(title, text)`: print `text` under `title` in pytest's terminal summary, after the results."""
+    """`add(title, text)`: print `text` under `title` in pytest's terminal summary, after the results.
+
+    The lines ride in the test's report (its user_properties), so that they reach the summary from an
+    xdist worker as well as from this process."""
 
     def add(title: str, text: str) -> None:
-        request.config.stash.setdefault(_SUMMARY_KEY, []).append((title, text))
+        request.node.user_properties.append((_SUMMARY_PROPERTY, (title, text)))
 
     return add
 
 
+_SUMMARY_PROPERTY = "gender_terminal_summary"
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":  # the last report of a test: it carries every line the test added
+        for name, value in report.user_properties:
+            if name == _SUMMARY_PROPERTY:
+                _SUMMARY_LINES.append(tuple(value))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    for title, text in config.stash.get(_SUMMARY_KEY, []):
+    for title, text in _SUMMARY_LINES:
         terminalreporter.write_sep("-", title)
         terminalreporter.write_line(text)

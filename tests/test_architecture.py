@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_dataset
+from helpers import write_dataset
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "sklearn", "scipy", "pandas")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_serving_a_report_loads_no_training_stack(tmp_path):
     """What the UI plugin imports to serve a report (in a fresh interpreter) loads none of the heavy libraries."""
     from gender_tasks.layout import report_key
@@ -43,6 +44,7 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})  # fmt: skip
 
 
+@pytest.mark.slow  # runs lint-imports twice
 def test_the_import_contract_holds_and_catches_a_cycle(tmp_path):
     assert _lint_imports(REPO).returncode == 0
     # A copy of the package in which the data stage imports the training stage (a layer above it).

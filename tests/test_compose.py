@@ -192,7 +192,6 @@ def test_every_airflow_service_shares_the_common_image_environment_and_mounts(co
         assert f"./{folder}:/opt/airflow/{folder}" in common["volumes"], folder
 
 
-@pytest.mark.slow
 def test_the_image_is_built_from_the_pinned_airflow_and_requirements():
     import airflow
 

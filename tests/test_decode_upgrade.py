@@ -3,7 +3,7 @@ classes in every split is refused by name instead of reaching the report."""
 
 import pandas as pd
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.data.images import DECODE_VERSION

@@ -30,7 +30,7 @@ from urllib.parse import quote, urlencode
 
 import pytest
 from airflow_stack import Api, Stack, free_port
-from conftest import write_dataset
+from helpers import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "gender_classification"
@@ -345,6 +345,7 @@ _LOG_PATH = re.compile(r"log_path='dag_id=(?P<dag>[\w.-]+)/[^']*/task_id=(?P<tas
                        r"(?:map_index=(?P<index>\d+)/)?attempt=")  # fmt: skip
 
 
+@pytest.mark.slow  # starts task processes that hold their claims
 def test_each_training_task_claims_its_own_gpu(tmp_path, monkeypatch):
     """A worker with two GPUs and two concurrent tasks: each task pins a different one, then frees it."""
     from gender_tasks.scheduling import claim_gpu
@@ -404,6 +405,7 @@ def _hold_gpu_claims(count: int, gpus: list[str], lock_dir, env: dict) -> tuple[
     return holders, claimed
 
 
+@pytest.mark.slow  # starts task processes that hold their claims
 def test_tasks_per_gpu_lets_two_tasks_of_a_worker_share_one_gpu(tmp_path, monkeypatch):
     """GENDER_TASKS_PER_GPU=2: two concurrent task processes on a one-GPU worker both get that GPU (one
     slot each); on two GPUs they spread over both first, then double up."""

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.data.images import decode_resize
@@ -29,8 +29,6 @@ from gender_tasks.training.batches import Inputs, SplitData
 from gender_tasks.training.ensemble import build_ensemble, export_ensemble
 from gender_tasks.training.export import _Exportable, export_model
 from gender_tasks.training.loop import predict_proba
-
-pytestmark = pytest.mark.slow  # torch.export traces every model (seconds each)
 
 
 class _Planted:
@@ -69,11 +67,8 @@ def _stored(folder: Path, data: bytes, name: str = "model.pt2") -> Path:
     return folder / name
 
 
-@pytest.mark.parametrize(
-    "name,size",
-    [("cnn", 32), ("mobilenetv2", 40),
-     pytest.param("resnet50", 32, marks=pytest.mark.slow), pytest.param("inceptionv3", 75, marks=pytest.mark.slow)],
-)  # fmt: skip
+@pytest.mark.slow  # torch.export traces every model (seconds each)
+@pytest.mark.parametrize("name,size", [("cnn", 32), ("mobilenetv2", 40), ("resnet50", 32), ("inceptionv3", 75)])
 @pytest.mark.parametrize("tta", [False, True])
 def test_each_model_exports_and_loads_without_a_warning_agreeing_with_training_to_1e5(tmp_path, name, size, tta):
     net = _randomised(name, size)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.data.filters import MAX_CHARS, MAX_DEPTH, ExternalSetError, FilterError, parse_filter, split_spec

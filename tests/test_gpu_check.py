@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, write_dataset
+from helpers import REPO, write_dataset
 
 from gender_tasks.training.augment import augment_params
 from gender_tasks.training.batches import SplitData

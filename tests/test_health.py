@@ -6,6 +6,7 @@ tiny TorchScript export per model) written straight into a LocalStorage.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -191,6 +192,13 @@ class _Constant(torch.nn.Module):
         return (x.mean(dim=(1, 2, 3)) * self.scale).unsqueeze(1)
 
 
+@functools.cache
+def _exported(name: str, size: int) -> bytes:
+    """A stand-in model's export, made once per name and size (torch.export takes a second; the bytes are
+    the same every time)."""
+    return export_model(_Constant(float(len(name))), name, size, {"seed": 0})
+
+
 def write_model(storage, run_key: str, name: str, preds: pd.DataFrame, train_accuracy: float, size: int = 16,
                 last_epoch: dict | None = None):  # fmt: skip
     def put(file: str, data: bytes) -> None:
@@ -209,7 +217,7 @@ def write_model(storage, run_key: str, name: str, preds: pd.DataFrame, train_acc
     put("predictions.csv", preds.to_csv(index=False).encode())
     put("metrics.json", json.dumps(metrics).encode())
     put("history.json", json.dumps(history).encode())
-    put("model.pt2", export_model(_Constant(float(len(name))), name, size, {"seed": 0}))
+    put("model.pt2", _exported(name, size))
     record_card(storage, run_key, name)
 
 

@@ -18,38 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_face, write_dataset
-from test_ingest import png_claiming
+from helpers import PER_CLASS, SENTINEL, listing, make_face, one_image, png_claiming, write_dataset, zip_of
 
 from gender_tasks import pipeline
 from gender_tasks.data.manifest import read_manifest
 from gender_tasks.errors import PermanentError
 from gender_tasks.layout import manifest_key
-from gender_tasks.storage import LocalStorage
 
-PER_CLASS = 8
 SECONDS = 20  # a correctness bound, not a benchmark: a hang (a FIFO opened) would never end
-SENTINEL = "sentinel/already-here.txt"
-
-
-def listing(storage) -> list[str]:
-    """Every object (and temporary file) in the storage: the whole folder, or the whole bucket."""
-    if isinstance(storage, LocalStorage):
-        return sorted(p.relative_to(storage.root).as_posix() for p in storage.root.rglob("*") if not p.is_dir())
-    pages = storage.client.get_paginator("list_objects_v2").paginate(Bucket=storage.bucket)
-    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
-def one_image(root: Path) -> bytes:
-    return (root / "female" / "female_0001.jpg").read_bytes()
-
-
-def zip_of(folder: Path, archive: Path) -> Path:
-    with zipfile.ZipFile(archive, "w") as zf:
-        for p in sorted(folder.rglob("*")):
-            if p.is_file():
-                zf.write(p, p.relative_to(folder).as_posix())
-    return archive
 
 
 # --- point 3: source files are trusted ------------------------------------------------------------
@@ -386,7 +362,7 @@ def test_the_dag_fails_a_refusal_without_retrying(tmp_path, local_storage):
     import importlib.util
 
     from airflow.sdk.exceptions import AirflowFailException
-    from conftest import REPO
+    from helpers import REPO
 
     spec = importlib.util.spec_from_file_location("dag_hostile", REPO / "dags" / "gender_classification.py")
     dag_module = importlib.util.module_from_spec(spec)

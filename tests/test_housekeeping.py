@@ -10,7 +10,7 @@ import time
 import types
 
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import cli, layout, pipeline
 from gender_tasks.errors import PermanentError

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_face, write_dataset
+from helpers import make_face, write_dataset
 from PIL import Image, ImageFilter, ImageOps
 
 from gender_tasks import layout, pipeline

@@ -1,12 +1,10 @@
 import logging
-import struct
 import zipfile
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import write_dataset
+from helpers import png_claiming, write_dataset
 
 from gender_tasks.data import ingest as ingest_mod
 from gender_tasks.data.folders import IngestError, find_class_dirs
@@ -23,16 +21,6 @@ def assert_nothing_written(storage) -> None:
         assert [p for p in storage.root.rglob("*") if p.is_file()] == []
     else:  # the whole bucket, not only the storage's prefix
         assert storage.client.list_objects_v2(Bucket=storage.bucket).get("KeyCount", 0) == 0
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims `width` x `height` px: what a decompression bomb looks like to open()."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_ingest_writes_images_and_manifest_content_addressed(dataset_dir, local_storage):
@@ -268,11 +256,10 @@ def test_s3_source_keys_escaping_the_target_are_refused(s3_bucket, tmp_path):
 
 
 def test_unreachable_storage_fails_before_the_scan(dataset_dir, monkeypatch, tmp_path):
-    from conftest import isolate_aws_env
-    from test_storage import _closed_port
+    from helpers import closed_port, isolate_aws_env
 
     isolate_aws_env(monkeypatch, tmp_path)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
@@ -282,7 +269,7 @@ def test_unreachable_storage_fails_before_the_scan(dataset_dir, monkeypatch, tmp
 
 
 def test_missing_credentials_refuse_ingest(dataset_dir, moto_endpoint, monkeypatch, tmp_path):
-    from conftest import isolate_aws_env
+    from helpers import isolate_aws_env
 
     isolate_aws_env(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)

@@ -18,6 +18,7 @@ from gender_tasks.local_airflow import _run_is_alive, claim_run, end_stale_runs,
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # starts a process and kills it
 def test_a_killed_process_no_longer_holds_its_run(airflow_db):
     """The lock a `run` holds is dropped by the kernel when the process is SIGKILLed."""
     code = ("import sys, time\nfrom gender_tasks.local_airflow import claim_run\n"
@@ -41,6 +42,7 @@ def _add_run(session, run_id: str, state: str, triggered_by, minutes: int):
     session.add(run)
 
 
+@pytest.mark.slow  # Airflow's metadata database (airflow_db migrates it in a process)
 def test_stale_runs_of_dead_processes_are_ended_and_live_or_scheduler_runs_kept(airflow_db, capfd, caplog):
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session

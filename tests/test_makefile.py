@@ -10,6 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # each test runs make (a process), if only with -n
+
 
 def _make(*args: str) -> str:
     if shutil.which("make") is None:

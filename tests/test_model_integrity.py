@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import write_dataset
+from helpers import copy_prepared, write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.cli import main
@@ -151,12 +151,20 @@ class _Killed(Exception):
     pass
 
 
-@pytest.fixture
-def prepared(tmp_path):
-    src = write_dataset(tmp_path / "faces", 12)
-    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory):
+    """Ingested, split, validated and preprocessed once for the module: (its folder, the run record)."""
+    base = tmp_path_factory.mktemp("prepared")
+    src = write_dataset(base / "faces", 12)
+    run = pipeline.prepare({"source": str(src), "storage": str(base / "store"), "profile": "tiny",
                             "models": ["cnn"], "min_rows": 10})  # fmt: skip
-    return pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+    return base, pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+
+
+@pytest.fixture
+def prepared(prepared_once, tmp_path):
+    """The prepared run, copied for this test (the tests kill, spoil and train in its storage)."""
+    return copy_prepared(*prepared_once, tmp_path / "prepared")
 
 
 def _keyed(run: dict, train_key: str, name: str) -> str:
@@ -242,11 +250,20 @@ def test_a_resume_within_one_phase_takes_the_uninterrupted_learning_rates(prepar
 # --- a trained model's files, verified before reuse, copy and load ---------------------------------
 
 
+@pytest.fixture(scope="module")
+def trained_once(prepared_once, tmp_path_factory):
+    """The tiny cnn trained once for the module into run r1 of a copy of the prepared run:
+    (its folder, [the run record, the train key])."""
+    base = tmp_path_factory.mktemp("trained") / "run"
+    run = copy_prepared(*prepared_once, base)
+    return base, [run, pipeline.train({**run, "run_key": "r1"}, "cnn")["train_key"]]
+
+
 @pytest.fixture
-def trained(prepared):
-    """The tiny cnn trained once into run r1; returns (run, storage, train_key)."""
-    out = pipeline.train({**prepared, "run_key": "r1"}, "cnn")
-    return prepared, open_storage(prepared["storage"]), out["train_key"]
+def trained(trained_once, tmp_path):
+    """The trained run, copied for this test (the tests tamper with its files); (run, storage, train_key)."""
+    run, train_key = copy_prepared(*trained_once, tmp_path / "trained")
+    return run, open_storage(run["storage"]), train_key
 
 
 def _tamper_weights(data: bytes) -> bytes:

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import pipeline
 from gender_tasks.data.images import phash_of_bytes

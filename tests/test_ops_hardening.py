@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, write_dataset
+from helpers import REPO, write_dataset
 
 from gender_tasks import tables, timeouts
 from gender_tasks.errors import PermanentError
@@ -71,6 +71,7 @@ def test_run_refuses_a_conf_that_is_not_a_json_object_in_words(capsys, conf, say
     assert says in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # the real command, in a process
 def test_run_conf_error_from_the_command_line_exits_2_without_a_traceback():
     out = subprocess.run([sys.executable, "-m", "gender_tasks", "run", "--conf", "{bad json"], capture_output=True,
                          text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
@@ -197,6 +198,7 @@ def test_checkout_defaults_stay_in_the_checkout(monkeypatch):
     assert os.environ["AIRFLOW__CORE__DAGS_FOLDER"] == str(REPO / "dags")
 
 
+@pytest.mark.slow  # a fresh interpreter on the copied package
 def test_a_copy_installed_outside_a_checkout_keeps_nothing_beside_itself(tmp_path):
     """The package copied the way a wheel installs it (no pyproject.toml or dags/ beside it)."""
     site = tmp_path / "site-packages"

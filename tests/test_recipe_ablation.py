@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, write_dataset
+from helpers import REPO, write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.data.manifest import read_manifest

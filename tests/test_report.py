@@ -9,7 +9,7 @@ from html import escape
 import numpy as np
 import pytest
 import report_fixtures as fx
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.evaluation.stats import bootstrap_ci, mcnemar

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_dataset
+from helpers import copy_prepared, write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.data.images import decode_resize
@@ -19,21 +19,31 @@ from gender_tasks.storage import open_storage
 from gender_tasks.training.batches import SplitData, StreamedSplit, load_splits
 from gender_tasks.training.loop import epoch_generator
 
-pytestmark = pytest.mark.slow  # every test preprocesses and most train
+
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory):
+    """Ingested, split and preprocessed into shards once for the module: (its folder, the run record)."""
+    base = tmp_path_factory.mktemp("prepared")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GENDER_CACHE_DIR", str(base / "local-cache"))
+        src = write_dataset(base / "faces", 14)
+        run = pipeline.prepare({"source": str(src), "storage": str(base / "store"), "profile": "tiny",
+                                "models": ["cnn"], "min_rows": 10, "label_audit_folds": 2})  # fmt: skip
+        return base, pipeline.preprocess(pipeline.split(pipeline.ingest(run)))
 
 
 @pytest.fixture
-def prepared(tmp_path, monkeypatch):
+def prepared(prepared_once, tmp_path, monkeypatch):
+    """The prepared run, copied for this test (the tests train and audit in its storage), with an empty
+    local shard cache of its own."""
+    run = copy_prepared(*prepared_once, tmp_path / "prepared")
     monkeypatch.setenv("GENDER_CACHE_DIR", str(tmp_path / "local-cache"))
-    src = write_dataset(tmp_path / "faces", 14)
-    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
-                            "models": ["cnn"], "min_rows": 10, "label_audit_folds": 2})  # fmt: skip
-    run = pipeline.preprocess(pipeline.split(pipeline.ingest(run)))
     dataset, split_info, caches = run["dataset"], run["split"], run["caches"]
     storage = open_storage(run["storage"])
     return run, dataset, split_info, caches, storage, read_manifest(storage, split_info["split_key"])
 
 
+@pytest.mark.slow  # the prepared run preprocesses into shards
 def test_preprocess_writes_every_image_once_into_shards(prepared):
     run, dataset, _, caches, storage, manifest = prepared
     size = Settings.from_dict(run["settings"]).per_model["cnn"].image_size
@@ -47,6 +57,7 @@ def test_preprocess_writes_every_image_once_into_shards(prepared):
     assert np.array_equal(reader.take(np.arange(len(reader))), expected)
 
 
+@pytest.mark.slow  # the prepared run preprocesses into shards
 def test_streamed_and_in_memory_splits_give_identical_batches(prepared):
     settings, dataset, _, _, storage, manifest = prepared
     reader = ShardReader(storage, layout.cache_prefix(dataset["dataset_id"], 32))
@@ -81,6 +92,7 @@ def _train_outputs(run, storage, run_key):
     return pd.read_csv(io.BytesIO(read("predictions.csv"))), read("history.json")
 
 
+@pytest.mark.slow  # trains
 def test_training_streamed_from_the_shards_equals_training_in_memory(prepared, monkeypatch, caplog):
     run, _, _, _, storage, _ = prepared
     caplog.set_level("INFO")
@@ -96,6 +108,7 @@ def test_training_streamed_from_the_shards_equals_training_in_memory(prepared, m
     assert strip(history_mem) == strip(history_stream)
 
 
+@pytest.mark.slow  # trains
 def test_label_audit_streamed_equals_in_memory(prepared, monkeypatch):
     run, _, _, _, storage, _ = prepared
     tables = []
@@ -109,6 +122,7 @@ def test_label_audit_streamed_equals_in_memory(prepared, monkeypatch):
     assert tables[0]["prob_male"].notna().all()
 
 
+@pytest.mark.slow  # trains
 def test_a_killed_label_audit_resumes_after_its_last_finished_fold(prepared, monkeypatch):
     from gender_tasks.training import label_audit as audit_mod
 

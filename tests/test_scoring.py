@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_face
+from helpers import make_face
 
 from gender_tasks import layout, scoring
 from gender_tasks.errors import PermanentError
 from gender_tasks.integrity import sha256_hex
 from gender_tasks.storage import LocalStorage, open_storage
 
-pytestmark = pytest.mark.slow  # every test exports a model with torch.export and most start decode workers
-
 REPO = Path(__file__).resolve().parent.parent
+# The tests are slow (store exports models with torch.export; most start decode workers, a process or the DAG)
+# but for one unit test of the DAG's inputs.
 
 
 def _flat(folder: Path, n: int, seed: int = 7) -> Path:
@@ -68,14 +68,22 @@ def write_run(storage, run_key: str, models: dict[str, tuple[int, float]], *, tr
     storage.put_bytes(layout.results_key(run_key), b"{}")
 
 
-@pytest.fixture
-def store(tmp_path) -> LocalStorage:
-    storage = LocalStorage(tmp_path / "store")
+@pytest.fixture(scope="module")
+def store_once(tmp_path_factory) -> Path:
+    """Two finished runs' models, exported once for the module: the storage's folder."""
+    storage = LocalStorage(tmp_path_factory.mktemp("scoring") / "store")
     write_run(storage, "old", {"cnn": (32, 0.9)})
     time.sleep(0.01)
     write_run(storage, "new", {"cnn": (32, 0.7), "mobilenetv2": (40, 0.8)})
     os.utime(storage.local_path(layout.results_key("old")), (1, 1))  # "new" finished last
-    return storage
+    return storage.root
+
+
+@pytest.fixture
+def store(store_once, tmp_path) -> LocalStorage:
+    """A copy of the two runs for this test (timestamps kept: "new" still finished last)."""
+    shutil.copytree(store_once, tmp_path / "store")
+    return LocalStorage(tmp_path / "store")
 
 
 def _scoring_objects(storage) -> list[str]:
@@ -85,6 +93,7 @@ def _scoring_objects(storage) -> list[str]:
 # --- the model ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_best_model_of_the_latest_finished_run_is_chosen_on_validation(store):
     chosen = scoring.choose_model(store)
     assert (chosen["run_key"], chosen["model"], chosen["val_accuracy"]) == ("new", "mobilenetv2", 0.8)
@@ -103,6 +112,7 @@ def test_the_best_model_of_the_latest_finished_run_is_chosen_on_validation(store
 # --- scoring ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_folder_is_scored_with_predictions_and_a_summary_and_rescoring_it_does_nothing(store, tmp_path,
                                                                                          monkeypatch):  # fmt: skip
     images = _flat(tmp_path / "new-images", 10)
@@ -152,6 +162,7 @@ def test_a_folder_is_scored_with_predictions_and_a_summary_and_rescoring_it_does
     assert {k: store.local_path(k).stat().st_mtime_ns for k in store.list("scoring/")} == before
 
 
+@pytest.mark.slow
 def test_a_killed_scoring_resumes_after_its_last_finished_batch(store, tmp_path, monkeypatch):
     images = _flat(tmp_path / "imgs", 10)
     real, calls = scoring._score_batch, []
@@ -176,6 +187,7 @@ def test_a_killed_scoring_resumes_after_its_last_finished_batch(store, tmp_path,
     assert changed["score_key"] != out["score_key"] and calls == [1] and changed["reused_batches"] == 3
 
 
+@pytest.mark.slow
 def test_a_zip_is_scored_naming_its_entries(store, tmp_path):
     images = _flat(tmp_path / "imgs", 4)
     archive = tmp_path / "new.zip"
@@ -188,6 +200,7 @@ def test_a_zip_is_scored_naming_its_entries(store, tmp_path):
     assert (table["model"] == "cnn").all() and (table["run_key"] == "old").all()
 
 
+@pytest.mark.slow
 def test_an_s3_prefix_is_scored(store, tmp_path, s3_bucket, s3_env):
     import boto3
 
@@ -244,6 +257,7 @@ def _missing(folder: Path, tmp: Path) -> tuple[str, str]:
     return str(tmp / "nowhere"), "nowhere' do not exist"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("make", [_fifo, _link_out, _bad_name, _too_large, _not_an_image, _empty, _zip_slip, _missing],
                          ids=lambda f: f.__name__.strip("_"))  # fmt: skip
@@ -273,6 +287,7 @@ def test_a_run_triggered_by_published_models_scores_with_that_runs_model():
         scoring.request_from({**params, "source": " "}, [], manual=True)
 
 
+@pytest.mark.slow
 def test_the_scoring_dag_is_scheduled_on_the_asset_the_training_report_emits():
     from airflow.dag_processing.dagbag import DagBag
 
@@ -304,6 +319,7 @@ def _plugin():
     return module
 
 
+@pytest.mark.slow
 def test_the_plugin_shows_a_runs_summary_and_lists_runs(store, tmp_path):
     out = scoring.score_images(str(_flat(tmp_path / "imgs", 3)), str(store.root))
     plugin = _plugin()
@@ -355,6 +371,7 @@ def test_the_scoring_dag_runs_end_to_end_and_is_queued_by_the_model_asset(airflo
     assert open_storage(str(storage.root)).exists(f"scoring/{key}/predictions.csv")
 
 
+@pytest.mark.slow
 def test_the_score_command_prints_where_the_results_are_and_refuses_bad_input_in_one_line(store, tmp_path, capsys):
     from gender_tasks.cli import main
 

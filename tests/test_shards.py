@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import make_face
+from helpers import make_face
 
 from gender_tasks.data import shards
 from gender_tasks.data.images import decode_resize

@@ -24,8 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
-from conftest import isolate_aws_env, write_dataset
-from test_hostile_sources import PER_CLASS, SENTINEL, listing, one_image, zip_of
+from helpers import PER_CLASS, SENTINEL, isolate_aws_env, listing, one_image, write_dataset, zip_of
 from test_storage_outages import closed_endpoint, silent_endpoint  # noqa: F401 (fixtures)
 
 from gender_tasks import layout, pipeline

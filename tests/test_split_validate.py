@@ -1,6 +1,6 @@
 import pandas as pd
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks.data.ingest import ingest_folder
 from gender_tasks.data.manifest import read_manifest
@@ -39,7 +39,6 @@ def _settings(**kw):
     return resolve_settings({"min_rows": 10, **kw})
 
 
-@pytest.mark.slow
 def test_valid_manifest_passes():
     m = assign_splits(_manifest(), 1, [0.7, 0.15, 0.15])
     summary = validate_manifest(m, _settings())

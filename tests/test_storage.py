@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, isolate_aws_env
+from helpers import REPO, isolate_aws_env
 
 from gender_tasks.errors import PermanentError
 from gender_tasks.integrity import IntegrityError, sha256_hex

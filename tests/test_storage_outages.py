@@ -16,7 +16,7 @@ import time
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import isolate_aws_env
+from helpers import isolate_aws_env
 
 from gender_tasks.errors import PermanentError
 from gender_tasks.storage import (

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import layout, pipeline, tracking
 from gender_tasks.storage import open_storage

@@ -2,7 +2,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import pipeline
 from gender_tasks.evaluation.predict import predict_folder

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from airflow_stack import free_port, headless_chrome, raw_request
-from conftest import write_dataset
+from helpers import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "manual__2026-01-01T00:00:00+00:00"
@@ -193,6 +193,7 @@ def test_a_failed_run_names_the_failed_task(tmp_path):
     assert status == 200 and "the run failed" in body and "data-failed-task='validate'><b>validate</b>" in body
 
 
+@pytest.mark.slow  # finished_run trains a model
 def test_a_report_is_read_from_the_storage_the_run_recorded(finished_run, tmp_path):
     """A run on a second storage folder: the record, not the API server's default, says where."""
     from gender_tasks.layout import run_key_for

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import pytest
 from airflow_stack import Stack, api_request, free_port, headless_chrome
-from conftest import write_dataset
+from helpers import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "gender_classification"

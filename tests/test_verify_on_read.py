@@ -6,7 +6,7 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.cli import main as cli_main
