@@ -23,6 +23,7 @@ from gender_tasks.evaluation.metrics import classification_metrics, encode_label
 from gender_tasks.evaluation.stats import bootstrap_ci
 from gender_tasks.settings import ENSEMBLE, resolve_settings
 from gender_tasks.storage import put_recorded
+from gender_tasks.training.label_audit import audit_table
 
 DATASET_ID = "ds-fixture"
 MODELS = ("cnn", "resnet50", "mobilenetv2")
@@ -139,9 +140,7 @@ def _write_audit(storage, run_key: str, rows: pd.DataFrame) -> dict:
     prob = np.round(_good(rows, 0.8, 99), 6)
     prob[0], prob[SIZES["train"] // 2] = 0.97, 0.02  # the female image called male, the male one female
     y = encode_labels(rows["label"])
-    table = rows[["key", "source_path", "label", "split"]].assign(fold=np.arange(len(rows)) % 3, prob_male=prob,
-                                                                  p_given_label=np.where(y == 1, prob, 1 - prob))  # fmt: skip
-    table = table.sort_values("p_given_label", kind="stable").reset_index(drop=True)
+    table = audit_table(rows, y, prob, np.arange(len(rows)) % 3)  # ranked as the audit ranks
     put_recorded(storage, layout.label_audit_key(run_key), tables.to_csv(table, index=False).encode())
     correct = (table["prob_male"] >= 0.5) == (table["label"] == "male")
     return {"audit_uri": storage.url(layout.label_audit_key(run_key)), "images": len(table), "folds": 3,

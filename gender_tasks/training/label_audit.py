@@ -5,8 +5,14 @@ The study took its labels unverified. A model's predictions on images it trained
 about their labels, so every image is predicted by a model that never saw it: k-fold cross-fitting
 over the whole dataset (stratified, seeded), with a fast model (the study's CNN by default).
 
-    datasets/<id>/label_audit/<audit_key>.csv   key, source_path, label, split, fold, prob_male, p_given_label
+    datasets/<id>/label_audit/<audit_key>.csv   key, source_path, label, split, fold, prob_male, p_given_label,
+                                                label_quality
     runs/<run_key>/label_audit.csv              a copy of it; label_audit.json says which, and its inputs
+
+Ranked by label quality: P(given label) less the model's mean confidence in that class over the
+images that carry its label (cleanlab's self-confidence with adjusted probabilities; Northcutt et al.,
+"Confident learning", 2021). A model less sure of one class (the smaller one, usually) would otherwise
+fill the top of the list with that class's correctly labeled images.
 
 Keyed like a trained model (training/keys.py): a run with the same dataset, split, settings and code
 reuses the predictions instead of training the folds again.
@@ -120,8 +126,30 @@ def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: 
         fold = pd.DataFrame({"sha256": shas.to_numpy(), "prob_male": prob[held_idx]})
         put_recorded(storage, fold_key(k), tables.to_csv(fold, index=False, float_format="%.9g").encode())
         log.info("label audit: fold %d/%d done (%.0fs)", k + 1, folds, time.monotonic() - started)
+    return audit_table(rows, y, prob, fold_of)
+
+
+def audit_table(rows: pd.DataFrame, y: np.ndarray, prob: np.ndarray, fold_of: np.ndarray) -> pd.DataFrame:
+    """The audit's table: each image's fold and out-of-fold P(male), P(given label) and label quality,
+    the least plausible label first."""
     table = rows[["key", "source_path", "label", "split"]].copy()
     table["fold"] = fold_of
     table["prob_male"] = prob
     table["p_given_label"] = np.where(y == 1, prob, 1 - prob)
-    return table.sort_values("p_given_label").reset_index(drop=True)
+    table["label_quality"] = label_quality(y, prob)
+    return table.sort_values(["label_quality", "p_given_label"], kind="stable").reset_index(drop=True)
+
+
+def label_quality(y: np.ndarray, prob_male: np.ndarray) -> np.ndarray:
+    """How plausible each given label is, for ranking: P(given label) minus the class's confident threshold
+    (the mean P(class) over the images labeled that class), shifted and scaled as cleanlab's adjusted
+    self-confidence is (so that it lies in [0, 1]; the order is that of the difference).
+
+    Written out here rather than adding cleanlab for one formula (its rank.get_label_quality_scores with
+    method="self_confidence", adjust_pred_probs=True computes the same numbers)."""
+    y = np.asarray(y, dtype=np.int64)
+    probs = np.stack([1.0 - np.asarray(prob_male, dtype=np.float64), np.asarray(prob_male, dtype=np.float64)], axis=1)
+    thresholds = np.array([probs[y == c, c].mean() if (y == c).any() else 0.0 for c in (0, 1)])
+    adjusted = probs - thresholds + thresholds.max()
+    adjusted /= adjusted.sum(axis=1, keepdims=True)
+    return adjusted[np.arange(len(y)), y]
