@@ -1,13 +1,12 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, isolate_aws_env
+from helpers import REPO, closed_port, isolate_aws_env
 
 from gender_tasks.errors import PermanentError
 from gender_tasks.integrity import IntegrityError, sha256_hex
@@ -258,15 +257,9 @@ def test_a_scheme_is_opened_by_the_backend_registered_for_it(tmp_path):
 # --- S3: what goes wrong, said with the location and the fix -------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_s3_unreachable_endpoint_names_it_and_the_fix_fast(monkeypatch, tmp_path):
     isolate_aws_env(monkeypatch, tmp_path)
-    port = _closed_port()
+    port = closed_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
@@ -313,7 +306,7 @@ def test_airflow_connection_gives_endpoint_and_credentials(moto_endpoint, s3_buc
     # Only the connection knows the endpoint and the keys: no AWS credentials are set, and
     # AWS_ENDPOINT_URL points at a closed port, so a working round trip proves both came from it.
     isolate_aws_env(monkeypatch, tmp_path)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     _conn_env(monkeypatch, "gender_s3_test", {
         "conn_type": "aws", "login": "conn-access-key", "password": "conn-secret-key",
@@ -345,6 +338,7 @@ def test_bad_airflow_connection_is_named_with_the_fix(conn, says, monkeypatch, t
         open_storage("s3://bucket/p")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_storage_imports_airflow_only_when_a_connection_is_named(tmp_path):
     code = (
         "import sys\n"

@@ -2,7 +2,7 @@ import json
 
 import pandas as pd
 import pytest
-from helpers import write_dataset
+from helpers import copy_prepared, write_dataset
 
 from gender_tasks import pipeline
 from gender_tasks.evaluation.predict import predict_folder
@@ -17,13 +17,20 @@ from gender_tasks.training.trainer import train_model
 pytestmark = pytest.mark.slow  # every test trains a model
 
 
-@pytest.fixture
-def prepared(tmp_path):
-    src = write_dataset(tmp_path / "faces", 20)
-    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory):
+    """Ingested, split, validated and preprocessed once for the module: (its folder, the run record)."""
+    base = tmp_path_factory.mktemp("prepared")
+    src = write_dataset(base / "faces", 20)
+    run = pipeline.prepare({"source": str(src), "storage": str(base / "store"), "profile": "tiny",
                             "models": ["cnn", "mobilenetv2"], "min_rows": 10})  # fmt: skip
-    run = pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
-    return run
+    return base, pipeline.preprocess(pipeline.validate(pipeline.split(pipeline.ingest(run))))
+
+
+@pytest.fixture
+def prepared(prepared_once, tmp_path):
+    """The prepared run, copied for this test: a model another test trained would otherwise be reused."""
+    return copy_prepared(*prepared_once, tmp_path / "prepared")
 
 
 def _manifest(settings, split_info):

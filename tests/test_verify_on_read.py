@@ -6,7 +6,7 @@ import stat
 
 import numpy as np
 import pytest
-from helpers import write_dataset
+from helpers import copy_prepared, write_dataset
 
 from gender_tasks import layout, pipeline
 from gender_tasks.cli import main as cli_main
@@ -17,14 +17,21 @@ from gender_tasks.integrity import IntegrityError
 from gender_tasks.storage import get_recorded, open_storage, put_recorded
 
 
-@pytest.fixture
-def ingested(tmp_path, monkeypatch):
-    """A tiny dataset ingested and split (not preprocessed): (run record, storage)."""
-    monkeypatch.setenv("GENDER_CACHE_DIR", str(tmp_path / "local-cache"))
-    src = write_dataset(tmp_path / "faces", 12)
-    run = pipeline.prepare({"source": str(src), "storage": str(tmp_path / "store"), "profile": "tiny",
+@pytest.fixture(scope="module")
+def ingested_once(tmp_path_factory):
+    """A tiny dataset ingested and split once for the module (not preprocessed): (its folder, run record)."""
+    base = tmp_path_factory.mktemp("ingested")
+    src = write_dataset(base / "faces", 12)
+    run = pipeline.prepare({"source": str(src), "storage": str(base / "store"), "profile": "tiny",
                             "models": ["cnn"], "min_rows": 10, "label_audit": False})  # fmt: skip
-    run = pipeline.split(pipeline.ingest(run))
+    return base, pipeline.split(pipeline.ingest(run))
+
+
+@pytest.fixture
+def ingested(ingested_once, tmp_path, monkeypatch):
+    """The ingested run, copied for this test (the tests corrupt its objects): (run record, storage)."""
+    monkeypatch.setenv("GENDER_CACHE_DIR", str(tmp_path / "local-cache"))
+    run = copy_prepared(*ingested_once, tmp_path / "ingested")
     return run, open_storage(run["storage"])
 
 
