@@ -55,7 +55,8 @@ def save_program(module: torch.nn.Module, sizes: list[int], meta: dict) -> bytes
     """torch.export `module`, in eval mode (one float NCHW input per size in `sizes`, the batch dimension dynamic and
     shared) and save it with `meta` as meta.json; returns the .pt2 archive's bytes."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    example = tuple(torch.rand(2, 3, size, size) for size in sizes)
+    generator = torch.Generator().manual_seed(0)  # the example inputs are stored in the archive: same bytes each time
+    example = tuple(torch.rand(2, 3, size, size, generator=generator) for size in sizes)
     shapes = tuple({0: batch} for _ in sizes)
     params = list(inspect.signature(module.forward).parameters.values())
     if params and params[0].kind == inspect.Parameter.VAR_POSITIONAL:  # forward(*xs): the shapes of xs, nested
