@@ -135,10 +135,16 @@ def _type(driver, element_id: str, text: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    field = driver.find_element(By.ID, element_id)
-    field.send_keys(Keys.CONTROL, "a")
-    field.send_keys(Keys.DELETE)
-    field.send_keys(text)
+    # The form's inputs are React-controlled: on a busy machine a re-render in the middle of fast synthetic
+    # typing can drop a key ("faes" for "faces"). A person sees that and retypes; so does this, up to 3 times.
+    for _ in range(3):
+        field = driver.find_element(By.ID, element_id)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(Keys.DELETE)
+        field.send_keys(text)
+        if field.get_attribute("value") == text:
+            return
+    raise AssertionError(f"the {element_id} field holds {field.get_attribute('value')!r} after typing {text!r} 3 times")
 
 
 def _field(driver, title: str):

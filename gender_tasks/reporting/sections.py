@@ -369,7 +369,10 @@ def label_audit_section(inputs: ReportInputs) -> dict | None:
     if table is None:
         return None
     top = [{"source_path": row.source_path, "label": row.label, "split": row.split,
-            "prob_male": float(row.prob_male), "p_given_label": float(row.p_given_label), "thumbnail": thumbnail}
+            "prob_male": float(row.prob_male), "p_given_label": float(row.p_given_label),
+            # the ranking's score (training.label_audit.label_quality); an audit stored before it has none
+            "label_quality": float(row.label_quality) if hasattr(row, "label_quality") else None,
+            "thumbnail": thumbnail}
            for row, thumbnail in zip(table.head(AUDIT_SHOWN).itertuples(), inputs.audit_thumbnails, strict=True)]  # fmt: skip
     return {"summary": inputs.label_audit or {}, "top": top, "images": len(table),
             "below_10": int((table["p_given_label"] < 0.1).sum()),
