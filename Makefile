@@ -36,16 +36,17 @@ run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/python -m gender_tasks run --profile "$(PROFILE)" $(if $(SOURCE),--source "$(SOURCE)") $(if $(STORAGE),--storage "$(STORAGE)") $(if $(EXTERNAL),--external "$(EXTERNAL)")
 
 # The fast tier: unit tests, no training, no processes or servers started, no timeouts waited out (under a
-# minute); the `slow` and `services` markers (pyproject.toml) set the rest apart.
+# minute); the `slow` and `services` markers (pyproject.toml) set the rest apart. On TEST_WORKERS
+# pytest-xdist workers too (624 tests: 78 s in one process, 55 s on two, on this 2-core machine).
+TEST_WORKERS ?= 2
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not slow and not services"
+	$(BIN)/python -m pytest -m "not slow and not services" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
 # The full suite: the fast tier first (a broken unit fails within a minute), then the rest on
 # TEST_WORKERS pytest-xdist workers (most of it waits on processes, servers and timeouts, so two help
 # even on two cores). `--dist loadfile` keeps a module on one worker: its module-scoped fixtures (a
 # prepared run, an API server) are built once. Modules go out in collection order, the longest first
 # (tests/conftest.py), not xdist's default of the most tests first. TEST_WORKERS=0 runs it in this process.
-TEST_WORKERS ?= 2
 test: test-fast
 	$(BIN)/python -m pytest -m "slow or services" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
