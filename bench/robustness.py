@@ -96,11 +96,17 @@ def one_run(size: int, kind: str, seed: int, jobs: int) -> dict:
             "size": size, "kind": kind, "seed": seed, "distinct_faces": distinct,
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "flagged": sorted(results.get("flagged") or {}),
-            "ensemble_members": (results.get("ensemble") or {}).get("members"),
+            "ensemble_members": _members(results.get("ensemble")),
             "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _members(ensemble) -> list | None:
+    """The ensemble's members (results.json "ensemble": one entry per repeat; repeat 0's), None without one."""
+    first = ensemble[0] if isinstance(ensemble, list) and ensemble else ensemble
+    return first.get("members") if isinstance(first, dict) else None
 
 
 def _child(size: int, kind: str, seed: int, jobs: int) -> dict:
