@@ -63,11 +63,11 @@ def _split_rows(storage) -> pd.DataFrame:
     return pd.DataFrame(rows)[["key", "sha256", "source_path", "label", "split"]]
 
 
-def _classes(prob) -> np.ndarray:
+def classes_of(prob) -> np.ndarray:
     return np.where(np.asarray(prob) >= 0.5, "male", "female")
 
 
-def _good(rows: pd.DataFrame, accuracy: float, seed: int) -> np.ndarray:
+def good_probs(rows: pd.DataFrame, accuracy: float, seed: int) -> np.ndarray:
     """P(male), right for about `accuracy` of the images, confident but never 0 or 1."""
     rng = np.random.default_rng(seed)
     y = encode_labels(rows["label"])
@@ -76,7 +76,7 @@ def _good(rows: pd.DataFrame, accuracy: float, seed: int) -> np.ndarray:
     return np.where(right == (y == 1), conf, 1 - conf)
 
 
-def _one_class(rows: pd.DataFrame, seed: int) -> np.ndarray:
+def one_class_probs(rows: pd.DataFrame, seed: int) -> np.ndarray:
     """A collapsed model: every image female, though its scores still rank."""
     y = encode_labels(rows["label"])
     return np.clip(0.3 + 0.1 * y + np.random.default_rng(seed).normal(0, 0.05, len(rows)), 0.01, 0.49)
@@ -88,7 +88,7 @@ def _write_model(storage, run_key: str, name: str, rows: pd.DataFrame, prob, tra
         storage.put_bytes(layout.model_file_key(run_key, name, file), data)
 
     prob = np.round(np.asarray(prob, dtype=float), 6)
-    preds = rows[["key", "split", "label"]].assign(prob_male=prob, predicted=_classes(prob))
+    preds = rows[["key", "split", "label"]].assign(prob_male=prob, predicted=classes_of(prob))
     test, val = preds[preds.split == "test"], preds[preds.split == "val"]
     metrics = {"model": name, "train_accuracy": train_accuracy, "val_accuracy": float((val.label == val.predicted).mean()),
                "test": classification_metrics(encode_labels(test.label), test.prob_male.to_numpy()), **(extra or {})}  # fmt: skip
@@ -111,17 +111,17 @@ def _write_repeat(storage, run_key: str, rows: pd.DataFrame, models, seed: int, 
     probs = {}
     for i, name in enumerate(models):
         if name == FLAGGED:
-            probs[name] = _one_class(rows, seed)
+            probs[name] = one_class_probs(rows, seed)
             _write_model(storage, run_key, name, rows, probs[name], 0.876, _trained(16))
         else:
-            probs[name] = _good(rows, 0.9 - 0.05 * i, seed + i)
+            probs[name] = good_probs(rows, 0.9 - 0.05 * i, seed + i)
             _write_model(storage, run_key, name, rows, probs[name], 0.92 - 0.04 * i, _trained(16),
                          RECALIBRATED if name == "resnet50" else None)  # fmt: skip
     if ensemble:
         members = [m for m in models if m != FLAGGED]
         mean = np.mean([probs[m] for m in members], axis=0)
         train = rows.split == "train"
-        train_acc = float((_classes(mean[train]) == rows.label[train]).mean())
+        train_acc = float((classes_of(mean[train]) == rows.label[train]).mean())
         excluded = {FLAGGED: ["one_class", "not_above_majority"]} if FLAGGED in models else {}
         _write_model(storage, run_key, ENSEMBLE, rows, mean, train_acc,
                      {"members": members, "weights": [1 / len(members)] * len(members), "excluded": excluded,
@@ -137,7 +137,7 @@ def _write_attributes(storage, rows: pd.DataFrame) -> None:
 
 def _write_audit(storage, run_key: str, rows: pd.DataFrame) -> dict:
     """The label audit's table, the hostile-named images the most suspicious; returns the task's summary."""
-    prob = np.round(_good(rows, 0.8, 99), 6)
+    prob = np.round(good_probs(rows, 0.8, 99), 6)
     prob[0], prob[SIZES["train"] // 2] = 0.97, 0.02  # the female image called male, the male one female
     y = encode_labels(rows["label"])
     table = audit_table(rows, y, prob, np.arange(len(rows)) % 3)  # ranked as the audit ranks
@@ -152,7 +152,7 @@ def _write_external(storage, run_key: str, models) -> None:
     y = np.array([0] * 6 + [1] * 6)
     results = {}
     for i, name in enumerate(models):
-        prob = _good(pd.DataFrame({"label": np.where(y == 1, "male", "female")}), 0.75 - 0.05 * i, 50 + i)
+        prob = good_probs(pd.DataFrame({"label": np.where(y == 1, "male", "female")}), 0.75 - 0.05 * i, 50 + i)
         metrics = classification_metrics(y, prob)
         metrics["ci"] = bootstrap_ci(y, (prob >= 0.5).astype(int), seed=0)
         results[name] = metrics

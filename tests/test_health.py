@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from report_fixtures import classes_of, good_probs, one_class_probs
 
 from gender_tasks import layout
 from gender_tasks.data.manifest import write_manifest
@@ -31,11 +32,6 @@ from gender_tasks.training.export import export_model
 SIZES = {"train": 60, "val": 40, "test": 40}  # images per split, half of each class
 
 
-def _classes(prob_male) -> np.ndarray:
-    """Class names at the 0.5 threshold, as predictions.csv holds them."""
-    return np.where(np.asarray(prob_male) >= 0.5, "male", "female")
-
-
 def _split_rows(sizes=SIZES) -> pd.DataFrame:
     rows = [{"key": f"{split}/{label}/{i:03d}.jpg", "split": split, "label": label}
             for split, n in sizes.items() for label in ("female", "male") for i in range(n // 2)]  # fmt: skip
@@ -44,22 +40,7 @@ def _split_rows(sizes=SIZES) -> pd.DataFrame:
 
 def _predictions(rows: pd.DataFrame, prob_male) -> pd.DataFrame:
     prob = np.asarray(prob_male, dtype=float)
-    return rows.assign(prob_male=prob, predicted=_classes(prob))[["key", "split", "label", "prob_male", "predicted"]]
-
-
-def _good(rows: pd.DataFrame, accuracy: float, seed: int) -> np.ndarray:
-    """P(male) right for about `accuracy` of the images (confident, not exactly 0 or 1)."""
-    rng = np.random.default_rng(seed)
-    y = encode_labels(rows["label"])
-    right = rng.random(len(rows)) < accuracy
-    conf = rng.uniform(0.6, 0.95, len(rows))
-    return np.where(right == (y == 1), conf, 1 - conf)
-
-
-def _one_class(rows: pd.DataFrame, seed: int) -> np.ndarray:
-    """A collapsed model: every image female (P(male) below 0.5), yet its scores still rank (AUC > 0.5)."""
-    y = encode_labels(rows["label"])
-    return np.clip(0.3 + 0.1 * y + np.random.default_rng(seed).normal(0, 0.05, len(rows)), 0.01, 0.49)
+    return rows.assign(prob_male=prob, predicted=classes_of(prob))[["key", "split", "label", "prob_male", "predicted"]]
 
 
 # --- the checks, on predictions alone ------------------------------------------------------------------
@@ -67,13 +48,13 @@ def _one_class(rows: pd.DataFrame, seed: int) -> np.ndarray:
 
 def test_a_healthy_model_passes_every_check():
     rows = _split_rows()
-    preds = _predictions(rows, _good(rows, 0.9, 0))
+    preds = _predictions(rows, good_probs(rows, 0.9, 0))
     assert health.check_predictions(preds, 0.92, model="cnn") == []
 
 
 def test_a_model_forced_to_one_class_is_flagged_with_the_batchnorm_cause():
     rows = _split_rows()
-    preds = _predictions(rows, _one_class(rows, 0))
+    preds = _predictions(rows, one_class_probs(rows, 0))
     findings = health.check_predictions(preds, 0.876, model="mobilenetv2", repeat=1)
     assert {f["check"] for f in findings} == {"one_class", "not_above_majority", "train_val_gap"}
     assert all(f["model"] == "mobilenetv2" and f["repeat"] == 1 for f in findings)
@@ -244,10 +225,10 @@ def _settings(tmp_path, **extra):
 
 def _write_run(storage, run_key: str, seed: int = 0) -> pd.DataFrame:
     rows = _split_rows()
-    write_model(storage, run_key, "cnn", _predictions(rows, _good(rows, 0.85, seed)), 0.88)
-    write_model(storage, run_key, "resnet50", _predictions(rows, _good(rows, 0.8, seed + 1)), 0.83,
+    write_model(storage, run_key, "cnn", _predictions(rows, good_probs(rows, 0.85, seed)), 0.88)
+    write_model(storage, run_key, "resnet50", _predictions(rows, good_probs(rows, 0.8, seed + 1)), 0.83,
                 last_epoch={"batchnorm_recalibrated_on": 60, "val_accuracy_before_recalibration": 0.5})  # fmt: skip
-    write_model(storage, run_key, "mobilenetv2", _predictions(rows, _one_class(rows, seed)), 0.876)
+    write_model(storage, run_key, "mobilenetv2", _predictions(rows, one_class_probs(rows, seed)), 0.876)
     return rows
 
 
@@ -295,7 +276,7 @@ def test_ensemble_selection_reads_no_test_data(local_storage, monkeypatch):
         rng = np.random.default_rng(len(name))
         preds.loc[test, "prob_male"] = rng.random(int(test.sum()))
         preds.loc[test, "label"] = rng.choice(["female", "male"], int(test.sum()))
-        preds["predicted"] = _classes(preds["prob_male"])
+        preds["predicted"] = classes_of(preds["prob_male"])
         local_storage.put_bytes(key, preds.to_csv(index=False).encode())
         record_card(local_storage, "r2", name)
     after = choose_members(local_storage, "r2", MODELS)
@@ -306,7 +287,7 @@ def test_ensemble_selection_reads_no_test_data(local_storage, monkeypatch):
 def test_when_every_model_is_flagged_the_ensemble_says_so(local_storage, tmp_path):
     rows = _split_rows()
     for i, name in enumerate(MODELS):
-        write_model(local_storage, "r3", name, _predictions(rows, _one_class(rows, i)), 0.9)
+        write_model(local_storage, "r3", name, _predictions(rows, one_class_probs(rows, i)), 0.9)
     out = build_ensemble(local_storage, run_key="r3", settings=_settings(tmp_path))
     metrics = json.loads(local_storage.get_bytes(layout.model_file_key("r3", "ensemble", "metrics.json")))
     assert metrics["all_flagged"] is True and set(metrics["flagged"]) == set(MODELS) and metrics["excluded"] == {}
@@ -402,7 +383,7 @@ def test_a_one_model_run_skips_the_ensemble_and_its_report_says_why(local_storag
     assert "ensemble" not in pipeline.task_durations(one, [], None, None, {"skipped": reason})
 
     rows = _split_rows()
-    write_model(local_storage, "one", "cnn", _predictions(rows, _good(rows, 0.85, 0)), 0.88)
+    write_model(local_storage, "one", "cnn", _predictions(rows, good_probs(rows, 0.85, 0)), 0.88)
     settings = as_settings(one["settings"])
     build_report(local_storage, run_key="one", settings=settings, dataset={"dataset_id": "ds-test", "images": 140},
                  validation={"evaluated": 1, "success": True, "failed": []},
