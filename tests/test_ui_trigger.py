@@ -136,15 +136,26 @@ def _type(driver, element_id: str, text: str) -> None:
     from selenium.webdriver.common.keys import Keys
 
     # The form's inputs are React-controlled: on a busy machine a re-render in the middle of fast synthetic
-    # typing can drop a key ("faes" for "faces"). A person sees that and retypes; so does this, up to 3 times.
-    for _ in range(3):
-        field = driver.find_element(By.ID, element_id)
-        field.send_keys(Keys.CONTROL, "a")
-        field.send_keys(Keys.DELETE)
-        field.send_keys(text)
-        if field.get_attribute("value") == text:
-            return
-    raise AssertionError(f"the {element_id} field holds {field.get_attribute('value')!r} after typing {text!r} 3 times")
+    # typing can drop a key ("faes" for "faces"), at the same place each time the whole text is retyped.
+    # A person sees the missing letter and types it again; so does this: one key at a time, each checked,
+    # a dropped one typed again (up to 3 times a key).
+    field = driver.find_element(By.ID, element_id)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.DELETE)
+    typed = field.get_attribute("value") or ""
+    if typed:
+        raise AssertionError(f"the {element_id} field still holds {typed!r} after select-all and delete")
+    for ch in text:
+        for _ in range(3):
+            field.send_keys(ch)
+            value = field.get_attribute("value")
+            if value == typed + ch:
+                typed = value
+                break
+            if value != typed:  # not a dropped key: something else changed the field
+                raise AssertionError(f"the {element_id} field holds {value!r} after typing {typed + ch!r}")
+        else:
+            raise AssertionError(f"the {element_id} field dropped {ch!r} 3 times after {typed!r}")
 
 
 def _field(driver, title: str):
