@@ -16,6 +16,10 @@ report), on local storage in that folder, with `seed` as the run's seed (split a
             up to `size`: at 100 and 300 a class every variant has its own face; at 1,000 faces repeat
             (two or three variants each), and the split keeps only near-identical ones together.
 
+`--min-steps-scale F` trains with F times each model's `min_steps` (models/registry.py; 0: the epochs as
+given, whatever the dataset's size), to measure what the minimum does; rows record it, and the table
+shows one scale (--table-scale, default 1).
+
 Each run appends one JSON line to --out (test accuracy per model and the ensemble, the models the
 report flagged, seconds); a rerun with the same --out skips the runs already there. The table gives,
 per size and kind, the min and median test accuracy of each model over the seeds, and checks the
@@ -69,13 +73,27 @@ def build_dataset(size: int, kind: str, seed: int, folder: Path, source: Path = 
     return distinct
 
 
-def one_run(size: int, kind: str, seed: int, jobs: int) -> dict:
+def _scale_min_steps(scale: float) -> None:
+    """Every registered model's cpu plan with `scale` times its min_steps (in this process only)."""
+    from dataclasses import replace
+
+    from gender_tasks.models.registry import get_model_spec, model_names, register
+
+    for name in model_names():
+        spec = get_model_spec(name)
+        cpu = spec.profiles["cpu"]
+        register(replace(spec, profiles={**spec.profiles, "cpu": replace(cpu, min_steps=round(cpu.min_steps * scale))}))
+
+
+def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0) -> dict:
     """In a child process: build the dataset, run the pipeline on it, return its figures."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     from gender_tasks import pipeline
     from gender_tasks.data.shards import CACHE_DIR_ENV
+
+    _scale_min_steps(scale)
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="robustness-"))
@@ -92,8 +110,11 @@ def one_run(size: int, kind: str, seed: int, jobs: int) -> dict:
         ensembled = pipeline.ensemble(run)
         out = pipeline.report(run, trained, ensembled=ensembled)
         results = json.loads(Path(out["results_uri"].removeprefix("file://")).read_text())
+        epochs = {m: json.loads((work / "store" / "runs" / run["run_key"] / "models" / m / "metrics.json").read_text())["epochs"]
+                  for m in MODELS}  # fmt: skip
         return {
-            "size": size, "kind": kind, "seed": seed, "distinct_faces": distinct,
+            "size": size, "kind": kind, "seed": seed, "min_steps_scale": scale, "epochs": epochs,
+            "distinct_faces": distinct,
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "flagged": sorted(results.get("flagged") or {}),
             "ensemble_members": _members(results.get("ensemble")),
@@ -109,21 +130,38 @@ def _members(ensemble) -> list | None:
     return first.get("members") if isinstance(first, dict) else None
 
 
-def _child(size: int, kind: str, seed: int, jobs: int) -> dict:
-    cmd = [sys.executable, __file__, "--one", f"{size},{kind},{seed}", "--jobs", str(jobs)]
+def _child(size: int, kind: str, seed: int, jobs: int, scale: float) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        f"{size},{kind},{seed}",
+        "--jobs",
+        str(jobs),
+        "--min-steps-scale",
+        str(scale),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         tail = (done.stderr or done.stdout)[-2000:]
-        return {"size": size, "kind": kind, "seed": seed, "error": f"exit {done.returncode}: {tail}"}
+        return {
+            "size": size,
+            "kind": kind,
+            "seed": seed,
+            "min_steps_scale": scale,
+            "error": f"exit {done.returncode}: {tail}",
+        }
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def _done(out: Path) -> dict[tuple, dict]:
+def _done(out: Path, scale: float) -> dict[tuple, dict]:
+    """The finished runs of --out at min-steps scale `scale` (rows without one predate the minimum: 0)."""
     if not out.exists():
         return {}
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    return {(r["size"], r["kind"], r["seed"]): r for r in rows if "error" not in r}
+    return {(r["size"], r["kind"], r["seed"]): r for r in rows
+            if "error" not in r and float(r.get("min_steps_scale", 0.0)) == scale}  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -160,30 +198,36 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each trains with cores/jobs threads)")
     parser.add_argument("--out", type=Path, default=Path("robustness.jsonl"))
-    parser.add_argument("--table", type=Path, help="print the table of this --out file and exit")
+    parser.add_argument(
+        "--min-steps-scale",
+        type=float,
+        default=1.0,
+        help="train with this times each model's min_steps (0: the epochs as given)",
+    )
+    parser.add_argument("--table", type=Path, help="print the table of this --out file (at --min-steps-scale) and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         size, kind, seed = args.one.split(",")
-        print("RESULT " + json.dumps(one_run(int(size), kind, int(seed), args.jobs)), flush=True)
+        print("RESULT " + json.dumps(one_run(int(size), kind, int(seed), args.jobs, args.min_steps_scale)), flush=True)
         return
     if args.table:
-        print(table(list(_done(args.table).values())))
+        print(table(list(_done(args.table, args.min_steps_scale).values())))
         return
-    done = _done(args.out)
+    done = _done(args.out, args.min_steps_scale)
     per_class = {label: sum(1 for _, lab in _sources(SOURCE) if lab == label) for label in ("female", "male")}
     todo = [(int(size), kind, int(seed)) for size in args.sizes.split(",") for kind in args.kinds.split(",")
             for seed in args.seeds.split(",")
             if (int(size), kind, int(seed)) not in done and not (kind == "sample" and int(size) > min(per_class.values()))]  # fmt: skip
     print(f"{len(done)} runs on record, {len(todo)} to go ({args.jobs} at once)", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        for future in as_completed([pool.submit(_child, *t, args.jobs) for t in todo]):
+        for future in as_completed([pool.submit(_child, *t, args.jobs, args.min_steps_scale) for t in todo]):
             result = future.result()
             with args.out.open("a") as f:
                 f.write(json.dumps(result) + "\n")
             shown = result.get("error") or {k: round(v, 3) for k, v in result["test_accuracy"].items()}
             print(result["size"], result["kind"], result["seed"], shown, result.get("seconds"), flush=True)
-    print(table(list(_done(args.out).values())))
+    print(table(list(_done(args.out, args.min_steps_scale).values())))
 
 
 if __name__ == "__main__":

@@ -193,6 +193,13 @@ def static_limits(images: int | None = None, scale: float | None = None) -> dict
     return {step: timedelta(seconds=math.ceil(s)) for step, s in seconds.items()}
 
 
+def _epochs_over(plan, images: int, batch_size: int) -> int:
+    """Epochs over `images` images (the whole dataset, more than the split trained on) that make at least
+    the image passes training takes: its epochs, or, raised to the plan's min_steps on a small split
+    (ProfilePlan.scaled_to), min_steps full batches."""
+    return max(plan.epochs, math.ceil(plan.min_steps * batch_size / max(images, 1)))
+
+
 def run_budget(step: str, run: dict, *, model_name: str | None = None, gpu: bool = False) -> Budget | None:
     """The budget of `step` for this run (its record, as the DAG passes it; `gpu`: the task holds one,
     shared by GENDER_TASKS_PER_GPU trainings), or None for a step that runs before the dataset's size is
@@ -206,10 +213,12 @@ def run_budget(step: str, run: dict, *, model_name: str | None = None, gpu: bool
     sharing = tasks_per_gpu() if gpu else 1
     if step == "train":
         plan = settings.per_model[model_name]
-        return train_budget(model_name, plan.image_size, plan.epochs, images, gpu=gpu, sharing=sharing, scale=scale)
+        epochs = _epochs_over(plan, images, settings.batch_size)
+        return train_budget(model_name, plan.image_size, epochs, images, gpu=gpu, sharing=sharing, scale=scale)
     if step == "label_audit":
         plan = settings.label_audit_spec
-        return audit_budget(settings.label_audit_model, plan.image_size, plan.epochs, settings.label_audit_folds,
+        epochs = _epochs_over(plan, images, settings.batch_size)
+        return audit_budget(settings.label_audit_model, plan.image_size, epochs, settings.label_audit_folds,
                             images, gpu=gpu, sharing=sharing, scale=scale)  # fmt: skip
     repeats = settings.repeats
     if step == "preprocess":

@@ -22,7 +22,7 @@ def test_settings_are_immutable_and_round_trip_through_json():
         s.seed = 1
     data = json.loads(json.dumps(s.to_dict()))
     assert Settings.from_dict(data) == s
-    assert data["per_model"]["resnet50"] == {"image_size": 32, "epochs": 2, "freeze_epochs": 1}
+    assert data["per_model"]["resnet50"] == {"image_size": 32, "epochs": 2, "freeze_epochs": 1, "min_steps": 0}
 
 
 def test_overrides_keep_inception_at_its_minimum_and_the_frozen_share():
@@ -152,5 +152,43 @@ def test_every_range_comes_from_one_schema():
 def test_plans_are_the_registrys_type_and_keep_their_json():
     s = resolve_settings({"profile": "tiny", "models": ["cnn", "resnet50"]})
     assert all(type(p) is ProfilePlan for p in [*s.per_model.values(), s.label_audit_spec])
-    assert s.to_dict()["label_audit_spec"] == {"image_size": 32, "epochs": 2, "freeze_epochs": 0}
+    assert s.to_dict()["label_audit_spec"] == {"image_size": 32, "epochs": 2, "freeze_epochs": 0, "min_steps": 0}
     assert Settings.from_dict(s.to_dict()).per_model == s.per_model
+
+
+def test_on_a_small_split_the_cpu_profile_trains_at_least_its_minimum_of_steps():
+    from gender_tasks.training.loop import plan_for
+    from gender_tasks.training.recipe import steps_per_epoch
+
+    s = resolve_settings({"profile": "cpu"})
+    resnet = s.per_model["resnet50"]
+    assert (resnet.min_steps, s.per_model["cnn"].min_steps, s.label_audit_spec.min_steps) == (110, 264, 264)
+    # The shared faces' ~700 training images make 22 steps an epoch: the profile's epochs as they are.
+    assert plan_for(resnet, 696, 32) == resnet and plan_for(s.per_model["cnn"], 696, 32) == s.per_model["cnn"]
+    # 100 faces a class (140 training images) make 5 steps an epoch: 22 epochs reach the 110 steps.
+    small = plan_for(resnet, 140, 32)
+    assert small.epochs == 22 and small.epochs * steps_per_epoch(140, 32) >= 110 > 21 * steps_per_epoch(140, 32)
+    assert (small.image_size, small.freeze_epochs, small.min_steps) == (64, 0, 110)
+    # Frozen epochs keep their share.
+    assert ProfilePlan(64, 10, 5, min_steps=100).scaled_to(5) == ProfilePlan(64, 20, 10, min_steps=100)
+    # Epochs asked for are trained as asked; the study's profile and the tests' have no minimum.
+    assert resolve_settings({"profile": "cpu", "epochs": 2}).per_model["resnet50"].min_steps == 0
+    for profile in ("paper", "tiny"):
+        plans = resolve_settings({"profile": profile}).per_model.values()
+        assert all(p.min_steps == 0 for p in plans), profile
+
+
+def test_a_train_task_small_enough_for_the_minimum_gets_the_time_for_it():
+    from gender_tasks.timeouts import run_budget
+
+    s = resolve_settings({"profile": "cpu"})
+    run = {"settings": s.to_dict(), "dataset": {"images": 200}}
+    without = {"settings": s.replace(per_model={m: ProfilePlan(p.image_size, p.epochs) for m, p in
+                                                s.per_model.items()}).to_dict(), "dataset": {"images": 200}}  # fmt: skip
+    with_minimum, plain = (
+        run_budget("train", run, model_name="resnet50"),
+        run_budget("train", without, model_name="resnet50"),
+    )
+    # Sized on the whole dataset (more than its training split): 110 steps of 32 are 18 passes over 200 images.
+    assert "200 images at 64 px x 18 epochs" in with_minimum.sized_for and "x 5 epochs" in plain.sized_for
+    assert with_minimum.seconds > plain.seconds

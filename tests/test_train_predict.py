@@ -205,3 +205,23 @@ def test_a_running_epoch_logs_its_progress(caplog):
     quiet = progress_logger("cnn epoch 2/12", every_s=3600)
     quiet(16, 8000)
     assert len(caplog.records) == 1
+
+
+def test_a_small_split_trains_the_plans_minimum_of_steps_and_says_so(prepared, caplog):
+    """A plan's min_steps raises the epochs on a split too small for them (here 28 images, batch 16: 2 steps
+    an epoch, so a 1-epoch plan with a minimum of 7 steps trains 4 epochs); the history, the metrics and
+    the log say what was trained."""
+    settings, dataset, split_info = prepared["settings"], prepared["dataset"], prepared["split"]
+    storage = open_storage(settings["storage"])
+    manifest = _manifest(settings, split_info)
+    n_train = int((manifest["split"] == "train").sum())
+    settings = Settings.from_dict(settings)
+    assert (n_train, settings.batch_size) == (28, 16)
+    settings = settings.replace(per_model={**settings.per_model, "cnn": ProfilePlan(32, 1, 0, min_steps=7)})
+    caplog.set_level("INFO")
+    train_model(storage, run_key="r-min", model_name="cnn", manifest=manifest, dataset_id=dataset["dataset_id"],
+                settings=settings)  # fmt: skip
+    assert "cnn: 28 training images make 2 optimizer steps an epoch; 4 epochs (not 1)" in caplog.text
+    history = json.loads(storage.get_bytes(f"{model_prefix('r-min', 'cnn')}/history.json"))
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert json.loads(storage.get_bytes(f"{model_prefix('r-min', 'cnn')}/metrics.json"))["epochs"] == 4

@@ -8,7 +8,7 @@ one `register(ModelSpec(...))` call, plus its module for a custom network.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The input normalisation of torchvision's ImageNet weights (for models with imagenet_normalised).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -17,11 +17,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ProfilePlan:
-    """How one model trains in one profile: input size, epochs, and how many of them are frozen."""
+    """How one model trains in one profile: input size, epochs, how many of them are frozen, and the fewest
+    optimizer steps it takes on a small training split."""
 
     image_size: int
     epochs: int
     freeze_epochs: int = 0
+    # On a training split too small for `epochs` to make this many optimizer steps, the epochs are raised
+    # until they do (scaled_to). A profile's epochs are sized for a dataset of some hundreds of images a
+    # class; on a tenth of that, a network trained from scratch gets a tenth of the steps, and its
+    # eval-mode predictions can fall into one class (bench/RESULTS.md, robustness). 0: epochs as given.
+    min_steps: int = 0
+
+    def scaled_to(self, steps_per_epoch: int) -> ProfilePlan:
+        """This plan for a training split of `steps_per_epoch` optimizer steps an epoch: the epochs raised
+        (the frozen ones in proportion) until training takes at least min_steps steps; itself if it does."""
+        if self.epochs * steps_per_epoch >= self.min_steps:
+            return self
+        epochs = -(-self.min_steps // max(steps_per_epoch, 1))
+        return replace(self, epochs=epochs, freeze_epochs=round(self.freeze_epochs * epochs / self.epochs))
 
 
 @dataclass(frozen=True)
@@ -78,25 +92,26 @@ def _plans(paper: tuple, cpu: tuple, tiny: tuple) -> dict[str, ProfilePlan]:
 
 # The study's models (section 3). Profiles: paper = the study's settings (CNN 20 epochs; transfer
 # models 10 epochs, 5 frozen, InceptionV3 at its native 299 px); cpu = from scratch on a laptop (no
-# frozen epochs: freezing a random backbone teaches nothing); tiny = tests.
+# frozen epochs: freezing a random backbone teaches nothing; at least the optimizer steps its epochs make
+# on the shared faces' ~700 training images, 22 an epoch: min_steps); tiny = tests.
 register(ModelSpec(
     name="cnn", display_name="CNN", builder="gender_tasks.models.cnn:build_cnn", min_image_size=16,
-    profiles=_plans(paper=(224, 20, 0), cpu=(64, 12, 0), tiny=(32, 2, 0)), relative_cost=55,
+    profiles=_plans(paper=(224, 20, 0), cpu=(64, 12, 0, 264), tiny=(32, 2, 0)), relative_cost=55,
 ))  # fmt: skip
 register(ModelSpec(
     name="resnet50", display_name="ResNet50", builder="gender_tasks.models.transfer:build_resnet50",
-    min_image_size=32, profiles=_plans(paper=(224, 10, 5), cpu=(64, 5, 0), tiny=(32, 2, 1)), relative_cost=243,
+    min_image_size=32, profiles=_plans(paper=(224, 10, 5), cpu=(64, 5, 0, 110), tiny=(32, 2, 1)), relative_cost=243,
     head=("fc",), imagenet_normalised=True, pretrained=True,
 ))  # fmt: skip
 register(ModelSpec(
     name="inceptionv3", display_name="Inception V3", builder="gender_tasks.models.transfer:build_inceptionv3",
     # Its stem cannot take inputs under 75 px.
-    min_image_size=75, profiles=_plans(paper=(299, 10, 5), cpu=(75, 5, 0), tiny=(75, 1, 0)), relative_cost=342,
+    min_image_size=75, profiles=_plans(paper=(299, 10, 5), cpu=(75, 5, 0, 110), tiny=(75, 1, 0)), relative_cost=342,
     head=("net.fc", "net.AuxLogits.fc"), imagenet_normalised=True, pretrained=True, raise_small_inputs=True,
 ))  # fmt: skip
 register(ModelSpec(
     name="mobilenetv2", display_name="MobileNet V2", builder="gender_tasks.models.transfer:build_mobilenetv2",
-    min_image_size=32, profiles=_plans(paper=(224, 10, 5), cpu=(64, 5, 0), tiny=(32, 2, 1)), relative_cost=123,
+    min_image_size=32, profiles=_plans(paper=(224, 10, 5), cpu=(64, 5, 0, 110), tiny=(32, 2, 1)), relative_cost=123,
     head=("classifier",), imagenet_normalised=True, pretrained=True,
 ))  # fmt: skip
 

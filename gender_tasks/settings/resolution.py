@@ -182,8 +182,9 @@ def _profile_plan(name: str, profile: str):
 
 def _train_plan(name: str, config: RunConfig) -> ProfilePlan:
     base = _profile_plan(name, config.profile)
-    size, epochs, freeze = base.image_size, base.epochs, base.freeze_epochs
-    if config.epochs is not None:  # at least 1: check_limits
+    size, epochs, freeze, min_steps = base.image_size, base.epochs, base.freeze_epochs, base.min_steps
+    if config.epochs is not None:  # at least 1: check_limits; epochs asked for are trained as asked
+        min_steps = 0
         # Keep the profile's frozen/unfrozen proportion.
         frac = freeze / epochs
         epochs = int(config.epochs)
@@ -196,7 +197,7 @@ def _train_plan(name: str, config: RunConfig) -> ProfilePlan:
             size = minimum  # a run-wide size applies to the other models; this one cannot go smaller
         else:
             raise SettingsError(f"image_size {size} is too small for {name}; use at least {minimum}")
-    return ProfilePlan(image_size=size, epochs=epochs, freeze_epochs=freeze)
+    return ProfilePlan(image_size=size, epochs=epochs, freeze_epochs=freeze, min_steps=min_steps)
 
 
 def _label_audit_plan(config: RunConfig) -> ProfilePlan:
@@ -205,4 +206,4 @@ def _label_audit_plan(config: RunConfig) -> ProfilePlan:
     size = base.image_size
     if config.image_size is not None:
         size = max(int(config.image_size), get_model_spec(name).min_image_size)
-    return ProfilePlan(image_size=size, epochs=base.epochs, freeze_epochs=0)
+    return ProfilePlan(image_size=size, epochs=base.epochs, freeze_epochs=0, min_steps=base.min_steps)

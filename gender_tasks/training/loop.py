@@ -216,6 +216,17 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
     return model, inputs
 
 
+def plan_for(plan: ProfilePlan, n_train: int, batch_size: int, model_name: str = "") -> ProfilePlan:
+    """`plan` as trained on `n_train` images: its epochs raised until training takes the plan's min_steps
+    optimizer steps (ProfilePlan.scaled_to), saying so when they are."""
+    scaled = plan.scaled_to(steps_per_epoch(n_train, batch_size))
+    if scaled != plan:
+        log.info("%s: %d training images make %d optimizer steps an epoch; %d epochs (not %d) give the %d steps "
+                 "this profile trains at least", model_name or "model", n_train, steps_per_epoch(n_train, batch_size),
+                 scaled.epochs, plan.epochs, plan.min_steps)  # fmt: skip
+    return scaled
+
+
 @dataclass
 class Phase:
     """The optimizer and per-step schedule of one phase of training (backbone frozen, or not)."""
@@ -289,6 +300,7 @@ def fit_predict(model_name: str, plan: ProfilePlan, settings: Settings, train: S
     TTA): the building block of out-of-fold predictions."""
     device = pick_device()
     autocast = make_autocast(device)
+    plan = plan_for(plan, len(train), settings.batch_size, model_name)
     model, inputs = setup_model(model_name, plan.image_size, settings.weights, seed, device)
     train_epochs(model, model_name, train, inputs, autocast, plan=plan, settings=settings, seed=seed)
     prob, _ = predict_proba(model, predict, inputs, settings.batch_size * 2, autocast, tta=settings.recipe.tta)

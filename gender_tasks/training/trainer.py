@@ -46,7 +46,7 @@ from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
 from .devices import configure_threads, device_name, make_autocast, peak_memory_mb, pick_device
 from .export import export_model
 from .keys import key_of, model_inputs
-from .loop import EpochDone, Phase, predict_proba, setup_model, start_phase, train_epochs
+from .loop import EpochDone, Phase, plan_for, predict_proba, setup_model, start_phase, train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def _start(storage: Storage, model_name: str, manifest: pd.DataFrame, dataset_id
         raise TrainingDataError(
             f"the training split of {dataset_id} is empty; the dataset is too small to train on: add images"
         )
+    plan = plan_for(plan, len(data["train"]), settings.batch_size, model_name)
     model, inputs = setup_model(model_name, plan.image_size, settings.weights, settings.seed, device)
     return TrainingRun(model_name, plan, settings, dataset_id, data, model, inputs, make_autocast(device), device,
                        threads)  # fmt: skip
