@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pendulum
@@ -75,15 +74,15 @@ def test_stale_runs_of_dead_processes_are_ended_and_live_or_scheduler_runs_kept(
 
 
 _SETUP = """
-import sys, time
+import sys
 from gender_tasks.cli import DAG_ID, airflow_env_defaults
 airflow_env_defaults()
 from gender_tasks.local_airflow import prepare_airflow
-start = float(sys.argv[1])
-while time.time() < start:  # both processes register at the same moment
-    time.sleep(0.005)
+import airflow.models  # everything imported before the start line, so that both register at the same moment
+print("ready", flush=True)
+sys.stdin.readline()
 prepare_airflow(DAG_ID)
-print("registered")
+print("registered", flush=True)
 """
 
 
@@ -93,10 +92,21 @@ def test_two_first_runs_at_once_on_a_fresh_airflow_home_both_register(tmp_path):
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "home")}
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=env,
                    timeout=600)  # fmt: skip
-    start = str(time.time() + 40)  # after both have imported Airflow, even on a loaded machine
-    procs = [subprocess.Popen([sys.executable, "-c", _SETUP, start], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
-    outs = [p.communicate(timeout=600) for p in procs]
+    procs = [subprocess.Popen([sys.executable, "-c", _SETUP], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    try:
+        for proc in procs:  # both have imported Airflow and wait for the line
+            assert proc.stdout.readline().strip() == "ready", (
+                proc.stderr.read()[-3000:] if proc.poll() is not None else ""
+            )
+        for proc in procs:  # the start line, to both at once
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     for proc, (out, err) in zip(procs, outs, strict=True):
         assert proc.returncode == 0 and "registered" in out, err[-3000:]
     code = ("from airflow.utils.session import create_session\nfrom airflow.models.asset import AssetModel\n"
