@@ -39,6 +39,7 @@ run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 # minute); the `slow` and `services` markers (pyproject.toml) set the rest apart. On TEST_WORKERS
 # pytest-xdist workers too (624 tests: 78 s in one process, 55 s on two, on this 2-core machine).
 TEST_WORKERS ?= 2
+SLOW_TEST_WORKERS ?= $(TEST_WORKERS)
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slow and not services" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
@@ -48,7 +49,7 @@ test-fast: $(BIN)/.installed
 # prepared run, an API server) are built once. Modules go out in collection order, the longest first
 # (tests/conftest.py), not xdist's default of the most tests first. TEST_WORKERS=0 runs it in this process.
 test: test-fast
-	$(BIN)/python -m pytest -m "slow or services" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+	$(BIN)/python -m pytest -m "slow or services" --durations=15 $(if $(filter-out 0,$(SLOW_TEST_WORKERS)),-n $(SLOW_TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # The Airflow UI (and scheduler) on the embedded default: http://localhost:$(PORT)
 ui: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db

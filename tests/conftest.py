@@ -177,3 +177,38 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for title, text in _SUMMARY_LINES:
         terminalreporter.write_sep("-", title)
         terminalreporter.write_line(text)
+
+
+# --- CPU seconds per module, for sizing the tiers: GENDER_TEST_CPU_LOG=/path appends them there ----------
+
+_CPU_LOG = os.environ.get("GENDER_TEST_CPU_LOG")
+_CPU: dict[str, list[float]] = {}
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime  # children: the reaped ones
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _CPU_LOG:
+        return (yield)
+    import time
+
+    cpu, wall = _cpu_seconds(), time.monotonic()
+    try:
+        return (yield)
+    finally:
+        totals = _CPU.setdefault(item.path.name, [0.0, 0.0])
+        totals[0] += _cpu_seconds() - cpu
+        totals[1] += time.monotonic() - wall
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CPU_LOG and _CPU:
+        with open(_CPU_LOG, "a") as fh:
+            for name, (cpu, wall) in sorted(_CPU.items(), key=lambda kv: -kv[1][0]):
+                fh.write(f"{cpu:8.1f} {wall:8.1f} {name}\n")
