@@ -299,6 +299,19 @@ def test_the_label_audit_shows_the_most_suspicious_images_first(run, page):
     assert "3-fold cross-fitting over all 56 images" in html
 
 
+def test_an_audit_image_that_does_not_read_gets_a_placeholder_not_a_broken_image(run):
+    import dataclasses
+
+    _, _, inputs = run
+    thumbnails = [None, *inputs.audit_thumbnails[1:]]  # report._audit_thumbnail gives None for an unreadable one
+    spoilt = dataclasses.replace(inputs, audit_thumbnails=thumbnails)
+    page = sections.page_context(sections.build_sections(spoilt, with_plots=False), spoilt)
+    html = sections.render_section("label_audit", page)
+    assert 'src="None"' not in html and '<img src=""' not in html
+    assert html.count('<img src="data:image/png;base64,') == sections.AUDIT_SHOWN - 1
+    assert html.count("no preview: the stored image does not read") == 1
+
+
 def test_external_sets_show_each_model_and_its_drop_against_the_synthetic_test_split(page):
     (ext,) = page["r"]["external"]
     html = sections.render_section("external", page)
