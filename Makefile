@@ -37,17 +37,18 @@ run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 
 # The fast tier: unit tests, no training, no processes or servers started, no timeouts waited out (under a
 # minute); the `slow` and `services` markers (pyproject.toml) set the rest apart. On TEST_WORKERS
-# pytest-xdist workers too (624 tests: 78 s in one process, 55 s on two, on this 2-core machine).
+# pytest-xdist workers too (627 tests: 37 s on two, on this session's 2-core machine).
 TEST_WORKERS ?= 2
-SLOW_TEST_WORKERS ?= $(TEST_WORKERS)
+SLOW_TEST_WORKERS ?= 3
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slow and not services" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
 # The full suite: the fast tier first (a broken unit fails within a minute), then the rest on
-# TEST_WORKERS pytest-xdist workers (most of it waits on processes, servers and timeouts, so two help
-# even on two cores). `--dist loadfile` keeps a module on one worker: its module-scoped fixtures (a
-# prepared run, an API server) are built once. Modules go out in collection order, the longest first
-# (tests/conftest.py), not xdist's default of the most tests first. TEST_WORKERS=0 runs it in this process.
+# SLOW_TEST_WORKERS pytest-xdist workers (three on two cores: about a quarter of the tier waits on processes,
+# servers and timeouts; 536 s against 560 s on two, bench/RESULTS.md). `--dist loadfile` keeps a module on one
+# worker: its module-scoped fixtures (a prepared run, an API server) are built once. Modules go out in
+# collection order, the longest first (tests/conftest.py), not xdist's default of the most tests first.
+# SLOW_TEST_WORKERS=0 runs it in this process; GENDER_TEST_CPU_LOG=file appends each module's CPU seconds.
 test: test-fast
 	$(BIN)/python -m pytest -m "slow or services" --durations=15 $(if $(filter-out 0,$(SLOW_TEST_WORKERS)),-n $(SLOW_TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
