@@ -135,3 +135,14 @@ def test_pairwise_uses_only_common_repeats():
     assert set(rows) == {("a", "b"), ("a", "c"), ("b", "c")}
     assert rows[("a", "b")]["t"] == math.inf  # two identical differences of 0.1
     assert rows[("a", "c")]["n"] == 1 and math.isnan(rows[("a", "c")]["p"])
+
+
+def test_an_interval_of_values_at_the_bound_holds_their_mean():
+    """Three perfect repeats and one image wrong (of 50): the correction moves 1.0 half an image inside, the
+    interval with it; it still holds the mean the report prints beside it, and stays inside [0, 1]."""
+    from gender_tasks.evaluation.repeats import logit_t_interval
+
+    values = [1.0, 1.0, 1.0, 0.98]
+    low, high = logit_t_interval(values, n_images=50)
+    assert 0.0 <= low <= sum(values) / 4 <= high <= 1.0
+    assert high == sum(values) / 4  # widened to the mean exactly: the corrected values' interval ends below it

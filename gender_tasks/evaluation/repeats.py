@@ -75,7 +75,8 @@ def logit_t_interval(values, n_images: int | None = None, confidence: float = CO
 
     A value of exactly 0 or 1 has no logit; it is moved half an image inside (to 0.5 / n_images or
     1 - 0.5 / n_images, the usual continuity correction), so `n_images` (the number of images each value
-    was measured on) is required when one occurs. Values with no spread give [v, v]."""
+    was measured on) is required when one occurs; the interval then also holds the values' own mean. Values
+    with no spread give [v, v]."""
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
         return math.nan, math.nan
@@ -86,7 +87,12 @@ def logit_t_interval(values, n_images: int | None = None, confidence: float = CO
     if np.any((v == 0) | (v == 1)):
         if not n_images or n_images < 1:
             raise ValueError(f"values {v.tolist()} include 0 or 1: give n_images (the images each was measured on)")
+        mean = float(v.mean())
         v = np.clip(v, 0.5 / n_images, 1 - 0.5 / n_images)
+        low, high = t_interval(special.logit(v), confidence)
+        # The correction moved values inward, and the interval with them: it is widened to hold the mean of
+        # the values as measured (the mean the report prints beside it), never left below or above it.
+        return min(float(special.expit(low)), mean), max(float(special.expit(high)), mean)
     low, high = t_interval(special.logit(v), confidence)
     return float(special.expit(low)), float(special.expit(high))
 
