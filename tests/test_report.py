@@ -14,6 +14,7 @@ from helpers import write_dataset
 from gender_tasks import layout, pipeline
 from gender_tasks.evaluation.stats import bootstrap_ci, mcnemar
 from gender_tasks.reporting import report, sections
+from gender_tasks.settings import resolve_settings
 from gender_tasks.storage import LocalStorage, open_storage
 
 
@@ -297,6 +298,19 @@ def test_the_label_audit_shows_the_most_suspicious_images_first(run, page):
     html = sections.render_section("label_audit", page)
     assert html.count('<img src="data:image/png;base64,') == sections.AUDIT_SHOWN
     assert "3-fold cross-fitting over all 56 images" in html
+
+
+def test_the_setup_says_when_a_model_trained_other_epochs_than_its_plan(page):
+    """The fixture's models trained 3 epochs where the tiny plan says 2 (as a plan's min_steps raises them on a
+    small split): the setup row says both; the minimum of steps is its own row beside the study's."""
+    setup = {row["setting"]: row for row in page["r"]["setup"]}
+    epochs = setup["Epochs (frozen)"]["ours"]
+    assert "CNN 2 (0), trained 3" in epochs and "MobileNet V2 2 (1), trained 3" in epochs
+    assert setup["Fewest optimizer steps"]["ours"] == setup["Fewest optimizer steps"]["study"] == "no minimum"
+    cpu = sections.describe_recipe(resolve_settings({"profile": "cpu"}), {"resnet50": 22, "cnn": 12})
+    assert "ResNet50 5 (0), trained 22 (its minimum of 110 steps)" in cpu["Epochs (frozen)"]
+    assert "CNN 12 (0)," in cpu["Epochs (frozen)"] + "," and "CNN 12 (0), trained" not in cpu["Epochs (frozen)"]
+    assert cpu["Fewest optimizer steps"] == "CNN 264, ResNet50 110, Inception V3 110, MobileNet V2 110"
 
 
 def test_an_audit_image_that_does_not_read_gets_a_placeholder_not_a_broken_image(run):

@@ -213,8 +213,18 @@ def repeats_section(inputs: ReportInputs) -> dict | None:
             "corrected_tests": tests, "n_train": n_train, "n_test": n_test, "per_repeat": per_repeat}  # fmt: skip
 
 
-def describe_recipe(settings: Settings) -> dict[str, str]:
+def describe_recipe(settings: Settings, trained_epochs: dict[str, int] | None = None) -> dict[str, str]:
+    """The setup table's column for `settings`; `trained_epochs` (each model's metrics.json "epochs") adds the
+    epochs a model trained where they differ from its plan's (raised to its min_steps on a small split)."""
     r, lr = settings.recipe, settings.learning_rate
+    trained = trained_epochs or {}
+
+    def epochs(m: str, p) -> str:
+        text = f"{label(m)} {p.epochs} ({p.freeze_epochs})"
+        if trained.get(m, p.epochs) != p.epochs:
+            text += f", trained {trained[m]}" + (f" (its minimum of {p.min_steps} steps)" if p.min_steps else "")
+        return text
+
     optimiser = f"{'AdamW' if r.optimizer == 'adamw' else 'Adam'}, learning rate {lr:g}"
     if r.weight_decay:
         optimiser += f", weight decay {r.weight_decay:g}"
@@ -225,7 +235,9 @@ def describe_recipe(settings: Settings) -> dict[str, str]:
     return {
         "Weights": settings.weights,
         "Input size (px)": ", ".join(f"{label(m)} {p.image_size}" for m, p in settings.per_model.items()),
-        "Epochs (frozen)": ", ".join(f"{label(m)} {p.epochs} ({p.freeze_epochs})" for m, p in settings.per_model.items()),
+        "Epochs (frozen)": ", ".join(epochs(m, p) for m, p in settings.per_model.items()),
+        "Fewest optimizer steps": ", ".join(f"{label(m)} {p.min_steps}" for m, p in settings.per_model.items()
+                                            if p.min_steps) or "no minimum",
         "Batch": str(settings.batch_size),
         "Optimiser": optimiser,
         "Schedule": schedule,
@@ -236,10 +248,10 @@ def describe_recipe(settings: Settings) -> dict[str, str]:
     }  # fmt: skip
 
 
-def setup_comparison(settings: Settings) -> list[dict]:
+def setup_comparison(settings: Settings, trained_epochs: dict[str, int] | None = None) -> list[dict]:
     """This run's training setup beside the study's (the `paper` profile) for Table 1's caption."""
     study = describe_recipe(resolve_settings({"profile": "paper", "models": list(settings.models)}))
-    ours = describe_recipe(settings)
+    ours = describe_recipe(settings, trained_epochs)
     return [{"setting": k, "ours": ours[k], "study": study[k], "same": ours[k] == study[k]} for k in ours]
 
 
@@ -426,7 +438,10 @@ def build_sections(inputs: ReportInputs, *, with_plots: bool = True) -> Report:
         "ensemble": ensemble,
         "ensemble_skipped": None if ensemble else inputs.ensemble_skipped,
         "table": rows,
-        "setup": setup_comparison(inputs.settings),
+        "setup": setup_comparison(
+            inputs.settings,
+            {m: o["metrics"]["epochs"] for m, o in inputs.outputs[0].items() if "epochs" in o.get("metrics", {})},
+        ),
         "repeats": repeats,
         "comparisons": comparisons(inputs),
         "recall_gaps": {m: v["recall_gap"] for m, v in cards.items()},
