@@ -131,13 +131,14 @@ def any_storage(request):
 
 # --- The order: the longest modules first --------------------------------------------------------
 
-# The slow tier's longest modules, longest first (measured: DAG runs, whole Airflows, every model exported or
-# trained; minutes each). `make test` hands whole modules to two xdist workers in collection order
-# (--no-loadscope-reorder): these go first, so that neither worker is left with one of them at the end while
-# the other idles. Within a module the order stays as written.
-_LONGEST_FIRST = ("test_e2e_dag.py", "test_gpu_check.py", "test_export.py", "test_distributed.py", "test_ui_trigger.py",
-                  "test_train_predict.py", "test_ui_plugin.py", "test_scoring.py", "test_tracking.py",
-                  "test_local_airflow.py")  # fmt: skip
+# The slow tier's longest modules, longest first (wall seconds on three workers, GENDER_TEST_CPU_LOG's second
+# column: DAG runs, whole Airflows, every model exported or trained). `make test` hands whole modules to the
+# xdist workers in collection order (--no-loadscope-reorder): these go first, so that no worker is left with
+# one of them at the end while the others idle (the browser test's Airflow, 350 s, went fifth and ended last).
+# Within a module the order stays as written.
+_LONGEST_FIRST = ("test_ui_trigger.py", "test_e2e_dag.py", "test_gpu_check.py", "test_distributed.py", "test_export.py",
+                  "test_hostile_sources.py", "test_tracking.py", "test_scoring.py", "test_train_predict.py",
+                  "test_storage_outages.py", "test_ui_plugin.py", "test_local_airflow.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
