@@ -45,7 +45,7 @@ test-fast: $(BIN)/.installed
 
 # The full suite: the fast tier first (a broken unit fails within a minute), then the rest on
 # SLOW_TEST_WORKERS pytest-xdist workers (three on two cores: about a quarter of the tier waits on processes,
-# servers and timeouts; 536 s against 560 s on two, bench/RESULTS.md). `--dist loadfile` keeps a module on one
+# servers and timeouts; 486 s against 560 s on two, bench/RESULTS.md). `--dist loadfile` keeps a module on one
 # worker: its module-scoped fixtures (a prepared run, an API server) are built once. Modules go out in
 # collection order, the longest first (tests/conftest.py), not xdist's default of the most tests first.
 # SLOW_TEST_WORKERS=0 runs it in this process; GENDER_TEST_CPU_LOG=file appends each module's CPU seconds.
