@@ -18,7 +18,7 @@ report), on local storage in that folder, with `seed` as the run's seed (split a
 
 `--min-steps-scale F` trains with F times each model's `min_steps` (models/registry.py; 0: the epochs as
 given, whatever the dataset's size), to measure what the minimum does; rows record it, and the table
-shows one scale (--table-scale, default 1).
+shows the runs of one scale (the same option, default 1; rows without a scale predate the minimum: 0).
 
 Each run appends one JSON line to --out (test accuracy per model and the ensemble, the models the
 report flagged, seconds); a rerun with the same --out skips the runs already there. The table gives,
@@ -92,6 +92,7 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0) -> d
     logging.basicConfig(level=logging.WARNING)
     from gender_tasks import pipeline
     from gender_tasks.data.shards import CACHE_DIR_ENV
+    from gender_tasks.layout import model_file_key
 
     _scale_min_steps(scale)
 
@@ -110,7 +111,7 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0) -> d
         ensembled = pipeline.ensemble(run)
         out = pipeline.report(run, trained, ensembled=ensembled)
         results = json.loads(Path(out["results_uri"].removeprefix("file://")).read_text())
-        epochs = {m: json.loads((work / "store" / "runs" / run["run_key"] / "models" / m / "metrics.json").read_text())["epochs"]
+        epochs = {m: json.loads((work / "store" / model_file_key(run["run_key"], m, "metrics.json")).read_text())["epochs"]
                   for m in MODELS}  # fmt: skip
         return {
             "size": size, "kind": kind, "seed": seed, "min_steps_scale": scale, "epochs": epochs,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
@@ -56,8 +57,7 @@ def model_inputs(settings: Settings, model_name: str, dataset_id: str, manifest:
     """Everything one model's training depends on, as JSON (saved beside the model, hashed into its key)."""
     plan = settings.per_model[model_name]
     return {"kind": "model", "model": model_name, "dataset_id": dataset_id, "split": split_digest(manifest),
-            "plan": {"image_size": plan.image_size, "epochs": plan.epochs, "freeze_epochs": plan.freeze_epochs,
-                     "min_steps": plan.min_steps},
+            "plan": asdict(plan),
             "settings": settings.training_inputs(), "code": code_version()}  # fmt: skip
 
 
@@ -66,8 +66,7 @@ def audit_inputs(settings: Settings, dataset_id: str, manifest: pd.DataFrame) ->
     spec = settings.label_audit_spec
     return {"kind": "label_audit", "model": settings.label_audit_model, "folds": int(settings.label_audit_folds),
             "dataset_id": dataset_id, "split": split_digest(manifest),
-            "plan": {"image_size": spec.image_size, "epochs": spec.epochs, "freeze_epochs": spec.freeze_epochs,
-                     "min_steps": spec.min_steps},
+            "plan": asdict(spec),
             "settings": settings.training_inputs(), "code": code_version()}  # fmt: skip
 
 

@@ -219,11 +219,12 @@ def setup_model(model_name: str, image_size: int, weights: str, seed: int, devic
 def plan_for(plan: ProfilePlan, n_train: int, batch_size: int, model_name: str = "") -> ProfilePlan:
     """`plan` as trained on `n_train` images: its epochs raised until training takes the plan's min_steps
     optimizer steps (ProfilePlan.scaled_to), saying so when they are."""
-    scaled = plan.scaled_to(steps_per_epoch(n_train, batch_size))
+    per_epoch = steps_per_epoch(n_train, batch_size)
+    scaled = plan.scaled_to(per_epoch)
     if scaled != plan:
         log.info("%s: %d training images make %d optimizer steps an epoch; %d epochs (not %d) give the %d steps "
-                 "this profile trains at least", model_name or "model", n_train, steps_per_epoch(n_train, batch_size),
-                 scaled.epochs, plan.epochs, plan.min_steps)  # fmt: skip
+                 "this profile trains at least", model_name or "model", n_train, per_epoch, scaled.epochs,
+                 plan.epochs, plan.min_steps)  # fmt: skip
     return scaled
 
 
