@@ -1,7 +1,7 @@
 import pytest
 
 from gender_tasks.models.registry import STUDY_MODELS, ProfilePlan, get_model_spec, model_names
-from gender_tasks.settings import PROFILES, Settings, SettingsError, resolve_settings
+from gender_tasks.settings import PROFILES, RunConfig, Settings, SettingsError, resolve_settings
 
 
 def test_defaults_resolve_every_model_with_the_profile_sizes():
@@ -192,3 +192,12 @@ def test_a_train_task_small_enough_for_the_minimum_gets_the_time_for_it():
     # Sized on the whole dataset (more than its training split): 110 steps of 32 are 18 passes over 200 images.
     assert "200 images at 64 px x 18 epochs" in with_minimum.sized_for and "x 5 epochs" in plain.sized_for
     assert with_minimum.seconds > plain.seconds
+
+
+def test_the_label_audits_folds_are_the_profiles_unless_a_run_sets_them():
+    """Ten folds where the audit is meant to be read (paper, cpu), five in the tests' tiny profile; a run's
+    label_audit_folds wins (the audit's key and time limit take the resolved number)."""
+    assert {p: resolve_settings({"profile": p}).label_audit_folds for p in ("paper", "cpu", "tiny")} == {
+        "paper": 10, "cpu": 10, "tiny": 5}  # fmt: skip
+    assert resolve_settings({"profile": "cpu", "label_audit_folds": 3}).label_audit_folds == 3
+    assert RunConfig().label_audit_folds is None  # nothing to resolve against before the profile is known

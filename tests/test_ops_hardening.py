@@ -259,7 +259,7 @@ def test_the_run_budget_is_sized_from_the_run_record(monkeypatch):
     assert timeouts.run_budget("preprocess", run).sized_for == "800 images at sizes [64] px"
     assert timeouts.run_budget("split", run).sized_for == "800 images x 2 repeats"
     assert timeouts.run_budget("report", run).sized_for == "800 images x 6 trained models"
-    assert "5 folds of cnn" in timeouts.run_budget("label_audit", run).sized_for
+    assert "10 folds of cnn" in timeouts.run_budget("label_audit", run).sized_for  # the cpu profile's folds
     # Before the dataset's size is known there is only the DAG's limit.
     assert timeouts.run_budget("ingest", run) is None and timeouts.run_budget("prepare", {"profile": "x"}) is None
     # A run's deadline is far inside the DAG's limit, which is sized for the largest run.

@@ -130,7 +130,8 @@ class RunConfig:
         -1, 64, "bits of perceptual-hash distance, -1 for byte-identical images only"))  # fmt: skip
     label_audit: bool = field(default=True, metadata=_form(
         "Label audit", "Out-of-fold predictions for every image, ranking likely mislabels.", type="boolean"))  # fmt: skip
-    label_audit_folds: int = field(default=5, metadata=_limits(2, None, "folds of the label audit"))
+    # Empty: the profile's (10 for paper and cpu, 5 for tiny).
+    label_audit_folds: int | None = field(default=None, metadata=_limits(2, None, "folds of the label audit"))
     label_audit_model: str = "cnn"
     external_eval: tuple[str, ...] | None = field(default=None, metadata=_form(
         "External evaluation sets", "Extra labeled folders every model is evaluated on, each 'path' or "

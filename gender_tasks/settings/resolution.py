@@ -110,6 +110,7 @@ def resolve_settings(overrides: dict[str, Any] | RunConfig | None = None) -> Set
             "near_duplicate_distance": _near_duplicate_distance(config),
             "storage": config.storage or None,
             "external_eval": _as_tuple(config.external_eval or ()),
+            "label_audit_folds": int(config.label_audit_folds or profile.label_audit_folds),
         },
         batch_size=profile.batch_size,
         learning_rate=profile.learning_rate,
