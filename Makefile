@@ -37,7 +37,7 @@ run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 
 # The fast tier: unit tests, no training, no processes or servers started, no timeouts waited out (under a
 # minute); the `slow` and `services` markers (pyproject.toml) set the rest apart. On TEST_WORKERS
-# pytest-xdist workers too (627 tests: 37 s on two, on this session's 2-core machine).
+# pytest-xdist workers too (621 tests: 37-43 s on two on a fast 2-core VM, 58-69 s on a slow one; bench/RESULTS.md).
 TEST_WORKERS ?= 2
 SLOW_TEST_WORKERS ?= 3
 test-fast: $(BIN)/.installed
@@ -45,7 +45,7 @@ test-fast: $(BIN)/.installed
 
 # The full suite: the fast tier first (a broken unit fails within a minute), then the rest on
 # SLOW_TEST_WORKERS pytest-xdist workers (three on two cores: about a quarter of the tier waits on processes,
-# servers and timeouts; 486 s against 560 s on two, bench/RESULTS.md). `--dist loadfile` keeps a module on one
+# servers and timeouts; 486 s against 560 s on two on a fast VM, bench/RESULTS.md). `--dist loadfile` keeps a module on one
 # worker: its module-scoped fixtures (a prepared run, an API server) are built once. Modules go out in
 # collection order, the longest first (tests/conftest.py), not xdist's default of the most tests first.
 # SLOW_TEST_WORKERS=0 runs it in this process; GENDER_TEST_CPU_LOG=file appends each module's CPU seconds.

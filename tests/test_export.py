@@ -224,6 +224,7 @@ def _sample_inputs(marker: Path):
     return change
 
 
+@pytest.mark.slow  # torch.export of a model for the module (6 s here)
 @pytest.mark.parametrize(
     "attack,why",
     [(_pickled_weight, "stored pickled"), (_expression, "shape expression"), (_guards, "not a comparison of input sizes"),

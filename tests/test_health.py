@@ -232,6 +232,7 @@ def _write_run(storage, run_key: str, seed: int = 0) -> pd.DataFrame:
     return rows
 
 
+@pytest.mark.slow  # exports the ensemble (6 s here)
 def test_a_model_forced_to_one_class_is_left_out_of_the_ensemble(local_storage, tmp_path):
     _write_run(local_storage, "r1")
     out = build_ensemble(local_storage, run_key="r1", settings=_settings(tmp_path))
@@ -329,6 +330,7 @@ def _report(storage, tmp_path, repeats: int = 1):
     return html, json.loads(storage.get_bytes(layout.results_key("run1")))
 
 
+@pytest.mark.slow  # exports the ensemble and builds a report (4 s here)
 def test_the_report_warns_marks_the_row_and_names_the_ensemble_members(local_storage, tmp_path):
     html, results = _report(local_storage, tmp_path)
     warnings = results["warnings"]

@@ -357,6 +357,7 @@ def test_hidden_entries_are_skipped_and_said(tmp_path, local_storage, caplog):
     assert "skipped 2 hidden file(s) or folder(s)" in caplog.text and "female/.cache" in caplog.text
 
 
+@pytest.mark.slow  # runs the DAG with dag.test (3 s here)
 def test_the_dag_fails_a_refusal_without_retrying(tmp_path, local_storage):
     """`_call` turns a PermanentError into AirflowFailException: Airflow fails the task, no retries."""
     import importlib.util

@@ -86,6 +86,7 @@ def test_summary_is_capped_and_counted():
     assert set(summary["near_duplicates"][0]) == {"a", "b", "split_a", "split_b", "label_a", "label_b", "distance"}
 
 
+@pytest.mark.slow  # ingest and Great Expectations validation of a run (3.5 s here)
 def test_pipeline_validate_reports_near_duplicates_and_stops_when_fatal(tmp_path, local_storage):
     root = write_dataset(tmp_path / "faces", 12)
     (root / "female" / "female_0003_copy.jpg").write_bytes(_near_copy(root / "female" / "female_0003.jpg"))
