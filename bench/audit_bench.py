@@ -126,7 +126,7 @@ def main(argv=None) -> None:
         bad |= manifest["key"].isin(marked).to_numpy()
     probs = {f"{m}@{s}": np.asarray(done[(m, s, a.flip, a.flip_seed, a.folds, a.epochs)]["prob_male"])
              for m, s in audits if (m, s, a.flip, a.flip_seed, a.folds, a.epochs) in done}  # fmt: skip
-    candidates = {m: p for m, p in probs.items()}
+    candidates = dict(probs)
     for r in range(2, len(probs) + 1):
         for combo in itertools.combinations(probs, r):
             candidates[" + ".join(combo)] = np.mean([probs[m] for m in combo], axis=0)

@@ -168,9 +168,9 @@ def static_limits(images: int | None = None, scale: float | None = None) -> dict
             train = max(train, train_budget(m, plan.image_size, plan.epochs, images, gpu=gpu, scale=scale).seconds)
         audit_plan = get_model_spec(config.label_audit_model).profiles.get(profile)
         if audit_plan is not None:
+            # The default config leaves the folds to the profile (settings.resolution resolves a run's).
             audit = max(audit, audit_budget(config.label_audit_model, audit_plan.image_size, audit_plan.epochs,
-                                            config.label_audit_folds or PROFILES[profile].label_audit_folds, images,
-                                            gpu=gpu, scale=scale).seconds)  # fmt: skip
+                                            PROFILES[profile].label_audit_folds, images, gpu=gpu, scale=scale).seconds)  # fmt: skip
         sizes = len({p.image_size for p in plans.values()})
         # External sets: every model (and the ensemble, its members again) predicts each image once, bound
         # by one training pass (three forward passes: test-time augmentation's two, and the margin).

@@ -198,7 +198,7 @@ def _pick_models(driver, names: list[str]) -> None:
         return sorted(m for m, label in shown.items() if re.search(rf"(^|\n){re.escape(label)}($|\n)", text))
 
     box = driver.find_element(By.CSS_SELECTOR, "#element_models input")
-    for _ in range(8):
+    for _ in range(2 * len(shown)):  # a Backspace a chip (one a model), twice over: a busy browser drops keys
         box.send_keys(Keys.BACKSPACE)
     _until(driver, "the models cleared", lambda d: chosen(d) == [])
     for name in names:
