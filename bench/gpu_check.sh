@@ -45,20 +45,56 @@ if [[ -z "$PY" ]]; then
   done
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's gender_tasks, installed or not
-if ! "$PY" -c "import torch, torchvision, airflow, gender_tasks" 2> "$results/logs/imports.log"; then
-  echo "error: $PY cannot import torch, torchvision, airflow and gender_tasks (see $results/logs/imports.log);" \
-       "set PYTHON to the project's virtual environment (make install)" >&2
-  exit 2
+# Without a GPU, stop at once, before any Python starts (the smoke check runs on the CPU on purpose).
+nogpu() {
+  echo "error: no CUDA GPU here ($1)." \
+       "Run this on a GPU machine, or pass --smoke for the small CPU check." >&2
+  exit 3
+}
+if ((smoke == 0)); then
+  command -v nvidia-smi > /dev/null || nogpu "no nvidia-smi"
+  nvidia-smi -L > /dev/null 2>&1 || nogpu "nvidia-smi -L fails"
 fi
 
-if ((smoke == 0)); then
-  if ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > /dev/null 2>&1 \
-     || ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    echo "error: no CUDA GPU here (nvidia-smi missing or failing, or torch.cuda.is_available() is False)." \
-         "Run this on a GPU machine, or pass --smoke for the small CPU check." >&2
-    exit 3
-  fi
+if ((smoke)); then
+  n_faces=48 px=64 profile=tiny run_models=cnn budget=600
+  bench_args=(--profile tiny --models cnn --rounds 1)
+  conc_args=(--profile tiny --models cnn,cnn --levels 1,2 --epochs 1)
+  compile_args=(--profile tiny --model cnn --epochs 2 --backend eager)
+else
+  n_faces=7000 px=256 profile=paper run_models=inceptionv3,resnet50,mobilenetv2,cnn budget=570
+  bench_args=(--profile paper --rounds 1 --limit 2048)
+  conc_args=(--profile paper --levels 1,2,4 --epochs 1)
+  compile_args=(--profile paper --model resnet50 --epochs 3 --limit 2048 --backend inductor)
 fi
+
+# One interpreter checks the imports and CUDA and records the environment (each start imports torch: seconds).
+"$PY" - "$results/environment.json" "$smoke" "$n_faces" "$profile" 2> "$results/logs/imports.log" << 'EOF'
+import sys
+
+try:
+    import datetime, json, torch, torchvision, airflow, gender_tasks  # all four must import
+except Exception:
+    import traceback
+
+    traceback.print_exc()
+    sys.exit(2)
+path, smoke, faces, profile = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
+cuda = torch.cuda.is_available()
+if not smoke and not cuda:
+    sys.exit(3)
+json.dump({"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+           "cuda": torch.version.cuda, "mode": "smoke (CPU)" if smoke else "full", "faces": faces, "profile": profile,
+           "gpu_memory_gib": torch.cuda.mem_get_info()[1] / 2**30 if cuda else None,
+           "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}, open(path, "w"), indent=1)
+EOF
+case $? in
+  0) ;;
+  3) nogpu "torch.cuda.is_available() is False" ;;
+  *) echo "error: $PY cannot import torch, torchvision, airflow and gender_tasks (see $results/logs/imports.log);" \
+          "set PYTHON to the project's virtual environment (make install)" >&2
+     exit 2 ;;
+esac
 
 faces_source=${GPU_CHECK_FACES:-}
 if [[ -z "$faces_source" ]]; then
@@ -79,17 +115,6 @@ trap cleanup EXIT
 store="$work/store" weights="$work/weights" faces="$work/faces"
 export GX_ANALYTICS_ENABLED=False
 
-if ((smoke)); then
-  n_faces=48 px=64 profile=tiny run_models=cnn budget=600
-  bench_args=(--profile tiny --models cnn --rounds 1)
-  conc_args=(--profile tiny --models cnn,cnn --levels 1,2 --epochs 1)
-  compile_args=(--profile tiny --model cnn --epochs 2 --backend eager)
-else
-  n_faces=7000 px=256 profile=paper run_models=inceptionv3,resnet50,mobilenetv2,cnn budget=570
-  bench_args=(--profile paper --rounds 1 --limit 2048)
-  conc_args=(--profile paper --levels 1,2,4 --epochs 1)
-  compile_args=(--profile paper --model resnet50 --epochs 3 --limit 2048 --backend inductor)
-fi
 started=$SECONDS
 : > "$results/timings.tsv"
 
@@ -116,16 +141,6 @@ part() {
   ((rc != 0)) && { echo "   $name failed (exit $rc); its log:"; tail -n 20 "$results/logs/$name.log"; }
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$results/timings.tsv"
 }
-
-"$PY" - "$results/environment.json" "$smoke" "$n_faces" "$profile" << 'EOF'
-import datetime, json, sys, torch
-path, smoke, faces, profile = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
-cuda = torch.cuda.is_available()
-json.dump({"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-           "cuda": torch.version.cuda, "mode": "smoke (CPU)" if smoke else "full", "faces": faces, "profile": profile,
-           "gpu_memory_gib": torch.cuda.mem_get_info()[1] / 2**30 if cuda else None,
-           "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}, open(path, "w"), indent=1)
-EOF
 
 if [[ -z "${AIRFLOW_HOME:-}" || ! -f "${AIRFLOW_HOME}/airflow.db" ]]; then
   export AIRFLOW_HOME="$work/airflow"
