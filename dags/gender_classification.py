@@ -96,16 +96,22 @@ def _skip_if_off(step: Callable[..., dict], run: dict) -> None:
 
 @contextmanager
 def _failures_for_airflow():
-    """Bad input or settings (PermanentError) fail the task without retries; a step past its deadline
+    """Bad input or settings (PermanentError) and a stopped local run (stopping.RunStopped) fail the task
+    without retries; a step past its deadline
     fails as Airflow's own timeout does (retried: a hang can be transient); any other error is retried as
     it is. Each records its message first (`_record_failure`), for the reports pages."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowTaskTimeout
 
     from gender_tasks.errors import PermanentError
+    from gender_tasks.stopping import RunStopped, check_in
     from gender_tasks.timeouts import TaskTimeLimitExceeded
 
     try:
+        check_in()  # `python -m gender_tasks run`: SIGTERM stops the task, and later ones fail as they start
         yield
+    except RunStopped as exc:  # not retried: the user asked the run to stop
+        _record_failure(str(exc), permanent=True)
+        raise AirflowFailException(str(exc)) from exc
     except PermanentError as exc:
         _record_failure(f"{type(exc).__name__}: {exc}", permanent=True)
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def run_dag(conf: dict) -> int:
     from airflow.utils.state import DagRunState
     from airflow.utils.types import DagRunType
 
+    from . import stopping
     from .layout import report_key, run_key_for
     from .local_airflow import claim_run, prepare_airflow
     from .storage import open_storage
@@ -105,8 +107,20 @@ def run_dag(conf: dict) -> int:
     # The run id dag.test() will give the run, known beforehand so that this process can claim it first.
     now = timezone.utcnow()
     run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=now, run_after=now)
-    with claim_run(run_id):
-        run = dag.test(run_conf=conf, logical_date=now, run_after=now)
+    stopping.arm()  # SIGTERM stops the run within seconds (dag.test has no supervisor to do it)
+    try:
+        with claim_run(run_id):
+            run = dag.test(run_conf=conf, logical_date=now, run_after=now)
+    except stopping.RunStopped:  # between two tasks: dag.test itself was interrupted
+        run = None
+    finally:
+        stopped_by = stopping.stop_requested()
+        stopping.disarm()
+    if stopped_by:
+        print(f"\nerror: run {run_id} stopped by {stopped_by}. What it finished is kept: a new run with the same "
+              "settings reuses its trained models and cache, and the label audit resumes after its stored folds.",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signal.Signals[stopped_by].value
     storage = open_storage(conf.get("storage") or "")
     key = report_key(run_key_for(run.run_id))
     if run.state != DagRunState.SUCCESS or not storage.exists(key):

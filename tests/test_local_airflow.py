@@ -116,3 +116,72 @@ def test_two_first_runs_at_once_on_a_fresh_airflow_home_both_register(tmp_path):
                            timeout=300, check=True)  # fmt: skip
     # Each asset once: the dataset asset (ingest emits it) and the models asset (report emits, scoring consumes).
     assert count.stdout.strip().splitlines()[-1] == "2"
+
+
+@pytest.mark.slow  # a whole local run, stopped while it trains
+def test_sigterm_stops_a_local_run_within_seconds_and_keeps_nothing_leased(airflow_db, tmp_path):
+    """`python -m gender_tasks run` is dag.test(), whose task runner only calls on_kill() on SIGTERM and
+    leaves ending the process to a supervisor it does not have: a `kill` did nothing until the run ended."""
+    import re
+    import time
+
+    from helpers import write_dataset
+
+    source, store = write_dataset(tmp_path / "faces", 60, size=32), tmp_path / "store"
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(airflow_db),
+        "GENDER_TORCH_THREADS": "1",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    }  # the trainer's start line
+    # 500 epochs of the tiny CNN (the most a run takes): a minute or more, unless the signal stops it; a run
+    # that ignored the signal would end with 0 and a report.
+    cmd = [sys.executable, "-m", "gender_tasks", "run", "--source", str(source), "--storage", str(store),
+           "--profile", "tiny", "--models", "cnn", "--epochs", "500", "--no-label-audit"]  # fmt: skip
+    with (tmp_path / "run.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"cnn: \d+ train / \d+ val", (tmp_path / "run.log").read_text()):  # training starts
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(2)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = (tmp_path / "run.log").read_text()
+    print(f"stopped {took:.1f} s after SIGTERM")
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "stopped by SIGTERM" in text and "What it finished is kept" in text
+    assert took < 60, f"{took:.0f} s from SIGTERM to exit"  # a bound, not a benchmark: this VM's disk stalls
+    assert not [p for p in store.rglob("*") if p.is_file() and "leases" in p.parts], "a lease outlived the run"
+    assert not list(store.rglob("report.html"))  # the run did not finish
+
+
+def test_an_armed_process_answers_sigterm_with_a_stop_and_later_tasks_fail_as_they_start():
+    from gender_tasks import stopping
+
+    previous = signal.getsignal(signal.SIGTERM)
+    stopping.check_in()  # unarmed (a worker's task process): nothing happens, Airflow's handler stays
+    assert stopping.stop_requested() is None
+    stopping.arm()
+    try:
+        stopping.check_in()  # a task starts: SIGTERM is this module's again
+        with pytest.raises(stopping.RunStopped, match="stopped by SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at the next bytecode; never gets here
+                pass
+        assert stopping.stop_requested() == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM ends the process
+        with pytest.raises(stopping.RunStopped, match="before this task started"):
+            stopping.check_in()  # the next task
+        assert not issubclass(stopping.RunStopped, Exception)  # no `except Exception` swallows it
+    finally:
+        stopping.disarm()
+        disarmed = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+    assert stopping.stop_requested() is None and disarmed == signal.SIG_DFL
