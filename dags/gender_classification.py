@@ -97,9 +97,9 @@ def _skip_if_off(step: Callable[..., dict], run: dict) -> None:
 @contextmanager
 def _failures_for_airflow():
     """Bad input or settings (PermanentError) and a stopped local run (stopping.RunStopped) fail the task
-    without retries; a step past its deadline
-    fails as Airflow's own timeout does (retried: a hang can be transient); any other error is retried as
-    it is. Each records its message first (`_record_failure`), for the reports pages."""
+    without retries; a step past its deadline fails as Airflow's own timeout does (retried: a hang can be
+    transient); any other error is retried as it is. Each records its message first (`_record_failure`),
+    for the reports pages."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowTaskTimeout
 
     from gender_tasks.errors import PermanentError
