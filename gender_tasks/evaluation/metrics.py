@@ -6,7 +6,6 @@ Label encoding follows the study's Keras loader (classes sorted by name): female
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from ..settings import CLASSES
 
@@ -16,6 +15,10 @@ def encode_labels(labels) -> np.ndarray:
 
 
 def classification_metrics(y_true: np.ndarray, prob_male: np.ndarray, threshold: float = 0.5) -> dict:
+    # Imported here: scikit-learn (with scipy) takes 1.7 s to import, and a training process that only trains
+    # (bench/gpu_check.py's jobs, bench/train_bench.py) reaches this module through encode_labels.
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
     y_true = np.asarray(y_true)
     y_pred = (np.asarray(prob_male) >= threshold).astype(np.int64)
     out: dict = {"n": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}
