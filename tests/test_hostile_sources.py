@@ -1,6 +1,6 @@
 """Hostile sources (issue 14): each is refused by `pipeline.ingest` with a PermanentError (so the DAG
 does not retry it) that names the offending file and the fix, within seconds, leaving no new object
-in storage, on a local folder and on an S3 server alike.
+in storage: every case on a local folder, and one of each kind on an S3 server (S3_CASES).
 
 A case is `build(root, tmp_path, monkeypatch) -> (source, settings overrides)`; `root` already holds
 a valid dataset (8 faces per class, enough for the 70/15/15 split) that the case then spoils.
@@ -310,20 +310,38 @@ CASES = {
 }
 
 
+# On S3 too, one case for each way the scan refuses (what the walk meets, a file's bytes or decoding, an archive,
+# the labels file, a limit, the whole set's content): the refusal comes from the source's scan, before the
+# storage is written, so the other cases would repeat the same storage calls (a lease, its removal, a listing).
+S3_CASES = ("fifo", "link to a text file outside", "truncated jpeg", "pixel bomb", "zip slip",
+            "labels.csv ragged row", "source over the total limit", "too few distinct images")  # fmt: skip
+
+
 @pytest.mark.timeout(SECONDS * 3)  # the hang guard: a FIFO opened for reading would block forever
 @pytest.mark.parametrize("case", list(CASES))
-def test_hostile_source_is_refused_up_front(case, any_storage, tmp_path, monkeypatch):
+def test_hostile_source_is_refused_up_front(case, local_storage, tmp_path, monkeypatch):
+    _refused_up_front(case, local_storage, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow  # a moto S3 server
+@pytest.mark.timeout(SECONDS * 3)
+@pytest.mark.parametrize("case", S3_CASES)
+def test_hostile_source_is_refused_up_front_on_s3(case, s3_storage, tmp_path, monkeypatch):
+    _refused_up_front(case, s3_storage, tmp_path, monkeypatch)
+
+
+def _refused_up_front(case, storage, tmp_path, monkeypatch):
     build, says = CASES[case]
     root = write_dataset(tmp_path / "faces", PER_CLASS, size=40)
     source, overrides = build(root, tmp_path, monkeypatch)
-    any_storage.put_bytes(SENTINEL, b"from an earlier run")
-    before = listing(any_storage)
-    run = pipeline.prepare({"source": source, "storage": any_storage.uri, **overrides})
+    storage.put_bytes(SENTINEL, b"from an earlier run")
+    before = listing(storage)
+    run = pipeline.prepare({"source": source, "storage": storage.uri, **overrides})
     started = time.monotonic()
     with pytest.raises(PermanentError, match=says) as err:  # PermanentError: the DAG fails it without retries
         pipeline.ingest(run)
     elapsed = time.monotonic() - started
-    assert listing(any_storage) == before, "a refusal must leave no new object"
+    assert listing(storage) == before, "a refusal must leave no new object"
     assert elapsed < SECONDS, f"refused only after {elapsed:.0f} s"
     assert "\udc80" not in str(err.value) and "\x00" not in str(err.value)  # printable as it stands
 
