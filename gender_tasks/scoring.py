@@ -12,7 +12,8 @@
 The model is verified against its card before it is used (evaluation.predict.load_stored_model) and is
 either named (a run and a model) or "the best model of the latest successful run": the run whose
 results.json (written last by the report) is newest, and in it the model with the highest validation
-accuracy (the ensemble included).
+accuracy (the ensemble included) that the report did not flag (its health checks, results.json's
+`warnings`: a model collapsed to one class is never chosen for the user; named, it is scored with a warning).
 
 Hostile input gets the ingest's rules (data.sources.resolve_source for zips and S3, then
 data.folders.list_unlabeled_images: regular files only, no links out, no bad names, size limits), all
@@ -105,9 +106,10 @@ def _card(storage: Storage, run_key: str, model: str) -> dict | None:
 
 
 def choose_model(storage: Storage, run: str = "latest", model: str = "best") -> dict:
-    """{"run_key", "model", "val_accuracy", "model_file", "model_sha256"}: the named model of the named run,
-    or (model "best") the run's model with the highest validation accuracy (of equals, the first by name);
-    run "latest": the newest finished run. Its files are verified when it is loaded."""
+    """{"run_key", "model", "val_accuracy", "model_file", "model_sha256", "flagged"}: the named model of the
+    named run, or (model "best") the run's model with the highest validation accuracy (of equals, the first by
+    name) among those its report did not flag; run "latest": the newest finished run. "flagged": the checks the
+    chosen model failed (only a named model can have any). Its files are verified when it is loaded."""
     from .evaluation.predict import stored_checksums, stored_model_file
 
     run_key = latest_finished_run(storage) if run in ("", "latest") else layout.run_key_for(run)
@@ -120,7 +122,21 @@ def choose_model(storage: Storage, run: str = "latest", model: str = "best") -> 
                            "model_card.json): give the run id of a finished training run, or latest")  # fmt: skip
     if model not in ("", "best") and model not in names:
         raise ScoringError(f"run {run_key} has no model {model!r}: it has {', '.join(names)} (or best)")
-    candidates = names if model in ("", "best") else [model]
+    flagged = _flagged_models(storage, run_key)
+    if model in ("", "best"):
+        candidates = [n for n in names if n not in flagged]
+        if not candidates:
+            raise ScoringError(f"every model of run {run_key} was flagged by its report ({_flags(flagged)}): none is "
+                               "fit to score with. Train again (bench/RESULTS.md, robustness), or name a model to "
+                               "score with it anyway")  # fmt: skip
+        if flagged:
+            log.info("choosing the best model of run %s among %s; left out, flagged by the report: %s", run_key,
+                     ", ".join(candidates), _flags(flagged))  # fmt: skip
+    else:
+        candidates = [model]
+        if model in flagged:
+            log.warning("scoring with %s of run %s as asked, though its report flagged it (%s): its predictions may "
+                        "be one class or chance", model, run_key, ", ".join(flagged[model]))  # fmt: skip
     scored = []
     for name in candidates:
         card = _card(storage, run_key, name) or {}
@@ -134,7 +150,32 @@ def choose_model(storage: Storage, run: str = "latest", model: str = "best") -> 
     model_file = stored_model_file(storage, prefix)
     sha = stored_checksums(storage, prefix, [model_file])[model_file]
     return {"run_key": run_key, "model": name, "val_accuracy": None if val_accuracy == float("-inf") else val_accuracy,
-            "model_file": storage.url(f"{prefix}/{model_file}"), "model_sha256": sha}  # fmt: skip
+            "model_file": storage.url(f"{prefix}/{model_file}"), "model_sha256": sha,
+            "flagged": flagged.get(name, [])}  # fmt: skip
+
+
+def _flagged_models(storage: Storage, run_key: str) -> dict[str, list[str]]:
+    """{model: the checks it failed} from the run's results.json `warnings` (the report's health checks), for
+    the models stored in the run's folder: its first repeat's. A run of a version without health checks has
+    none; a results.json that does not parse is refused (the choice could not be checked)."""
+    key = layout.results_key(run_key)
+    try:
+        results = json.loads(storage.get_bytes(key))
+    except FileNotFoundError:  # a named run whose report never finished: nothing was checked
+        return {}
+    except ValueError as exc:
+        raise ScoringError(f"{storage.url(key)} is not readable JSON ({exc}): the run's health checks cannot be "
+                           "read. Run its report again, or score another run") from None  # fmt: skip
+    out: dict[str, list[str]] = {}
+    warnings = results.get("warnings") if isinstance(results, dict) else None
+    for w in warnings if isinstance(warnings, list) else []:
+        if isinstance(w, dict) and isinstance(w.get("model"), str) and w.get("repeat", 0) == 0:
+            out.setdefault(w["model"], []).append(str(w.get("check")))
+    return out
+
+
+def _flags(flagged: dict[str, list[str]]) -> str:
+    return "; ".join(f"{m}: {', '.join(checks)}" for m, checks in sorted(flagged.items()))
 
 
 def request_from(params: dict, events: list[dict], *, manual: bool) -> dict:
@@ -474,6 +515,9 @@ def render_summary(report: dict) -> str:
         + "</tr>"
         for d in report["drift"]
     )  # fmt: skip
+    flag_note = (f'<b id="flagged">Its report flagged this model ({e(", ".join(m["flagged"]))}): its predictions may be '
+                 "one class or chance. It was named for this scoring; the best model chooses among the others.</b><br>"
+                 if m.get("flagged") else "")  # fmt: skip
     train_note = (f"{report['training_images']} training images of the model's run" if report.get("training_images")
                   else e(report.get("training_error") or "no training statistics"))  # fmt: skip
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Scoring summary</title>
@@ -483,6 +527,7 @@ figure img{{width:64px;height:64px;object-fit:cover}}</style></head><body>
 <h1>Scoring summary</h1>
 <p id="model">Model <b>{e(m["model"])}</b> of run <b>{e(m["run_key"])}</b> (validation accuracy
 {"n/a" if m["val_accuracy"] is None else f"{m['val_accuracy']:.3f}"}), sha256 <code>{e(m["model_sha256"])}</code>.<br>
+{flag_note}
 Source {e(report["source"])}: {report["images"]} images, {report["scored"]} scored, {report["failed"]} not decodable.</p>
 <h2>Class shares</h2><table id="class-shares"><tr><th>class</th><th>images</th><th>share</th></tr>{shares}</table>
 <h2>Confidence</h2><div id="confidence">{conf}</div>

@@ -25,7 +25,7 @@ from gender_tasks.storage import LocalStorage, open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 # The tests are slow (store exports models with torch.export; most start decode workers, a process or the DAG)
-# but for one unit test of the DAG's inputs.
+# but for the unit tests of the DAG's inputs, of the choice among flagged models and of the summary's warning.
 
 
 def _flat(folder: Path, n: int, seed: int = 7) -> Path:
@@ -107,6 +107,64 @@ def test_the_best_model_of_the_latest_finished_run_is_chosen_on_validation(store
         scoring.choose_model(store, "nope")
     with pytest.raises(scoring.ScoringError, match="holds no finished training run"):
         scoring.choose_model(LocalStorage(store.root.parent / "empty"))
+
+
+def _cards_only(storage, run_key: str, val: dict[str, float], warnings: list[dict] | bytes) -> None:
+    """A finished run as far as choosing a model reads it: each model's card (its checksums, its validation
+    accuracy) and results.json with the report's health findings. Nothing exported: a unit test."""
+    for name, accuracy in val.items():
+        card = {"model": name, "val_accuracy": accuracy, "files": {"model.pt2": sha256_hex(name.encode())}}
+        storage.put_bytes(layout.model_file_key(run_key, name, "model_card.json"), json.dumps(card).encode())
+    body = warnings if isinstance(warnings, bytes) else json.dumps({"warnings": warnings}).encode()
+    storage.put_bytes(layout.results_key(run_key), body)
+
+
+def _finding(model: str, check: str, repeat: int = 0) -> dict:
+    return {"model": model, "repeat": repeat, "check": check, "detail": "...", "numbers": {}}
+
+
+def test_the_best_model_is_never_one_the_report_flagged(tmp_path, caplog):
+    """A collapsed model can top validation accuracy (a one-class model on a skewed split): "best" passes
+    over what the run's report flagged; a flagged model named outright is scored, with a warning."""
+    storage = LocalStorage(tmp_path / "store")
+    _cards_only(storage, "r", {"cnn": 0.9, "mobilenetv2": 0.8, "resnet50": 0.7},
+                [_finding("cnn", "one_class"), _finding("cnn", "not_above_majority"),
+                 _finding("mobilenetv2", "one_class", repeat=1)])  # fmt: skip
+    with caplog.at_level("INFO", logger="gender_tasks.scoring"):
+        chosen = scoring.choose_model(storage, "r")
+    # cnn is flagged in the run's own models (repeat 0); mobilenetv2 only in a later repeat's, not stored here.
+    assert (chosen["model"], chosen["val_accuracy"], chosen["flagged"]) == ("mobilenetv2", 0.8, [])
+    assert "left out, flagged by the report: cnn: one_class, not_above_majority" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gender_tasks.scoring"):
+        named = scoring.choose_model(storage, "r", "cnn")
+    assert named["model"] == "cnn" and named["flagged"] == ["one_class", "not_above_majority"]
+    assert "scoring with cnn of run r as asked, though its report flagged it" in caplog.text
+
+
+def test_a_run_whose_every_model_is_flagged_has_no_best_model(tmp_path):
+    storage = LocalStorage(tmp_path / "store")
+    _cards_only(storage, "r", {"cnn": 0.5, "ensemble": 0.5},
+                [_finding("cnn", "one_class"), _finding("ensemble", "not_above_majority")])  # fmt: skip
+    with pytest.raises(scoring.ScoringError, match=r"every model of run r was flagged by its report \(cnn: one_class; "
+                                                   r"ensemble: not_above_majority\).*name a model"):  # fmt: skip
+        scoring.choose_model(storage, "r")
+    _cards_only(storage, "bad", {"cnn": 0.9}, b"{not json")
+    with pytest.raises(scoring.ScoringError, match=r"runs/bad/results\.json is not readable JSON .* Run its report"):
+        scoring.choose_model(storage, "bad")
+
+
+def test_the_summary_says_a_named_model_was_flagged():
+    report = {"model": {"run_key": "r", "model": "cnn", "val_accuracy": 0.5, "model_sha256": "ab", "flagged": ["one_class"]},
+              "source": "/faces", "images": 2, "scored": 2, "failed": 0, "counts": {"female": 2},
+              "class_shares": {"female": 1.0},
+              "confidence_histogram": {"edges": [0.5, 0.75, 1.0], "counts": [0, 2]}, "least_sure": [],
+              "training_images": None, "training_error": "none", "drift": [], "drift_threshold_psi": 0.25,
+              "generated_at": "2026-12-04T00:00:00Z"}  # fmt: skip
+    page = scoring.render_summary(report)
+    assert 'id="flagged"' in page and "Its report flagged this model (one_class)" in page
+    report["model"]["flagged"] = []
+    assert 'id="flagged"' not in scoring.render_summary(report)
 
 
 # --- scoring ---------------------------------------------------------------------------------------------------
