@@ -234,7 +234,8 @@ def test_a_source_in_any_registered_storage_is_downloaded_and_ingests_like_the_f
     from_source = ingest_folder(root, local_storage)
     from_folder = ingest_folder(dataset_dir, local_storage)
     assert from_source["images"] == 40 and from_source["dataset_id"] == from_folder["dataset_id"]
-    with pytest.raises(SourceError, match=rf"{mem_storage.uri}/nothing holds no objects"):
+    # Named by its own scheme, not as "the S3 source".
+    with pytest.raises(SourceError, match=rf"^the MEM source {mem_storage.uri}/nothing holds no objects"):
         resolve_source(f"{mem_storage.uri}/nothing", tmp_path / "w2")
 
 

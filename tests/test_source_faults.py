@@ -283,7 +283,7 @@ def test_a_full_disk_while_downloading_an_s3_source(s3_bucket, faces, tmp_path, 
     fill_the_disk_after(monkeypatch, sources, files=3)
     with pytest.raises(DiskFullError, match=r"the temporary folder \S+ used to download the source is full") as err:
         sources.resolve_source(f"s3://{s3_bucket}/faces", tmp_path / "work" / "w")
-    assert "TMPDIR" in str(err.value) and not (tmp_path / "work" / "w" / "s3").exists()
+    assert "TMPDIR" in str(err.value) and not (tmp_path / "work" / "w" / "remote").exists()
 
 
 class _OsWithAFullDisk:

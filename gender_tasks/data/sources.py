@@ -246,12 +246,13 @@ def _extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, wha
                           "compressed with deflate (zip's default)") from None  # fmt: skip
 
 
-def download_s3_source(source: str, target: Path, *, workers: int = 16,
-                       max_bytes: int = RunConfig.max_source_bytes) -> Path:  # fmt: skip
-    """Download every object under an `s3://bucket/prefix` source into `target` (a new or empty folder),
-    in parallel.
+def download_remote_source(source: str, target: Path, *, workers: int = 16,
+                           max_bytes: int = RunConfig.max_source_bytes) -> Path:  # fmt: skip
+    """Download every object under a remote source (`s3://bucket/prefix`, or the location of any other
+    registered storage scheme) into `target` (a new or empty folder), in parallel; messages name the
+    scheme ("the S3 source ...").
 
-    Uses the pipeline's S3 configuration (AWS variables or the connection in GENDER_S3_CONN_ID).
+    S3 uses the pipeline's S3 configuration (AWS variables or the connection in GENDER_S3_CONN_ID).
     The bounded storage check runs first, so a dead endpoint fails within seconds, as a SourceError
     (a source that cannot be read is no outage a retry outlasts). Keys that would land outside
     `target` or could not each become their own file (see _refuse_bad_names), and a listing whose
@@ -259,18 +260,20 @@ def download_s3_source(source: str, target: Path, *, workers: int = 16,
     a failure while downloading leaves nothing of `target` behind.
     """
     from ..storage import StorageConfigError, StorageError, open_storage
+    from ..storage.locations import parse_location
 
+    kind = f"{parse_location(source).scheme.upper()} source"
     try:
         storage = open_storage(source)
         storage.check(writable=False)  # a source is only read: no write probe
     except StorageConfigError:
         raise
     except StorageError as exc:
-        raise SourceError(f"the S3 source {source} cannot be read: {exc}") from None
+        raise SourceError(f"the {kind} {source} cannot be read: {exc}") from None
     listed = [o for o in storage.list_info("") if not o.key.endswith("/")]  # "folder" markers hold nothing
     keys = [o.key for o in listed]
     if not keys:
-        raise SourceError(f"the S3 source {source} holds no objects; check the bucket and prefix")
+        raise SourceError(f"the {kind} {source} holds no objects; check the bucket and prefix")
     target = target.resolve()
 
     def url(key: str) -> str:
@@ -281,7 +284,7 @@ def download_s3_source(source: str, target: Path, *, workers: int = 16,
         parts = key.split("/")
         if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise SourceError(
-                f"the object {storage.uri}/{key} of the S3 source has a key that would be written outside the target "
+                f"the object {storage.uri}/{key} of the {kind} has a key that would be written outside the target "
                 "folder (empty, '.' or '..' parts); rename or remove it"
             )
     _refuse_bad_names(keys, url, fix)
@@ -357,7 +360,7 @@ def resolve_source(source: str, workdir: Path | None = None, *, max_bytes: int =
     base = Path(workdir or tempfile.mkdtemp(prefix="gender-src-"))
     try:
         if is_remote_location(source):
-            return download_s3_source(source, base / "s3", max_bytes=max_bytes)
+            return download_remote_source(source, base / "remote", max_bytes=max_bytes)
         return safe_extract_zip(path, base / "zip", max_bytes=max_bytes)
     except BaseException:
         if workdir is None:  # the caller never learns the folder: it is this function's to remove
