@@ -176,6 +176,29 @@ def describe_key(key: str) -> tuple[str, str, str]:
     return "dataset", dataset_id, ""
 
 
+# --- scorings of new images (scoring.py) -----------------------------------------------------------
+
+SCORING = "scoring"
+SCORING_PARTS = "parts"
+SCORED_PREDICTIONS = "predictions.csv"  # assembled from the parts; checksum recorded beside it
+SCORING_SUMMARY = "summary.json"  # written last: the scoring is complete
+
+
+def score_prefix(score_key: str) -> str:
+    """A finished scoring: predictions.csv, summary.html, summary.json."""
+    return f"{SCORING}/{score_key}"
+
+
+def part_key(model_sha: str, batch_key: str) -> str:
+    """One scored batch (checksum recorded beside it), kept so that a killed scoring resumes after it."""
+    return f"{SCORING}/{SCORING_PARTS}/{model_sha[:16]}/{batch_key}.csv"
+
+
+def is_scoring_key(key: str) -> bool:
+    """Whether `key` is a scoring's output or part. (describe_key calls these "other": `gc` keeps them.)"""
+    return key.split("/", 1)[0] == SCORING and key.count("/") >= 2
+
+
 # --- runs -------------------------------------------------------------------------------------------
 
 

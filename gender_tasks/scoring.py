@@ -56,7 +56,6 @@ from .storage import Storage, get_recorded, is_remote_location, open_storage, pu
 
 log = logging.getLogger(__name__)
 
-SCORING = "scoring"
 BATCH_SIZE = 256
 LEAST_SURE = 24  # images shown in the summary as the ones the model is least sure of
 THUMBNAIL = 64
@@ -72,17 +71,6 @@ COLUMNS = ["file", "sha256", "prob_male", "predicted", "confidence", "error", "r
 
 class ScoringError(PermanentError):
     """Bad scoring input (no such run or model, nothing to score); the message names it and the fix."""
-
-
-# --- layout -------------------------------------------------------------------------------------------------
-
-
-def score_prefix(score_key: str) -> str:
-    return f"{SCORING}/{score_key}"
-
-
-def part_key(model_sha: str, batch_key: str) -> str:
-    return f"{SCORING}/parts/{model_sha[:16]}/{batch_key}.csv"
 
 
 # --- which model ----------------------------------------------------------------------------------------------
@@ -363,7 +351,7 @@ def _score_files(storage: Storage, root: Path, files: list[tuple[Path, int]], ch
         listing = "".join(f"{name}\t{sha256_hex(data)}\n" for name, data in blobs)
         batch_key = hashlib.sha256(f"{model_sha}\n{listing}".encode()).hexdigest()[:32]
         batch_keys.append(batch_key)
-        key = part_key(model_sha, batch_key)
+        key = layout.part_key(model_sha, batch_key)
         thumbnails: dict[str, str] = {}
         if storage.exists(key):
             rows = [_row_from_csv(r) for r in tables.read_csv(io.BytesIO(get_recorded(storage, key)), dtype=str,
@@ -384,7 +372,7 @@ def _score_files(storage: Storage, root: Path, files: list[tuple[Path, int]], ch
         summary.add(rows, thumbnails)
         del blobs
     score_key = hashlib.sha256(f"{model_sha}\n{''.join(k + chr(10) for k in batch_keys)}".encode()).hexdigest()[:24]
-    prefix = score_prefix(score_key)
+    prefix = layout.score_prefix(score_key)
     done = {"score_key": score_key, "storage": storage.uri, "images": len(files),
             "predictions_uri": storage.url(f"{prefix}/predictions.csv"),
             "summary_uri": storage.url(f"{prefix}/summary.html"), **identity}  # fmt: skip
@@ -393,7 +381,7 @@ def _score_files(storage: Storage, root: Path, files: list[tuple[Path, int]], ch
                  storage.url(prefix))  # fmt: skip
         return {**done, "unchanged": True}
     # The parts, in order, as one CSV (the rows are re-read from storage: nothing was kept in memory).
-    parts = [get_recorded(storage, part_key(model_sha, k)) for k in batch_keys]
+    parts = [get_recorded(storage, layout.part_key(model_sha, k)) for k in batch_keys]
     header, *_ = parts[0].split(b"\n", 1)
     body = b"".join(p.split(b"\n", 1)[1] for p in parts)
     del parts

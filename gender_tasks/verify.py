@@ -11,12 +11,14 @@ Each kind of object has the checksum its writer left:
     models/<model>/.../{predictions.csv, ...}     the sha256 in the model card beside them ("files"), keyed
                                                   models and a run's copies alike
     checkpoint.pt                                 the sha256 in the checkpoint record beside it
+    scoring/<key>/predictions.csv, scoring/parts  the sha256 recorded beside each (a scoring of new images)
 
 An object whose writer recorded no checksum (written by an earlier version) is counted as
 unverifiable, not as corrupt. With `repair`, a corrupt object is removed together with the commit
 marker that makes the pipeline reuse what it belongs to (a dataset's manifest, a cache's index, a
-model's card), so the next run rebuilds it: ingest uploads the image again from the source, preprocess
-rewrites the cache, training trains the model again. A run's own copies are not rebuilt: the run is
+model's card, a scoring's summary.json), so the next run rebuilds it: ingest uploads the image again from the
+source, preprocess rewrites the cache, training trains the model again, scoring the same images with the same
+model assembles the predictions again from the stored parts (scoring again the batches whose part went). A run's own copies are not rebuilt: the run is
 reported as damaged.
 """
 
@@ -140,9 +142,17 @@ class _Verifier:
             if kind == "run":
                 return problem, (key,), f"nothing: run {owner} is damaged, rerun it", size
             return problem, (key, f"{folder}/{MODEL_CARD}"), "the next run that trains this model", size
+        if layout.is_scoring_key(key) and name == layout.SCORED_PREDICTIONS:
+            recorded = recorded_sha256(storage, key)
+            if recorded is None:
+                return "", (), "", size
+            # Its summary.json marks the scoring done: it goes too, or scoring the images again would do nothing.
+            summary = f"{key.rpartition('/')[0]}/{layout.SCORING_SUMMARY}"
+            return _differs(data, recorded, "recorded beside it"), (key, layout.checksum_key(key), summary), \
+                "scoring the same images with the same model again (from the stored parts)", size  # fmt: skip
         if recorded := recorded_sha256(storage, key):
-            return _differs(data, recorded, "recorded beside it"), (key, layout.checksum_key(key)), \
-                "the next run that needs it", size  # fmt: skip
+            rebuilt = "the next scoring of its images" if layout.is_scoring_key(key) else "the next run that needs it"
+            return _differs(data, recorded, "recorded beside it"), (key, layout.checksum_key(key)), rebuilt, size
         return "", (), "", size
 
 
@@ -155,7 +165,7 @@ def _keys(storage: Storage, dataset: str | None, run: str | None) -> list[Object
     objects = [o for p in (prefixes or [""]) for o in storage.list_info(p)]
     # Checksum records are checked with their objects; leases are live state, not data; what is not ours is left alone.
     return [o for o in objects if not o.key.endswith(layout.CHECKSUM_SUFFIX) and not layout.is_lease_key(o.key)
-            and layout.describe_key(o.key)[0] != "other"]  # fmt: skip
+            and (layout.describe_key(o.key)[0] != "other" or layout.is_scoring_key(o.key))]  # fmt: skip
 
 
 def verify_storage(storage: Storage, *, dataset: str | None = None, run: str | None = None, repair: bool = False,

@@ -178,7 +178,7 @@ def test_a_folder_is_scored_with_predictions_and_a_summary_and_rescoring_it_does
     out = scoring.score_images(str(images), str(store.root), batch_size=4)
     assert out["unchanged"] is False and out["images"] == 11 and out["scored"] == 10 and out["failed"] == 1
     assert (out["run_key"], out["model"]) == ("new", "mobilenetv2")
-    prefix = scoring.score_prefix(out["score_key"])
+    prefix = layout.score_prefix(out["score_key"])
     table = pd.read_csv(io.BytesIO(store.get_bytes(f"{prefix}/predictions.csv")), keep_default_na=False)
     assert list(table.columns) == scoring.COLUMNS and len(table) == 11
     assert sorted(table["file"]) == sorted(p.name for p in images.iterdir())
@@ -219,6 +219,19 @@ def test_a_folder_is_scored_with_predictions_and_a_summary_and_rescoring_it_does
     assert again["unchanged"] is True and again["score_key"] == out["score_key"]
     assert {k: store.local_path(k).stat().st_mtime_ns for k in store.list("scoring/")} == before
 
+    # Predictions edited in storage: `verify --repair` removes them with the summary.json that marks the scoring
+    # done, and scoring the images again assembles them from the stored parts (still no model loaded).
+    from gender_tasks.verify import verify_storage
+
+    original = store.get_bytes(f"{prefix}/predictions.csv")
+    store.put_bytes(f"{prefix}/predictions.csv", original + b"forged.jpg" + b"," * (len(scoring.COLUMNS) - 1) + b"\n")
+    report = verify_storage(store, repair=True)
+    assert [f.key for f in report.corrupt] == [f"{prefix}/predictions.csv"]
+    assert not store.exists(f"{prefix}/summary.json")
+    rebuilt = scoring.score_images(str(images), str(store.root), batch_size=4)
+    assert rebuilt["unchanged"] is False and rebuilt["reused_batches"] == 3
+    assert store.get_bytes(f"{prefix}/predictions.csv") == original and store.exists(f"{prefix}/summary.json")
+
 
 @pytest.mark.slow
 def test_a_killed_scoring_resumes_after_its_last_finished_batch(store, tmp_path, monkeypatch):
@@ -253,7 +266,7 @@ def test_a_zip_is_scored_naming_its_entries(store, tmp_path):
         for p in sorted(images.iterdir()):
             zf.write(p, f"batch1/{p.name}")
     out = scoring.score_images(str(archive), str(store.root), run="old", model="cnn")
-    table = pd.read_csv(io.BytesIO(store.get_bytes(f"{scoring.score_prefix(out['score_key'])}/predictions.csv")))
+    table = pd.read_csv(io.BytesIO(store.get_bytes(f"{layout.score_prefix(out['score_key'])}/predictions.csv")))
     assert sorted(table["file"]) == [f"batch1/img_{i:03d}.jpg" for i in range(4)]
     assert (table["model"] == "cnn").all() and (table["run_key"] == "old").all()
 

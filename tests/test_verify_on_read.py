@@ -197,3 +197,29 @@ def test_verify_checks_model_files_and_checkpoints_against_their_records(local_s
     # The card goes with the bad file (the next run trains the model again); the checkpoint with its record.
     assert not local_storage.exists(f"{folder}/model_card.json") and local_storage.exists(f"{folder}/metrics.json")
     assert not local_storage.exists(f"{other}/{layout.CHECKPOINT_RECORD}")
+
+
+def test_verify_checks_a_scorings_predictions_and_parts_and_gc_keeps_them(local_storage, capsys):
+    """A scoring's predictions.csv and its parts carry recorded checksums: verify checks them. Repairing the
+    predictions removes the summary.json that marks the scoring done, so scoring the images again assembles
+    them afresh from the parts; `gc` leaves scorings alone."""
+    from gender_tasks.housekeeping import collect_garbage
+
+    prefix, part = layout.score_prefix("s" * 24), layout.part_key("m" * 64, "b" * 32)
+    put_recorded(local_storage, part, b"file,prob_male\na.jpg,0.9\n")
+    put_recorded(local_storage, f"{prefix}/predictions.csv", b"file,prob_male\na.jpg,0.9\n")
+    local_storage.put_bytes(f"{prefix}/summary.html", b"<html></html>")
+    local_storage.put_bytes(f"{prefix}/summary.json", b"{}")
+    uri = str(local_storage.root)
+    assert cli_main(["verify", "--storage", uri]) == 0
+    assert "checked 4 object(s)" in capsys.readouterr().out  # the summaries carry no checksum: unverifiable
+    local_storage.put_bytes(f"{prefix}/predictions.csv", b"file,prob_male\na.jpg,0.1\n")  # edited after the fact
+    local_storage.put_bytes(part, b"file,prob_male\na.jpg,0.2\n")
+    assert cli_main(["verify", "--storage", uri, "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert f"CORRUPT {local_storage.url(prefix + '/predictions.csv')}: sha256" in out
+    assert "scoring the same images with the same model again (from the stored parts)" in out
+    assert f"CORRUPT {local_storage.url(part)}" in out and "the next scoring of its images" in out
+    assert not local_storage.exists(f"{prefix}/summary.json") and local_storage.exists(f"{prefix}/summary.html")
+    assert not local_storage.exists(part) and not local_storage.exists(layout.checksum_key(part))
+    assert [r for r in collect_garbage(local_storage, keep_days=0, dry_run=True) if "scoring/" in r.key] == []
