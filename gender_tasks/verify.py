@@ -18,8 +18,8 @@ unverifiable, not as corrupt. With `repair`, a corrupt object is removed togethe
 marker that makes the pipeline reuse what it belongs to (a dataset's manifest, a cache's index, a
 model's card, a scoring's summary.json), so the next run rebuilds it: ingest uploads the image again from the
 source, preprocess rewrites the cache, training trains the model again, scoring the same images with the same
-model assembles the predictions again from the stored parts (scoring again the batches whose part went). A run's own copies are not rebuilt: the run is
-reported as damaged.
+model assembles the predictions again from the stored parts (scoring again the batches whose part went). A
+run's own copies are not rebuilt: the run is reported as damaged.
 """
 
 from __future__ import annotations
@@ -142,17 +142,15 @@ class _Verifier:
             if kind == "run":
                 return problem, (key,), f"nothing: run {owner} is damaged, rerun it", size
             return problem, (key, f"{folder}/{MODEL_CARD}"), "the next run that trains this model", size
-        if layout.is_scoring_key(key) and name == layout.SCORED_PREDICTIONS:
-            recorded = recorded_sha256(storage, key)
-            if recorded is None:
-                return "", (), "", size
-            # Its summary.json marks the scoring done: it goes too, or scoring the images again would do nothing.
-            summary = f"{key.rpartition('/')[0]}/{layout.SCORING_SUMMARY}"
-            return _differs(data, recorded, "recorded beside it"), (key, layout.checksum_key(key), summary), \
-                "scoring the same images with the same model again (from the stored parts)", size  # fmt: skip
         if recorded := recorded_sha256(storage, key):
-            rebuilt = "the next scoring of its images" if layout.is_scoring_key(key) else "the next run that needs it"
-            return _differs(data, recorded, "recorded beside it"), (key, layout.checksum_key(key)), rebuilt, size
+            remove, rebuilt = (key, layout.checksum_key(key)), "the next run that needs it"
+            if layout.is_scoring_key(key) and name == layout.SCORED_PREDICTIONS:
+                # Its summary.json marks the scoring done: it goes too, or scoring the images again would do nothing.
+                remove += (f"{key.rpartition('/')[0]}/{layout.SCORING_SUMMARY}",)
+                rebuilt = "scoring the same images with the same model again (from the stored parts)"
+            elif layout.is_scoring_key(key):  # a part
+                rebuilt = "the next scoring of its images"
+            return _differs(data, recorded, "recorded beside it"), remove, rebuilt, size
         return "", (), "", size
 
 
