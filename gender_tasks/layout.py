@@ -181,6 +181,7 @@ def describe_key(key: str) -> tuple[str, str, str]:
 SCORING = "scoring"
 SCORING_PARTS = "parts"
 SCORED_PREDICTIONS = "predictions.csv"  # assembled from the parts; checksum recorded beside it
+SCORING_PAGE = "summary.html"  # the page the UI plugin serves; checksum recorded beside it
 SCORING_SUMMARY = "summary.json"  # written last: the scoring is complete
 
 

@@ -375,7 +375,7 @@ def _score_files(storage: Storage, root: Path, files: list[tuple[Path, int]], ch
     prefix = layout.score_prefix(score_key)
     done = {"score_key": score_key, "storage": storage.uri, "images": len(files),
             "predictions_uri": storage.url(f"{prefix}/{layout.SCORED_PREDICTIONS}"),
-            "summary_uri": storage.url(f"{prefix}/summary.html"), **identity}  # fmt: skip
+            "summary_uri": storage.url(f"{prefix}/{layout.SCORING_PAGE}"), **identity}  # fmt: skip
     if storage.exists(f"{prefix}/{layout.SCORING_SUMMARY}"):
         log.info("%d images of %s were scored with this model before (%s): nothing to do", len(files), source,
                  storage.url(prefix))  # fmt: skip
@@ -390,7 +390,7 @@ def _score_files(storage: Storage, root: Path, files: list[tuple[Path, int]], ch
     size = min(loaded[1]["input_sizes"]) if loaded else _model_size(storage, chosen)
     train = training_stats(storage, chosen["run_key"], chosen["model"], size)
     report = _summary_json(summary, train, chosen, source, len(files), reused, len(batch_keys))
-    storage.put_bytes(f"{prefix}/summary.html", render_summary(report).encode())
+    put_recorded(storage, f"{prefix}/{layout.SCORING_PAGE}", render_summary(report).encode())
     storage.put_bytes(f"{prefix}/{layout.SCORING_SUMMARY}", json.dumps(report, indent=1).encode())  # last: complete
     log.info("scored %d images of %s with %s of run %s (%d of %d batches already scored) -> %s", len(files), source,
              chosen["model"], chosen["run_key"], reused, len(batch_keys), storage.url(prefix))  # fmt: skip

@@ -11,7 +11,8 @@ Each kind of object has the checksum its writer left:
     models/<model>/.../{predictions.csv, ...}     the sha256 in the model card beside them ("files"), keyed
                                                   models and a run's copies alike
     checkpoint.pt                                 the sha256 in the checkpoint record beside it
-    scoring/<key>/predictions.csv, scoring/parts  the sha256 recorded beside each (a scoring of new images)
+    scoring/<key>/predictions.csv, summary.html,  the sha256 recorded beside each (a scoring of new images)
+    scoring/parts
 
 An object whose writer recorded no checksum (written by an earlier version) is counted as
 unverifiable, not as corrupt. With `repair`, a corrupt object is removed together with the commit
@@ -144,7 +145,7 @@ class _Verifier:
             return problem, (key, f"{folder}/{MODEL_CARD}"), "the next run that trains this model", size
         if recorded := recorded_sha256(storage, key):
             remove, rebuilt = (key, layout.checksum_key(key)), "the next run that needs it"
-            if layout.is_scoring_key(key) and name == layout.SCORED_PREDICTIONS:
+            if layout.is_scoring_key(key) and name in (layout.SCORED_PREDICTIONS, layout.SCORING_PAGE):
                 # Its summary.json marks the scoring done: it goes too, or scoring the images again would do nothing.
                 remove += (f"{key.rpartition('/')[0]}/{layout.SCORING_SUMMARY}",)
                 rebuilt = "scoring the same images with the same model again (from the stored parts)"

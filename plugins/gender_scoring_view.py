@@ -5,6 +5,8 @@ task returned (its XCom: storage and score key), and lists the recent scoring ru
 summaries"); a "Scoring summary" tab opens it from a run. Only logged-in users who may read the
 gender_scoring DAG's runs see them; pages carry the reports' strict CSP (nothing runs, loads or submits).
 Imports only the storage and the standard library at request time: no training stack in the API server.
+The page is read like any stored object: checked against the sha256 recorded beside it ("Summary damaged",
+with the fix, where it changed since it was written).
 """
 
 from __future__ import annotations
@@ -52,10 +54,15 @@ def summary_page(run_id: str, state: str | None, result: dict | None) -> tuple[i
     if not SCORE_KEY.match(str(key)):
         return 200, _page("No summary yet", f"<p>Run {html.escape(run_id)} is {html.escape(state)}: its summary "
                                             "appears when the score task has finished.</p>")  # fmt: skip
-    from gender_tasks.storage import StorageError, open_storage
+    from gender_tasks import layout
+    from gender_tasks.integrity import IntegrityError
+    from gender_tasks.storage import StorageError, get_recorded, open_storage
 
-    try:
-        body = open_storage(result.get("storage") or "").get_bytes(f"scoring/{key}/summary.html").decode()
+    try:  # checked against the sha256 recorded when it was written, like any stored object read back
+        body = get_recorded(open_storage(result.get("storage") or ""),
+                            f"{layout.score_prefix(key)}/{layout.SCORING_PAGE}").decode()  # fmt: skip
+    except IntegrityError as exc:  # its message names the object and the fix (verify --repair, score again)
+        return 500, _page("Summary damaged", f"<p>{html.escape(str(exc)[:600])}</p>")
     except (FileNotFoundError, StorageError) as exc:
         return 404, _page("Summary missing", f"<p>{html.escape(str(exc)[:300])}</p>")
     return 200, body

@@ -401,6 +401,10 @@ def test_the_plugin_shows_a_runs_summary_and_lists_runs(store, tmp_path):
     assert status == 200 and "appears when the score task has finished" in page
     status, page = plugin.summary_page("r4", "success", {**out, "score_key": "../../etc/passwd"})
     assert "No summary yet" in page  # a key that is not a score key is never read
+    store.put_bytes(f"scoring/{out['score_key']}/summary.html", b"<p>edited in storage</p>")
+    status, page = plugin.summary_page("r1", "success", out)  # the page is checked like any stored object
+    assert status == 500 and "Summary damaged" in page and "edited in storage" not in page
+    assert "summary.html is corrupt" in page and "verify --storage" in page and "--repair" in page
     listing = plugin.index_page([("r1", "success", out), ("r<b>", "failed", None)])
     assert "/gender-scoring/runs/r1" in listing and "mobilenetv2 of new" in listing and "r&lt;b&gt;" in listing
 

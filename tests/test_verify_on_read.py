@@ -208,11 +208,11 @@ def test_verify_checks_a_scorings_predictions_and_parts_and_gc_keeps_them(local_
     prefix, part = layout.score_prefix("s" * 24), layout.part_key("m" * 64, "b" * 32)
     put_recorded(local_storage, part, b"file,prob_male\na.jpg,0.9\n")
     put_recorded(local_storage, f"{prefix}/predictions.csv", b"file,prob_male\na.jpg,0.9\n")
-    local_storage.put_bytes(f"{prefix}/summary.html", b"<html></html>")
+    put_recorded(local_storage, f"{prefix}/summary.html", b"<html></html>")
     local_storage.put_bytes(f"{prefix}/summary.json", b"{}")
     uri = str(local_storage.root)
     assert cli_main(["verify", "--storage", uri]) == 0
-    assert "checked 4 object(s)" in capsys.readouterr().out  # the summaries carry no checksum: unverifiable
+    assert "checked 4 object(s)" in capsys.readouterr().out  # summary.json carries no checksum: unverifiable
     local_storage.put_bytes(f"{prefix}/predictions.csv", b"file,prob_male\na.jpg,0.1\n")  # edited after the fact
     local_storage.put_bytes(part, b"file,prob_male\na.jpg,0.2\n")
     assert cli_main(["verify", "--storage", uri, "--repair"]) == 1
@@ -223,3 +223,20 @@ def test_verify_checks_a_scorings_predictions_and_parts_and_gc_keeps_them(local_
     assert not local_storage.exists(f"{prefix}/summary.json") and local_storage.exists(f"{prefix}/summary.html")
     assert not local_storage.exists(part) and not local_storage.exists(layout.checksum_key(part))
     assert [r for r in collect_garbage(local_storage, keep_days=0, dry_run=True) if "scoring/" in r.key] == []
+
+
+def test_verify_repairs_a_scorings_edited_page_so_that_scoring_again_rewrites_it(local_storage, capsys):
+    """summary.html (the page the UI serves) carries a recorded checksum too: an edited page is corrupt, and
+    repairing it removes the summary.json that marks the scoring done, leaving the predictions."""
+    prefix = layout.score_prefix("t" * 24)
+    put_recorded(local_storage, f"{prefix}/{layout.SCORED_PREDICTIONS}", b"file,prob_male\na.jpg,0.9\n")
+    put_recorded(local_storage, f"{prefix}/{layout.SCORING_PAGE}", b"<html>scored</html>")
+    local_storage.put_bytes(f"{prefix}/{layout.SCORING_SUMMARY}", b"{}")
+    local_storage.put_bytes(f"{prefix}/{layout.SCORING_PAGE}", b"<html><script>alert(1)</script></html>")
+    assert cli_main(["verify", "--storage", str(local_storage.root), "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert f"CORRUPT {local_storage.url(prefix + '/' + layout.SCORING_PAGE)}: sha256" in out
+    assert "scoring the same images with the same model again (from the stored parts)" in out
+    assert not local_storage.exists(f"{prefix}/{layout.SCORING_PAGE}")
+    assert not local_storage.exists(f"{prefix}/{layout.SCORING_SUMMARY}")
+    assert local_storage.exists(f"{prefix}/{layout.SCORED_PREDICTIONS}")
