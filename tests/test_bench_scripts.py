@@ -1,0 +1,118 @@
+"""The benchmark scripts' own logic, on made-up data (no training, no shared faces): bench/heldout.py sets
+faces aside by near-duplicate group and compares ways of choosing an ensemble; bench/robustness.py keeps
+runs of other options apart and lays a subset's columns over the full runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO
+from PIL import Image
+
+
+def _bench(name: str):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _noise_faces(root, n_per_class: int):
+    rng = np.random.default_rng(0)
+    for label in ("female", "male"):
+        (root / label).mkdir(parents=True)
+        for i in range(n_per_class):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).resize((64, 64)).save(root / label / f"{label}_{i:02d}.png")
+
+
+def test_heldout_sets_faces_aside_by_near_duplicate_group(tmp_path):
+    heldout = _bench("heldout")
+    source = tmp_path / "faces"
+    _noise_faces(source, 10)
+    for i in range(3):  # three copies of one face: one group, never split between the two sides
+        shutil.copyfile(source / "female" / "female_00.png", source / "female" / f"copy_{i}.png")
+    counts = heldout.set_aside(0, 0.3, tmp_path / "run", tmp_path / "held", source=source)
+    for label, total in (("female", 13), ("male", 10)):
+        run = {p.name for p in (tmp_path / "run" / label).glob("*.png")}
+        held = {p.name for p in (tmp_path / "held" / label).glob("*.png")}
+        assert not run & held and len(run | held) == total
+        assert counts[label] == {"heldout": len(held), "run": len(run)}
+        assert len(held) >= round(0.3 * total)  # whole groups: at least the share, a group's size over at most
+    group = {"female_00.png", "copy_0.png", "copy_1.png", "copy_2.png"}
+    sides = [{p.name for p in (tmp_path / side / "female").glob("*.png")} for side in ("run", "held")]
+    assert group <= sides[0] or group <= sides[1]
+    assert heldout.set_aside(0, 0.3, tmp_path / "run2", tmp_path / "held2", source=source) == counts  # seeded
+
+
+def test_heldout_compares_ensemble_rules_on_validation_alone():
+    heldout = _bench("heldout")
+    y = [0, 0, 0, 1, 1, 1]
+    val = {
+        "a": [0.1, 0.2, 0.3, 0.7, 0.8, 0.9],
+        "b": [0.6, 0.2, 0.3, 0.7, 0.8, 0.4],
+        "c": [0.4, 0.4, 0.6, 0.6, 0.4, 0.6],
+    }
+    rules = heldout._rules(y, val)
+    assert rules["best single on validation"] == ["a"] and rules["all"] == ["a", "b", "c"]
+    assert rules["shipped (greedy: accuracy, then log-loss)"] == ["a"]  # nothing added improves on a perfect model
+    assert rules["greedy on log-loss"] == ["a"]
+    # MobileNetV2 is flagged, so no candidate: "all" is the other three.
+    row = {"seed": 3, "flagged": ["mobilenetv2"], "probabilities": {
+        "val": {"label": y, "cnn": val["a"], "resnet50": val["b"], "inceptionv3": val["b"], "mobilenetv2": val["c"]},
+        "heldout": {"label": [0, 1], "cnn": [0.2, 0.9], "resnet50": [0.9, 0.1], "inceptionv3": [0.9, 0.1],
+                    "mobilenetv2": [0.1, 0.9]}}}  # fmt: skip
+    text = heldout.rules_table([row])
+    assert "| best single on validation | 1.000 (cnn) | 1.000 |" in text
+    assert "| all | 0.000 (cnn, resnet50, inceptionv3) | 0.000 |" in text
+
+
+def test_heldout_table_checks_the_acceptance_targets():
+    heldout = _bench("heldout")
+    held = {"cnn": 0.92, "resnet50": 0.90, "inceptionv3": 0.88, "mobilenetv2": 0.91, "ensemble": 0.915}
+    row = {"seed": 0, "heldout_images": 200, "heldout_accuracy": held, "test_accuracy": held,
+           "ensemble_members": ["resnet50", "mobilenetv2"], "flagged": []}  # fmt: skip
+    text = heldout.table([row])
+    assert "| +0.005 | -0.005 |" in text  # above its best member (0.91), below the best single model (0.92)
+    assert "best single >= 0.9: 1 of 1 seeds; ensemble >= 0.91: 1 of 1 seeds" in text
+    assert "ensemble >= its best member: 1 of 1 seeds; ensemble >= the best single model: 0 of 1 seeds" in text
+
+
+def _row(seed, accuracy, **options):
+    return {"size": 100, "kind": "sample", "seed": seed, "min_steps_scale": 1.0, "test_accuracy": accuracy,
+            "flagged": [], **options}  # fmt: skip
+
+
+def test_robustness_keeps_other_options_apart_and_overlays_a_subset(tmp_path):
+    robustness = _bench("robustness")
+    full = {"cnn": 0.9, "resnet50": 0.8, "inceptionv3": 0.6, "mobilenetv2": 0.8, "ensemble": 0.85}
+    out = tmp_path / "rows.jsonl"
+    rows = [_row(1, full, flagged=["inceptionv3"]),
+            _row(1, {"inceptionv3": 0.7}, models=["inceptionv3"], min_steps={"inceptionv3": 220}),
+            _row(1, {"inceptionv3": 0.6}, models=["inceptionv3"])]  # fmt: skip
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert robustness._done(out, 1.0)[(100, "sample", 1)]["test_accuracy"] == full
+    alone = robustness._done(out, 1.0, ("inceptionv3",), {"inceptionv3": 220})
+    assert list(alone.values()) == [rows[1]]
+    assert "Target not checked" in robustness.table(list(alone.values()))
+    (merged,) = robustness.overlay(robustness._done(out, 1.0), alone)
+    assert merged["test_accuracy"] == {**full, "inceptionv3": 0.7} and merged["flagged"] == []
+    assert "MISSED: 100 sample seed 1: inceptionv3 0.600" in robustness.table([rows[0]])
+    assert "met (1 of 1 runs" in robustness.table([merged])
+
+
+@pytest.mark.parametrize("argv", [["--models", "cnn,vgg"], ["--min-steps", "inceptionv3"], ["--fraction", "1.5"]])
+def test_bench_options_are_checked(argv, monkeypatch, capsys):
+    script = "heldout" if argv[0] == "--fraction" else "robustness"
+    module = _bench(script)
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--table", "missing.jsonl"])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
