@@ -187,8 +187,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\nHeld-out accuracy (the run's own test split in brackets). " + verdict
 
 
-def _rules(labels, val: dict[str, list[float]]) -> dict[str, list[str]]:
-    """The members each way of choosing an ensemble picks from validation alone (the candidates in `val`)."""
+def _rules(labels, val: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """The weights each way of choosing an ensemble gives the candidates in `val` (P(male) on the validation
+    images, `labels` 1 = male), from validation alone; a candidate left out has none."""
+    from itertools import combinations
+
     import numpy as np
     from sklearn.metrics import log_loss
 
@@ -196,26 +199,42 @@ def _rules(labels, val: dict[str, list[float]]) -> dict[str, list[str]]:
 
     y = np.asarray(labels)
     names = list(val)
+    probs = {m: np.asarray(val[m], dtype=float) for m in names}
 
-    def loss(members):
-        return log_loss(y, np.mean([val[m] for m in members], axis=0), labels=[0, 1])
+    def mix(weights: dict[str, float]) -> np.ndarray:
+        return sum(w * probs[m] for m, w in weights.items()) / sum(weights.values())
 
-    def accuracy(members):
-        return float(((np.mean([val[m] for m in members], axis=0) >= 0.5) == y).mean())
+    def accuracy(weights):
+        return float(((mix(weights) >= 0.5) == y).mean())
 
-    best_single = max(names, key=lambda m: (accuracy([m]), -loss([m]), -names.index(m)))
-    # Greedy forward selection on log-loss alone (a smoother score than accuracy on a small split), kept
-    # only where its validation accuracy is not below the best single model's (the issue's rule).
-    chosen = [min(names, key=lambda m: (loss([m]), names.index(m)))]
-    while rest := [m for m in names if m not in chosen]:
-        nxt = min(rest, key=lambda m: (loss([*chosen, m]), names.index(m)))
-        if loss([*chosen, nxt]) >= loss(chosen):
+    def loss(weights):
+        return float(log_loss(y, mix(weights), labels=[0, 1]))
+
+    def equal(members):
+        return {m: 1 / len(members) for m in members}
+
+    best = max(names, key=lambda m: (accuracy({m: 1}), -loss({m: 1}), -names.index(m)))
+    floor = accuracy({best: 1})
+    # Every subset, equal weights: the lowest log-loss among those whose accuracy is not below the best model's.
+    subsets = [equal(c) for k in range(1, len(names) + 1) for c in combinations(names, k)]
+    lowest = min((w for w in subsets if accuracy(w) >= floor), key=lambda w: (loss(w), len(w)))
+    # The best model shrunk toward the plain mean of all: the largest share of the mean (0.05 steps) at which
+    # validation accuracy is still not below the best model's.
+    shrunk = {best: 1.0}
+    for share in np.arange(1.0, 0.0, -0.05):
+        weights = {m: share / len(names) + (1 - share) * (m == best) for m in names}
+        if accuracy(weights) >= floor:
+            shrunk = weights
             break
-        chosen.append(nxt)
-    logloss_greedy = chosen if accuracy(chosen) >= accuracy([best_single]) else [best_single]
-    return {"shipped (greedy: accuracy, then log-loss)": select_members(y, {m: np.asarray(val[m]) for m in names})["members"],
-            "best single on validation": [best_single], "greedy on log-loss": logloss_greedy,
-            "all": names}  # fmt: skip
+    return {"shipped (greedy: accuracy, then log-loss)": equal(select_members(y, probs)["members"]),
+            "best single on validation": {best: 1.0}, "lowest log-loss subset": lowest,
+            "best shrunk toward the mean": shrunk, "all, equal weights": equal(names)}  # fmt: skip
+
+
+def _shown(weights: dict[str, float]) -> str:
+    if len(set(round(w, 6) for w in weights.values())) == 1:
+        return ", ".join(weights)
+    return ", ".join(f"{m} {w:.2f}" for m, w in sorted(weights.items(), key=lambda kv: -kv[1]))
 
 
 def rules_table(rows: list[dict]) -> str:
@@ -225,18 +244,18 @@ def rules_table(rows: list[dict]) -> str:
     rows = sorted((r for r in rows if "probabilities" in r), key=lambda r: r["seed"])
     if not rows:
         return "No rows with probabilities (rows written before they were recorded)."
-    results: dict[str, list[tuple[float, list[str]]]] = {}
+    results: dict[str, list[tuple[float, str]]] = {}
     for r in rows:
         probs = r["probabilities"]
         candidates = [m for m in MODELS if m not in r["flagged"]] or list(MODELS)
         held_y = np.asarray(probs["heldout"]["label"])
-        for rule, members in _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates}).items():
-            mean = np.mean([probs["heldout"][m] for m in members], axis=0)
-            results.setdefault(rule, []).append((float(((mean >= 0.5) == held_y).mean()), members))
+        for rule, weights in _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates}).items():
+            mean = sum(w * np.asarray(probs["heldout"][m]) for m, w in weights.items()) / sum(weights.values())
+            results.setdefault(rule, []).append((float(((mean >= 0.5) == held_y).mean()), _shown(weights)))
     seeds = [r["seed"] for r in rows]
     lines = ["| rule | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---|" * (len(seeds) + 1)]
     for rule, got in results.items():
-        cells = [f"{acc:.3f} ({', '.join(members)})" for acc, members in got]
+        cells = [f"{acc:.3f} ({shown})" for acc, shown in got]
         lines.append(f"| {rule} | " + " | ".join(cells) + f" | {np.mean([a for a, _ in got]):.3f} |")
     return "\n".join(lines)
 

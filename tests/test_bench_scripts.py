@@ -61,9 +61,15 @@ def test_heldout_compares_ensemble_rules_on_validation_alone():
         "c": [0.4, 0.4, 0.6, 0.6, 0.4, 0.6],
     }
     rules = heldout._rules(y, val)
-    assert rules["best single on validation"] == ["a"] and rules["all"] == ["a", "b", "c"]
-    assert rules["shipped (greedy: accuracy, then log-loss)"] == ["a"]  # nothing added improves on a perfect model
-    assert rules["greedy on log-loss"] == ["a"]
+    assert rules["best single on validation"] == {"a": 1.0}
+    assert rules["all, equal weights"] == {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+    assert rules["shipped (greedy: accuracy, then log-loss)"] == {"a": 1.0}  # nothing added improves on a perfect a
+    assert rules["lowest log-loss subset"] == {"a": 1.0}
+    # As much of the plain mean as keeps validation accuracy at a's: here all of it (the mean is perfect too).
+    assert rules["best shrunk toward the mean"] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    val["c"] = [0.9, 0.9, 0.9, 0.1, 0.1, 0.1]  # every image wrong: the mean of all loses, a share of it does not
+    shrunk = heldout._rules(y, val)["best shrunk toward the mean"]
+    assert shrunk["a"] > shrunk["b"] == shrunk["c"] > 0 and sum(shrunk.values()) == pytest.approx(1)
     # MobileNetV2 is flagged, so no candidate: "all" is the other three.
     row = {"seed": 3, "flagged": ["mobilenetv2"], "probabilities": {
         "val": {"label": y, "cnn": val["a"], "resnet50": val["b"], "inceptionv3": val["b"], "mobilenetv2": val["c"]},
@@ -71,7 +77,7 @@ def test_heldout_compares_ensemble_rules_on_validation_alone():
                     "mobilenetv2": [0.1, 0.9]}}}  # fmt: skip
     text = heldout.rules_table([row])
     assert "| best single on validation | 1.000 (cnn) | 1.000 |" in text
-    assert "| all | 0.000 (cnn, resnet50, inceptionv3) | 0.000 |" in text
+    assert "| all, equal weights | 0.000 (cnn, resnet50, inceptionv3) | 0.000 |" in text
 
 
 def test_heldout_table_checks_the_acceptance_targets():
