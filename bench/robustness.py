@@ -19,7 +19,8 @@ report), on local storage in that folder, with `seed` as the run's seed (split a
 `--min-steps-scale F` trains with F times each model's `min_steps` (models/registry.py; 0: the epochs as
 given, whatever the dataset's size), to measure what the minimum does; rows record it, and the table
 shows the runs of one scale (the same option, default 1; rows without a scale predate the minimum: 0).
-`--min-steps inceptionv3=220` sets one model's minimum outright (after the scale), and `--models
+`--min-steps inceptionv3=220` sets one model's minimum outright (after the scale), `--image-size
+inceptionv3=96` its input size at the `cpu` profile, and `--models
 inceptionv3` trains only those models (no ensemble: it needs two), to measure one model's recipe
 without paying for the other three: a model's training depends only on the dataset, split and seed,
 not on the other models, so its figures sit beside the full runs' others. Rows record both; the table
@@ -79,26 +80,30 @@ def build_dataset(size: int, kind: str, seed: int, folder: Path, source: Path = 
     return distinct
 
 
-def _scale_min_steps(scale: float, overrides: dict[str, int] | None = None) -> None:
-    """Every registered model's cpu plan with `scale` times its min_steps, or the override named for it
-    (in this process only)."""
+def _scale_min_steps(scale: float, overrides: dict[str, int] | None = None,
+                     image_size: dict[str, int] | None = None) -> None:  # fmt: skip
+    """Every registered model's cpu plan with `scale` times its min_steps, or the override named for it,
+    and the input size named for it (in this process only)."""
     from dataclasses import replace
 
     from gender_tasks.models.registry import get_model_spec, model_names, register
 
-    overrides = overrides or {}
-    unknown = set(overrides) - set(model_names())
+    overrides, image_size = overrides or {}, image_size or {}
+    unknown = (set(overrides) | set(image_size)) - set(model_names())
     if unknown:
-        raise ValueError(f"--min-steps names unknown models {sorted(unknown)}; expected some of {model_names()}")
+        raise ValueError(
+            f"--min-steps/--image-size name unknown models {sorted(unknown)}; expected some of {model_names()}"
+        )
     for name in model_names():
         spec = get_model_spec(name)
         cpu = spec.profiles["cpu"]
         steps = overrides.get(name, round(cpu.min_steps * scale))
-        register(replace(spec, profiles={**spec.profiles, "cpu": replace(cpu, min_steps=steps)}))
+        size = image_size.get(name, cpu.image_size)
+        register(replace(spec, profiles={**spec.profiles, "cpu": replace(cpu, min_steps=steps, image_size=size)}))
 
 
 def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, models: tuple[str, ...] = MODELS,
-            min_steps: dict[str, int] | None = None) -> dict:  # fmt: skip
+            min_steps: dict[str, int] | None = None, image_size: dict[str, int] | None = None) -> dict:  # fmt: skip
     """In a child process: build the dataset, run the pipeline on it, return its figures."""
     import logging
 
@@ -107,7 +112,7 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
     from gender_tasks.data.shards import CACHE_DIR_ENV
     from gender_tasks.layout import model_file_key
 
-    _scale_min_steps(scale, min_steps)
+    _scale_min_steps(scale, min_steps, image_size)
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="robustness-"))
@@ -124,11 +129,13 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
         ensembled = pipeline.ensemble(run)
         out = pipeline.report(run, trained, ensembled=None if "skipped" in ensembled else ensembled)
         results = json.loads(Path(out["results_uri"].removeprefix("file://")).read_text())
-        epochs = {m: json.loads((work / "store" / model_file_key(run["run_key"], m, "metrics.json")).read_text())["epochs"]
-                  for m in models}  # fmt: skip
+        trained_as = {m: json.loads((work / "store" / model_file_key(run["run_key"], m, "metrics.json")).read_text())
+                      for m in models}  # fmt: skip
+        epochs = {m: t["epochs"] for m, t in trained_as.items()}
         return {
-            "size": size, "kind": kind, "seed": seed, "min_steps_scale": scale, **_options(models, min_steps),
-            "epochs": epochs,
+            "size": size, "kind": kind, "seed": seed, "min_steps_scale": scale,
+            **_options(models, min_steps, image_size), "epochs": epochs,
+            "image_sizes": {m: t["image_size"] for m, t in trained_as.items()},
             "distinct_faces": distinct,
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "flagged": sorted(results.get("flagged") or {}),
@@ -145,37 +152,43 @@ def _members(ensemble) -> list | None:
     return first.get("members") if isinstance(first, dict) else None
 
 
-def _options(models: tuple[str, ...], min_steps: dict[str, int] | None) -> dict:
-    """What a row records of --models and --min-steps: nothing where they are the defaults (the rows
-    written before these options existed are full runs without overrides)."""
+OPTION_KEYS = ("models", "min_steps", "image_size")
+
+
+def _options(models: tuple[str, ...], min_steps: dict[str, int] | None,
+             image_size: dict[str, int] | None = None) -> dict:  # fmt: skip
+    """What a row records of --models, --min-steps and --image-size: nothing where they are the defaults (the
+    rows written before these options existed are full runs without overrides)."""
     return {**({"models": list(models)} if tuple(models) != MODELS else {}),
-            **({"min_steps": dict(sorted(min_steps.items()))} if min_steps else {})}  # fmt: skip
+            **({"min_steps": dict(sorted(min_steps.items()))} if min_steps else {}),
+            **({"image_size": dict(sorted(image_size.items()))} if image_size else {})}  # fmt: skip
 
 
 def _child(size: int, kind: str, seed: int, jobs: int, scale: float, models: tuple[str, ...],
-           min_steps: dict[str, int]) -> dict:  # fmt: skip
+           min_steps: dict[str, int], image_size: dict[str, int]) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--one", f"{size},{kind},{seed}", "--jobs", str(jobs),
            "--min-steps-scale", str(scale), "--models", ",".join(models),
-           "--min-steps", ",".join(f"{m}={n}" for m, n in min_steps.items())]  # fmt: skip
+           "--min-steps", ",".join(f"{m}={n}" for m, n in min_steps.items()),
+           "--image-size", ",".join(f"{m}={n}" for m, n in image_size.items())]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         tail = (done.stderr or done.stdout)[-2000:]
-        return {"size": size, "kind": kind, "seed": seed, "min_steps_scale": scale, **_options(models, min_steps),
-                "error": f"exit {done.returncode}: {tail}"}  # fmt: skip
+        return {"size": size, "kind": kind, "seed": seed, "min_steps_scale": scale,
+                **_options(models, min_steps, image_size), "error": f"exit {done.returncode}: {tail}"}  # fmt: skip
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def _done(out: Path, scale: float, models: tuple[str, ...] = MODELS,
-          min_steps: dict[str, int] | None = None) -> dict[tuple, dict]:  # fmt: skip
+def _done(out: Path, scale: float, models: tuple[str, ...] = MODELS, min_steps: dict[str, int] | None = None,
+          image_size: dict[str, int] | None = None) -> dict[tuple, dict]:  # fmt: skip
     """The finished runs of --out with these options (rows without a scale predate the minimum: 0)."""
     if not out.exists():
         return {}
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    wanted = _options(models, min_steps)
+    wanted = _options(models, min_steps, image_size)
     return {(r["size"], r["kind"], r["seed"]): r for r in rows
             if "error" not in r and float(r.get("min_steps_scale", 0.0)) == scale
-            and {k: r[k] for k in ("models", "min_steps") if k in r} == wanted}  # fmt: skip
+            and {k: r[k] for k in OPTION_KEYS if k in r} == wanted}  # fmt: skip
 
 
 def overlay(full: dict[tuple, dict], part: dict[tuple, dict]) -> list[dict]:
@@ -219,6 +232,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + verdict
 
 
+def _per_model(parser: argparse.ArgumentParser, option: str, text: str) -> dict[str, int]:
+    """MODEL=N,... as {model: N}; a malformed item is a usage error naming the option."""
+    values = {}
+    for item in filter(None, text.split(",")):
+        name, sep, number = item.partition("=")
+        if not sep or not number.isdigit():
+            parser.error(f"{option}: expected MODEL=N, got {item!r}")
+        values[name] = int(number)
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,300,1000")
@@ -233,6 +257,7 @@ def main() -> None:
         help="train with this times each model's min_steps (0: the epochs as given)",
     )
     parser.add_argument("--min-steps", default="", help="MODEL=N,...: these models' minimum steps outright")
+    parser.add_argument("--image-size", default="", help="MODEL=PX,...: these models' cpu input size")
     parser.add_argument("--models", default=",".join(MODELS), help="train only these (no ensemble below two)")
     parser.add_argument("--table", type=Path, help="print the table of this --out file (at the options given) and exit")
     parser.add_argument(
@@ -244,42 +269,42 @@ def main() -> None:
     unknown = set(models) - set(MODELS)
     if unknown or not models:
         parser.error(f"--models: expected some of {','.join(MODELS)}, got {args.models!r}")
-    min_steps = {}
-    for item in filter(None, args.min_steps.split(",")):
-        name, sep, steps = item.partition("=")
-        if not sep or not steps.isdigit():
-            parser.error(f"--min-steps: expected MODEL=N, got {item!r}")
-        min_steps[name] = int(steps)
+    min_steps, image_size = (
+        _per_model(parser, "--min-steps", args.min_steps),
+        _per_model(parser, "--image-size", args.image_size),
+    )
     if args.one:
         size, kind, seed = args.one.split(",")
-        result = one_run(int(size), kind, int(seed), args.jobs, args.min_steps_scale, models, min_steps)
+        result = one_run(int(size), kind, int(seed), args.jobs, args.min_steps_scale, models, min_steps, image_size)
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.table:
-        rows = _done(args.table, args.min_steps_scale, models, min_steps)
+        rows = _done(args.table, args.min_steps_scale, models, min_steps, image_size)
         if args.table_over:
             rows = dict(enumerate(overlay(_done(args.table_over, 1.0), rows)))
             print(
-                f"Columns {', '.join(models)} from {args.table.name} ({_options(models, min_steps)}); the rest, "
+                f"Columns {', '.join(models)} from {args.table.name} ({_options(models, min_steps, image_size)}); the rest, "
                 f"the ensemble included, from {args.table_over.name}'s full runs of the same dataset and seed.\n"
             )
         print(table(list(rows.values())))
         return
-    done = _done(args.out, args.min_steps_scale, models, min_steps)
+    done = _done(args.out, args.min_steps_scale, models, min_steps, image_size)
     per_class = {label: sum(1 for _, lab in _sources(SOURCE) if lab == label) for label in ("female", "male")}
     todo = [(int(size), kind, int(seed)) for size in args.sizes.split(",") for kind in args.kinds.split(",")
             for seed in args.seeds.split(",")
             if (int(size), kind, int(seed)) not in done and not (kind == "sample" and int(size) > min(per_class.values()))]  # fmt: skip
     print(f"{len(done)} runs on record, {len(todo)} to go ({args.jobs} at once)", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(_child, *t, args.jobs, args.min_steps_scale, models, min_steps) for t in todo]
+        futures = [
+            pool.submit(_child, *t, args.jobs, args.min_steps_scale, models, min_steps, image_size) for t in todo
+        ]
         for future in as_completed(futures):
             result = future.result()
             with args.out.open("a") as f:
                 f.write(json.dumps(result) + "\n")
             shown = result.get("error") or {k: round(v, 3) for k, v in result["test_accuracy"].items()}
             print(result["size"], result["kind"], result["seed"], shown, result.get("seconds"), flush=True)
-    print(table(list(_done(args.out, args.min_steps_scale, models, min_steps).values())))
+    print(table(list(_done(args.out, args.min_steps_scale, models, min_steps, image_size).values())))
 
 
 if __name__ == "__main__":

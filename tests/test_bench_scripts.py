@@ -102,11 +102,14 @@ def test_robustness_keeps_other_options_apart_and_overlays_a_subset(tmp_path):
     out = tmp_path / "rows.jsonl"
     rows = [_row(1, full, flagged=["inceptionv3"]),
             _row(1, {"inceptionv3": 0.7}, models=["inceptionv3"], min_steps={"inceptionv3": 220}),
-            _row(1, {"inceptionv3": 0.6}, models=["inceptionv3"])]  # fmt: skip
+            _row(1, {"inceptionv3": 0.6}, models=["inceptionv3"]),
+            _row(1, {"inceptionv3": 0.8}, models=["inceptionv3"], image_size={"inceptionv3": 96})]  # fmt: skip
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert robustness._done(out, 1.0)[(100, "sample", 1)]["test_accuracy"] == full
     alone = robustness._done(out, 1.0, ("inceptionv3",), {"inceptionv3": 220})
     assert list(alone.values()) == [rows[1]]
+    assert list(robustness._done(out, 1.0, ("inceptionv3",), None, {"inceptionv3": 96}).values()) == [rows[3]]
+    assert list(robustness._done(out, 1.0, ("inceptionv3",)).values()) == [rows[2]]  # no override: the shipped plan
     assert "Target not checked" in robustness.table(list(alone.values()))
     (merged,) = robustness.overlay(robustness._done(out, 1.0), alone)
     assert merged["test_accuracy"] == {**full, "inceptionv3": 0.7} and merged["flagged"] == []
@@ -114,7 +117,8 @@ def test_robustness_keeps_other_options_apart_and_overlays_a_subset(tmp_path):
     assert "met (1 of 1 runs" in robustness.table([merged])
 
 
-@pytest.mark.parametrize("argv", [["--models", "cnn,vgg"], ["--min-steps", "inceptionv3"], ["--fraction", "1.5"]])
+@pytest.mark.parametrize("argv", [["--models", "cnn,vgg"], ["--min-steps", "inceptionv3"],
+                                  ["--image-size", "inceptionv3=big"], ["--fraction", "1.5"]])  # fmt: skip
 def test_bench_options_are_checked(argv, monkeypatch, capsys):
     script = "heldout" if argv[0] == "--fraction" else "robustness"
     module = _bench(script)
