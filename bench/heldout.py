@@ -14,8 +14,10 @@ every model and the ensemble on it (evaluation/external.py). Faces are set aside
 face nor a near-copy of one is in the run's train, validation or test split.
 
 Each run appends one JSON line to --out (test and held-out accuracy per model and the ensemble, the
-ensemble's members, the flagged models, seconds); a rerun with the same --out skips the seeds already there.
-Training on 80 % of the faces, the models are a little weaker than a run on all of them.
+ensemble's members, the flagged models, seconds, and every model's validation, test and held-out P(male));
+a rerun with the same --out skips the seeds already there. `--table FILE --rules` compares ways of choosing
+the ensemble's members from those validation probabilities alone, by what each choice scores on the held-out
+faces. Training on 80 % of the faces, the models are a little weaker than a run on all of them.
 """
 
 from __future__ import annotations
