@@ -13,6 +13,10 @@ every model and the ensemble on it (evaluation/external.py). Faces are set aside
 (phash within 4 bits, the pipeline's near-duplicate distance; identical files too), so neither a held-out
 face nor a near-copy of one is in the run's train, validation or test split.
 
+Rows carry the draw (`DRAW`): bench/heldout-draw1.jsonl holds ten seeds of draw 1, which set groups aside per
+class, so a group whose faces carry both labels could be split (a leak, measured in set_aside's docstring);
+a rerun with --out skips only the seeds of the current draw.
+
 Each run appends one JSON line to --out (test and held-out accuracy per model and the ensemble, the
 ensemble's members, the flagged models, seconds, and every model's validation, test and held-out P(male));
 a rerun with the same --out skips the seeds already there. `--table FILE --rules` compares ways of choosing
@@ -43,49 +47,61 @@ TARGET_BEST, TARGET_ENSEMBLE = 0.90, 0.91
 HELDOUT_SET = "heldout"
 
 
-def near_duplicate_groups(paths: list[Path]) -> list[int]:
-    """A group id per path: images whose phashes are within the pipeline's near-duplicate distance, chained."""
+DRAW = 2  # rows of draw 1 (bench/heldout-draw1.jsonl) set groups aside per class: see set_aside
+
+
+def near_duplicate_groups(paths: list[Path]) -> list[str]:
+    """A group id per path: the split's own grouping (data/split.py) of identical files and of phashes within
+    the pipeline's near-duplicate distance, chained, across the classes."""
+    import pandas as pd
+
     from gender_tasks.data.images import phash_of_bytes
-    from gender_tasks.data.near_duplicates import DEFAULT_MAX_DISTANCE, hashes_to_uint64, pairs_within
+    from gender_tasks.data.near_duplicates import DEFAULT_MAX_DISTANCE
+    from gender_tasks.data.split import near_duplicate_groups as split_groups
+    from gender_tasks.integrity import sha256_hex
 
-    hashes = hashes_to_uint64([phash_of_bytes(p.read_bytes()) for p in paths])
-    parent = list(range(len(paths)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs_within(hashes, DEFAULT_MAX_DISTANCE):
-        parent[root(i)] = root(j)
-    return [root(i) for i in range(len(paths))]
+    blobs = [p.read_bytes() for p in paths]
+    table = pd.DataFrame({"sha256": [sha256_hex(b) for b in blobs], "phash": [phash_of_bytes(b) for b in blobs]})
+    return split_groups(table, DEFAULT_MAX_DISTANCE).tolist()
 
 
 def set_aside(seed: int, fraction: float, train_dir: Path, heldout_dir: Path, source: Path = SOURCE) -> dict:
-    """Copy `source`'s faces into train_dir/<label>/ and heldout_dir/<label>/: per class, whole near-duplicate
-    groups, drawn at random (seeded) until `fraction` of the class's faces are held out. Returns the counts."""
+    """Copy `source`'s faces into train_dir/<label>/ and heldout_dir/<label>/, whole near-duplicate groups at a
+    time (a group whose faces carry both labels, too: its faces go to one side, each under its own label).
+    Stratified by a group's majority label (ties: its first face's, as the split does): per class, groups drawn
+    at random (seeded) until `fraction` of the class's faces are held out. Returns the counts per label.
+
+    (Draw 1 drew per label, so the faces of a group with both labels could land on both sides: in the recorded
+    draw-1 runs 3-70 held-out faces of 198-246 had a near-duplicate of the other label in the run's folder.)"""
     faces = _sources(source)
-    groups = near_duplicate_groups([p for p, _ in faces])
+    members: dict[str, list[tuple[Path, str]]] = {}
+    for face, group in zip(faces, near_duplicate_groups([p for p, _ in faces]), strict=True):
+        members.setdefault(group, []).append(face)
     rng = random.Random(f"heldout-{seed}")
-    counts = {}
+    held_out: set[str] = set()
     for label in ("female", "male"):
-        members: dict[int, list[Path]] = {}
-        for (path, lab), group in zip(faces, groups, strict=True):
-            if lab == label:
-                members.setdefault(group, []).append(path)
-        order = sorted(members)
+        order = sorted(g for g, m in members.items() if _majority(m) == label)
         rng.shuffle(order)
-        wanted = round(fraction * sum(len(m) for m in members.values()))
-        held = 0
+        wanted, held = round(fraction * sum(len(members[g]) for g in order)), 0
         for group in order:
-            target = heldout_dir if held < wanted else train_dir
-            held += len(members[group]) if target is heldout_dir else 0
+            if held >= wanted:
+                break
+            held_out.add(group)
+            held += len(members[group])
+    counts = {label: {"heldout": 0, "run": 0} for label in ("female", "male")}
+    for group, faces_of in members.items():
+        side, target = ("heldout", heldout_dir) if group in held_out else ("run", train_dir)
+        for path, label in faces_of:
             (target / label).mkdir(parents=True, exist_ok=True)
-            for path in members[group]:
-                shutil.copyfile(path, target / label / path.name)
-        counts[label] = {"heldout": held, "run": sum(len(m) for m in members.values()) - held}
+            shutil.copyfile(path, target / label / path.name)
+            counts[label][side] += 1
     return counts
+
+
+def _majority(faces: list[tuple[Path, str]]) -> str:
+    labels = [label for _, label in faces]
+    top = max(labels.count(label) for label in labels)
+    return next(label for label in labels if labels.count(label) == top)
 
 
 def one_run(seed: int, fraction: float) -> dict:
@@ -116,7 +132,7 @@ def one_run(seed: int, fraction: float) -> dict:
         ensemble = results.get("ensemble")
         first = ensemble[0] if isinstance(ensemble, list) and ensemble else ensemble or {}
         return {
-            "seed": seed, "fraction": fraction, "faces": counts, "heldout_images": scored["images"],
+            "seed": seed, "fraction": fraction, "draw": DRAW, "faces": counts, "heldout_images": scored["images"],
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "heldout_accuracy": {m: r["accuracy"] for m, r in scored["models"].items()},
             "ensemble_members": first.get("members"), "ensemble_weights": first.get("weights"),
@@ -156,11 +172,13 @@ def _probabilities(run_key: str, store: Path, heldout: Path) -> dict:
     return out
 
 
-def _done(out: Path, fraction: float) -> dict[int, dict]:
+def _done(out: Path, fraction: float, draw: int | None = DRAW) -> dict[int, dict]:
+    """The finished runs of `out` at `fraction`, of draw `draw` (None: any; rows without one are draw 1)."""
     if not out.exists():
         return {}
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    return {r["seed"]: r for r in rows if "error" not in r and r["fraction"] == fraction}
+    return {r["seed"]: r for r in rows if "error" not in r and r["fraction"] == fraction
+            and draw in (None, r.get("draw", 1))}  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -290,7 +308,7 @@ def main() -> None:
         print("RESULT " + json.dumps(one_run(args.one, args.fraction)), flush=True)
         return
     if args.table:
-        rows = list(_done(args.table, args.fraction).values())
+        rows = list(_done(args.table, args.fraction, draw=None).values())
         print(rules_table(rows) if args.rules else table(rows))
         return
     done = _done(args.out, args.fraction)
