@@ -279,14 +279,15 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.table:
-        rows = _done(args.table, args.min_steps_scale, models, min_steps, image_size)
+        done = _done(args.table, args.min_steps_scale, models, min_steps, image_size)
+        rows = list(done.values())
         if args.table_over:
-            rows = dict(enumerate(overlay(_done(args.table_over, 1.0), rows)))
+            rows = overlay(_done(args.table_over, 1.0), done)
             print(
                 f"Columns {', '.join(models)} from {args.table.name} ({_options(models, min_steps, image_size)}); the rest, "
                 f"the ensemble included, from {args.table_over.name}'s full runs of the same dataset and seed.\n"
             )
-        print(table(list(rows.values())))
+        print(table(rows))
         return
     done = _done(args.out, args.min_steps_scale, models, min_steps, image_size)
     per_class = {label: sum(1 for _, lab in _sources(SOURCE) if lab == label) for label in ("female", "male")}
