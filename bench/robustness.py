@@ -27,6 +27,13 @@ not on the other models, so its figures sit beside the full runs' others. Rows r
 shows the rows of the options given, and `--table-over FULL` puts a subset's columns over FULL's rows
 of the same size, kind and seed (the ensemble column then stays FULL's, and says so).
 
+`--score-rest` (sample runs only) also scores every model and the ensemble on the shared faces the run did
+not draw, less every near-duplicate group (heldout.py's grouping: phash within 4 bits, chained, across the
+classes) with a member in the run's sample: several hundred faces the run never saw, against the test
+split's 30 at 100 a class, to tell a model's accuracy from the luck of its test draw. Scoring comes after
+training, so the run's figures are those of the same run without it; rows record `rest_images` and
+`rest_accuracy`, and the table of such rows adds one of test against rest accuracy per run.
+
 Each run appends one JSON line to --out (test accuracy per model and the ensemble, the models the
 report flagged, seconds); a rerun with the same --out skips the runs already there. The table gives,
 per size and kind, the min and median test accuracy of each model over the seeds, and checks the
@@ -80,6 +87,27 @@ def build_dataset(size: int, kind: str, seed: int, folder: Path, source: Path = 
     return distinct
 
 
+REST_SET = "rest"
+
+
+def rest_faces(folder: Path, rest: Path, source: Path = SOURCE) -> int:
+    """Copy into rest/<label>/ the faces of `source` that are not in `folder` (a sample build_dataset drew from
+    it: same file names) and share no near-duplicate group with a face that is; returns how many."""
+    from heldout import near_duplicate_groups  # the bench folder's grouping, the split's own
+
+    faces = _sources(source)
+    drawn = {(label, p.name) for label in ("female", "male") for p in (folder / label).iterdir()}
+    groups = near_duplicate_groups([p for p, _ in faces])
+    seen = {g for (p, label), g in zip(faces, groups, strict=True) if (label, p.name) in drawn}
+    copied = 0
+    for (path, label), group in zip(faces, groups, strict=True):
+        if group not in seen:
+            (rest / label).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, rest / label / path.name)
+            copied += 1
+    return copied
+
+
 def _scale_min_steps(scale: float, overrides: dict[str, int] | None = None,
                      image_size: dict[str, int] | None = None) -> None:  # fmt: skip
     """Every registered model's cpu plan with `scale` times its min_steps, or the override named for it,
@@ -103,14 +131,15 @@ def _scale_min_steps(scale: float, overrides: dict[str, int] | None = None,
 
 
 def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, models: tuple[str, ...] = MODELS,
-            min_steps: dict[str, int] | None = None, image_size: dict[str, int] | None = None) -> dict:  # fmt: skip
+            min_steps: dict[str, int] | None = None, image_size: dict[str, int] | None = None,
+            score_rest: bool = False) -> dict:  # fmt: skip
     """In a child process: build the dataset, run the pipeline on it, return its figures."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     from gender_tasks import pipeline
     from gender_tasks.data.shards import CACHE_DIR_ENV
-    from gender_tasks.layout import model_file_key
+    from gender_tasks.layout import external_key, model_file_key
 
     _scale_min_steps(scale, min_steps, image_size)
 
@@ -119,15 +148,26 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
     try:
         folder = work / "faces"
         distinct = build_dataset(size, kind, seed, folder)
+        score_rest = score_rest and kind == "sample"
+        rest_images = rest_faces(folder, work / REST_SET) if score_rest else 0
         os.environ[CACHE_DIR_ENV] = str(work / "local-cache")
         conf = {"source": str(folder), "storage": str(work / "store"), "profile": "cpu", "seed": seed,
-                "label_audit": False, "models": list(models)}  # fmt: skip
+                "label_audit": False, "models": list(models),
+                **({"external_eval": [str(work / REST_SET)]} if score_rest else {})}  # fmt: skip
         run = pipeline.prepare(conf, run_id=f"robustness-{size}-{kind}-{seed}")
         for step in (pipeline.ingest, pipeline.split, pipeline.validate, pipeline.preprocess):
             run = step(run)
         trained = [pipeline.train(run, name, parallel_tasks=jobs) for name in models]
         ensembled = pipeline.ensemble(run)
         out = pipeline.report(run, trained, ensembled=None if "skipped" in ensembled else ensembled)
+        rest = {}
+        if score_rest:  # after training and the report: the run's own figures are those of a run without it
+            pipeline.evaluate_external(run)
+            scored = json.loads((work / "store" / external_key(run["run_key"], REST_SET)).read_text())
+            if scored["images"] != rest_images:
+                raise RuntimeError(f"scored {scored['images']} of the {rest_images} faces set aside")
+            rest = {"rest_images": rest_images,
+                    "rest_accuracy": {m: r["accuracy"] for m, r in scored["models"].items()}}  # fmt: skip
         results = json.loads(Path(out["results_uri"].removeprefix("file://")).read_text())
         trained_as = {m: json.loads((work / "store" / model_file_key(run["run_key"], m, "metrics.json")).read_text())
                       for m in models}  # fmt: skip
@@ -139,7 +179,7 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
             "distinct_faces": distinct,
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "flagged": sorted(results.get("flagged") or {}),
-            "ensemble_members": _members(results.get("ensemble")),
+            "ensemble_members": _members(results.get("ensemble")), **rest,
             "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
     finally:
@@ -165,8 +205,9 @@ def _options(models: tuple[str, ...], min_steps: dict[str, int] | None,
 
 
 def _child(size: int, kind: str, seed: int, jobs: int, scale: float, models: tuple[str, ...],
-           min_steps: dict[str, int], image_size: dict[str, int]) -> dict:  # fmt: skip
+           min_steps: dict[str, int], image_size: dict[str, int], score_rest: bool = False) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--one", f"{size},{kind},{seed}", "--jobs", str(jobs),
+           *(["--score-rest"] if score_rest else []),
            "--min-steps-scale", str(scale), "--models", ",".join(models),
            "--min-steps", ",".join(f"{m}={n}" for m, n in min_steps.items()),
            "--image-size", ",".join(f"{m}={n}" for m, n in image_size.items())]  # fmt: skip
@@ -180,15 +221,17 @@ def _child(size: int, kind: str, seed: int, jobs: int, scale: float, models: tup
 
 
 def _done(out: Path, scale: float, models: tuple[str, ...] = MODELS, min_steps: dict[str, int] | None = None,
-          image_size: dict[str, int] | None = None) -> dict[tuple, dict]:  # fmt: skip
-    """The finished runs of --out with these options (rows without a scale predate the minimum: 0)."""
+          image_size: dict[str, int] | None = None, rest: bool = False) -> dict[tuple, dict]:  # fmt: skip
+    """The finished runs of --out with these options (rows without a scale predate the minimum: 0); with
+    `rest`, only the sample runs that scored the rest of the faces (--score-rest)."""
     if not out.exists():
         return {}
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     wanted = _options(models, min_steps, image_size)
     return {(r["size"], r["kind"], r["seed"]): r for r in rows
             if "error" not in r and float(r.get("min_steps_scale", 0.0)) == scale
-            and {k: r[k] for k in OPTION_KEYS if k in r} == wanted}  # fmt: skip
+            and {k: r[k] for k in OPTION_KEYS if k in r} == wanted
+            and (not rest or "rest_accuracy" in r)}  # fmt: skip
 
 
 def overlay(full: dict[tuple, dict], part: dict[tuple, dict]) -> list[dict]:
@@ -232,6 +275,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + verdict
 
 
+def rest_table(rows: list[dict]) -> str:
+    """Markdown: per run that scored the rest of the faces, each column's test / rest accuracy, then per
+    column the mean of each and the lowest rest accuracy; "" without such rows."""
+    rows = sorted((r for r in rows if "rest_accuracy" in r), key=lambda r: (r["size"], r["kind"], r["seed"]))
+    if not rows:
+        return ""
+    columns = [c for c in COLUMNS if any(c in r["rest_accuracy"] for r in rows)]
+    lines = ["| faces a class | seed | test images | rest images | " + " | ".join(f"{c} test / rest" for c in columns) + " |",
+             "|---|---|---|---|" + "---|" * len(columns)]  # fmt: skip
+    for r in rows:
+        cells = [f"{r['test_accuracy'][c]:.3f} / {r['rest_accuracy'][c]:.3f}" if c in r["rest_accuracy"] else "n/a"
+                 for c in columns]  # fmt: skip
+        lines.append(
+            f"| {r['size']:,} | {r['seed']} | {sum(r['counts']['test'].values())} | {r['rest_images']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    means = []
+    for c in columns:
+        pairs = [(r["test_accuracy"][c], r["rest_accuracy"][c]) for r in rows if c in r["rest_accuracy"]]
+        means.append(f"{statistics.mean(t for t, _ in pairs):.3f} / {statistics.mean(v for _, v in pairs):.3f} "
+                     f"(rest min {min(v for _, v in pairs):.3f})")  # fmt: skip
+    lines.append("| mean | | | | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
 def _per_model(parser: argparse.ArgumentParser, option: str, text: str) -> dict[str, int]:
     """MODEL=N,... as {model: N}; a malformed item is a usage error naming the option."""
     values = {}
@@ -263,6 +332,11 @@ def main() -> None:
     parser.add_argument(
         "--table-over", type=Path, help="with --table: its rows' columns over this file's full runs (default options)"
     )
+    parser.add_argument(
+        "--score-rest",
+        action="store_true",
+        help="sample runs: also score the faces they did not draw (near-duplicates left out)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = tuple(m for m in args.models.split(",") if m)
@@ -275,11 +349,13 @@ def main() -> None:
     )
     if args.one:
         size, kind, seed = args.one.split(",")
-        result = one_run(int(size), kind, int(seed), args.jobs, args.min_steps_scale, models, min_steps, image_size)
+        result = one_run(
+            int(size), kind, int(seed), args.jobs, args.min_steps_scale, models, min_steps, image_size, args.score_rest
+        )
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.table:
-        done = _done(args.table, args.min_steps_scale, models, min_steps, image_size)
+        done = _done(args.table, args.min_steps_scale, models, min_steps, image_size, args.score_rest)
         rows = list(done.values())
         if args.table_over:
             rows = overlay(_done(args.table_over, 1.0), done)
@@ -288,8 +364,10 @@ def main() -> None:
                 f"the ensemble included, from {args.table_over.name}'s full runs of the same dataset and seed.\n"
             )
         print(table(rows))
+        if rest_table(rows):
+            print("\nTest split against the rest of the shared faces (--score-rest):\n\n" + rest_table(rows))
         return
-    done = _done(args.out, args.min_steps_scale, models, min_steps, image_size)
+    done = _done(args.out, args.min_steps_scale, models, min_steps, image_size, args.score_rest)
     per_class = {label: sum(1 for _, lab in _sources(SOURCE) if lab == label) for label in ("female", "male")}
     todo = [(int(size), kind, int(seed)) for size in args.sizes.split(",") for kind in args.kinds.split(",")
             for seed in args.seeds.split(",")
@@ -297,7 +375,8 @@ def main() -> None:
     print(f"{len(done)} runs on record, {len(todo)} to go ({args.jobs} at once)", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [
-            pool.submit(_child, *t, args.jobs, args.min_steps_scale, models, min_steps, image_size) for t in todo
+            pool.submit(_child, *t, args.jobs, args.min_steps_scale, models, min_steps, image_size, args.score_rest)
+            for t in todo
         ]
         for future in as_completed(futures):
             result = future.result()
@@ -305,7 +384,10 @@ def main() -> None:
                 f.write(json.dumps(result) + "\n")
             shown = result.get("error") or {k: round(v, 3) for k, v in result["test_accuracy"].items()}
             print(result["size"], result["kind"], result["seed"], shown, result.get("seconds"), flush=True)
-    print(table(list(_done(args.out, args.min_steps_scale, models, min_steps, image_size).values())))
+    rows = list(_done(args.out, args.min_steps_scale, models, min_steps, image_size, args.score_rest).values())
+    print(table(rows))
+    if rest_table(rows):
+        print("\nTest split against the rest of the shared faces (--score-rest):\n\n" + rest_table(rows))
 
 
 if __name__ == "__main__":

@@ -128,3 +128,33 @@ def test_bench_options_are_checked(argv, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         module.main()
     assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_robustness_scores_the_faces_a_sample_left_out_less_its_near_duplicates(tmp_path):
+    robustness = _bench("robustness")
+    source = tmp_path / "faces"
+    _noise_faces(source, 6)
+    shutil.copyfile(source / "male" / "male_05.png", source / "female" / "copy_of_male_05.png")
+    sample = tmp_path / "sample"
+    for label, names in (("female", ["female_00.png", "female_01.png"]), ("male", ["male_05.png"])):
+        (sample / label).mkdir(parents=True)
+        for name in names:
+            shutil.copyfile(source / label / name, sample / label / name)
+    assert robustness.rest_faces(sample, tmp_path / "rest", source=source) == 13 - 3 - 1
+    rest = {f"{p.parent.name}/{p.name}" for p in (tmp_path / "rest").glob("*/*.png")}
+    assert "female/copy_of_male_05.png" not in rest  # a near-copy of a drawn face, under the other label
+    assert not rest & {"female/female_00.png", "female/female_01.png", "male/male_05.png"} and len(rest) == 9
+    counts = {
+        "train": {"female": 70, "male": 70},
+        "val": {"female": 15, "male": 15},
+        "test": {"female": 15, "male": 15},
+    }
+    rows = [_row(0, {"cnn": 0.9, "inceptionv3": 0.6}, counts=counts, rest_images=700,
+                 rest_accuracy={"cnn": 0.85, "inceptionv3": 0.8}),
+            _row(1, {"cnn": 0.8, "inceptionv3": 0.7}, counts=counts)]  # fmt: skip
+    shown = robustness.rest_table(rows)
+    assert "| 100 | 0 | 30 | 700 | 0.900 / 0.850 | 0.600 / 0.800 |" in shown and "| 100 | 1 |" not in shown
+    assert "0.600 / 0.800 (rest min 0.800)" in shown and robustness.rest_table(rows[1:]) == ""
+    out = tmp_path / "rows.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert set(robustness._done(out, 1.0, ("cnn", "inceptionv3"))) == set()  # other models: not these rows
