@@ -17,6 +17,12 @@ Rows carry the draw (`DRAW`): bench/heldout-draw1.jsonl holds ten seeds of draw 
 class, so a group whose faces carry both labels could be split (a leak, measured in set_aside's docstring);
 a rerun with --out skips only the seeds of the current draw.
 
+`--epochs cnn=24,mobilenetv2=10` trains those models with these epochs in their `cpu` plan (their `min_steps`
+unchanged: on small datasets, where the minimum decides, nothing changes), to measure a recipe on faces the
+run never saw; rows record it, a rerun and `--table` keep such rows apart from the shipped plan's, and
+`--table FILE --epochs ...` adds each column's paired difference against the shipped plan's rows of the
+same seeds.
+
 Each run appends one JSON line to --out (test and held-out accuracy per model and the ensemble, the
 ensemble's members, the flagged models, seconds, and every model's validation, test and held-out P(male));
 a rerun with the same --out skips the seeds already there. `--table FILE --rules` compares ways of choosing
@@ -104,13 +110,26 @@ def _majority(faces: list[tuple[Path, str]]) -> str:
     return next(label for label in labels if labels.count(label) == top)
 
 
-def one_run(seed: int, fraction: float) -> dict:
+def _set_epochs(epochs: dict[str, int]) -> None:
+    """These models' `cpu` plans with these epochs (in this process only); min_steps as registered."""
+    from dataclasses import replace
+
+    from gender_tasks.models.registry import get_model_spec, register
+
+    for name, n in epochs.items():
+        spec = get_model_spec(name)
+        register(replace(spec, profiles={**spec.profiles, "cpu": replace(spec.profiles["cpu"], epochs=n)}))
+
+
+def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None) -> dict:
     """In a child process: set the faces aside, run the pipeline on the rest, score the held-out part."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     from gender_tasks import layout, pipeline
     from gender_tasks.data.shards import CACHE_DIR_ENV
+
+    _set_epochs(epochs or {})
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="heldout-"))
@@ -137,6 +156,9 @@ def one_run(seed: int, fraction: float) -> dict:
             "heldout_accuracy": {m: r["accuracy"] for m, r in scored["models"].items()},
             "ensemble_members": first.get("members"), "ensemble_weights": first.get("weights"),
             "flagged": sorted(results.get("flagged") or {}), "seconds": round(time.perf_counter() - started, 1),
+            **({"epochs": dict(sorted(epochs.items()))} if epochs else {}),
+            "trained_epochs": {m: json.loads((work / "store" / layout.model_file_key(run["run_key"], m, "metrics.json"))
+                                             .read_text())["epochs"] for m in MODELS},
             "probabilities": probabilities,
         }  # fmt: skip
     finally:
@@ -172,13 +194,33 @@ def _probabilities(run_key: str, store: Path, heldout: Path) -> dict:
     return out
 
 
-def _done(out: Path, fraction: float, draw: int | None = DRAW) -> dict[int, dict]:
-    """The finished runs of `out` at `fraction`, of draw `draw` (None: any; rows without one are draw 1)."""
+def _done(out: Path, fraction: float, draw: int | None = DRAW, epochs: dict[str, int] | None = None) -> dict[int, dict]:
+    """The finished runs of `out` at `fraction`, of draw `draw` (None: any; rows without one are draw 1),
+    trained with these --epochs (none: the shipped plans)."""
     if not out.exists():
         return {}
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     return {r["seed"]: r for r in rows if "error" not in r and r["fraction"] == fraction
-            and draw in (None, r.get("draw", 1))}  # fmt: skip
+            and draw in (None, r.get("draw", 1)) and r.get("epochs", {}) == (epochs or {})}  # fmt: skip
+
+
+def paired(base: dict[int, dict], rows: dict[int, dict]) -> str:
+    """Markdown: per column, the mean held-out accuracy of `rows` and of `base` over the seeds both have, and
+    the paired difference with its t statistic and range."""
+    seeds = sorted(set(base) & set(rows))
+    if not seeds:
+        return "No seeds in common with the shipped plan's rows."
+    lines = [f"Paired over seeds {', '.join(map(str, seeds))} (held-out accuracy):", "",
+             "| column | these rows | shipped plan | difference | t | range |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for c in COLUMNS:
+        new = [rows[s]["heldout_accuracy"][c] for s in seeds]
+        old = [base[s]["heldout_accuracy"][c] for s in seeds]
+        diff = [a - b for a, b in zip(new, old, strict=True)]
+        spread = statistics.stdev(diff) if len(diff) > 1 else 0.0
+        t = statistics.mean(diff) / (spread / len(diff) ** 0.5) if spread else float("nan")
+        lines.append(f"| {c} | {statistics.mean(new):.3f} | {statistics.mean(old):.3f} | {statistics.mean(diff):+.3f} "
+                     f"| {t:.1f} | {min(diff):+.3f} to {max(diff):+.3f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -280,14 +322,16 @@ def rules_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _child(seed: int, fraction: float) -> dict:
-    cmd = [sys.executable, __file__, "--one", str(seed), "--fraction", str(fraction)]
+def _child(seed: int, fraction: float, epochs: dict[str, int] | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(seed), "--fraction", str(fraction),
+           "--epochs", ",".join(f"{m}={n}" for m, n in (epochs or {}).items())]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         return {
             "seed": seed,
             "fraction": fraction,
+            **({"epochs": epochs} if epochs else {}),
             "error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-2000:]}",
         }
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -300,27 +344,36 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("heldout.jsonl"))
     parser.add_argument("--table", type=Path, help="print the table of this --out file (at --fraction) and exit")
     parser.add_argument("--rules", action="store_true", help="with --table: compare ways of choosing the ensemble")
+    parser.add_argument("--epochs", default="", help="MODEL=N,...: these models' cpu epochs (a recipe to measure)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not 0 < args.fraction < 1:
         parser.error(f"--fraction: expected a share between 0 and 1, got {args.fraction}")
+    epochs = {}
+    for item in filter(None, args.epochs.split(",")):
+        name, sep, number = item.partition("=")
+        if not sep or name not in MODELS or not number.isdigit() or int(number) < 1:
+            parser.error(f"--epochs: expected MODEL=N with MODEL one of {','.join(MODELS)} and N >= 1, got {item!r}")
+        epochs[name] = int(number)
     if args.one is not None:
-        print("RESULT " + json.dumps(one_run(args.one, args.fraction)), flush=True)
+        print("RESULT " + json.dumps(one_run(args.one, args.fraction, epochs)), flush=True)
         return
     if args.table:
-        rows = list(_done(args.table, args.fraction, draw=None).values())
+        rows = list(_done(args.table, args.fraction, draw=None, epochs=epochs).values())
         print(rules_table(rows) if args.rules else table(rows))
+        if epochs and not args.rules:
+            print("\n" + paired(_done(args.table, args.fraction), _done(args.table, args.fraction, epochs=epochs)))
         return
-    done = _done(args.out, args.fraction)
+    done = _done(args.out, args.fraction, epochs=epochs)
     todo = [int(s) for s in args.seeds.split(",") if int(s) not in done]
     print(f"{len(done)} seeds on record, {len(todo)} to go (one at a time: each trains on every core)", flush=True)
     for seed in todo:
-        result = _child(seed, args.fraction)
+        result = _child(seed, args.fraction, epochs)
         with args.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
         shown = result.get("error") or {k: round(v, 3) for k, v in result["heldout_accuracy"].items()}
         print(seed, shown, result.get("seconds"), flush=True)
-    rows = list(_done(args.out, args.fraction).values())
+    rows = list(_done(args.out, args.fraction, epochs=epochs).values())
     if rows:
         print(table(rows))
 

@@ -120,9 +120,10 @@ def test_robustness_keeps_other_options_apart_and_overlays_a_subset(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--models", "cnn,vgg"], ["--min-steps", "inceptionv3"],
-                                  ["--image-size", "inceptionv3=big"], ["--fraction", "1.5"]])  # fmt: skip
+                                  ["--image-size", "inceptionv3=big"], ["--fraction", "1.5"],
+                                  ["--epochs", "vgg=3"], ["--epochs", "cnn=0"]])  # fmt: skip
 def test_bench_options_are_checked(argv, monkeypatch, capsys):
-    script = "heldout" if argv[0] == "--fraction" else "robustness"
+    script = "heldout" if argv[0] in ("--fraction", "--epochs") else "robustness"
     module = _bench(script)
     monkeypatch.setattr(sys, "argv", [script, *argv, "--table", "missing.jsonl"])
     with pytest.raises(SystemExit) as exc:
@@ -158,3 +159,22 @@ def test_robustness_scores_the_faces_a_sample_left_out_less_its_near_duplicates(
     out = tmp_path / "rows.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert set(robustness._done(out, 1.0, ("cnn", "inceptionv3"))) == set()  # other models: not these rows
+
+
+def test_heldout_keeps_other_epochs_apart_and_pairs_them_with_the_shipped_plan(tmp_path):
+    heldout = _bench("heldout")
+
+    def row(seed, cnn, epochs=None):
+        accuracy = {"cnn": cnn, "resnet50": 0.8, "inceptionv3": 0.8, "mobilenetv2": 0.8, "ensemble": cnn}
+        return {"seed": seed, "fraction": 0.2, "draw": 2, "heldout_accuracy": accuracy,
+                **({"epochs": epochs} if epochs else {})}  # fmt: skip
+
+    out = tmp_path / "rows.jsonl"
+    longer = {"cnn": 24}
+    rows = [row(0, 0.80), row(1, 0.90), row(2, 0.85), row(0, 0.82, longer), row(1, 0.93, longer)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert set(heldout._done(out, 0.2)) == {0, 1, 2} and heldout._done(out, 0.2)[0] == rows[0]
+    assert heldout._done(out, 0.2, epochs=longer) == {0: rows[3], 1: rows[4]}
+    shown = heldout.paired(heldout._done(out, 0.2), heldout._done(out, 0.2, epochs=longer))
+    assert "seeds 0, 1 " in shown and "| cnn | 0.875 | 0.850 | +0.025 | 5.0 | +0.020 to +0.030 |" in shown
+    assert "| resnet50 | 0.800 | 0.800 | +0.000 | nan |" in shown
