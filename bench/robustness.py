@@ -298,7 +298,15 @@ def rest_table(rows: list[dict]) -> str:
         means.append(f"{statistics.mean(t for t, _ in pairs):.3f} / {statistics.mean(v for _, v in pairs):.3f} "
                      f"(rest min {min(v for _, v in pairs):.3f})")  # fmt: skip
     lines.append("| mean | | | | " + " | ".join(means) + " |")
-    return "\n".join(lines)
+    counted = [r for r in rows if r["rest_accuracy"].get("cnn", 0) >= TARGET_CNN]
+    misses = [f"seed {r['seed']}: {m} {r['rest_accuracy'][m]:.3f}" for r in counted for m in MODELS
+              if r["rest_accuracy"].get(m) is not None and r["rest_accuracy"][m] < TARGET_FLOOR]  # fmt: skip
+    lowest = min((r["rest_accuracy"][m] for r in counted for m in MODELS if m in r["rest_accuracy"]), default=None)
+    verdict = (f"The target on the rest (no model below {TARGET_FLOOR} where the CNN reaches {TARGET_CNN} on it): "
+               + ("met" if not misses else "MISSED: " + "; ".join(misses))
+               + f" ({len(counted)} of {len(rows)} runs count"
+               + (f"; their lowest model: {lowest:.3f})" if lowest is not None else ")"))  # fmt: skip
+    return "\n".join(lines) + "\n\n" + verdict
 
 
 def _per_model(parser: argparse.ArgumentParser, option: str, text: str) -> dict[str, int]:

@@ -156,6 +156,9 @@ def test_robustness_scores_the_faces_a_sample_left_out_less_its_near_duplicates(
     shown = robustness.rest_table(rows)
     assert "| 100 | 0 | 30 | 700 | 0.900 / 0.850 | 0.600 / 0.800 |" in shown and "| 100 | 1 |" not in shown
     assert "0.600 / 0.800 (rest min 0.800)" in shown and robustness.rest_table(rows[1:]) == ""
+    assert "on it): met (1 of 1 runs count; their lowest model: 0.800)" in shown
+    rows[0]["rest_accuracy"]["inceptionv3"] = 0.6
+    assert "MISSED: seed 0: inceptionv3 0.600" in robustness.rest_table(rows)
     out = tmp_path / "rows.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert set(robustness._done(out, 1.0, ("cnn", "inceptionv3"))) == set()  # other models: not these rows
