@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_bench import SOURCE, _sources  # noqa: E402 - the bench folder's own helpers
+from scale_bench import SOURCE, _sources, machine  # noqa: E402 - the bench folder's own helpers
 
 MODELS = ("cnn", "resnet50", "inceptionv3", "mobilenetv2")
 COLUMNS = (*MODELS, "ensemble")
@@ -157,6 +157,7 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None) ->
             "ensemble_members": first.get("members"), "ensemble_weights": first.get("weights"),
             "flagged": sorted(results.get("flagged") or {}), "seconds": round(time.perf_counter() - started, 1),
             **({"epochs": dict(sorted(epochs.items()))} if epochs else {}),
+            "machine": machine(),
             "trained_epochs": {m: json.loads((work / "store" / layout.model_file_key(run["run_key"], m, "metrics.json"))
                                              .read_text())["epochs"] for m in MODELS},
             "probabilities": probabilities,
@@ -210,7 +211,13 @@ def paired(base: dict[int, dict], rows: dict[int, dict]) -> str:
     seeds = sorted(set(base) & set(rows))
     if not seeds:
         return "No seeds in common with the shipped plan's rows."
-    lines = [f"Paired over seeds {', '.join(map(str, seeds))} (held-out accuracy):", "",
+    kinds = {
+        json.dumps(r.get("machine"), sort_keys=True) for r in (*(base[s] for s in seeds), *(rows[s] for s in seeds))
+    }
+    caveat = ("" if len(kinds) == 1 and "null" not in kinds else
+              " Not all from one recorded kind of machine: another CPU moves models by a face or two, so the columns "
+              "whose training did not change show that noise.")  # fmt: skip
+    lines = [f"Paired over seeds {', '.join(map(str, seeds))} (held-out accuracy).{caveat}", "",
              "| column | these rows | shipped plan | difference | t | range |", "|---|---|---|---|---|---|"]  # fmt: skip
     for c in COLUMNS:
         new = [rows[s]["heldout_accuracy"][c] for s in seeds]

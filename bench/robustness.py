@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_bench import SOURCE, _sources, _variant  # noqa: E402 - the bench folder's own helpers
+from scale_bench import SOURCE, _sources, _variant, machine  # noqa: E402 - the bench folder's own helpers
 
 MODELS = ("cnn", "resnet50", "inceptionv3", "mobilenetv2")
 COLUMNS = (*MODELS, "ensemble")
@@ -180,6 +180,7 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "flagged": sorted(results.get("flagged") or {}),
             "ensemble_members": _members(results.get("ensemble")), **rest,
+            "machine": machine(),
             "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
     finally:

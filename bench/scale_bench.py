@@ -46,6 +46,19 @@ IMAGE_PX = 96
 RUN_KEY = "scale-bench"
 
 
+def machine() -> dict:
+    """What a benchmark row records of the machine that trained it: the CPU's model name, the kernels torch
+    picks on it and the torch version. The same seed trains the same model on the same kind of machine;
+    another CPU's floating-point kernels can move a small-set model by a test image or two, so rows compared
+    seed by seed should come from one kind (bench/RESULTS.md, "Same seed, another machine")."""
+    import torch
+
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []  # fmt: skip
+    return {"cpu": names[0] if names else "unknown", "capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}  # fmt: skip
+
+
 # --- generating N distinct faces -----------------------------------------------------------------
 
 

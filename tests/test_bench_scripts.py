@@ -181,3 +181,9 @@ def test_heldout_keeps_other_epochs_apart_and_pairs_them_with_the_shipped_plan(t
     shown = heldout.paired(heldout._done(out, 0.2), heldout._done(out, 0.2, epochs=longer))
     assert "seeds 0, 1 " in shown and "| cnn | 0.875 | 0.850 | +0.025 | 5.0 | +0.020 to +0.030 |" in shown
     assert "| resnet50 | 0.800 | 0.800 | +0.000 | nan |" in shown
+    assert "Not all from one recorded kind of machine" in shown  # rows that do not say
+    same = {"cpu": "X", "capability": "AVX2", "torch": "2"}
+    for r in rows:
+        r["machine"] = same
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "machine" not in heldout.paired(heldout._done(out, 0.2), heldout._done(out, 0.2, epochs=longer))
