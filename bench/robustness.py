@@ -221,10 +221,39 @@ def _child(size: int, kind: str, seed: int, jobs: int, scale: float, models: tup
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def planned_epochs(train_images: int, scale: float = 1.0, min_steps: dict[str, int] | None = None) -> dict[str, int]:
+    """The epochs each model trains at the `cpu` profile as registered now (its epochs, raised to
+    `scale` times its min_steps or the --min-steps given) on a training split of `train_images` images."""
+    from dataclasses import replace
+
+    from gender_tasks.models.registry import get_model_spec
+    from gender_tasks.settings.profiles import PROFILES
+    from gender_tasks.training.recipe import steps_per_epoch
+
+    per_epoch = steps_per_epoch(train_images, PROFILES["cpu"].batch_size)
+    planned = {}
+    for name in MODELS:
+        plan = get_model_spec(name).profiles["cpu"]
+        floor = (min_steps or {}).get(name, round(plan.min_steps * scale))
+        planned[name] = replace(plan, min_steps=floor).scaled_to(per_epoch).epochs
+    return planned
+
+
+def _as_planned(row: dict, scale: float, min_steps: dict[str, int] | None) -> bool:
+    """Whether the row's models trained the epochs today's plans give its dataset: rows of an earlier plan
+    (the CNN at 12 epochs and MobileNetV2 at 5 before 24 and 10) count only where the minimum decided alike.
+    Rows that do not record their epochs are taken as they are."""
+    if "epochs" not in row:
+        return True
+    planned = planned_epochs(sum(row["counts"]["train"].values()), scale, min_steps)
+    return all(planned[m] == n for m, n in row["epochs"].items())
+
+
 def _done(out: Path, scale: float, models: tuple[str, ...] = MODELS, min_steps: dict[str, int] | None = None,
           image_size: dict[str, int] | None = None, rest: bool = False) -> dict[tuple, dict]:  # fmt: skip
-    """The finished runs of --out with these options (rows without a scale predate the minimum: 0); with
-    `rest`, only the sample runs that scored the rest of the faces (--score-rest)."""
+    """The finished runs of --out with these options (rows without a scale predate the minimum: 0) that
+    trained as today's plans would; with `rest`, only the sample runs that scored the rest of the faces
+    (--score-rest)."""
     if not out.exists():
         return {}
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
@@ -232,7 +261,7 @@ def _done(out: Path, scale: float, models: tuple[str, ...] = MODELS, min_steps: 
     return {(r["size"], r["kind"], r["seed"]): r for r in rows
             if "error" not in r and float(r.get("min_steps_scale", 0.0)) == scale
             and {k: r[k] for k in OPTION_KEYS if k in r} == wanted
-            and (not rest or "rest_accuracy" in r)}  # fmt: skip
+            and (not rest or "rest_accuracy" in r) and _as_planned(r, scale, min_steps)}  # fmt: skip
 
 
 def overlay(full: dict[tuple, dict], part: dict[tuple, dict]) -> list[dict]:

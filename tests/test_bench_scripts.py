@@ -187,3 +187,21 @@ def test_heldout_keeps_other_epochs_apart_and_pairs_them_with_the_shipped_plan(t
         r["machine"] = same
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "machine" not in heldout.paired(heldout._done(out, 0.2), heldout._done(out, 0.2, epochs=longer))
+
+
+def test_robustness_counts_only_rows_that_trained_as_todays_plans_would(tmp_path):
+    robustness = _bench("robustness")
+    # 140 training images: 5 steps an epoch, so every model's minimum decides (the CNN 264 steps: 53 epochs).
+    small = robustness.planned_epochs(140)
+    assert small["cnn"] == 53 and small["resnet50"] == 22
+    assert robustness.planned_epochs(140, 0.0)["cnn"] < small["cnn"]  # without the minimum: the epochs as given
+    assert robustness.planned_epochs(140, 1.0, {"inceptionv3": 220})["inceptionv3"] == 44
+    counts = {"train": {"female": 70, "male": 70}}
+    rows = [
+        _row(0, {"cnn": 0.9}, counts=counts, epochs=small),
+        _row(1, {"cnn": 0.9}, counts=counts, epochs={**small, "cnn": small["cnn"] - 1}),  # an earlier plan
+        _row(2, {"cnn": 0.9}),
+    ]  # fmt: skip  (no epochs recorded: taken as it is)
+    out = tmp_path / "rows.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sorted(seed for _, _, seed in robustness._done(out, 1.0)) == [0, 2]
