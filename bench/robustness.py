@@ -16,6 +16,11 @@ report), on local storage in that folder, with `seed` as the run's seed (split a
             up to `size`: at 100 and 300 a class every variant has its own face; at 1,000 faces repeat
             (two or three variants each), and the split keeps only near-identical ones together.
 
+`--epochs cnn=24,mobilenetv2=10` trains those models with these epochs in their `cpu` plans (min_steps
+unchanged), to measure a plan before adopting it. A row counts wherever its models trained the epochs the plan in
+force gives its dataset (planned_epochs): rows recorded under one plan stand for another in the cells where the
+minimum decides alike (at 100 and 150 a class, for this change), and a change of plan reruns only the others.
+
 `--min-steps-scale F` trains with F times each model's `min_steps` (models/registry.py; 0: the epochs as
 given, whatever the dataset's size), to measure what the minimum does; rows record it, and the table
 shows the runs of one scale (the same option, default 1; rows without a scale predate the minimum: 0).
@@ -108,6 +113,17 @@ def rest_faces(folder: Path, rest: Path, source: Path = SOURCE) -> int:
     return copied
 
 
+def _set_epochs(epochs: dict[str, int]) -> None:
+    """These models' `cpu` plans with these epochs (their min_steps unchanged), in this process only."""
+    from dataclasses import replace
+
+    from gender_tasks.models.registry import get_model_spec, register
+
+    for name, n in epochs.items():
+        spec = get_model_spec(name)
+        register(replace(spec, profiles={**spec.profiles, "cpu": replace(spec.profiles["cpu"], epochs=n)}))
+
+
 def _scale_min_steps(scale: float, overrides: dict[str, int] | None = None,
                      image_size: dict[str, int] | None = None) -> None:  # fmt: skip
     """Every registered model's cpu plan with `scale` times its min_steps, or the override named for it,
@@ -140,6 +156,7 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
     from gender_tasks import pipeline
     from gender_tasks.data.shards import CACHE_DIR_ENV
     from gender_tasks.layout import external_key, model_file_key
+    from gender_tasks.models.registry import get_model_spec
 
     _scale_min_steps(scale, min_steps, image_size)
 
@@ -176,6 +193,7 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
             "size": size, "kind": kind, "seed": seed, "min_steps_scale": scale,
             **_options(models, min_steps, image_size), "epochs": epochs,
             "image_sizes": {m: t["image_size"] for m, t in trained_as.items()},
+            "plan_epochs": {m: get_model_spec(m).profiles["cpu"].epochs for m in models},
             "distinct_faces": distinct,
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "flagged": sorted(results.get("flagged") or {}),
@@ -206,8 +224,10 @@ def _options(models: tuple[str, ...], min_steps: dict[str, int] | None,
 
 
 def _child(size: int, kind: str, seed: int, jobs: int, scale: float, models: tuple[str, ...],
-           min_steps: dict[str, int], image_size: dict[str, int], score_rest: bool = False) -> dict:  # fmt: skip
+           min_steps: dict[str, int], image_size: dict[str, int], score_rest: bool = False,
+           epochs: dict[str, int] | None = None) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--one", f"{size},{kind},{seed}", "--jobs", str(jobs),
+           "--epochs", ",".join(f"{m}={n}" for m, n in (epochs or {}).items()),
            *(["--score-rest"] if score_rest else []),
            "--min-steps-scale", str(scale), "--models", ",".join(models),
            "--min-steps", ",".join(f"{m}={n}" for m, n in min_steps.items()),
@@ -366,6 +386,9 @@ def main() -> None:
     parser.add_argument("--min-steps", default="", help="MODEL=N,...: these models' minimum steps outright")
     parser.add_argument("--image-size", default="", help="MODEL=PX,...: these models' cpu input size")
     parser.add_argument("--models", default=",".join(MODELS), help="train only these (no ensemble below two)")
+    parser.add_argument("--epochs", default="",
+                        help="MODEL=N,...: these models' cpu epochs (min_steps unchanged), to measure a plan; its rows "
+                             "count wherever they trained as the plan in force would")  # fmt: skip
     parser.add_argument("--table", type=Path, help="print the table of this --out file (at the options given) and exit")
     parser.add_argument(
         "--table-over", type=Path, help="with --table: its rows' columns over this file's full runs (default options)"
@@ -385,6 +408,10 @@ def main() -> None:
         _per_model(parser, "--min-steps", args.min_steps),
         _per_model(parser, "--image-size", args.image_size),
     )
+    epochs = _per_model(parser, "--epochs", args.epochs)
+    if set(epochs) - set(MODELS) or 0 in epochs.values():
+        parser.error(f"--epochs: expected MODEL=N with MODEL one of {','.join(MODELS)} and N >= 1, got {args.epochs!r}")
+    _set_epochs(epochs)  # here too: which recorded rows count (planned_epochs) follows the plan
     if args.one:
         size, kind, seed = args.one.split(",")
         result = one_run(
@@ -413,7 +440,9 @@ def main() -> None:
     print(f"{len(done)} runs on record, {len(todo)} to go ({args.jobs} at once)", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [
-            pool.submit(_child, *t, args.jobs, args.min_steps_scale, models, min_steps, image_size, args.score_rest)
+            pool.submit(
+                _child, *t, args.jobs, args.min_steps_scale, models, min_steps, image_size, args.score_rest, epochs
+            )
             for t in todo
         ]
         for future in as_completed(futures):

@@ -205,3 +205,25 @@ def test_robustness_counts_only_rows_that_trained_as_todays_plans_would(tmp_path
     out = tmp_path / "rows.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert sorted(seed for _, _, seed in robustness._done(out, 1.0)) == [0, 2]
+
+
+def test_robustness_rows_of_another_plan_count_where_the_minimum_decides_alike(monkeypatch, capsys):
+    from gender_tasks.models.registry import get_model_spec, register
+
+    robustness = _bench("robustness")
+    before = {m: robustness.planned_epochs(n) for m, n in (("small", 140), ("large", 420))}
+    originals = [get_model_spec(m) for m in ("cnn", "mobilenetv2")]
+    try:
+        robustness._set_epochs({"cnn": 24, "mobilenetv2": 10})
+        after = {m: robustness.planned_epochs(n) for m, n in (("small", 140), ("large", 420))}
+    finally:
+        for spec in originals:
+            register(spec)
+    assert after["small"] == before["small"]  # 100 a class: the minimum decides under both plans
+    assert (before["large"]["cnn"], after["large"]["cnn"]) == (19, 24)  # 300 a class: 14 steps an epoch
+    assert (before["large"]["mobilenetv2"], after["large"]["mobilenetv2"]) == (8, 10)
+    assert after["large"]["resnet50"] == before["large"]["resnet50"] == 8
+    monkeypatch.setattr(sys, "argv", ["robustness", "--epochs", "cnn=0", "--table", "missing.jsonl"])
+    with pytest.raises(SystemExit) as exc:
+        robustness.main()
+    assert exc.value.code == 2 and "--epochs" in capsys.readouterr().err
