@@ -19,9 +19,9 @@ a rerun with --out skips only the seeds of the current draw.
 
 `--epochs cnn=24,mobilenetv2=10` trains those models with these epochs in their `cpu` plan (their `min_steps`
 unchanged: on small datasets, where the minimum decides, nothing changes), to measure a recipe on faces the
-run never saw; rows record it, a rerun and `--table` keep such rows apart from the shipped plan's, and
-`--table FILE --epochs ...` adds each column's paired difference against the shipped plan's rows of the
-same seeds.
+run never saw. Rows record every model's planned epochs (`plan_epochs`; rows without it were written under
+EARLIER_PLAN), a rerun and `--table` keep rows of other plans apart, and `--table FILE --epochs ...` adds
+each column's paired difference against the rows of the plans in force, seed by seed.
 
 Each run appends one JSON line to --out (test and held-out accuracy per model and the ensemble, the
 ensemble's members, the flagged models, seconds, and every model's validation, test and held-out P(male));
@@ -157,6 +157,7 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None) ->
             "ensemble_members": first.get("members"), "ensemble_weights": first.get("weights"),
             "flagged": sorted(results.get("flagged") or {}), "seconds": round(time.perf_counter() - started, 1),
             **({"epochs": dict(sorted(epochs.items()))} if epochs else {}),
+            "plan_epochs": plan_epochs(),
             "machine": machine(),
             "trained_epochs": {m: json.loads((work / "store" / layout.model_file_key(run["run_key"], m, "metrics.json"))
                                              .read_text())["epochs"] for m in MODELS},
@@ -195,14 +196,31 @@ def _probabilities(run_key: str, store: Path, heldout: Path) -> dict:
     return out
 
 
+# The cpu plans' epochs when the rows that do not record theirs (plan_epochs) were written.
+EARLIER_PLAN = {"cnn": 12, "resnet50": 5, "inceptionv3": 5, "mobilenetv2": 5}
+
+
+def plan_epochs(epochs: dict[str, int] | None = None) -> dict[str, int]:
+    """Each model's `cpu` epochs as registered now, with these --epochs over them."""
+    from gender_tasks.models.registry import get_model_spec
+
+    return {m: (epochs or {}).get(m, get_model_spec(m).profiles["cpu"].epochs) for m in MODELS}
+
+
+def _row_plan(row: dict) -> dict[str, int]:
+    return row.get("plan_epochs") or {**EARLIER_PLAN, **row.get("epochs", {})}
+
+
 def _done(out: Path, fraction: float, draw: int | None = DRAW, epochs: dict[str, int] | None = None) -> dict[int, dict]:
     """The finished runs of `out` at `fraction`, of draw `draw` (None: any; rows without one are draw 1),
-    trained with these --epochs (none: the shipped plans)."""
+    trained with the plans in force with these --epochs over them (the epochs the row's plan gave, not the
+    --epochs it was run with: after a change of plan, its earlier rows are `--epochs` of the old values)."""
     if not out.exists():
         return {}
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    wanted = plan_epochs(epochs)
     return {r["seed"]: r for r in rows if "error" not in r and r["fraction"] == fraction
-            and draw in (None, r.get("draw", 1)) and r.get("epochs", {}) == (epochs or {})}  # fmt: skip
+            and draw in (None, r.get("draw", 1)) and _row_plan(r) == wanted}  # fmt: skip
 
 
 def paired(base: dict[int, dict], rows: dict[int, dict]) -> str:

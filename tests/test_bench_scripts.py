@@ -164,20 +164,24 @@ def test_robustness_scores_the_faces_a_sample_left_out_less_its_near_duplicates(
     assert set(robustness._done(out, 1.0, ("cnn", "inceptionv3"))) == set()  # other models: not these rows
 
 
-def test_heldout_keeps_other_epochs_apart_and_pairs_them_with_the_shipped_plan(tmp_path):
+def test_heldout_keeps_other_plans_apart_and_pairs_them_with_the_plans_in_force(tmp_path):
     heldout = _bench("heldout")
 
-    def row(seed, cnn, epochs=None):
+    def row(seed, cnn, epochs=None, recorded=True):
         accuracy = {"cnn": cnn, "resnet50": 0.8, "inceptionv3": 0.8, "mobilenetv2": 0.8, "ensemble": cnn}
         return {"seed": seed, "fraction": 0.2, "draw": 2, "heldout_accuracy": accuracy,
-                **({"epochs": epochs} if epochs else {})}  # fmt: skip
+                **({"epochs": epochs} if epochs else {}),
+                **({"plan_epochs": heldout.plan_epochs(epochs)} if recorded else {})}  # fmt: skip
 
     out = tmp_path / "rows.jsonl"
-    longer = {"cnn": 24}
-    rows = [row(0, 0.80), row(1, 0.90), row(2, 0.85), row(0, 0.82, longer), row(1, 0.93, longer)]
+    longer = {"cnn": 31}  # no plan's
+    earlier = row(3, 0.7, recorded=False)  # written before rows recorded their plan: EARLIER_PLAN's
+    rows = [row(0, 0.80), row(1, 0.90), row(2, 0.85), row(0, 0.82, longer), row(1, 0.93, longer), earlier]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert set(heldout._done(out, 0.2)) == {0, 1, 2} and heldout._done(out, 0.2)[0] == rows[0]
+    in_force = {0, 1, 2} | ({3} if heldout.plan_epochs() == heldout.EARLIER_PLAN else set())
+    assert set(heldout._done(out, 0.2)) == in_force and heldout._done(out, 0.2)[0] == rows[0]
     assert heldout._done(out, 0.2, epochs=longer) == {0: rows[3], 1: rows[4]}
+    assert heldout._done(out, 0.2, epochs=heldout.EARLIER_PLAN)[3] == earlier
     shown = heldout.paired(heldout._done(out, 0.2), heldout._done(out, 0.2, epochs=longer))
     assert "seeds 0, 1 " in shown and "| cnn | 0.875 | 0.850 | +0.025 | 5.0 | +0.020 to +0.030 |" in shown
     assert "| resnet50 | 0.800 | 0.800 | +0.000 | nan |" in shown
