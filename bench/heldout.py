@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_bench import SOURCE, _sources, machine  # noqa: E402 - the bench folder's own helpers
+from scale_bench import SOURCE, _sources, machine, parse_epochs, set_cpu_epochs  # noqa: E402 - the bench folder's own helpers
 
 MODELS = ("cnn", "resnet50", "inceptionv3", "mobilenetv2")
 COLUMNS = (*MODELS, "ensemble")
@@ -110,17 +110,6 @@ def _majority(faces: list[tuple[Path, str]]) -> str:
     return next(label for label in labels if labels.count(label) == top)
 
 
-def _set_epochs(epochs: dict[str, int]) -> None:
-    """These models' `cpu` plans with these epochs (in this process only); min_steps as registered."""
-    from dataclasses import replace
-
-    from gender_tasks.models.registry import get_model_spec, register
-
-    for name, n in epochs.items():
-        spec = get_model_spec(name)
-        register(replace(spec, profiles={**spec.profiles, "cpu": replace(spec.profiles["cpu"], epochs=n)}))
-
-
 def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None) -> dict:
     """In a child process: set the faces aside, run the pipeline on the rest, score the held-out part."""
     import logging
@@ -129,7 +118,7 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None) ->
     from gender_tasks import layout, pipeline
     from gender_tasks.data.shards import CACHE_DIR_ENV
 
-    _set_epochs(epochs or {})
+    set_cpu_epochs(epochs or {})
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="heldout-"))
@@ -374,12 +363,7 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.fraction < 1:
         parser.error(f"--fraction: expected a share between 0 and 1, got {args.fraction}")
-    epochs = {}
-    for item in filter(None, args.epochs.split(",")):
-        name, sep, number = item.partition("=")
-        if not sep or name not in MODELS or not number.isdigit() or int(number) < 1:
-            parser.error(f"--epochs: expected MODEL=N with MODEL one of {','.join(MODELS)} and N >= 1, got {item!r}")
-        epochs[name] = int(number)
+    epochs = parse_epochs(parser, args.epochs, MODELS)
     if args.one is not None:
         print("RESULT " + json.dumps(one_run(args.one, args.fraction, epochs)), flush=True)
         return

@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_bench import SOURCE, _sources, _variant, machine  # noqa: E402 - the bench folder's own helpers
+from scale_bench import SOURCE, _sources, _variant, machine, parse_epochs, replace_cpu_plan, set_cpu_epochs  # noqa: E402 - the bench folder's own helpers
 
 MODELS = ("cnn", "resnet50", "inceptionv3", "mobilenetv2")
 COLUMNS = (*MODELS, "ensemble")
@@ -113,24 +113,11 @@ def rest_faces(folder: Path, rest: Path, source: Path = SOURCE) -> int:
     return copied
 
 
-def _set_epochs(epochs: dict[str, int]) -> None:
-    """These models' `cpu` plans with these epochs (their min_steps unchanged), in this process only."""
-    from dataclasses import replace
-
-    from gender_tasks.models.registry import get_model_spec, register
-
-    for name, n in epochs.items():
-        spec = get_model_spec(name)
-        register(replace(spec, profiles={**spec.profiles, "cpu": replace(spec.profiles["cpu"], epochs=n)}))
-
-
 def _scale_min_steps(scale: float, overrides: dict[str, int] | None = None,
                      image_size: dict[str, int] | None = None) -> None:  # fmt: skip
     """Every registered model's cpu plan with `scale` times its min_steps, or the override named for it,
     and the input size named for it (in this process only)."""
-    from dataclasses import replace
-
-    from gender_tasks.models.registry import get_model_spec, model_names, register
+    from gender_tasks.models.registry import get_model_spec, model_names
 
     overrides, image_size = overrides or {}, image_size or {}
     unknown = (set(overrides) | set(image_size)) - set(model_names())
@@ -139,11 +126,9 @@ def _scale_min_steps(scale: float, overrides: dict[str, int] | None = None,
             f"--min-steps/--image-size name unknown models {sorted(unknown)}; expected some of {model_names()}"
         )
     for name in model_names():
-        spec = get_model_spec(name)
-        cpu = spec.profiles["cpu"]
-        steps = overrides.get(name, round(cpu.min_steps * scale))
-        size = image_size.get(name, cpu.image_size)
-        register(replace(spec, profiles={**spec.profiles, "cpu": replace(cpu, min_steps=steps, image_size=size)}))
+        cpu = get_model_spec(name).profiles["cpu"]
+        replace_cpu_plan(name, min_steps=overrides.get(name, round(cpu.min_steps * scale)),
+                         image_size=image_size.get(name, cpu.image_size))  # fmt: skip
 
 
 def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, models: tuple[str, ...] = MODELS,
@@ -359,6 +344,14 @@ def rest_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + verdict
 
 
+def _print_tables(rows: list[dict]) -> None:
+    """The table, and the test-against-rest table where the rows scored the rest."""
+    print(table(rows))
+    shown = rest_table(rows)
+    if shown:
+        print("\nTest split against the rest of the shared faces (--score-rest):\n\n" + shown)
+
+
 def _per_model(parser: argparse.ArgumentParser, option: str, text: str) -> dict[str, int]:
     """MODEL=N,... as {model: N}; a malformed item is a usage error naming the option."""
     values = {}
@@ -408,10 +401,8 @@ def main() -> None:
         _per_model(parser, "--min-steps", args.min_steps),
         _per_model(parser, "--image-size", args.image_size),
     )
-    epochs = _per_model(parser, "--epochs", args.epochs)
-    if set(epochs) - set(MODELS) or 0 in epochs.values():
-        parser.error(f"--epochs: expected MODEL=N with MODEL one of {','.join(MODELS)} and N >= 1, got {args.epochs!r}")
-    _set_epochs(epochs)  # here too: which recorded rows count (planned_epochs) follows the plan
+    epochs = parse_epochs(parser, args.epochs, MODELS)
+    set_cpu_epochs(epochs)  # here too: which recorded rows count (planned_epochs) follows the plan
     if args.one:
         size, kind, seed = args.one.split(",")
         result = one_run(
@@ -428,9 +419,7 @@ def main() -> None:
                 f"Columns {', '.join(models)} from {args.table.name} ({_options(models, min_steps, image_size)}); the rest, "
                 f"the ensemble included, from {args.table_over.name}'s full runs of the same dataset and seed.\n"
             )
-        print(table(rows))
-        if rest_table(rows):
-            print("\nTest split against the rest of the shared faces (--score-rest):\n\n" + rest_table(rows))
+        _print_tables(rows)
         return
     done = _done(args.out, args.min_steps_scale, models, min_steps, image_size, args.score_rest)
     per_class = {label: sum(1 for _, lab in _sources(SOURCE) if lab == label) for label in ("female", "male")}
@@ -452,9 +441,7 @@ def main() -> None:
             shown = result.get("error") or {k: round(v, 3) for k, v in result["test_accuracy"].items()}
             print(result["size"], result["kind"], result["seed"], shown, result.get("seconds"), flush=True)
     rows = list(_done(args.out, args.min_steps_scale, models, min_steps, image_size, args.score_rest).values())
-    print(table(rows))
-    if rest_table(rows):
-        print("\nTest split against the rest of the shared faces (--score-rest):\n\n" + rest_table(rows))
+    _print_tables(rows)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,34 @@ def machine() -> dict:
             "torch": torch.__version__}  # fmt: skip
 
 
+def replace_cpu_plan(name: str, **changes) -> None:
+    """Register model `name` with these fields of its `cpu` ProfilePlan changed, in this process only (the
+    benchmarks' way to measure a plan before it is adopted)."""
+    from dataclasses import replace
+
+    from gender_tasks.models.registry import get_model_spec, register
+
+    spec = get_model_spec(name)
+    register(replace(spec, profiles={**spec.profiles, "cpu": replace(spec.profiles["cpu"], **changes)}))
+
+
+def set_cpu_epochs(epochs: dict[str, int]) -> None:
+    """These models' `cpu` plans with these epochs (their min_steps unchanged), in this process only."""
+    for name, n in epochs.items():
+        replace_cpu_plan(name, epochs=n)
+
+
+def parse_epochs(parser, text: str, models: tuple[str, ...]) -> dict[str, int]:
+    """--epochs MODEL=N,... as {model: N}: a usage error naming the item unless MODEL is one of `models` and N >= 1."""
+    epochs = {}
+    for item in filter(None, text.split(",")):
+        name, sep, number = item.partition("=")
+        if not sep or name not in models or not number.isdigit() or int(number) < 1:
+            parser.error(f"--epochs: expected MODEL=N with MODEL one of {','.join(models)} and N >= 1, got {item!r}")
+        epochs[name] = int(number)
+    return epochs
+
+
 # --- generating N distinct faces -----------------------------------------------------------------
 
 

@@ -218,7 +218,7 @@ def test_robustness_rows_of_another_plan_count_where_the_minimum_decides_alike(m
     before = {m: robustness.planned_epochs(n) for m, n in (("small", 140), ("large", 420))}
     originals = [get_model_spec(m) for m in ("cnn", "mobilenetv2")]
     try:
-        robustness._set_epochs({"cnn": 24, "mobilenetv2": 10})
+        robustness.set_cpu_epochs({"cnn": 24, "mobilenetv2": 10})
         after = {m: robustness.planned_epochs(n) for m, n in (("small", 140), ("large", 420))}
     finally:
         for spec in originals:
