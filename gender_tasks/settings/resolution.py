@@ -207,4 +207,5 @@ def _label_audit_plan(config: RunConfig) -> ProfilePlan:
     size = base.image_size
     if config.image_size is not None:
         size = max(int(config.image_size), get_model_spec(name).min_image_size)
-    return ProfilePlan(image_size=size, epochs=base.epochs, freeze_epochs=0, min_steps=base.min_steps)
+    epochs = get_model_spec(name).audit_epochs.get(config.profile, base.epochs)
+    return ProfilePlan(image_size=size, epochs=epochs, freeze_epochs=0, min_steps=base.min_steps)
