@@ -61,7 +61,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_bench import SOURCE, _sources, _variant, machine, parse_epochs, replace_cpu_plan, set_cpu_epochs  # noqa: E402 - the bench folder's own helpers
+from scale_bench import (  # noqa: E402 - the bench folder's own helpers
+    SOURCE,
+    _sources,
+    _variant,
+    machine,
+    parse_epochs,
+    per_model_option,
+    replace_cpu_plan,
+    set_cpu_epochs,
+)
 
 MODELS = ("cnn", "resnet50", "inceptionv3", "mobilenetv2")
 COLUMNS = (*MODELS, "ensemble")
@@ -352,17 +361,6 @@ def _print_tables(rows: list[dict]) -> None:
         print("\nTest split against the rest of the shared faces (--score-rest):\n\n" + shown)
 
 
-def _per_model(parser: argparse.ArgumentParser, option: str, text: str) -> dict[str, int]:
-    """MODEL=N,... as {model: N}; a malformed item is a usage error naming the option."""
-    values = {}
-    for item in filter(None, text.split(",")):
-        name, sep, number = item.partition("=")
-        if not sep or not number.isdigit():
-            parser.error(f"{option}: expected MODEL=N, got {item!r}")
-        values[name] = int(number)
-    return values
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,300,1000")
@@ -398,8 +396,8 @@ def main() -> None:
     if unknown or not models:
         parser.error(f"--models: expected some of {','.join(MODELS)}, got {args.models!r}")
     min_steps, image_size = (
-        _per_model(parser, "--min-steps", args.min_steps),
-        _per_model(parser, "--image-size", args.image_size),
+        per_model_option(parser, "--min-steps", args.min_steps),
+        per_model_option(parser, "--image-size", args.image_size),
     )
     epochs = parse_epochs(parser, args.epochs, MODELS)
     set_cpu_epochs(epochs)  # here too: which recorded rows count (planned_epochs) follows the plan

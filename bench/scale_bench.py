@@ -76,15 +76,23 @@ def set_cpu_epochs(epochs: dict[str, int]) -> None:
         replace_cpu_plan(name, epochs=n)
 
 
-def parse_epochs(parser, text: str, models: tuple[str, ...]) -> dict[str, int]:
-    """--epochs MODEL=N,... as {model: N}: a usage error naming the item unless MODEL is one of `models` and N >= 1."""
-    epochs = {}
+def per_model_option(parser, option: str, text: str, models: tuple[str, ...] | None = None,
+                     minimum: int = 0) -> dict[str, int]:  # fmt: skip
+    """MODEL=N,... as {model: N}: a usage error naming the option and the item unless N is a whole number of
+    at least `minimum` and (where `models` is given) MODEL is one of them."""
+    values = {}
     for item in filter(None, text.split(",")):
         name, sep, number = item.partition("=")
-        if not sep or name not in models or not number.isdigit() or int(number) < 1:
-            parser.error(f"--epochs: expected MODEL=N with MODEL one of {','.join(models)} and N >= 1, got {item!r}")
-        epochs[name] = int(number)
-    return epochs
+        if not sep or not number.isdigit() or int(number) < minimum or (models is not None and name not in models):
+            wanted = "MODEL=N" if models is None else f"MODEL=N with MODEL one of {','.join(models)} and N >= {minimum}"
+            parser.error(f"{option}: expected {wanted}, got {item!r}")
+        values[name] = int(number)
+    return values
+
+
+def parse_epochs(parser, text: str, models: tuple[str, ...]) -> dict[str, int]:
+    """--epochs MODEL=N,... as {model: N}: MODEL one of `models`, N >= 1."""
+    return per_model_option(parser, "--epochs", text, models, minimum=1)
 
 
 # --- generating N distinct faces -----------------------------------------------------------------

@@ -202,10 +202,10 @@ def _train_plan(name: str, config: RunConfig) -> ProfilePlan:
 
 
 def _label_audit_plan(config: RunConfig) -> ProfilePlan:
-    name = config.label_audit_model
-    base = _profile_plan(name, config.profile)
+    spec = get_model_spec(config.label_audit_model)
+    base = _profile_plan(spec.name, config.profile)
     size = base.image_size
     if config.image_size is not None:
-        size = max(int(config.image_size), get_model_spec(name).min_image_size)
-    epochs = get_model_spec(name).audit_epochs.get(config.profile, base.epochs)
+        size = max(int(config.image_size), spec.min_image_size)
+    epochs = spec.audit_epochs.get(config.profile, base.epochs)
     return ProfilePlan(image_size=size, epochs=epochs, freeze_epochs=0, min_steps=base.min_steps)
