@@ -370,3 +370,53 @@ def test_s3_source_over_the_size_limit_or_the_free_disk_is_refused_before_downlo
     with pytest.raises(SourceError, match=r"would download to 12\.0 kB but \S+ has 5\.0 kB free.*free disk space"):
         resolve_source(f"s3://{s3_bucket}/faces", tmp_path / "work")
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.jpg"))
+
+
+def _logged(caplog, what: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{what} ")]
+
+
+def test_many_repeated_images_are_all_named_in_the_log_in_one_pass(tmp_path, local_storage, caplog):
+    """A real dataset (UTKFace crop_part1: 99 groups of identical files, 14 of them under both labels) must be
+    fixable in one pass: the message shows ten groups, the log above it every copy of every group."""
+    root = write_dataset(tmp_path / "d", 14)
+    for i in range(12):  # 12 groups: 11 copies within female, one image also under male
+        source = root / "female" / f"female_{i:04d}.jpg"
+        target = root / ("male" if i == 11 else "female") / f"copy_{i:02d}.jpg"
+        target.write_bytes(source.read_bytes())
+    (root / "female" / "third_00.jpg").write_bytes((root / "female" / "female_0000.jpg").read_bytes())
+    caplog.set_level(logging.ERROR, logger="gender_tasks")
+    with pytest.raises(IngestError) as exc:
+        ingest_folder(root, local_storage)
+    message = str(exc.value)
+    assert message.startswith("12 image(s) appear more than once, nothing was written: ")
+    assert "(and 2 more; all 12 are listed in the log above). Delete the copies, keeping one of each" in message
+    assert message.count(" are the same image") == 10
+    logged = _logged(caplog, "repeated image")
+    assert len(logged) == 12 and all(line.startswith("repeated image ") and " of 12: " in line for line in logged)
+    assert any("female_0000.jpg (female), " in line and "third_00.jpg (female)" in line for line in logged)
+    assert any("copy_11.jpg (male) are the same image under both labels" in line for line in logged)
+    assert_nothing_written(local_storage)
+
+
+def test_many_refused_files_are_all_named_in_the_log(tmp_path, local_storage, caplog):
+    root = write_dataset(tmp_path / "d", 4)
+    for i in range(13):
+        (root / "female" / f"broken_{i:02d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    for i in range(11):
+        (root / "male" / f"notes_{i:02d}.txt").write_text("hello")
+    caplog.set_level(logging.ERROR, logger="gender_tasks")
+    with pytest.raises(IngestError, match=r"notes_00\.txt is not an image .*\(and 10 more: .*notes_09\.txt, and 1 "
+                                          r"others; all 11 are listed in the log above\); class folders must"):  # fmt: skip
+        ingest_folder(root, local_storage)
+    assert [line.rsplit(": ", 1)[1] for line in _logged(caplog, "not an image")] == [
+        str(root / "male" / f"notes_{i:02d}.txt") for i in range(11)
+    ]
+    for i in range(11):
+        (root / "male" / f"notes_{i:02d}.txt").unlink()
+    caplog.clear()
+    with pytest.raises(IngestError, match=r"^13 file\(s\) refused, nothing was written: .*\(and 3 more; all 13 are "):
+        ingest_folder(root, local_storage)
+    logged = _logged(caplog, "refused file")
+    assert len(logged) == 13 and "broken_12.jpg is not an image Pillow can read" in logged[-1]
+    assert_nothing_written(local_storage)

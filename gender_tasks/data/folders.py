@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 PROBLEMS_SHOWN = 10
+# A refusal with more problems than an error message shows logs every one (up to this many lines), so that a
+# source with a hundred bad files is fixed in one pass, not ten.
+PROBLEMS_LOGGED = 10_000
 # Folders deeper than this below a class folder (or wrapping folders above it) are refused: no real
 # dataset nests so deep, and a walk of thousands of levels would hit path-length and recursion limits.
 MAX_DEPTH = 32
@@ -228,12 +231,27 @@ def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found:
             found.files.append((path, label, st.st_size))
 
 
+def log_all(items: list[str], what: str) -> str:
+    """Log every one of `items` (up to PROBLEMS_LOGGED), one a line ("<what> 12 of 99: ..."), and return what
+    an error message says of it: a message shows PROBLEMS_SHOWN, the task log above it names every bad item."""
+    for number, item in enumerate(items[:PROBLEMS_LOGGED], 1):
+        log.error("%s %d of %d: %s", what, number, len(items), item)
+    if len(items) <= PROBLEMS_LOGGED:
+        return f"all {len(items):,} are listed in the log above"
+    return f"the first {PROBLEMS_LOGGED:,} are listed in the log above"
+
+
+def listed(items: list[str], what: str) -> str:
+    """The first PROBLEMS_SHOWN of `items`, joined for an error message; where there are more, how many, with
+    every item logged (log_all)."""
+    if len(items) <= PROBLEMS_SHOWN:
+        return "; ".join(items)
+    return f"{'; '.join(items[:PROBLEMS_SHOWN])} (and {len(items) - PROBLEMS_SHOWN:,} more; {log_all(items, what)})"
+
+
 def _refuse(what: str, items: list[str]) -> None:
     if items:
-        more = f" (and {len(items) - PROBLEMS_SHOWN} more)" if len(items) > PROBLEMS_SHOWN else ""
-        raise IngestError(
-            f"{len(items)} {what} refused, nothing was written: {'; '.join(items[:PROBLEMS_SHOWN])}{more}"
-        )
+        raise IngestError(f"{len(items)} {what} refused, nothing was written: {listed(items, f'refused {what}')}")
 
 
 def list_images(root: Path, *, max_file_bytes: int, max_total_bytes: int) -> list[tuple[Path, str, int]]:
@@ -264,8 +282,12 @@ def _judge_found(found: SourceFiles, *, holder: str) -> None:
     """What a walk found that is refused (problems, files that are not images), named; hidden skips logged."""
     _refuse("file(s)", found.problems)
     if found.not_images:
-        first, rest = found.not_images[0], found.not_images[1:]
-        more = f" (and {len(rest)} more: {', '.join(map(shown, rest[: PROBLEMS_SHOWN - 1]))})" if rest else ""
+        names = [shown(path) for path in found.not_images]
+        first, others = found.not_images[0], len(names) - PROBLEMS_SHOWN
+        unnamed = f", and {others:,} others; {log_all(names, 'not an image')}" if others > 0 else ""
+        more = (
+            f" (and {len(names) - 1:,} more: {', '.join(names[1:PROBLEMS_SHOWN])}{unnamed})" if len(names) > 1 else ""
+        )
         raise IngestError(
             f"{shown(first)} is not an image (suffix {first.suffix or 'none'!r}){more}; {holder} "
             f"hold only images ({', '.join(sorted(IMAGE_SUFFIXES))}): move or delete it"

@@ -34,7 +34,7 @@ from ..errors import PermanentError
 from ..leases import hold_lease, holder_name
 from ..settings import RunConfig
 from ..storage import DiskFullError, Storage, human_bytes, put_many
-from .folders import PROBLEMS_SHOWN, IngestError, list_images, read_regular, shown
+from .folders import PROBLEMS_SHOWN, IngestError, list_images, listed, log_all, read_regular, shown
 from .images import PHASH_DECODE_SIZE, decode_rgb, image_phash
 from .manifest import MANIFEST_COLUMNS, dataset_id_of, read_manifest, write_manifest
 from .parallel import cpu_pool
@@ -177,14 +177,21 @@ def _refuse_copies(scanned: list[_Scanned]) -> None:
     copies = [group for group in by_sha.values() if len(group) > 1]
     if not copies:
         return
-    lines = []
-    for group in copies[:PROBLEMS_SHOWN]:
-        names = ", ".join(f"{shown(s.path)} ({s.row['label']})" for s in group[:COPIES_SHOWN])
-        more = f" and {len(group) - COPIES_SHOWN:,} more copies" if len(group) > COPIES_SHOWN else ""
+    lines, full = [], []
+    for group in copies:
+        names = [f"{shown(s.path)} ({s.row['label']})" for s in group]
         both = " under both labels: keep it only in its right class" if len({s.row["label"] for s in group}) > 1 else ""
-        lines.append(f"{names}{more} are the same image{both}")
-    more = f" (and {len(copies) - PROBLEMS_SHOWN} more)" if len(copies) > PROBLEMS_SHOWN else ""
-    raise IngestError(f"{len(copies)} image(s) appear more than once, nothing was written: {'; '.join(lines)}{more}. "
+        more = f" and {len(group) - COPIES_SHOWN:,} more copies" if len(group) > COPIES_SHOWN else ""
+        lines.append(f"{', '.join(names[:COPIES_SHOWN])}{more} are the same image{both}")
+        full.append(f"{', '.join(names)} are the same image{both}")  # the log names every copy
+    if len(copies) > PROBLEMS_SHOWN:
+        shown_ = (
+            f"{'; '.join(lines[:PROBLEMS_SHOWN])} (and {len(copies) - PROBLEMS_SHOWN:,} more; "
+            f"{log_all(full, 'repeated image')})"
+        )
+    else:
+        shown_ = "; ".join(lines)
+    raise IngestError(f"{len(copies)} image(s) appear more than once, nothing was written: {shown_}. "
                       "Delete the copies, keeping one of each")  # fmt: skip
 
 
@@ -243,9 +250,8 @@ def scan_folder(root: Path, limits: Limits | None = None, *, workers: int = SCAN
         progress.update(len(scanned), item.row["bytes"])
     refused = [s for s in scanned if s.problem]
     if refused:
-        shown_ = "; ".join(f"{shown(s.path)} {s.problem}" for s in refused[:PROBLEMS_SHOWN])
-        more = f" (and {len(refused) - PROBLEMS_SHOWN} more)" if len(refused) > PROBLEMS_SHOWN else ""
-        raise IngestError(f"{len(refused)} file(s) refused, nothing was written: {shown_}{more}")
+        shown_ = listed([f"{shown(s.path)} {s.problem}" for s in refused], "refused file")
+        raise IngestError(f"{len(refused)} file(s) refused, nothing was written: {shown_}")
     _refuse_copies(scanned)
     _refuse_small_classes(scanned, limits.split, root)
     return scanned
