@@ -232,3 +232,30 @@ def test_robustness_rows_of_another_plan_count_where_the_minimum_decides_alike(m
     with pytest.raises(SystemExit) as exc:
         robustness.main()
     assert exc.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+def _size_row(seed, size, held, test=0.85, model="cnn"):
+    return {"seed": seed, "model": model, "image_size": size, "heldout_accuracy": held, "test_accuracy": test,
+            "seconds": 10.0 * size / 32}  # fmt: skip
+
+
+def test_input_size_pairs_each_size_with_the_registered_one_seed_by_seed(tmp_path):
+    input_size = _bench("input_size")
+    rows = [_size_row(0, 64, 0.88), _size_row(1, 64, 0.90), _size_row(2, 64, 0.86),
+            _size_row(0, 96, 0.90), _size_row(1, 96, 0.90), _size_row(2, 96, 0.87), _size_row(3, 96, 0.99)]  # fmt: skip
+    out = tmp_path / "rows.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"seed": 4, "model": "cnn", "image_size": 96,
+                                                                       "error": "exit 1"}]))  # fmt: skip
+    assert input_size._rows(out) == rows and {input_size._key(r) for r in rows} >= {(3, "cnn", 96)}
+    lines = input_size.table(rows, base_size={"cnn": 64}).splitlines()
+    assert lines[2] == "| cnn | 64 | 3 | 0.880 | 0.850 | 1 of 3 | 20 | base | | |"
+    # 96 px: four seeds; paired over the three the base has: +0.02, 0, +0.01 -> mean +0.01, t = 0.01 / (0.01 / 3**0.5)
+    assert lines[3] == "| cnn | 96 | 4 | 0.915 | 0.850 | 3 of 4 | 30 | +0.0100 (3 seeds) | 1.7 | 2 / 0 / 1 |"
+    assert input_size.registered_size("cnn") in (64, 96)  # the registry's cpu plan is the default base
+
+
+@pytest.mark.parametrize("argv", [["--sizes", "64,big"], ["--sizes", "8"], ["--seeds", "0,x"], ["--model", "vgg"]])
+def test_input_size_options_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _bench("input_size").main([*argv, "--out", "never-written.jsonl", "--one", "0"])
+    assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
