@@ -295,6 +295,48 @@ def test_when_every_model_is_flagged_the_ensemble_says_so(local_storage, tmp_pat
     assert out["members"]  # chosen among the flagged models, and flagged as such
 
 
+def _imbalanced_rows() -> pd.DataFrame:
+    """Four female images to one male in every split: 48 / 12 train, 32 / 8 validation and test."""
+    rows = [{"key": f"{split}/{label}/{i:03d}.jpg", "split": split, "label": label}
+            for split, (f, m) in {"train": (48, 12), "val": (32, 8), "test": (32, 8)}.items()
+            for label, n in (("female", f), ("male", m)) for i in range(n)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _wrong_on(rows: pd.DataFrame, female_wrong: int, male_wrong: int, offset: int) -> np.ndarray:
+    """Right and sure on most images; per split, `female_wrong` female images at 0.6 (called male) and
+    `male_wrong` male ones at 0.3, starting at `offset`: the validation accuracy of the UTKFace run's CNN."""
+    prob = np.where(rows["label"] == "male", 0.95, 0.1)
+    for _, part in rows.groupby("split"):
+        female, male = part.index[part["label"] == "female"], part.index[part["label"] == "male"]
+        prob[female[offset : offset + female_wrong]] = 0.6
+        prob[male[offset : offset + male_wrong]] = 0.3
+    return prob
+
+
+def test_when_every_model_is_flagged_a_collapsed_one_is_still_left_out(local_storage):
+    """560 female / 147 male real photos: the CNN and MobileNetV2 were flagged only for validation accuracy
+    not clearly above the 0.79 majority rate, ResNet50 for calling every image female. The greedy choice on
+    that imbalanced split took the constant (it pulls the CNN's false males back to female); it is left out."""
+    rows = _imbalanced_rows()
+    write_model(local_storage, "r5", "cnn", _predictions(rows, _wrong_on(rows, 6, 0, 0)), 0.9)
+    write_model(local_storage, "r5", "mobilenetv2", _predictions(rows, _wrong_on(rows, 6, 2, 10)), 0.88)
+    write_model(local_storage, "r5", "resnet50", _predictions(rows, np.full(len(rows), 0.2)), 0.8)
+    choice = choose_members(local_storage, "r5", MODELS)
+    assert choice["all_flagged"] is True and set(choice["flagged"]) == set(MODELS)
+    assert choice["flagged"]["cnn"] == choice["flagged"]["mobilenetv2"] == ["not_above_majority"]
+    assert (
+        choice["excluded"] == {"resnet50": choice["flagged"]["resnet50"]}
+        and "one_class" in choice["excluded"]["resnet50"]
+    )
+    assert "resnet50" not in choice["members"] and choice["members"][0] == "cnn"
+    # Without the rule the greedy choice takes the constant: CNN + ResNet50 is right on every validation image.
+    val = rows["split"] == "val"
+    y = encode_labels(rows.loc[val, "label"])
+    everything = select_members(y, {"cnn": _wrong_on(rows, 6, 0, 0)[val], "resnet50": np.full(int(val.sum()), 0.2)})
+    assert everything["members"] == ["cnn", "resnet50"] and everything["val_accuracy"] == 1.0
+
+
 def test_training_logs_a_warning_for_a_flagged_model(local_storage, caplog):
     from gender_tasks.training.trainer import _warn_if_flagged
 

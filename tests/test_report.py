@@ -219,6 +219,17 @@ def test_the_ensemble_section_names_its_members_weights_and_what_it_left_out(pag
     assert "Repeat 1: CNN, ResNet50." in html
 
 
+def test_when_every_model_is_flagged_the_ensemble_section_says_so_and_what_it_still_left_out(page):
+    r = {**page["r"], "ensemble": [{**e, "all_flagged": True} for e in page["r"]["ensemble"]]}
+    html = sections.render_section("ensemble", {**page, "r": r})
+    assert "<b>Every model was flagged in repeat 0, so\nnot all could be left out" in html
+    assert "leaving out only\nthose that called (nearly) every validation image one class.</b>" in html
+    assert "Left out in repeat 0, as flagged: MobileNet V2\n(one class, not above majority)." in html
+    r["ensemble"] = [{**e, "excluded": {}} for e in r["ensemble"]]  # every model collapsed: none left out
+    html = sections.render_section("ensemble", {**page, "r": r})
+    assert "chosen among flagged models.</b>" in html and "Left out in" not in html
+
+
 def test_table1_sits_beside_the_study_and_the_bootstrap_intervals_contain_the_estimate(run, page):
     _, _, inputs = run
     rows = page["r"]["table"]
