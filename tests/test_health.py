@@ -69,6 +69,36 @@ def test_a_model_forced_to_one_class_is_flagged_with_the_batchnorm_cause():
     json.dumps(findings)  # machine-readable as they are
 
 
+@pytest.mark.parametrize(("n", "majority"), [(106, 84 / 106), (40, 0.5), (30, 0.5), (6, 0.5), (4, 0.5), (5, 0.8)])
+def test_the_right_answers_needed_to_pass_the_majority_check_are_the_tests_own_bound(n, majority):
+    from scipy.stats import binomtest
+
+    def passes(k):
+        return binomtest(k, n, majority, alternative="greater").pvalue < health.ALPHA
+
+    needed = health.correct_needed(n, majority)
+    if needed is None:
+        assert not passes(n)  # 4 balanced images, or 5 at a 0.8 majority: nothing could pass
+    else:
+        assert passes(needed) and not passes(needed - 1)
+    assert health.correct_needed(106, 84 / 106) == 92  # the UTKFace run: its CNN had 89
+
+
+def test_a_majority_flag_says_how_many_right_answers_would_have_passed():
+    rows = _imbalanced_rows()
+    findings = health.check_predictions(_predictions(rows, _wrong_on(rows, 6, 0, 0)), 0.9, model="cnn")
+    (found,) = findings
+    assert found["check"] == "not_above_majority" and found["numbers"]["correct_needed"] == 37
+    assert found["detail"].endswith("p = 0.286 >= 0.05); 37 of 40 (0.925) would have shown it")
+    tiny = pd.DataFrame({"key": list("abcd"), "split": "val", "label": ["female", "male"] * 2,
+                         "predicted": ["female", "male"] * 2})  # fmt: skip
+    (found,) = health.check_predictions(tiny, None, model="cnn")
+    assert found["detail"].endswith(
+        "with 4 validation images not even all of them right would show it: too few to check"
+    )
+    assert found["numbers"]["correct_needed"] is None
+
+
 def test_nearly_one_class_counts_relative_to_the_labels():
     rows = _split_rows({"val": 40})
     prob = np.full(40, 0.2)

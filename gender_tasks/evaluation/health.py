@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
-from scipy.stats import binomtest, norm
+from scipy.stats import binom, binomtest, norm
 
 from ..settings import CLASSES
 
@@ -86,11 +86,15 @@ def check_predictions(predictions: pd.DataFrame, train_accuracy: float | None, *
     majority = max(label_share.values())
     p = float(binomtest(correct, n, majority, alternative="greater").pvalue) if majority < 1 else 1.0
     if p >= ALPHA:
+        needed = correct_needed(n, majority)
+        enough = (f"{needed} of {n} ({needed / n:.3f}) would have shown it" if needed is not None else
+                  f"with {n} validation images not even all of them right would show it: too few to check")  # fmt: skip
         detail = (f"validation accuracy {val_accuracy:.3f} ({correct} of {n}) is not significantly above the "
-                  f"majority-class rate {majority:.3f} (one-sided exact binomial test, p = {p:.3g} >= {ALPHA})")  # fmt: skip
+                  f"majority-class rate {majority:.3f} (one-sided exact binomial test, p = {p:.3g} >= {ALPHA}); "
+                  f"{enough}")  # fmt: skip
         out.append(_finding(model, repeat, "not_above_majority", detail, {**base, "correct": correct,
                                                                            "majority_rate": majority, "p_value": p,
-                                                                           "alpha": ALPHA}))  # fmt: skip
+                                                                           "alpha": ALPHA, "correct_needed": needed}))  # fmt: skip
 
     n_train = int((predictions["split"] == "train").sum())
     if train_accuracy is not None and n_train:
@@ -106,6 +110,21 @@ def check_predictions(predictions: pd.DataFrame, train_accuracy: float | None, *
                                                                           "tolerance": GAP_TOLERANCE,
                                                                           "alpha": ALPHA}))  # fmt: skip
     return out
+
+
+def correct_needed(n: int, majority: float, alpha: float = ALPHA) -> int | None:
+    """The fewest right answers of `n` validation images that the one-sided exact binomial test finds
+    significantly above the majority rate (P(X >= k) < alpha for X ~ Binomial(n, majority)), or None if even
+    n of n is not: what a flagged model's warning tells the reader it lacked (on an imbalanced split, with
+    few images of the smaller class, that can be nearly every image)."""
+    if majority >= 1:
+        return None
+    k = int(binom.isf(alpha, n, majority)) + 1  # P(X > isf) <= alpha: k is at or just past the bound
+    while k > 0 and binom.sf(k - 2, n, majority) < alpha:
+        k -= 1
+    while k <= n and binom.sf(k - 1, n, majority) >= alpha:
+        k += 1
+    return k if k <= n else None
 
 
 def likely_cause(findings: list[dict]) -> str:
