@@ -241,12 +241,13 @@ def log_all(items: list[str], what: str) -> str:
     return f"the first {PROBLEMS_LOGGED:,} are listed in the log above"
 
 
-def listed(items: list[str], what: str) -> str:
+def listed(items: list[str], what: str, logged: list[str] | None = None) -> str:
     """The first PROBLEMS_SHOWN of `items`, joined for an error message; where there are more, how many, with
-    every item logged (log_all)."""
+    every item logged (log_all): `logged`, one entry per item in a fuller form, where given."""
     if len(items) <= PROBLEMS_SHOWN:
         return "; ".join(items)
-    return f"{'; '.join(items[:PROBLEMS_SHOWN])} (and {len(items) - PROBLEMS_SHOWN:,} more; {log_all(items, what)})"
+    note = log_all(items if logged is None else logged, what)
+    return f"{'; '.join(items[:PROBLEMS_SHOWN])} (and {len(items) - PROBLEMS_SHOWN:,} more; {note})"
 
 
 def _refuse(what: str, items: list[str]) -> None:

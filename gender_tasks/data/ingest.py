@@ -34,7 +34,7 @@ from ..errors import PermanentError
 from ..leases import hold_lease, holder_name
 from ..settings import RunConfig
 from ..storage import DiskFullError, Storage, human_bytes, put_many
-from .folders import PROBLEMS_SHOWN, IngestError, list_images, listed, log_all, read_regular, shown
+from .folders import IngestError, list_images, listed, read_regular, shown
 from .images import PHASH_DECODE_SIZE, decode_rgb, image_phash
 from .manifest import MANIFEST_COLUMNS, dataset_id_of, read_manifest, write_manifest
 from .parallel import cpu_pool
@@ -184,13 +184,7 @@ def _refuse_copies(scanned: list[_Scanned]) -> None:
         more = f" and {len(group) - COPIES_SHOWN:,} more copies" if len(group) > COPIES_SHOWN else ""
         lines.append(f"{', '.join(names[:COPIES_SHOWN])}{more} are the same image{both}")
         full.append(f"{', '.join(names)} are the same image{both}")  # the log names every copy
-    if len(copies) > PROBLEMS_SHOWN:
-        shown_ = (
-            f"{'; '.join(lines[:PROBLEMS_SHOWN])} (and {len(copies) - PROBLEMS_SHOWN:,} more; "
-            f"{log_all(full, 'repeated image')})"
-        )
-    else:
-        shown_ = "; ".join(lines)
+    shown_ = listed(lines, "repeated image", logged=full)
     raise IngestError(f"{len(copies)} image(s) appear more than once, nothing was written: {shown_}. "
                       "Delete the copies, keeping one of each")  # fmt: skip
 
