@@ -103,6 +103,29 @@ def test_offline_weights_from_a_folder_or_any_registered_storage(tmp_path, mem_s
         load_pretrained_state("mobilenetv2", f"{mem_storage.uri}/weights")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SIZES))
+def test_every_model_builds_at_its_registered_minimum_size_and_no_smaller(name):
+    """The registry's min_image_size is what the network takes: a run the settings accept does not fail in
+    training (the CNN's was 16 while its three conv + pool blocks need 22), and the form's lower bound is the
+    smallest of them."""
+    from gender_tasks.models.registry import get_model_spec
+    from gender_tasks.settings import SettingsError, resolve_settings
+    from gender_tasks.settings.form import field_schemas
+
+    minimum = get_model_spec(name).min_image_size
+    with torch.no_grad():
+        out = M.build_model(name, minimum, "none").eval()(torch.rand(1, 3, minimum, minimum))
+    assert (out[0] if isinstance(out, tuple) else out).shape == (1, 1)
+    with pytest.raises(ValueError, match=f"too small for .*use at least {minimum}"):
+        M.build_model(name, minimum - 1, "none")
+    if not get_model_spec(name).raise_small_inputs:
+        # refused when the run is set up (by the form's bound, or the model's own), naming the size and the minimum
+        with pytest.raises(SettingsError, match=f"image_size:? {minimum - 1} is .*(minimum of|at least) {minimum}"):
+            resolve_settings({"models": [name], "image_size": minimum - 1})
+    assert field_schemas()["image_size"]["allOf"][0]["minimum"] == min(get_model_spec(m).min_image_size for m in SIZES)
+
+
 def test_unknown_model_fails_loudly():
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         M.build_model("vgg", 32)

@@ -173,7 +173,7 @@ def test_number_fields_get_the_free_text_box_that_refuses_non_numbers(dag):
         assert "enum" not in schema and "examples" not in schema, name
 
 
-@pytest.mark.parametrize(("name", "says"), [("epochs", "1-500"), ("image_size", "16-512"), ("repeats", "1-20"),
+@pytest.mark.parametrize(("name", "says"), [("epochs", "1-500"), ("image_size", "22-512"), ("repeats", "1-20"),
                                             ("seed", "0 or more")])  # fmt: skip
 def test_every_number_fields_help_gives_its_range(dag, name, says):
     assert dag.params.get_param(name).description.endswith(f"Allowed: {says}.")

@@ -100,7 +100,7 @@ class RunConfig:
         type=["null", *WHOLE_NUMBER], **_range(1, 500)))  # fmt: skip
     image_size: int | None = field(default=None, metadata=_form(
         "Image size (px)", "Overrides the profile's input size (InceptionV3 never below 75).",
-        type=["null", *WHOLE_NUMBER], **_range(16, 512)))  # fmt: skip
+        type=["null", *WHOLE_NUMBER], **_range(22, 512)))  # fmt: skip
     weights: str | None = field(default=None, metadata=_form(
         "Pretrained weights", "none, imagenet, or a folder / s3:// prefix holding <model>.pth (empty: the profile's).",
         type=["null", "string"], pattern=NOT_BLANK))  # fmt: skip
