@@ -21,7 +21,15 @@ a rerun with --out skips only the seeds of the current draw.
 unchanged: on small datasets, where the minimum decides, nothing changes), to measure a recipe on faces the
 run never saw. Rows record every model's planned epochs (`plan_epochs`; rows without it were written under
 EARLIER_PLAN), a rerun and `--table` keep rows of other plans apart, and `--table FILE --epochs ...` adds
-each column's paired difference against the rows of the plans in force, seed by seed.
+each column's paired difference against the rows of the plans in force, seed by seed. `--recipe
+class_weighting=balanced` (KEY=VALUE,... of gender_tasks.settings.Recipe) does the same for the `cpu` profile's
+recipe: rows record the recipe they trained with (`recipe`; rows without it trained with today's recipe, RECIPE_ADDED_SINCE's fields as
+they were).
+
+`--keep male=0.33` keeps that share of a class's faces in the run (drawn with the seed, after the held-out
+faces are set aside; those stay as drawn), to measure on an imbalanced dataset what a user with one would get;
+rows record it (`keep`) and only rows of the same --keep are read together. `--table FILE --per-class` adds
+each model's held-out recall per class and balanced accuracy (the mean of the two recalls).
 
 Each run appends one JSON line to --out (test and held-out accuracy per model and the ensemble, the
 ensemble's members, the flagged models, seconds, and every model's validation, test and held-out P(male));
@@ -43,6 +51,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_bench import SOURCE, _sources, machine, parse_epochs, set_cpu_epochs  # noqa: E402 - the bench folder's own helpers
@@ -104,13 +114,26 @@ def set_aside(seed: int, fraction: float, train_dir: Path, heldout_dir: Path, so
     return counts
 
 
+def thin_out(run_dir: Path, keep: dict[str, float], seed: int, counts: dict) -> None:
+    """Keep `share` of run_dir/<label>/'s faces for each label: share of keep (at random, seeded; the rest are
+    deleted), and lower `counts[label]["run"]` to match."""
+    for label, share in sorted(keep.items()):
+        faces = sorted((run_dir / label).iterdir())
+        random.Random(f"keep-{seed}-{label}").shuffle(faces)
+        kept = round(share * len(faces))
+        for face in faces[kept:]:
+            face.unlink()
+        counts[label]["run"] = kept
+
+
 def _majority(faces: list[tuple[Path, str]]) -> str:
     labels = [label for _, label in faces]
     top = max(labels.count(label) for label in labels)
     return next(label for label in labels if labels.count(label) == top)
 
 
-def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None) -> dict:
+def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, recipe: dict | None = None,
+            keep: dict[str, float] | None = None) -> dict:  # fmt: skip
     """In a child process: set the faces aside, run the pipeline on the rest, score the held-out part."""
     import logging
 
@@ -119,11 +142,13 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None) ->
     from gender_tasks.data.shards import CACHE_DIR_ENV
 
     set_cpu_epochs(epochs or {})
+    set_cpu_recipe(recipe or {})
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="heldout-"))
     try:
         counts = set_aside(seed, fraction, work / "faces", work / HELDOUT_SET)
+        thin_out(work / "faces", keep or {}, seed, counts)
         os.environ[CACHE_DIR_ENV] = str(work / "local-cache")
         conf = {"source": str(work / "faces"), "storage": str(work / "store"), "profile": "cpu", "seed": seed,
                 "label_audit": False, "external_eval": [str(work / HELDOUT_SET)]}  # fmt: skip
@@ -147,6 +172,9 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None) ->
             "flagged": sorted(results.get("flagged") or {}), "seconds": round(time.perf_counter() - started, 1),
             **({"epochs": dict(sorted(epochs.items()))} if epochs else {}),
             "plan_epochs": plan_epochs(),
+            **({"recipe_changes": recipe} if recipe else {}),
+            "recipe": cpu_recipe(),
+            **({"keep": keep} if keep else {}),
             "machine": machine(),
             "trained_epochs": {m: json.loads((work / "store" / layout.model_file_key(run["run_key"], m, "metrics.json"))
                                              .read_text())["epochs"] for m in MODELS},
@@ -200,16 +228,89 @@ def _row_plan(row: dict) -> dict[str, int]:
     return row.get("plan_epochs") or {**EARLIER_PLAN, **row.get("epochs", {})}
 
 
-def _done(out: Path, fraction: float, draw: int | None = DRAW, epochs: dict[str, int] | None = None) -> dict[int, dict]:
+# The `cpu` recipe's fields when the rows that do not record theirs (`recipe`) were written: today's fields,
+# with every field added since at the value that reproduces the training of those rows.
+RECIPE_ADDED_SINCE = {"class_weighting": "none"}
+
+
+def cpu_recipe(changes: dict | None = None) -> dict:
+    """The `cpu` profile's recipe as registered now (with these --recipe changes over it), as a dict."""
+    import dataclasses
+
+    from gender_tasks.settings.profiles import PROFILES
+
+    return {**dataclasses.asdict(PROFILES["cpu"].recipe), **(changes or {})}
+
+
+def _row_recipe(row: dict) -> dict:
+    return row.get("recipe") or {**cpu_recipe(), **RECIPE_ADDED_SINCE}
+
+
+def set_cpu_recipe(changes: dict) -> None:
+    """The `cpu` profile trains with these recipe fields changed, in this process only."""
+    import dataclasses
+
+    from gender_tasks.settings.profiles import PROFILES
+
+    if changes:
+        profile = PROFILES["cpu"]
+        PROFILES["cpu"] = dataclasses.replace(profile, recipe=dataclasses.replace(profile.recipe, **changes))
+
+
+def parse_keep(parser, text: str) -> dict[str, float]:
+    """--keep LABEL=SHARE,... as {label: share}: a usage error naming the item unless LABEL is female or male
+    and SHARE a number in (0, 1]."""
+    keep = {}
+    for item in filter(None, text.split(",")):
+        label, sep, share = item.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not sep or label not in ("female", "male") or not 0 < value <= 1:
+            parser.error(f"--keep: expected LABEL=SHARE with LABEL female or male and SHARE in (0, 1], got {item!r}")
+        keep[label] = value
+    return keep
+
+
+def parse_recipe(parser, text: str) -> dict:
+    """--recipe KEY=VALUE,... as {field: value} of gender_tasks.settings.Recipe, each value of its field's type
+    (true/false for a flag): a usage error naming the item otherwise."""
+    from gender_tasks.settings.profiles import Recipe
+
+    defaults = Recipe()
+    changes = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        current = getattr(defaults, key, None)
+        try:
+            if not sep or current is None:
+                raise ValueError
+            if isinstance(current, bool):
+                if value not in ("true", "false"):
+                    raise ValueError
+                changes[key] = value == "true"
+            else:
+                changes[key] = type(current)(value)
+        except ValueError:
+            fields = ", ".join(f.name for f in __import__("dataclasses").fields(Recipe))
+            parser.error(f"--recipe: expected KEY=VALUE with KEY one of {fields}, got {item!r}")
+    return changes
+
+
+def _done(out: Path, fraction: float, draw: int | None = DRAW, epochs: dict[str, int] | None = None,
+          recipe: dict | None = None, keep: dict[str, float] | None = None) -> dict[int, dict]:  # fmt: skip
     """The finished runs of `out` at `fraction`, of draw `draw` (None: any; rows without one are draw 1),
-    trained with the plans in force with these --epochs over them (the epochs the row's plan gave, not the
-    --epochs it was run with: after a change of plan, its earlier rows are `--epochs` of the old values)."""
+    trained with the plans and recipe in force with these --epochs and --recipe over them (the epochs and
+    recipe the row trained with, not the options it was run with: after a change of plan, its earlier rows
+    are `--epochs` of the old values)."""
     if not out.exists():
         return {}
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    wanted = plan_epochs(epochs)
+    wanted, wanted_recipe = plan_epochs(epochs), cpu_recipe(recipe)
     return {r["seed"]: r for r in rows if "error" not in r and r["fraction"] == fraction
-            and draw in (None, r.get("draw", 1)) and _row_plan(r) == wanted}  # fmt: skip
+            and draw in (None, r.get("draw", 1)) and _row_plan(r) == wanted
+            and _row_recipe(r) == wanted_recipe and r.get("keep", {}) == (keep or {})}  # fmt: skip
 
 
 def paired(base: dict[int, dict], rows: dict[int, dict]) -> str:
@@ -237,6 +338,29 @@ def paired(base: dict[int, dict], rows: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+def per_class_table(rows: list[dict]) -> str:
+    """Markdown: per column, the mean over the rows of held-out recall of each class (threshold 0.5) and of
+    balanced accuracy, from the recorded probabilities (the ensemble's: its members' weighted mean)."""
+    sums: dict[str, list[list[float]]] = {c: [] for c in COLUMNS}
+    for r in rows:
+        held = r["probabilities"]["heldout"]
+        labels = np.asarray(held["label"])
+        members = r.get("ensemble_members") or []
+        weights = r.get("ensemble_weights") or [1 / len(members)] * len(members)
+        probs = {m: np.asarray(held[m]) for m in MODELS}
+        probs["ensemble"] = sum(w * probs[m] for m, w in zip(members, weights, strict=True))
+        for c in COLUMNS:
+            said = probs[c] >= 0.5
+            female, male = float(np.mean(~said[labels == 0])), float(np.mean(said[labels == 1]))
+            sums[c].append([female, male, (female + male) / 2])
+    lines = [f"Held-out recall per class, mean of {len(rows)} seeds (threshold 0.5):", "",
+             "| column | female recall | male recall | balanced accuracy |", "|---|---|---|---|"]  # fmt: skip
+    for c in COLUMNS:
+        f, m, b = np.mean(sums[c], axis=0)
+        lines.append(f"| {c} | {f:.3f} | {m:.3f} | {b:.3f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: per seed, held-out (and test) accuracy of each column, the best single model, the ensemble
     against its best member; then the means and the acceptance checks."""
@@ -255,6 +379,8 @@ def table(rows: list[dict]) -> str:
                      f"| {held['ensemble'] - best_single:+.3f} |")  # fmt: skip
         checks.append((best_single >= TARGET_BEST, held["ensemble"] >= TARGET_ENSEMBLE,
                        held["ensemble"] >= best_member - 1e-9, held["ensemble"] >= best_single - 1e-9))  # fmt: skip
+    if not rows:
+        return "No finished runs of this plan and recipe."
     means = [statistics.mean(r["heldout_accuracy"][c] for r in rows) for c in COLUMNS]
     lines.append("| mean | | " + " | ".join(f"{m:.3f}" for m in means) + " | | | | |")
     names = (f"best single >= {TARGET_BEST}", f"ensemble >= {TARGET_ENSEMBLE}", "ensemble >= its best member",
@@ -336,9 +462,12 @@ def rules_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _child(seed: int, fraction: float, epochs: dict[str, int] | None = None) -> dict:
+def _child(seed: int, fraction: float, epochs: dict[str, int] | None = None, recipe: dict | None = None,
+           keep: dict[str, float] | None = None) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--one", str(seed), "--fraction", str(fraction),
-           "--epochs", ",".join(f"{m}={n}" for m, n in (epochs or {}).items())]  # fmt: skip
+           "--epochs", ",".join(f"{m}={n}" for m, n in (epochs or {}).items()),
+           "--recipe", ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in (recipe or {}).items()),
+           "--keep", ",".join(f"{k}={v}" for k, v in (keep or {}).items())]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -346,6 +475,8 @@ def _child(seed: int, fraction: float, epochs: dict[str, int] | None = None) -> 
             "seed": seed,
             "fraction": fraction,
             **({"epochs": epochs} if epochs else {}),
+            **({"recipe_changes": recipe} if recipe else {}),
+            **({"keep": keep} if keep else {}),
             "error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-2000:]}",
         }
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -359,30 +490,40 @@ def main() -> None:
     parser.add_argument("--table", type=Path, help="print the table of this --out file (at --fraction) and exit")
     parser.add_argument("--rules", action="store_true", help="with --table: compare ways of choosing the ensemble")
     parser.add_argument("--epochs", default="", help="MODEL=N,...: these models' cpu epochs (a recipe to measure)")
+    parser.add_argument("--recipe", default="", help="KEY=VALUE,...: the cpu recipe with these fields changed "
+                        "(a recipe to measure), e.g. class_weighting=balanced")
+    parser.add_argument("--keep", default="", help="LABEL=SHARE,...: keep only this share of a class's faces "
+                        "in the run (an imbalanced dataset), e.g. male=0.33")
+    parser.add_argument("--per-class", action="store_true", help="with --table: recall per class, balanced accuracy")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not 0 < args.fraction < 1:
         parser.error(f"--fraction: expected a share between 0 and 1, got {args.fraction}")
     epochs = parse_epochs(parser, args.epochs, MODELS)
+    recipe = parse_recipe(parser, args.recipe)
+    keep = parse_keep(parser, args.keep)
     if args.one is not None:
-        print("RESULT " + json.dumps(one_run(args.one, args.fraction, epochs)), flush=True)
+        print("RESULT " + json.dumps(one_run(args.one, args.fraction, epochs, recipe, keep)), flush=True)
         return
     if args.table:
-        rows = list(_done(args.table, args.fraction, draw=None, epochs=epochs).values())
+        rows = list(_done(args.table, args.fraction, draw=None, epochs=epochs, recipe=recipe, keep=keep).values())
         print(rules_table(rows) if args.rules else table(rows))
-        if epochs and not args.rules:
-            print("\n" + paired(_done(args.table, args.fraction), _done(args.table, args.fraction, epochs=epochs)))
+        if args.per_class and rows:
+            print("\n" + per_class_table(rows))
+        if (epochs or recipe) and not args.rules:
+            print("\n" + paired(_done(args.table, args.fraction, keep=keep),
+                                _done(args.table, args.fraction, epochs=epochs, recipe=recipe, keep=keep)))
         return
-    done = _done(args.out, args.fraction, epochs=epochs)
+    done = _done(args.out, args.fraction, epochs=epochs, recipe=recipe, keep=keep)
     todo = [int(s) for s in args.seeds.split(",") if int(s) not in done]
     print(f"{len(done)} seeds on record, {len(todo)} to go (one at a time: each trains on every core)", flush=True)
     for seed in todo:
-        result = _child(seed, args.fraction, epochs)
+        result = _child(seed, args.fraction, epochs, recipe, keep)
         with args.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
         shown = result.get("error") or {k: round(v, 3) for k, v in result["heldout_accuracy"].items()}
         print(seed, shown, result.get("seconds"), flush=True)
-    rows = list(_done(args.out, args.fraction, epochs=epochs).values())
+    rows = list(_done(args.out, args.fraction, epochs=epochs, recipe=recipe, keep=keep).values())
     if rows:
         print(table(rows))
 

@@ -121,9 +121,10 @@ def test_robustness_keeps_other_options_apart_and_overlays_a_subset(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--models", "cnn,vgg"], ["--min-steps", "inceptionv3"],
                                   ["--image-size", "inceptionv3=big"], ["--fraction", "1.5"],
-                                  ["--epochs", "vgg=3"], ["--epochs", "cnn=0"]])  # fmt: skip
+                                  ["--epochs", "vgg=3"], ["--epochs", "cnn=0"], ["--recipe", "class_weights=x"],
+                                  ["--recipe", "tta=maybe"], ["--keep", "male=1.5"], ["--keep", "other=0.5"]])  # fmt: skip
 def test_bench_options_are_checked(argv, monkeypatch, capsys):
-    script = "heldout" if argv[0] in ("--fraction", "--epochs") else "robustness"
+    script = "heldout" if argv[0] in ("--fraction", "--epochs", "--recipe", "--keep") else "robustness"
     module = _bench(script)
     monkeypatch.setattr(sys, "argv", [script, *argv, "--table", "missing.jsonl"])
     with pytest.raises(SystemExit) as exc:
@@ -191,6 +192,44 @@ def test_heldout_keeps_other_plans_apart_and_pairs_them_with_the_plans_in_force(
         r["machine"] = same
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "machine" not in heldout.paired(heldout._done(out, 0.2), heldout._done(out, 0.2, epochs=longer))
+
+
+def test_heldout_keeps_other_recipes_and_balances_apart_and_reads_recall_per_class(tmp_path, capsys):
+    heldout = _bench("heldout")
+    held = {"label": [0, 0, 0, 1], "cnn": [0.1, 0.2, 0.7, 0.9], "resnet50": [0.1, 0.1, 0.1, 0.4],
+            "inceptionv3": [0.1, 0.1, 0.1, 0.9], "mobilenetv2": [0.6, 0.1, 0.1, 0.9]}  # fmt: skip
+
+    def row(seed, **options):
+        accuracy = {c: 0.8 for c in heldout.COLUMNS}
+        return {"seed": seed, "fraction": 0.2, "draw": 2, "heldout_accuracy": accuracy, "test_accuracy": accuracy,
+                "heldout_images": 4, "plan_epochs": heldout.plan_epochs(), "ensemble_members": ["cnn", "resnet50"],
+                "ensemble_weights": [0.5, 0.5], "probabilities": {"heldout": held}, **options}  # fmt: skip
+
+    balanced = {"class_weighting": "balanced"}
+    rows = [row(0), row(1, recipe=heldout.cpu_recipe(balanced)), row(2, keep={"male": 0.3}),
+            row(3, recipe=heldout.cpu_recipe(balanced), keep={"male": 0.3})]  # fmt: skip
+    out = tmp_path / "rows.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shipped = heldout.cpu_recipe()["class_weighting"]
+    # rows that do not record their recipe trained before class weighting existed: unweighted
+    assert set(heldout._done(out, 0.2, recipe={"class_weighting": "none"})) == {0}
+    assert set(heldout._done(out, 0.2, recipe=balanced)) == {1}
+    assert set(heldout._done(out, 0.2)) == ({1} if shipped == "balanced" else {0})
+    assert set(heldout._done(out, 0.2, recipe=balanced, keep={"male": 0.3})) == {3}
+    shown = heldout.per_class_table([rows[0]])
+    # cnn: 2 of 3 females right, the male right; the ensemble averages cnn and resnet50: 0.1 0.15 0.4 0.65
+    assert "| cnn | 0.667 | 1.000 | 0.833 |" in shown and "| resnet50 | 1.000 | 0.000 | 0.500 |" in shown
+    assert "| ensemble | 1.000 | 1.000 | 1.000 |" in shown
+    faces = tmp_path / "faces"
+    _noise_faces(faces, 10)
+    counts = {"female": {"run": 10}, "male": {"run": 10}}
+    heldout.thin_out(faces, {"male": 0.3}, 0, counts)
+    kept = sorted(p.name for p in (faces / "male").iterdir())
+    assert len(kept) == 3 and counts["male"]["run"] == 3 and len(list((faces / "female").iterdir())) == 10
+    again = tmp_path / "again"
+    _noise_faces(again, 10)
+    heldout.thin_out(again, {"male": 0.3}, 0, counts)
+    assert sorted(p.name for p in (again / "male").iterdir()) == kept  # seeded
 
 
 def test_robustness_counts_only_rows_that_trained_as_todays_plans_would(tmp_path):

@@ -241,7 +241,8 @@ def describe_recipe(settings: Settings, trained_epochs: dict[str, int] | None = 
         "Batch": str(settings.batch_size),
         "Optimiser": optimiser,
         "Schedule": schedule,
-        "Loss": "BCE" + (f", label smoothing {r.label_smoothing:g}" if r.label_smoothing else ""),
+        "Loss": "BCE" + (f", label smoothing {r.label_smoothing:g}" if r.label_smoothing else "")
+                + (", each class weighted to count alike" if r.class_weighting == "balanced" else ""),
         "Augmentation": "horizontal flips" if r.augmentation == "flip" else "flips, rotation ±10°, zoom ±10 %",
         "Test-time augmentation": "mean of the image and its mirror" if r.tta else "none",
         "Weights kept": "last epoch",

@@ -41,6 +41,10 @@ class Recipe:
     label_smoothing: float = 0.0  # BCE targets eps/2 and 1 - eps/2
     augmentation: str = "full"  # "full": flip, rotation +-10 deg, zoom +-10 %; "flip": horizontal flips only
     tta: bool = False  # predict the mean P(male) of the image and its mirror image (also in the export)
+    # "balanced": each training image's loss weighted n / (2 * n_class) for its class in the training split,
+    # so both classes count alike whatever their shares (scikit-learn's class_weight="balanced"); weights are
+    # exactly 1 on a split with equal classes. "none": every image alike, as the study trains.
+    class_weighting: str = "none"
 
 
 STUDY_RECIPE = Recipe()  # the study's: what the `paper` profile uses

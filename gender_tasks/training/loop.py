@@ -86,6 +86,23 @@ def epoch_plan(n: int, batch_size: int, gen: torch.Generator) -> tuple[torch.Ten
     return order, sum(sizes), params
 
 
+def class_weights(labels: torch.Tensor, how: str) -> tuple[float, float] | None:
+    """(female weight, male weight) of the loss for training labels `labels` (0 female, 1 male) under the
+    recipe's `class_weighting`: "balanced" gives each class n / (2 * n_class), so each class's images weigh
+    half the total; None (no weighting) for "none", for equal classes (the weights would be exactly 1) and
+    when a class is missing (nothing to balance)."""
+    if how == "none":
+        return None
+    if how != "balanced":
+        raise ValueError(f"class_weighting: expected 'none' or 'balanced', got {how!r}")
+    n = len(labels)
+    males = int((labels > 0.5).sum())
+    females = n - males
+    if males == females or not males or not females:
+        return None
+    return n / (2 * females), n / (2 * males)
+
+
 def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimizer, gen: torch.Generator,
                     batch_size: int, autocast, *, frozen: bool = False, recipe: Recipe = STUDY_RECIPE,
                     scheduler=None, progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:  # fmt: skip
@@ -106,6 +123,7 @@ def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimiz
     correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
     start = 0  # images through (host-side counts: no sync), for the augmentation and `progress`
     augmented = ("flip",) if recipe.augmentation == "flip" else tuple(params)
+    weights = class_weights(data.labels, recipe.class_weighting)
     # In memory or streamed from the shards (batches.StreamedSplit): the same batches for the same order.
     for xb, yb in data.batches(order, batch_size):
         size = len(yb)
@@ -115,14 +133,15 @@ def train_one_epoch(model, model_name: str, data: Split, inputs: Inputs, optimiz
         x = inputs(xb, {k: v[start : start + size] for k, v in params.items() if k in augmented})
         y = yb.to(inputs.device, non_blocking=True)
         target = y * (1 - recipe.label_smoothing) + 0.5 * recipe.label_smoothing
+        weight = None if weights is None else torch.where(y > 0.5, weights[1], weights[0])
         # The compiled forward only for full batches: one graph per mode, no recompiles for the last one.
         net = inputs.compiled if inputs.compiled is not None and size == batch_size else model
         with autocast():
             logits, aux = _logits(net(x))
             logits = logits.float()
-            loss = F.binary_cross_entropy_with_logits(logits, target)
+            loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
             if aux is not None:
-                loss = loss + AUX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(aux.float(), target)
+                loss = loss + AUX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(aux.float(), target, weight=weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
