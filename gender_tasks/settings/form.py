@@ -95,8 +95,8 @@ class RunConfig:
         "while none is picked: pick at least one.",
         type="array", items={"type": "string"}, minItems=1, uniqueItems=True))  # fmt: skip
     epochs: int | None = field(default=None, metadata=_form(
-        "Epochs", "Overrides the profile's epochs for every model, trained exactly as given (empty: the "
-        "profile's, raised on a small dataset to the profile's minimum of optimizer steps).",
+        "Epochs", "Overrides the profile's epochs for every model and the label audit's folds, trained exactly "
+        "as given (empty: the profile's, raised on a small dataset to the profile's minimum of optimizer steps).",
         type=["null", *WHOLE_NUMBER], **_range(1, 500)))  # fmt: skip
     image_size: int | None = field(default=None, metadata=_form(
         "Image size (px)", "Overrides the profile's input size (InceptionV3 never below 75).",

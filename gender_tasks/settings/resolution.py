@@ -207,5 +207,7 @@ def _label_audit_plan(config: RunConfig) -> ProfilePlan:
     size = base.image_size
     if config.image_size is not None:
         size = max(int(config.image_size), spec.min_image_size)
+    if config.epochs is not None:  # the run's epochs bound every training, the audit's folds too, exactly as given
+        return ProfilePlan(image_size=size, epochs=int(config.epochs), freeze_epochs=0, min_steps=0)
     epochs = spec.audit_epochs.get(config.profile, base.epochs)
     return ProfilePlan(image_size=size, epochs=epochs, freeze_epochs=0, min_steps=base.min_steps)
