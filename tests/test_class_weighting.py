@@ -64,3 +64,18 @@ def test_on_imbalanced_noise_plain_training_learns_the_majority_and_balanced_doe
     # Plain BCE drifts toward the training share of males (0.25); weighted, both classes pull alike (0.5).
     assert said["none"] < 0.4, said
     assert abs(said["balanced"] - 0.5) < 0.1, said
+
+
+def test_a_run_sets_its_class_weighting_and_a_bad_value_is_refused_naming_the_choices():
+    from gender_tasks.settings import SettingsError, resolve_settings
+
+    profile = resolve_settings({"profile": "cpu"}).recipe
+    for how in ("none", "balanced"):
+        s = resolve_settings({"profile": "cpu", "class_weighting": how})
+        assert s.recipe == dataclasses.replace(profile, class_weighting=how)
+    # Set to what the profile gives anyway, it is the same training: the models keep their identity.
+    same = resolve_settings({"profile": "cpu", "class_weighting": profile.class_weighting})
+    assert same.training_inputs() == resolve_settings({"profile": "cpu"}).training_inputs()
+    with pytest.raises(SettingsError, match=r"class_weighting: 'inverse' is not one of .*allowed: one of \['none', "
+                                            r"'balanced'\] or empty"):  # fmt: skip
+        resolve_settings({"profile": "cpu", "class_weighting": "inverse"})

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..environment import get_text
 from ..models.registry import STUDY_MODELS, get_model_spec, model_names
-from .profiles import PROFILES, SettingsError
+from .profiles import CLASS_WEIGHTINGS, PROFILES, SettingsError
 
 # JSON-schema `pattern` searches anywhere in the string: "some character that is not whitespace".
 NOT_BLANK = r"\S"
@@ -133,6 +133,11 @@ class RunConfig:
     # Empty: the profile's (10 for paper and cpu, 5 for tiny).
     label_audit_folds: int | None = field(default=None, metadata=_limits(2, None, "folds of the label audit"))
     label_audit_model: str = "cnn"
+    # How the training loss weighs the classes (Recipe.class_weighting); empty: the profile's. Not on the form.
+    class_weighting: str | None = field(default=None, metadata={
+        "schema": {"enum": [None, *CLASS_WEIGHTINGS]},
+        "meaning": "balanced: each class's training loss weighted to count alike; none: every image alike; "
+                   "empty: the profile's"})  # fmt: skip
     external_eval: tuple[str, ...] | None = field(default=None, metadata=_form(
         "External evaluation sets", "Extra labeled folders every model is evaluated on, each 'path' or "
         "'path?<filter over its labels.csv>' (column OP value with == != < <= > >=, and/or/not, parentheses), "
@@ -233,7 +238,10 @@ def check_limits(config: RunConfig) -> None:
 
 
 def _words(spec: dict) -> str:
-    """A range in words: "-1 to 64", "2 or more"."""
+    """A range in words: "-1 to 64", "2 or more"; or the choices: "one of ['none', 'balanced'] or empty"."""
+    if "enum" in spec:
+        choices = [c for c in spec["enum"] if c is not None]
+        return f"one of {choices}" + (" or empty" if None in spec["enum"] else "")
     limits = _bounds(spec)
     return f"{limits['minimum']} to {limits['maximum']}" if "maximum" in limits else f"{limits['minimum']} or more"
 

@@ -29,6 +29,9 @@ SCHEDULES = ("constant", "warmup_cosine")
 AUGMENTATIONS = ("full", "flip")
 
 
+CLASS_WEIGHTINGS = ("none", "balanced")  # Recipe.class_weighting's values
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How every model of a profile trains and predicts, beyond sizes and epochs. The defaults are the

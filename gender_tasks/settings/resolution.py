@@ -31,6 +31,7 @@ NOT_TRAINING_FIELDS = frozenset({
     "near_duplicate_distance", "near_duplicates_fatal", "external_eval",
     "label_audit", "label_audit_folds", "label_audit_model", "label_audit_spec",
     "repeats",  # each repeat trains with its own seed, which is part of the key
+    "class_weighting",  # acts through the recipe, which is part of the key
 })  # fmt: skip
 
 
@@ -115,7 +116,8 @@ def resolve_settings(overrides: dict[str, Any] | RunConfig | None = None) -> Set
         batch_size=profile.batch_size,
         learning_rate=profile.learning_rate,
         fine_tune_learning_rate=profile.fine_tune_learning_rate,
-        recipe=profile.recipe,
+        recipe=(profile.recipe if config.class_weighting is None
+                else dataclasses.replace(profile.recipe, class_weighting=config.class_weighting)),  # fmt: skip
         per_model={name: _train_plan(name, config) for name in models},
         label_audit_spec=_label_audit_plan(config),
     )
