@@ -188,6 +188,7 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
             **_options(models, min_steps, image_size), "epochs": epochs,
             "image_sizes": {m: t["image_size"] for m, t in trained_as.items()},
             "plan_epochs": {m: get_model_spec(m).profiles["cpu"].epochs for m in models},
+            "class_weighting": cpu_class_weighting(),
             "distinct_faces": distinct,
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "flagged": sorted(results.get("flagged") or {}),
@@ -263,10 +264,27 @@ def _as_planned(row: dict, scale: float, min_steps: dict[str, int] | None) -> bo
     return all(planned[m] == n for m, n in row["epochs"].items())
 
 
+def cpu_class_weighting() -> str:
+    """The `cpu` recipe's class weighting as registered now."""
+    from gender_tasks.settings.profiles import PROFILES
+
+    return PROFILES["cpu"].recipe.class_weighting
+
+
+def _weighted_alike(row: dict) -> bool:
+    """Whether the row trained as today's class weighting would: rows that do not record theirs trained
+    unweighted ("none"), which is the same training under "balanced" where the training split's classes are
+    equal (every weight exactly 1)."""
+    if row.get("class_weighting", "none") == cpu_class_weighting():
+        return True
+    train = row.get("counts", {}).get("train", {})
+    return bool(train) and train.get("female") == train.get("male")
+
+
 def _done(out: Path, scale: float, models: tuple[str, ...] = MODELS, min_steps: dict[str, int] | None = None,
           image_size: dict[str, int] | None = None, rest: bool = False) -> dict[tuple, dict]:  # fmt: skip
     """The finished runs of --out with these options (rows without a scale predate the minimum: 0) that
-    trained as today's plans would; with `rest`, only the sample runs that scored the rest of the faces
+    trained as today's plans and class weighting would; with `rest`, only the sample runs that scored the rest of the faces
     (--score-rest)."""
     if not out.exists():
         return {}
@@ -275,7 +293,8 @@ def _done(out: Path, scale: float, models: tuple[str, ...] = MODELS, min_steps: 
     return {(r["size"], r["kind"], r["seed"]): r for r in rows
             if "error" not in r and float(r.get("min_steps_scale", 0.0)) == scale
             and {k: r[k] for k in OPTION_KEYS if k in r} == wanted
-            and (not rest or "rest_accuracy" in r) and _as_planned(r, scale, min_steps)}  # fmt: skip
+            and (not rest or "rest_accuracy" in r) and _as_planned(r, scale, min_steps)
+            and _weighted_alike(r)}  # fmt: skip
 
 
 def overlay(full: dict[tuple, dict], part: dict[tuple, dict]) -> list[dict]:

@@ -243,11 +243,25 @@ def test_robustness_counts_only_rows_that_trained_as_todays_plans_would(tmp_path
     rows = [
         _row(0, {"cnn": 0.9}, counts=counts, epochs=small),
         _row(1, {"cnn": 0.9}, counts=counts, epochs={**small, "cnn": small["cnn"] - 1}),  # an earlier plan
-        _row(2, {"cnn": 0.9}),
+        _row(2, {"cnn": 0.9}, counts=counts),
     ]  # fmt: skip  (no epochs recorded: taken as it is)
     out = tmp_path / "rows.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert sorted(seed for _, _, seed in robustness._done(out, 1.0)) == [0, 2]
+
+
+def test_robustness_counts_unweighted_rows_under_balanced_weighting_only_where_the_classes_were_equal(
+        tmp_path, monkeypatch):  # fmt: skip
+    robustness = _bench("robustness")
+    equal, unequal = {"train": {"female": 70, "male": 70}}, {"train": {"female": 69, "male": 71}}
+    rows = [_row(0, {"cnn": 0.9}, counts=equal), _row(1, {"cnn": 0.9}, counts=unequal),
+            _row(2, {"cnn": 0.9}, counts=unequal, class_weighting="balanced")]  # fmt: skip
+    out = tmp_path / "rows.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(robustness, "cpu_class_weighting", lambda: "balanced")
+    assert sorted(seed for _, _, seed in robustness._done(out, 1.0)) == [0, 2]  # equal classes: weights of 1
+    monkeypatch.setattr(robustness, "cpu_class_weighting", lambda: "none")
+    assert sorted(seed for _, _, seed in robustness._done(out, 1.0)) == [0, 1]
 
 
 def test_robustness_rows_of_another_plan_count_where_the_minimum_decides_alike(monkeypatch, capsys):
