@@ -26,6 +26,7 @@ Two keys score a ranking:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -88,7 +89,10 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=50)
     ap.add_argument("--sheet", type=Path, help="write a contact sheet of every ranking's top --top images")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--class-weighting", choices=("none", "balanced"),
+                    help="the audit model's class weighting (default: the cpu profile's)")
     a = ap.parse_args(argv)
+    weighting = a.class_weighting or ra.CONFIGS["cpu"].recipe.class_weighting
     torch.set_num_threads(a.threads)
     audits = [(m, int(s)) for m, _, s in (x.partition("@") for x in a.audits.split(",") if x)]
     sizes = {ra.model_size(ra.CONFIGS["cpu"], m) for m, _ in audits}
@@ -103,17 +107,20 @@ def main(argv=None) -> None:
     if a.records.exists():
         for line in a.records.read_text().splitlines():
             r = json.loads(line)
-            done[(r["model"], r["seed"], r["flip"], r["flip_seed"], r["folds"], r.get("epochs"))] = r
-    config = "cpu"
-    if a.epochs:  # the cpu profile's training with these epochs, exactly (no minimum of steps)
-        config = f"cpu_epochs{a.epochs}"
-        ra.CONFIGS[config] = ra.profile_config("cpu", epochs=a.epochs)
+            # records that do not say trained unweighted: class weighting came later
+            done[(r["model"], r["seed"], r["flip"], r["flip_seed"], r["folds"], r.get("epochs"),
+                  r.get("class_weighting", "none"))] = r  # fmt: skip
+    config = f"cpu_epochs{a.epochs}_{weighting}" if a.epochs else f"cpu_{weighting}"
+    # the cpu profile's training (with these epochs, exactly: no minimum of steps) and this class weighting
+    base = ra.profile_config("cpu", epochs=a.epochs) if a.epochs else ra.CONFIGS["cpu"]
+    ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting))
     for model, seed in audits:
-        if (model, seed, a.flip, a.flip_seed, a.folds, a.epochs) in done or a.table_only:
+        if (model, seed, a.flip, a.flip_seed, a.folds, a.epochs, weighting) in done or a.table_only:
             continue
         rec = ra.run_audit(config, seed, audited, arrays, y, folds=a.folds, model=model)
-        rec |= {"model": model, "flip": a.flip, "flip_seed": a.flip_seed, "folds": a.folds, "epochs": a.epochs}
-        done[(model, seed, a.flip, a.flip_seed, a.folds, a.epochs)] = rec
+        rec |= {"model": model, "flip": a.flip, "flip_seed": a.flip_seed, "folds": a.folds, "epochs": a.epochs,
+                "class_weighting": weighting}  # fmt: skip
+        done[(model, seed, a.flip, a.flip_seed, a.folds, a.epochs, weighting)] = rec
         with a.records.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"# {model}@{seed}: {rec['train_seconds']} s, out-of-fold accuracy {rec['oof_accuracy']}", flush=True)
@@ -124,8 +131,8 @@ def main(argv=None) -> None:
         key = pd.read_csv(a.key)
         marked = set(key.loc[key["mislabeled"].astype(int) == 1, "key"])
         bad |= manifest["key"].isin(marked).to_numpy()
-    probs = {f"{m}@{s}": np.asarray(done[(m, s, a.flip, a.flip_seed, a.folds, a.epochs)]["prob_male"])
-             for m, s in audits if (m, s, a.flip, a.flip_seed, a.folds, a.epochs) in done}  # fmt: skip
+    probs = {f"{m}@{s}": np.asarray(done[(m, s, a.flip, a.flip_seed, a.folds, a.epochs, weighting)]["prob_male"])
+             for m, s in audits if (m, s, a.flip, a.flip_seed, a.folds, a.epochs, weighting) in done}  # fmt: skip
     candidates = dict(probs)
     for r in range(2, len(probs) + 1):
         for combo in itertools.combinations(probs, r):

@@ -95,7 +95,7 @@ def test_heldout_table_checks_the_acceptance_targets():
 
 def _row(seed, accuracy, **options):
     return {"size": 100, "kind": "sample", "seed": seed, "min_steps_scale": 1.0, "test_accuracy": accuracy,
-            "flagged": [], **options}  # fmt: skip
+            "flagged": [], "counts": {"train": {"female": 70, "male": 70}}, **options}  # fmt: skip
 
 
 def test_robustness_keeps_other_options_apart_and_overlays_a_subset(tmp_path):
@@ -172,7 +172,7 @@ def test_heldout_keeps_other_plans_apart_and_pairs_them_with_the_plans_in_force(
         accuracy = {"cnn": cnn, "resnet50": 0.8, "inceptionv3": 0.8, "mobilenetv2": 0.8, "ensemble": cnn}
         return {"seed": seed, "fraction": 0.2, "draw": 2, "heldout_accuracy": accuracy,
                 **({"epochs": epochs} if epochs else {}),
-                **({"plan_epochs": heldout.plan_epochs(epochs)} if recorded else {})}  # fmt: skip
+                **({"plan_epochs": heldout.plan_epochs(epochs), "recipe": heldout.cpu_recipe()} if recorded else {})}  # fmt: skip
 
     out = tmp_path / "rows.jsonl"
     longer = {"cnn": 31}  # no plan's
@@ -182,7 +182,8 @@ def test_heldout_keeps_other_plans_apart_and_pairs_them_with_the_plans_in_force(
     in_force = {0, 1, 2} | ({3} if heldout.plan_epochs() == heldout.EARLIER_PLAN else set())
     assert set(heldout._done(out, 0.2)) == in_force and heldout._done(out, 0.2)[0] == rows[0]
     assert heldout._done(out, 0.2, epochs=longer) == {0: rows[3], 1: rows[4]}
-    assert heldout._done(out, 0.2, epochs=heldout.EARLIER_PLAN)[3] == earlier
+    # written before rows recorded their recipe: unweighted
+    assert heldout._done(out, 0.2, epochs=heldout.EARLIER_PLAN, recipe=heldout.RECIPE_ADDED_SINCE)[3] == earlier
     shown = heldout.paired(heldout._done(out, 0.2), heldout._done(out, 0.2, epochs=longer))
     assert "seeds 0, 1 " in shown and "| cnn | 0.875 | 0.850 | +0.025 | 5.0 | +0.020 to +0.030 |" in shown
     assert "| resnet50 | 0.800 | 0.800 | +0.000 | nan |" in shown

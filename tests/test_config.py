@@ -80,7 +80,7 @@ def test_the_cpu_profile_uses_the_ablations_recipe():
     s = resolve_settings({"profile": "cpu"})
     r = s.recipe
     assert (r.optimizer, r.weight_decay, r.schedule, r.warmup_fraction) == ("adamw", 0.05, "warmup_cosine", 0.15)
-    assert (r.label_smoothing, r.augmentation, r.tta) == (0.1, "flip", True)
+    assert (r.label_smoothing, r.augmentation, r.tta, r.class_weighting) == (0.1, "flip", True, "balanced")
     assert (s.learning_rate, s.batch_size) == (2e-3, 32)
     assert {m: (p.image_size, p.epochs) for m, p in s.per_model.items()} == {
         "cnn": (64, 24),
