@@ -244,7 +244,7 @@ def test_first_time_user_triggers_a_run_and_reads_its_report(airflow_ui, browser
     _type(browser, "element_source", str(faces))
     # Every number field's help gives its range; "abc" in Epochs is refused on the spot, not dropped.
     body = browser.find_element(By.TAG_NAME, "body").text
-    assert all(r in body for r in ("Allowed: 1-500.", "Allowed: 16-512.", "Allowed: 1-20.", "Allowed: 0 or more."))
+    assert all(r in body for r in ("Allowed: 1-500.", "Allowed: 22-512.", "Allowed: 1-20.", "Allowed: 0 or more."))
     _type(browser, "element_epochs", "abc")
     _until(
         browser, "the non-number refusal", lambda d: "Value must be one of" in d.find_element(By.TAG_NAME, "body").text
