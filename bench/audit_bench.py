@@ -89,8 +89,11 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=50)
     ap.add_argument("--sheet", type=Path, help="write a contact sheet of every ranking's top --top images")
     ap.add_argument("--table-only", action="store_true")
-    ap.add_argument("--class-weighting", choices=("none", "balanced"),
-                    help="the audit model's class weighting (default: the cpu profile's)")
+    ap.add_argument(
+        "--class-weighting",
+        choices=("none", "balanced"),
+        help="the audit model's class weighting (default: the cpu profile's)",
+    )
     a = ap.parse_args(argv)
     weighting = a.class_weighting or ra.CONFIGS["cpu"].recipe.class_weighting
     torch.set_num_threads(a.threads)

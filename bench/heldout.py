@@ -490,10 +490,18 @@ def main() -> None:
     parser.add_argument("--table", type=Path, help="print the table of this --out file (at --fraction) and exit")
     parser.add_argument("--rules", action="store_true", help="with --table: compare ways of choosing the ensemble")
     parser.add_argument("--epochs", default="", help="MODEL=N,...: these models' cpu epochs (a recipe to measure)")
-    parser.add_argument("--recipe", default="", help="KEY=VALUE,...: the cpu recipe with these fields changed "
-                        "(a recipe to measure), e.g. class_weighting=balanced")
-    parser.add_argument("--keep", default="", help="LABEL=SHARE,...: keep only this share of a class's faces "
-                        "in the run (an imbalanced dataset), e.g. male=0.33")
+    parser.add_argument(
+        "--recipe",
+        default="",
+        help="KEY=VALUE,...: the cpu recipe with these fields changed "
+        "(a recipe to measure), e.g. class_weighting=balanced",
+    )
+    parser.add_argument(
+        "--keep",
+        default="",
+        help="LABEL=SHARE,...: keep only this share of a class's faces "
+        "in the run (an imbalanced dataset), e.g. male=0.33",
+    )
     parser.add_argument("--per-class", action="store_true", help="with --table: recall per class, balanced accuracy")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -511,8 +519,13 @@ def main() -> None:
         if args.per_class and rows:
             print("\n" + per_class_table(rows))
         if (epochs or recipe) and not args.rules:
-            print("\n" + paired(_done(args.table, args.fraction, keep=keep),
-                                _done(args.table, args.fraction, epochs=epochs, recipe=recipe, keep=keep)))
+            print(
+                "\n"
+                + paired(
+                    _done(args.table, args.fraction, keep=keep),
+                    _done(args.table, args.fraction, epochs=epochs, recipe=recipe, keep=keep),
+                )
+            )
         return
     done = _done(args.out, args.fraction, epochs=epochs, recipe=recipe, keep=keep)
     todo = [int(s) for s in args.seeds.split(",") if int(s) not in done]

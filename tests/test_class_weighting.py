@@ -51,7 +51,9 @@ def test_on_equal_classes_balanced_training_is_plain_training_to_the_bit():
     data = _noise(12, 12)
     plain, _ = _trained(data, NONE, epochs=2)
     balanced, _ = _trained(data, BALANCED, epochs=2)
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), balanced.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.state_dict().values(), balanced.state_dict().values(), strict=True)
+    )
 
 
 def test_on_imbalanced_noise_plain_training_learns_the_majority_and_balanced_does_not():

@@ -90,9 +90,11 @@ def test_a_majority_flag_says_how_many_right_answers_would_have_passed():
     findings = health.check_predictions(_predictions(rows, _wrong_on(rows, 4, 7, 0)), 0.9, model="cnn")
     (found,) = findings
     assert found["check"] == "not_above_majority" and found["numbers"]["correct_needed"] == 37
-    assert "p = 0.912 >= 0.05; 37 of 40 (0.925) would have shown it), and its predictions are not significantly " \
-           "associated with the labels either (balanced accuracy 0.500; one-sided Fisher exact test, p = 0.694)" \
-           in found["detail"]
+    assert (
+        "p = 0.912 >= 0.05; 37 of 40 (0.925) would have shown it), and its predictions are not significantly "
+        "associated with the labels either (balanced accuracy 0.500; one-sided Fisher exact test, p = 0.694)"
+        in found["detail"]
+    )
     assert found["numbers"]["association_p_value"] == pytest.approx(0.694, abs=1e-3)
     tiny = pd.DataFrame({"key": list("abcd"), "split": "val", "label": ["female", "male"] * 2,
                          "predicted": ["female", "male"] * 2})  # fmt: skip

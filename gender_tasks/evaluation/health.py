@@ -128,7 +128,10 @@ def association(val: pd.DataFrame) -> tuple[float, float]:
     male goes with being male more than chance would make it (1.0 when a class is never given or never
     predicted: nothing to associate), and the mean of the two classes' recalls (0.5 for any constant)."""
     male, said = val["label"] == CLASSES[1], val["predicted"] == CLASSES[1]
-    table = [[int((male & said).sum()), int((male & ~said).sum())], [int((~male & said).sum()), int((~male & ~said).sum())]]
+    table = [
+        [int((male & said).sum()), int((male & ~said).sum())],
+        [int((~male & said).sum()), int((~male & ~said).sum())],
+    ]
     recalls = [table[0][0] / max(sum(table[0]), 1), table[1][1] / max(sum(table[1]), 1)]
     balanced = float(sum(recalls) / 2) if all(sum(row) for row in table) else 0.5
     return float(fisher_exact(table, alternative="greater").pvalue), balanced

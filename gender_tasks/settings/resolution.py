@@ -116,8 +116,11 @@ def resolve_settings(overrides: dict[str, Any] | RunConfig | None = None) -> Set
         batch_size=profile.batch_size,
         learning_rate=profile.learning_rate,
         fine_tune_learning_rate=profile.fine_tune_learning_rate,
-        recipe=(profile.recipe if config.class_weighting is None
-                else dataclasses.replace(profile.recipe, class_weighting=config.class_weighting)),  # fmt: skip
+        recipe=(
+            profile.recipe
+            if config.class_weighting is None
+            else dataclasses.replace(profile.recipe, class_weighting=config.class_weighting)
+        ),
         per_model={name: _train_plan(name, config) for name in models},
         label_audit_spec=_label_audit_plan(config),
     )
