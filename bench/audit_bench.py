@@ -117,13 +117,18 @@ def main(argv=None) -> None:
     # the cpu profile's training (with these epochs, exactly: no minimum of steps) and this class weighting
     base = ra.profile_config("cpu", epochs=a.epochs) if a.epochs else ra.CONFIGS["cpu"]
     ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting))
+
+    def record_key(model: str, seed: int) -> tuple:
+        """An audit's record: its model and seed under this run's flips, folds, epochs and class weighting."""
+        return (model, seed, a.flip, a.flip_seed, a.folds, a.epochs, weighting)
+
     for model, seed in audits:
-        if (model, seed, a.flip, a.flip_seed, a.folds, a.epochs, weighting) in done or a.table_only:
+        if record_key(model, seed) in done or a.table_only:
             continue
         rec = ra.run_audit(config, seed, audited, arrays, y, folds=a.folds, model=model)
         rec |= {"model": model, "flip": a.flip, "flip_seed": a.flip_seed, "folds": a.folds, "epochs": a.epochs,
                 "class_weighting": weighting}  # fmt: skip
-        done[(model, seed, a.flip, a.flip_seed, a.folds, a.epochs, weighting)] = rec
+        done[record_key(model, seed)] = rec
         with a.records.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"# {model}@{seed}: {rec['train_seconds']} s, out-of-fold accuracy {rec['oof_accuracy']}", flush=True)
@@ -134,8 +139,7 @@ def main(argv=None) -> None:
         key = pd.read_csv(a.key)
         marked = set(key.loc[key["mislabeled"].astype(int) == 1, "key"])
         bad |= manifest["key"].isin(marked).to_numpy()
-    probs = {f"{m}@{s}": np.asarray(done[(m, s, a.flip, a.flip_seed, a.folds, a.epochs, weighting)]["prob_male"])
-             for m, s in audits if (m, s, a.flip, a.flip_seed, a.folds, a.epochs, weighting) in done}  # fmt: skip
+    probs = {f"{m}@{s}": np.asarray(done[record_key(m, s)]["prob_male"]) for m, s in audits if record_key(m, s) in done}
     candidates = dict(probs)
     for r in range(2, len(probs) + 1):
         for combo in itertools.combinations(probs, r):
