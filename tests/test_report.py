@@ -244,6 +244,20 @@ def test_table1_sits_beside_the_study_and_the_bootstrap_intervals_contain_the_es
     assert f'<td class="paper">0.92</td>\n<td class="{"pos" if ours >= 0.92 else "neg"}">{ours - 0.92:+.3f}</td>' in cnn
 
 
+def test_the_macro_table_gives_each_models_balanced_accuracy_on_the_test_split(run, page):
+    from sklearn.metrics import balanced_accuracy_score
+
+    _, _, inputs = run
+    html = sections.render_section("table1_notes", page)
+    assert "<th>Recall (balanced accuracy)</th>" in html
+    rows = re.findall(r'<tr><td class="l">(.*?)</td><td>[0-9.]+</td>\n<td>([0-9.]+)</td>', html)
+    assert [label for label, _ in rows] == [r["label"] for r in page["r"]["table"]]
+    for model, (_, shown) in zip(inputs.models, rows, strict=True):
+        preds = inputs.outputs[0][model]["predictions"]
+        test = preds[preds["split"] == "test"]
+        assert shown == f"{balanced_accuracy_score(test['label'], test['predicted']):.3f}"
+
+
 def test_class_balance_counts_every_split(run):
     _, _, inputs = run
     assert sections.class_balance(inputs.manifest) == {
