@@ -115,6 +115,32 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
     assert metrics["val_accuracy"] == history[-1]["val_accuracy"] == pytest.approx((val.label == val.predicted).mean())
 
 
+def test_each_split_is_predicted_once_with_the_final_weights(prepared, monkeypatch):
+    """Validation is scored after every epoch and once more after the BatchNorm recalibration; the
+    predictions written are those last figures, not a second pass over the same images."""
+    settings, manifest = prepared["settings"], _manifest(prepared["settings"], prepared["split"])
+    split_of = dict(zip(manifest["key"], manifest["split"], strict=True))
+    calls, real = [], trainer.predict_proba
+
+    def counting(model, data, *args, **kwargs):
+        calls.append(split_of[data.keys[0]])
+        return real(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "predict_proba", counting)
+    s = Settings.from_dict(settings)
+    s = s.replace(per_model={**s.per_model, "mobilenetv2": ProfilePlan(32, 2, 1)})
+    storage = open_storage(settings["storage"])
+    train_model(storage, run_key="r-once", model_name="mobilenetv2", manifest=manifest,
+                dataset_id=prepared["dataset"]["dataset_id"], settings=s)  # fmt: skip
+    assert sorted(calls) == sorted(["val", "val", "val", "train", "test"])  # 2 epochs + the recalibrated model
+    prefix = model_prefix("r-once", "mobilenetv2")
+    history = json.loads(storage.get_bytes(f"{prefix}/history.json"))
+    preds = pd.read_csv(storage.local_path(f"{prefix}/predictions.csv"))
+    val = preds[preds["split"] == "val"]
+    assert history[-1]["batchnorm_recalibrated_on"] > 0
+    assert history[-1]["val_accuracy"] == pytest.approx((val.label == val.predicted).mean())
+
+
 def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
     run = {**prepared, "run_key": "r3"}
     pipeline.train(run, "cnn")

@@ -75,6 +75,9 @@ class TrainingRun:
     threads: int
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
+    # P(male) of a split already predicted with the final weights (the validation split, after the BatchNorm
+    # recalibration), so that writing the predictions does not predict it a second time.
+    final_prob: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def train_model(storage: Storage, *, run_key: str, model_name: str, manifest: pd.DataFrame, dataset_id: str,
@@ -271,6 +274,7 @@ def _recalibrated(run: TrainingRun, used: int) -> None:
         return
     last = run.history[-1]
     prob, loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast, s.recipe.tta)
+    run.final_prob["val"] = prob
     accuracy = float(((prob >= 0.5) == val.labels.numpy().astype(bool)).mean())
     last.setdefault("val_accuracy_before_recalibration", last["val_accuracy"])
     last.update(val_loss=loss, val_accuracy=accuracy, batchnorm_recalibrated_on=used)
@@ -293,8 +297,10 @@ def _predictions(run: TrainingRun) -> tuple[pd.DataFrame, dict | None]:
     for split, d in run.data.items():
         if not len(d):
             continue
-        prob, _ = predict_proba(run.model, d, run.inputs, run.settings.batch_size * 2, run.autocast,
-                                run.settings.recipe.tta)  # fmt: skip
+        prob = run.final_prob.get(split)
+        if prob is None:
+            prob, _ = predict_proba(run.model, d, run.inputs, run.settings.batch_size * 2, run.autocast,
+                                    run.settings.recipe.tta)  # fmt: skip
         frames.append(pd.DataFrame({"key": d.keys, "split": split, "label_id": d.labels.numpy().astype(int),
                                     "prob_male": prob}))  # fmt: skip
         if split == "test":
