@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
+from gender_tasks.reporting.lazy_app import LazyApp
+
 URL_PREFIX = "/gender-reports"
 DAG_ID = "gender_classification"
 LISTED_RUNS = 50
@@ -177,21 +179,9 @@ def create_app():
     return app
 
 
-class _LazyApp:
-    """Defers importing FastAPI and the package until the API server first uses the app."""
-
-    def __init__(self):
-        self._app = None
-
-    async def __call__(self, scope, receive, send):
-        if self._app is None:
-            self._app = create_app()
-        await self._app(scope, receive, send)
-
-
 class GenderReportsPlugin(AirflowPlugin):
     name = "gender_reports"
-    fastapi_apps = [{"app": _LazyApp(), "url_prefix": URL_PREFIX, "name": "Gender classification reports"}]
+    fastapi_apps = [{"app": LazyApp(create_app), "url_prefix": URL_PREFIX, "name": "Gender classification reports"}]
     external_views = [
         {
             "name": "Comparison report",

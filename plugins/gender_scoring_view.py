@@ -16,6 +16,8 @@ import re
 
 from airflow.plugins_manager import AirflowPlugin
 
+from gender_tasks.reporting.lazy_app import LazyApp
+
 URL_PREFIX = "/gender-scoring"
 DAG_ID = "gender_scoring"
 TASK_ID = "score"
@@ -117,21 +119,9 @@ def create_app():
     return app
 
 
-class _LazyApp:
-    """Defers importing FastAPI and the package until the API server first uses the app."""
-
-    def __init__(self):
-        self._app = None
-
-    async def __call__(self, scope, receive, send):
-        if self._app is None:
-            self._app = create_app()
-        await self._app(scope, receive, send)
-
-
 class GenderScoringViewPlugin(AirflowPlugin):
     name = "gender_scoring_view"
-    fastapi_apps = [{"app": _LazyApp(), "url_prefix": URL_PREFIX, "name": "Gender scoring summaries"}]
+    fastapi_apps = [{"app": LazyApp(create_app), "url_prefix": URL_PREFIX, "name": "Gender scoring summaries"}]
     external_views = [
         {"name": "Scoring summary", "href": f"{URL_PREFIX}/runs/{{RUN_ID}}", "destination": "dag_run",
          "url_route": "scoring-summary"},

@@ -193,6 +193,29 @@ def test_a_failed_run_names_the_failed_task(tmp_path):
     assert status == 200 and "the run failed" in body and "data-failed-task='validate'><b>validate</b>" in body
 
 
+def test_the_plugins_app_is_built_on_its_first_request_and_only_once():
+    """Loading the plugins (every Airflow process) builds no FastAPI app; the API server's first request does."""
+    import asyncio
+
+    from gender_tasks.reporting.lazy_app import LazyApp
+
+    built, served = [], []
+
+    def build():
+        built.append(1)
+
+        async def app(scope, receive, send):
+            served.append(scope["path"])
+
+        return app
+
+    lazy = LazyApp(build)
+    assert built == []
+    for path in ("/a", "/b"):
+        asyncio.run(lazy({"type": "http", "path": path}, None, None))
+    assert built == [1] and served == ["/a", "/b"]
+
+
 @pytest.mark.slow  # finished_run trains a model
 def test_a_report_is_read_from_the_storage_the_run_recorded(finished_run, tmp_path):
     """A run on a second storage folder: the record, not the API server's default, says where."""
