@@ -7,7 +7,7 @@ models (the registry and networks); settings and scheduling; timeouts; data (sou
 its worker processes, images, attributes, manifest, split, near-duplicates, validate, shards, preprocess,
 filters); evaluation (metrics, stats, repeats, health, predict, external sets); training (loop, recipe,
 trainer, checkpoints, export, ensemble, label audit);
-reporting (the report, the UI's access) and tracking (MLflow, opt-in); pipeline (the steps the DAG calls) and
+reporting (the report, the UI's access, the plugins' lazy app) and tracking (MLflow, opt-in); pipeline (the steps the DAG calls) and
 scoring (new images with a published model); housekeeping (`gc`), verify (`verify`) and local_airflow; cli
 (`python -m gender_tasks`).
 """
