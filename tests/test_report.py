@@ -172,6 +172,30 @@ def test_a_run_without_a_flag_has_no_warning(solo):
     assert 'class="flagged"' not in sections.render_section("table1", solo)
 
 
+def test_small_validation_or_test_splits_are_said_to_weigh_little_at_the_top(page):
+    # The fixture run: 20 validation and 20 test images.
+    assert page["r"]["small_splits"] == {"validation_images": 20, "test_images": 20, "one_image": 0.05,
+                                         "threshold": sections.SMALL_SPLIT}  # fmt: skip
+    top = sections.render_section("small_splits", page)
+    assert 'id="small-splits"' in top and "Few images to judge by" in top
+    assert "validation split has 20\nimages and the test split 20" in top and "by up to\n0.050" in top
+    assert sections.PAGE.index("warnings") < sections.PAGE.index("small_splits") < sections.PAGE.index("table1")
+
+
+def test_the_small_split_notice_goes_by_the_smaller_split_and_stops_at_the_threshold():
+    def balance(val: int, test: int) -> dict:
+        return {"splits": {"train": {"female": 400, "male": 400}, "val": {"female": val - val // 2, "male": val // 2},
+                           "test": {"female": test - test // 2, "male": test // 2}}}  # fmt: skip
+
+    assert sections.small_splits(balance(150, 148)) is None  # the shared faces' splits
+    assert sections.small_splits(balance(sections.SMALL_SPLIT, sections.SMALL_SPLIT)) is None
+    small = sections.small_splits(balance(150, 30))
+    assert small["validation_images"] == 150 and small["test_images"] == 30 and small["one_image"] == 1 / 30
+    assert sections.small_splits(balance(99, 500))["one_image"] == 1 / 99
+    page = {"r": {"small_splits": None}}
+    assert not sections.render_section("small_splits", page).strip()
+
+
 def test_intervals_over_repeats_stay_inside_0_1_and_two_repeats_are_said_to_mean_little(run, page):
     _, _, inputs = run
     rp = sections.repeats_section(inputs)
