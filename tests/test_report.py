@@ -412,8 +412,9 @@ def test_plots_are_inline_svg_with_an_escaped_accessible_name():
     )
 
 
-def test_the_whole_report_joins_the_sections_and_writes_both_files(run, page, monkeypatch):
+def test_the_whole_report_joins_the_sections_and_writes_both_files(run, page, monkeypatch, caplog):
     storage, args, _ = run
+    caplog.set_level("WARNING", logger="gender_tasks.reporting.report")
 
     def plots(history, cm, y_true, prob, title=""):  # matplotlib's drawing is the previous test's
         return {
@@ -423,6 +424,7 @@ def test_the_whole_report_joins_the_sections_and_writes_both_files(run, page, mo
 
     monkeypatch.setattr(sections, "plots", plots)
     out = report.build_report(storage, **args)
+    assert "few images to judge by: 20 validation and 20 test images" in caplog.text  # the task log says it too
     html = storage.get_bytes(layout.report_key("run1")).decode()
     results = json.loads(storage.get_bytes(layout.results_key("run1")))
     assert out["report_uri"] == storage.url(layout.report_key("run1"))
