@@ -115,9 +115,11 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
     assert metrics["val_accuracy"] == history[-1]["val_accuracy"] == pytest.approx((val.label == val.predicted).mean())
 
 
-def test_each_split_is_predicted_once_with_the_final_weights(prepared, monkeypatch):
-    """Validation is scored after every epoch and once more after the BatchNorm recalibration; the
-    predictions written are those last figures, not a second pass over the same images."""
+@pytest.mark.parametrize(("model", "val_passes"), [("mobilenetv2", 3), ("cnn", 2)])
+def test_each_split_is_predicted_once_with_the_final_weights(prepared, monkeypatch, model, val_passes):
+    """Validation is scored after every epoch and, for a model with BatchNorm, once more after the
+    recalibration; the predictions written are those last figures, not a second pass over the same images.
+    (The CNN has no BatchNorm: its last epoch's pass is the final model's.)"""
     settings, manifest = prepared["settings"], _manifest(prepared["settings"], prepared["split"])
     split_of = dict(zip(manifest["key"], manifest["split"], strict=True))
     calls, real = [], trainer.predict_proba
@@ -128,16 +130,17 @@ def test_each_split_is_predicted_once_with_the_final_weights(prepared, monkeypat
 
     monkeypatch.setattr(trainer, "predict_proba", counting)
     s = Settings.from_dict(settings)
-    s = s.replace(per_model={**s.per_model, "mobilenetv2": ProfilePlan(32, 2, 1)})
+    s = s.replace(per_model={**s.per_model, model: ProfilePlan(32, 2, 1 if model == "mobilenetv2" else 0)})
     storage = open_storage(settings["storage"])
-    train_model(storage, run_key="r-once", model_name="mobilenetv2", manifest=manifest,
+    train_model(storage, run_key="r-once", model_name=model, manifest=manifest,
                 dataset_id=prepared["dataset"]["dataset_id"], settings=s)  # fmt: skip
-    assert sorted(calls) == sorted(["val", "val", "val", "train", "test"])  # 2 epochs + the recalibrated model
-    prefix = model_prefix("r-once", "mobilenetv2")
+    # 2 epochs (+ the recalibrated model where there is BatchNorm), then train and test once each.
+    assert sorted(calls) == sorted(["val"] * val_passes + ["train", "test"])
+    prefix = model_prefix("r-once", model)
     history = json.loads(storage.get_bytes(f"{prefix}/history.json"))
     preds = pd.read_csv(storage.local_path(f"{prefix}/predictions.csv"))
     val = preds[preds["split"] == "val"]
-    assert history[-1]["batchnorm_recalibrated_on"] > 0
+    assert ("batchnorm_recalibrated_on" in history[-1]) == (model == "mobilenetv2")
     assert history[-1]["val_accuracy"] == pytest.approx((val.label == val.predicted).mean())
 
 

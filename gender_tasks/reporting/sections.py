@@ -42,9 +42,9 @@ INTERVAL_METHOD = "95% t-interval of the mean on the logit scale, transformed ba
 MIN_REPEATS_FOR_INTERVALS = 3  # below this, an interval over repeats rests on one degree of freedom
 
 # The page, top to bottom: the macros of include/report.html.j2 that build_report joins.
-PAGE = ("page_start", "warnings", "small_splits", "contents", "table1", "ensemble", "table1_notes", "uncertainty", "repeats",
-        "model_cards", "class_balance", "group_accuracy", "label_audit", "external", "validation", "metadata",
-        "page_end")  # fmt: skip
+PAGE = ("page_start", "warnings", "small_splits", "contents", "table1", "ensemble", "table1_notes", "uncertainty",
+        "repeats", "model_cards", "class_balance", "group_accuracy", "label_audit", "external", "validation",
+        "metadata", "page_end")  # fmt: skip
 
 
 @dataclass

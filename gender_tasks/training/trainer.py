@@ -75,8 +75,8 @@ class TrainingRun:
     threads: int
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
-    # P(male) of a split already predicted with the final weights (the validation split, after the BatchNorm
-    # recalibration), so that writing the predictions does not predict it a second time.
+    # P(male) of a split as last predicted with the current weights (validation: after each epoch, then after
+    # the BatchNorm recalibration), so that writing the predictions does not predict it a second time.
     final_prob: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -247,6 +247,7 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
 
     def after_epoch(done: EpochDone) -> None:
         val_prob, val_loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast, s.recipe.tta)
+        run.final_prob["val"] = val_prob  # the final model's, unless the BatchNorm recalibration changes it
         val_acc = float(((val_prob >= 0.5) == val.labels.numpy().astype(bool)).mean()) if len(val_prob) else 0.0
         optimizer = done.phase.optimizer
         # The rate of the epoch's last step (the peak rate under a constant schedule).
