@@ -1,7 +1,7 @@
 """An ASGI app built on its first request: the UI plugins hand Airflow one at import time, so that loading
 the plugins (in every Airflow process) imports neither FastAPI nor the package's reporting stack.
 
-Standard library only, and nothing of it: the plugins import this module when Airflow loads them."""
+It imports nothing but `collections.abc`: the plugins import this module when Airflow loads them."""
 
 from __future__ import annotations
 
