@@ -7,7 +7,10 @@ Removes runs older than the retention, then every object that no manifest and no
 - keyed models and label audits (layout.trained_prefix, audit_result_key) that no kept run copied;
 - leftover checkpoints: of a model that was exported, of a training nobody resumed within the
   retention, and the run-folder checkpoints of earlier versions;
-- leases abandoned by a holder that died (killed with kill -9) without removing them.
+- leases abandoned by a holder that died (killed with kill -9) without removing them;
+- scorings of new images (scoring/<score_key>/) older than the retention, and scored batches
+  (scoring/parts/) older than the retention and than GENDER_GC_UNFINISHED_HOURS: a part only lets a
+  killed scoring resume, or a scoring of the same images rebuild its predictions without scoring again.
 
 It never removes work in progress, whatever the retention says. Ages cannot tell it (an ingest can
 upload for hours, `--keep-days 0` makes every run old), so work in progress holds leases (leases.py):
@@ -18,7 +21,9 @@ upload for hours, `--keep-days 0` makes every run old), so work in progress hold
   GENDER_GC_UNFINISHED_HOURS (24): between two steps, or queued for a GPU, it holds no lease;
 - nothing of a dataset younger than an hour goes, lease or not (GRACE_S);
 - the leases are looked at again just before removing, and every RECHECK_EVERY removals: work that
-  starts on a run or a dataset while `gc` runs stops its removal there.
+  starts on a run or a dataset while `gc` runs stops its removal there;
+- a scoring in progress leases scoring/ (nothing under it is removed while it holds the lease) and the
+  run whose model it scores with (kept, however old).
 
 A lease not renewed for GENDER_LEASE_EXPIRY_S (15 minutes) is abandoned: it protects nothing and goes.
 """
@@ -88,12 +93,15 @@ def collect_garbage(storage: Storage, *, keep_days: float, dry_run: bool = False
     objects = storage.list_info("")
     runs: dict[str, list[ObjectInfo]] = defaultdict(list)
     datasets: dict[str, list[ObjectInfo]] = defaultdict(list)
+    scorings: list[ObjectInfo] = []
     for obj in objects:
         kind, owner, _ = layout.describe_key(obj.key)
         if kind == "run":
             runs[owner].append(obj)
         elif kind != "other":
             datasets[owner].append(obj)
+        elif layout.describe_scoring_key(obj.key) is not None:
+            scorings.append(obj)
     removals = _expired_runs(runs, keep_days, now, expiry, unfinished_s)
     expired = {layout.describe_key(r.key)[1] for r in removals}
     kept = {k: objs for k, objs in runs.items() if k not in expired}
@@ -107,6 +115,7 @@ def collect_garbage(storage: Storage, *, keep_days: float, dry_run: bool = False
             log.info("dataset %s: work in progress holds a lease on it, nothing of it is removed", dataset_id)
             continue
         removals += _dataset_garbage(storage, dataset_id, objs, refs, keep_days, now)
+    removals += _scoring_garbage(storage, scorings, keep_days, now, expiry, unfinished_s)
     if dry_run:
         return removals
     return _delete(storage, removals, lambda: now + time.time() - started, expiry)
@@ -149,11 +158,51 @@ def _finished(run_key: str, objs: list[ObjectInfo]) -> bool:
 
 
 def _lease_prefix(key: str) -> str | None:
-    """The leases folder of the run or dataset `key` belongs to (None: it belongs to neither)."""
+    """The leases folder of the run, dataset or scorings `key` belongs to (None: it belongs to none)."""
     parts = key.split("/")
     if parts[0] in (layout.RUNS, layout.DATASETS) and len(parts) >= 3:
         return f"{parts[0]}/{parts[1]}/{layout.LEASES}/"
+    if parts[0] == layout.SCORING:
+        return f"{layout.SCORING}/{layout.LEASES}/"
     return None
+
+
+def _scoring_garbage(storage: Storage, objs: list[ObjectInfo], keep_days: float, now: float, expiry: float,
+                     unfinished_s: float) -> list[Removal]:  # fmt: skip
+    """Scorings (scoring/<score_key>/, all of one together) whose newest object is older than the retention,
+    an unfinished one (no summary.json) not before nothing of it was written for `unfinished_s`; scored batches
+    (a part and its checksum record together) older than the retention and than `unfinished_s`. Nothing while
+    a scoring holds a fresh lease; abandoned leases go. A scoring's summary.json goes first, and each object
+    before its checksum record: a `gc` stopped half-way leaves a scoring that is scored again and records without
+    their objects (read as missing objects), never a scoring taken as done or an object that cannot be checked."""
+    if _has_fresh_lease(objs, now, expiry):
+        log.info("scoring/: a scoring in progress holds a lease, nothing of it is removed")
+        return []
+    out = [_abandoned(storage, o, now) for o in objs if layout.is_lease_key(o.key)]
+    groups: dict[tuple[str, str], list[ObjectInfo]] = defaultdict(list)
+    for obj in objs:
+        kind, owner = layout.describe_scoring_key(obj.key) or ("", "")
+        if kind == "scoring":
+            groups[kind, owner].append(obj)
+        elif kind == "part":
+            groups[kind, obj.key.removesuffix(layout.CHECKSUM_SUFFIX)].append(obj)
+    for (kind, owner), group in sorted(groups.items()):
+        age_s = now - max(o.modified for o in group)
+        days = f"{age_s / DAY_S:.0f} days old (keeping {keep_days:g})"
+        if kind == "part":
+            if age_s < unfinished_s or age_s / DAY_S <= keep_days:
+                continue
+            reason = f"scored batch {days}: only a killed scoring of its images would resume from it"
+        else:
+            finished = any(o.key == f"{layout.score_prefix(owner)}/{layout.SCORING_SUMMARY}" for o in group)
+            if (not finished and age_s < unfinished_s) or age_s / DAY_S <= keep_days:
+                continue
+            reason = f"scoring {owner} is {'' if finished else 'unfinished (no summary.json) and '}{days}"
+        # summary.json first (a scoring without it is scored again, not taken as done), then objects, then records
+        group = sorted(group, key=lambda o: (not o.key.endswith("/" + layout.SCORING_SUMMARY),
+                                             o.key.endswith(layout.CHECKSUM_SUFFIX), o.key))  # fmt: skip
+        out += [Removal(o.key, o.size, reason) for o in group]
+    return out
 
 
 def _delete(storage: Storage, removals: list[Removal], clock: Callable[[], float], expiry: float) -> list[Removal]:

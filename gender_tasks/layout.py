@@ -143,8 +143,11 @@ def dataset_lease_key(dataset_id: str, holder: str) -> str:
 
 
 def is_lease_key(key: str) -> bool:
-    """Whether `key` is a lease of a run or of a dataset (run_lease_key, dataset_lease_key)."""
+    """Whether `key` is a lease of a run, of a dataset or of a scoring (run_lease_key, dataset_lease_key,
+    scoring_lease_key)."""
     parts = key.split("/")
+    if len(parts) == 3 and parts[0] == SCORING:
+        return parts[1] == LEASES and parts[2].endswith(".json")
     return len(parts) == 4 and parts[0] in (RUNS, DATASETS) and parts[2] == LEASES and parts[3].endswith(".json")
 
 
@@ -195,9 +198,31 @@ def part_key(model_sha: str, batch_key: str) -> str:
     return f"{SCORING}/{SCORING_PARTS}/{model_sha[:16]}/{batch_key}.csv"
 
 
+def scoring_lease_key(holder: str) -> str:
+    """The lease of a scoring in progress (leases.holder_name names the holder): `gc` leaves scoring/ alone."""
+    return f"{SCORING}/{LEASES}/{holder}.json"
+
+
 def is_scoring_key(key: str) -> bool:
-    """Whether `key` is a scoring's output or part. (describe_key calls these "other": `gc` keeps them.)"""
-    return key.split("/", 1)[0] == SCORING and key.count("/") >= 2
+    """Whether `key` is a scoring's output or part. (describe_key calls these "other"; describe_scoring_key
+    tells them apart for `gc`.)"""
+    return key.split("/", 1)[0] == SCORING and key.count("/") >= 2 and not is_lease_key(key)
+
+
+def describe_scoring_key(key: str) -> tuple[str, str] | None:
+    """What a key under scoring/ is, for garbage collection: ("scoring", score key) for a scoring's outputs,
+    ("part", the model's folder) for a scored batch, ("lease", "") for a lease; None for anything else.
+    A checksum record (CHECKSUM_SUFFIX) is what its object is."""
+    if is_lease_key(key):
+        return ("lease", "") if key.split("/", 1)[0] == SCORING else None
+    parts = key.removesuffix(CHECKSUM_SUFFIX).split("/")
+    if parts[0] != SCORING:
+        return None
+    if len(parts) == 4 and parts[1] == SCORING_PARTS:
+        return "part", parts[2]
+    if len(parts) == 3 and parts[1] not in (SCORING_PARTS, LEASES):
+        return "scoring", parts[1]
+    return None
 
 
 # --- runs -------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from .data.images import decode_resize, decode_rgb
 from .data.sources import resolve_source
 from .errors import PermanentError
 from .integrity import sha256_hex
+from .leases import hold_lease, holder_name
 from .settings import RunConfig
 from .storage import Storage, get_recorded, is_remote_location, open_storage, put_recorded
 
@@ -313,11 +314,20 @@ def score_images(source: str, storage_uri: str | None = None, *, run: str = "lat
         raise ScoringError(f"images to score {source!r} do not exist: give a folder, a .zip or an s3:// prefix")
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="gender-score-", dir=workdir))
+    # While it works, the scoring leases scoring/ (its stored parts, reused or not, stay until it has assembled
+    # them) and the run whose model it scores with: `gc` removes neither under it (housekeeping.py).
+    owner = f"scoring of {source} with {chosen['model']} of run {chosen['run_key']}"
+    holder = holder_name("score")
     try:
-        root = resolve_source(source, base, max_bytes=max_source_bytes)
-        files = list_unlabeled_images(root, max_file_bytes=max_file_bytes, max_total_bytes=max_source_bytes)
-        out = _score_files(storage, root, files, chosen, source=source, batch_size=batch_size,
-                           max_file_bytes=max_file_bytes)  # fmt: skip
+        with hold_lease(storage, layout.scoring_lease_key(holder), owner=owner), \
+                hold_lease(storage, layout.run_lease_key(chosen["run_key"], holder), owner=owner):  # fmt: skip
+            if _card(storage, chosen["run_key"], chosen["model"]) is None:  # removed between the choice and the lease
+                raise ScoringError(f"run {chosen['run_key']!r} was removed (by gc?) while its model was chosen: "
+                                   "score again to choose from the runs there are now")  # fmt: skip
+            root = resolve_source(source, base, max_bytes=max_source_bytes)
+            files = list_unlabeled_images(root, max_file_bytes=max_file_bytes, max_total_bytes=max_source_bytes)
+            out = _score_files(storage, root, files, chosen, source=source, batch_size=batch_size,
+                               max_file_bytes=max_file_bytes)  # fmt: skip
     finally:
         shutil.rmtree(base, ignore_errors=True)
     out["seconds"] = round(time.monotonic() - started, 2)

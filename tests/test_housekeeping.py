@@ -16,7 +16,7 @@ from gender_tasks import cli, layout, pipeline
 from gender_tasks.errors import PermanentError
 from gender_tasks.housekeeping import GRACE_S, collect_garbage, total_bytes
 from gender_tasks.leases import LeaseConfigError, hold_lease, holder_name
-from gender_tasks.storage import LocalStorage, StorageError
+from gender_tasks.storage import LocalStorage, StorageError, put_recorded
 
 DAY = 86_400
 
@@ -130,6 +130,73 @@ def test_gc_command_prints_every_object_and_the_bytes(store, capsys):
         assert f"would remove {key} (" in out
     assert f"would remove {len(EXPECTED)} object(s), {total_bytes(planned):,} bytes" in out
     assert cli.main(["gc", "--storage", str(store.root), "--keep-days", "-1"]) == 2
+
+
+# --- scorings of new images: old ones and their scored batches go, a live scoring's stay -----------------
+
+
+def _scoring(s: LocalStorage, score_key: str, days: float, *, finished: bool = True) -> list[str]:
+    """A scoring's outputs as scoring.py writes them (checksum records beside two), `days` old."""
+    prefix = layout.score_prefix(score_key)
+    keys = [put_recorded_key(s, f"{prefix}/{layout.SCORED_PREDICTIONS}", b"name,prob_male\n"),
+            put_recorded_key(s, f"{prefix}/{layout.SCORING_PAGE}", b"<html></html>")]  # fmt: skip
+    keys = [k for pair in keys for k in pair]
+    if finished:
+        s.put_bytes(f"{prefix}/{layout.SCORING_SUMMARY}", b"{}")
+        keys.append(f"{prefix}/{layout.SCORING_SUMMARY}")
+    for key in keys:
+        _age(s, key, days)
+    return keys
+
+
+def put_recorded_key(s: LocalStorage, key: str, data: bytes) -> tuple[str, str]:
+    put_recorded(s, key, data)
+    return key, key + layout.CHECKSUM_SUFFIX
+
+
+def test_gc_removes_old_scorings_and_scored_batches_and_keeps_recent_ones(tmp_path):
+    s = LocalStorage(tmp_path / "store")
+    old = _scoring(s, "a" * 24, days=40)
+    recent = _scoring(s, "b" * 24, days=2)
+    unfinished_old = _scoring(s, "c" * 24, days=40, finished=False)
+    unfinished_recent = _scoring(s, "d" * 24, days=2 / 24, finished=False)  # killed 2 hours ago: may resume
+    old_part = put_recorded_key(s, layout.part_key("e" * 64, "old"), b"rows")
+    recent_part = put_recorded_key(s, layout.part_key("e" * 64, "recent"), b"rows")
+    for key in old_part:
+        _age(s, key, 40)
+    for key in recent_part:
+        _age(s, key, 2 / 24)
+    removed = collect_garbage(s, keep_days=30)
+    keys = [r.key for r in removed]
+    assert len(keys) == len(set(keys)) and set(keys) == {*old, *old_part, *unfinished_old}
+    # Within a scoring its summary.json goes first (a half-removed scoring is scored again, not taken as done),
+    # each object before its checksum record (a record alone reads as a missing object).
+    assert keys.index(old[-1]) < min(keys.index(k) for k in old[:-1])
+    assert keys.index(old_part[0]) < keys.index(old_part[1])
+    reasons = {r.key: r.reason for r in removed}
+    assert reasons[old[0]] == f"scoring {'a' * 24} is 40 days old (keeping 30)"
+    unfinished = f"scoring {'c' * 24} is unfinished (no summary.json) and 40 days old (keeping 30)"
+    assert reasons[unfinished_old[0]] == unfinished
+    assert reasons[old_part[0]].startswith("scored batch 40 days old (keeping 30): only a killed scoring")
+    assert set(s.list("scoring/")) == {*recent, *unfinished_recent, *recent_part}
+    # Keep-days 0: the finished scoring goes; a scoring or a scored batch written 2 hours ago may belong to a
+    # scoring that was killed and will resume: kept for GENDER_GC_UNFINISHED_HOURS.
+    assert {r.key for r in collect_garbage(s, keep_days=0)} == set(recent)
+    assert set(s.list("scoring/")) == {*unfinished_recent, *recent_part}
+
+
+def test_a_scoring_lease_keeps_all_of_scoring_and_an_abandoned_one_nothing(tmp_path):
+    s = LocalStorage(tmp_path / "store")
+    old = _scoring(s, "a" * 24, days=40)
+    holder = holder_name("score")
+    with hold_lease(s, layout.scoring_lease_key(holder), owner="scoring of /faces"):
+        assert collect_garbage(s, keep_days=0) == []
+    assert s.list("scoring/leases/") == []  # released
+    lease = layout.scoring_lease_key("score-dead")
+    _abandoned_lease(s, lease, minutes=20)
+    removed = {r.key: r.reason for r in collect_garbage(s, keep_days=30)}
+    assert set(removed) == {*old, lease}
+    assert removed[lease].endswith("not renewed for 20 minutes")
 
 
 # --- work in progress: leases (gender_tasks/leases.py) keep what a live run or ingest writes -----------

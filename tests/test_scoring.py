@@ -258,6 +258,56 @@ def test_a_killed_scoring_resumes_after_its_last_finished_batch(store, tmp_path,
     assert changed["score_key"] != out["score_key"] and calls == [1] and changed["reused_batches"] == 3
 
 
+@pytest.mark.parametrize("leases", ["held", "switched off"])
+def test_gc_beside_a_scoring_removes_nothing_it_uses_and_the_old_scoring_after_it(store, tmp_path, monkeypatch,
+                                                                                 leases):  # fmt: skip
+    """A scoring reuses scored batches written 40 days ago, with the model of a run finished 40 days ago, while
+    `gc --keep-days 0` runs before every stored object it reads: its leases keep the batches and the run. With the
+    leases switched off gc takes the batches from under it: the check can fail. Afterwards gc removes it all."""
+    import contextlib
+    import types
+
+    from gender_tasks.housekeeping import collect_garbage
+
+    images = _flat(tmp_path / "imgs", 7)
+    first = scoring.score_images(str(images), str(store.root), run="new", batch_size=3)
+    for key in store.list(layout.score_prefix(first["score_key"]) + "/"):
+        store.delete(key)  # its outputs gone: scoring the images again assembles them from the stored batches
+    for key in store.list("scoring/") + store.list("runs/new/"):
+        t = time.time() - 40 * 86_400
+        os.utime(store.local_path(key), (t, t))
+    if leases == "switched off":
+
+        @contextlib.contextmanager
+        def no_lease(storage, key, **kwargs):
+            yield types.SimpleNamespace(renew=lambda: None, lapsed=False)
+
+        monkeypatch.setattr(scoring, "hold_lease", no_lease)
+    removed, read = [], scoring.get_recorded
+
+    def collect_then_read(*args):
+        removed.extend(collect_garbage(LocalStorage(store.root), keep_days=0))
+        return read(*args)
+
+    monkeypatch.setattr(scoring, "get_recorded", collect_then_read)
+    if leases == "switched off":
+        with pytest.raises(FileNotFoundError):
+            scoring.score_images(str(images), str(store.root), run="new", batch_size=3)
+        assert any(r.reason.startswith("scored batch 40 days old") for r in removed)
+        return
+    again = scoring.score_images(str(images), str(store.root), run="new", batch_size=3)
+    assert again["score_key"] == first["score_key"] and again["reused_batches"] == 3 and again["scored"] == 7
+    gone = {r.key for r in removed}
+    assert not [k for k in gone if k.startswith(("scoring/", "runs/new/"))]
+    assert [k for k in gone if k.startswith("runs/old/")]  # the run it does not use is old: gc did run
+    assert not store.list("scoring/leases/") and not store.list("runs/new/leases/")  # released
+    # Finished, and two days later: the scoring, its batches (40 days old) and its run go.
+    monkeypatch.setattr(scoring, "get_recorded", read)
+    before = set(store.list("scoring/")) | set(store.list("runs/new/"))
+    later = {r.key for r in collect_garbage(store, keep_days=0, now=time.time() + 2 * 86_400)}
+    assert before and later >= before and store.list("scoring/") == [] and store.list("runs/new/") == []
+
+
 @pytest.mark.slow
 def test_a_zip_is_scored_naming_its_entries(store, tmp_path):
     images = _flat(tmp_path / "imgs", 4)
@@ -405,6 +455,10 @@ def test_the_plugin_shows_a_runs_summary_and_lists_runs(store, tmp_path):
     status, page = plugin.summary_page("r1", "success", out)  # the page is checked like any stored object
     assert status == 500 and "Summary damaged" in page and "edited in storage" not in page
     assert "summary.html is corrupt" in page and "verify --storage" in page and "--repair" in page
+    for key in store.list(f"scoring/{out['score_key']}/"):
+        store.delete(key)  # as gc removes an old scoring
+    status, page = plugin.summary_page("r1", "success", out)
+    assert status == 404 and "Summary missing" in page and "<code>gc</code> removes scorings older" in page
     listing = plugin.index_page([("r1", "success", out), ("r<b>", "failed", None)])
     assert "/gender-scoring/runs/r1" in listing and "mobilenetv2 of new" in listing and "r&lt;b&gt;" in listing
 
