@@ -235,6 +235,14 @@ def test_a_one_model_run_has_no_ensemble_repeats_or_paired_tests(solo):
     assert "No external evaluation sets in this run" in sections.render_section("external", solo)
 
 
+def test_a_one_member_ensemble_is_named_as_that_model_alone(page):
+    one = {**page["r"]["ensemble"][0], "members": ["mobilenetv2"], "labels": ["MobileNet V2"], "weights": [1.0],
+           "excluded": {}}  # fmt: skip
+    html = sections.render_section("ensemble", {**page, "r": {**page["r"], "ensemble": [one], "repeats": None}})
+    assert "The ensemble is MobileNet V2 alone\n(its row repeats that model's" in html
+    assert "mean probability of" not in html and "chosen on the validation split only" in html
+
+
 def test_the_ensemble_section_names_its_members_weights_and_what_it_left_out(page):
     html = sections.render_section("ensemble", page)
     assert "mean probability of\nCNN (weight 0.50), ResNet50 (weight 0.50)\nin repeat 0" in html
