@@ -8,6 +8,8 @@
     scoring/<score_key>/summary.json      the same numbers; written last: the scoring is complete
     scoring/parts/<model>/<batch_key>.csv one batch's rows while (and after) it runs: a killed scoring resumes
                                           after its last finished batch
+    scoring/leases/<holder>.json          while it runs (leases.py): `gc` then removes nothing under scoring/,
+                                          nor the run whose model it uses (it also holds that run's lease)
 
 The model is verified against its card before it is used (evaluation.predict.load_stored_model) and is
 either named (a run and a model) or "the best model of the latest successful run": the run whose
