@@ -66,9 +66,9 @@ def summary_page(run_id: str, state: str | None, result: dict | None) -> tuple[i
     except IntegrityError as exc:  # its message names the object and the fix (verify --repair, score again)
         return 500, _page("Summary damaged", f"<p>{html.escape(str(exc)[:600])}</p>")
     except (FileNotFoundError, StorageError) as exc:
-        return 404, _page("Summary missing", f"<p>{html.escape(str(exc)[:300])}</p><p><code>gc</code> removes scorings older "
-                                             "than its retention (GENDER_KEEP_DAYS); trigger a scoring of the same "
-                                             "images to write it again.</p>")  # fmt: skip
+        why = ("<p><code>gc</code> removes scorings older than its retention (GENDER_KEEP_DAYS); trigger a scoring of "
+               "the same images to write it again.</p>")  # fmt: skip
+        return 404, _page("Summary missing", f"<p>{html.escape(str(exc)[:300])}</p>{why}")
     return 200, body
 
 
