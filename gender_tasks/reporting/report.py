@@ -154,29 +154,15 @@ def gather_inputs(
     )
 
 
-def build_report(
-    storage: Storage,
-    *,
-    run_key: str,
-    settings: Settings,
-    dataset: dict,
-    validation: dict,
-    split_key: str,
-    task_durations: dict | None = None,
-    run_id: str | None = None,
-    label_audit: dict | None = None,
-    repeat_split_keys: list[str] | None = None,
-    ensemble_skipped: str | None = None,
-) -> dict:
+def build_report(storage: Storage, **context) -> dict:
     """Write report.html and results.json for a run; returns their URIs and the headline numbers.
-    `ensemble_skipped`: why the run made no ensemble (pipeline.skip_reason), said in the report.
+    `context`: gather_inputs's keywords (the run's key, settings, dataset, validation, split and the rest);
+    `ensemble_skipped` says why the run made no ensemble (pipeline.skip_reason), said in the report.
 
     Every per-image section reads repeat 0 (the run's own folder); with repeats, Table 1 shows the
     mean over the repeats with its 95% t-interval, and the repeats section the rest."""
-    gathered = gather_inputs(storage, run_key=run_key, settings=settings, dataset=dataset, validation=validation,
-                             split_key=split_key, task_durations=task_durations, run_id=run_id,
-                             label_audit=label_audit, repeat_split_keys=repeat_split_keys,
-                             ensemble_skipped=ensemble_skipped)  # fmt: skip
+    run_key = context["run_key"]
+    gathered = gather_inputs(storage, **context)
     report = sections.build_sections(gathered)
     page = sections.render_page(sections.page_context(report, gathered))
     storage.put_bytes(layout.results_key(run_key), sections.results_json(report))
