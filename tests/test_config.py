@@ -83,10 +83,10 @@ def test_the_cpu_profile_uses_the_ablations_recipe():
     assert (r.label_smoothing, r.augmentation, r.tta, r.class_weighting) == (0.1, "flip", True, "balanced")
     assert (s.learning_rate, s.batch_size) == (2e-3, 32)
     assert {m: (p.image_size, p.epochs) for m, p in s.per_model.items()} == {
-        "cnn": (64, 24),
+        "cnn": (64, 48),
         "resnet50": (64, 5),
         "inceptionv3": (75, 5),
-        "mobilenetv2": (64, 10),
+        "mobilenetv2": (64, 20),
     }
     # The label audit's CNN folds keep the 12 epochs its ranking was measured at (bench/RESULTS.md).
     assert (s.label_audit_spec.image_size, s.label_audit_spec.epochs) == (64, 12)

@@ -364,9 +364,9 @@ def test_the_setup_says_when_a_model_trained_other_epochs_than_its_plan(page):
     epochs = setup["Epochs (frozen)"]["ours"]
     assert "CNN 2 (0), trained 3" in epochs and "MobileNet V2 2 (1), trained 3" in epochs
     assert setup["Fewest optimizer steps"]["ours"] == setup["Fewest optimizer steps"]["study"] == "no minimum"
-    cpu = sections.describe_recipe(resolve_settings({"profile": "cpu"}), {"resnet50": 22, "cnn": 24})
+    cpu = sections.describe_recipe(resolve_settings({"profile": "cpu"}), {"resnet50": 22, "cnn": 48})
     assert "ResNet50 5 (0), trained 22 (its minimum of 110 steps)" in cpu["Epochs (frozen)"]
-    assert "CNN 24 (0)," in cpu["Epochs (frozen)"] + "," and "CNN 24 (0), trained" not in cpu["Epochs (frozen)"]
+    assert "CNN 48 (0)," in cpu["Epochs (frozen)"] + "," and "CNN 48 (0), trained" not in cpu["Epochs (frozen)"]
     assert cpu["Fewest optimizer steps"] == "CNN 264, ResNet50 110, Inception V3 110, MobileNet V2 110"
 
 
