@@ -161,8 +161,8 @@ def build_report(storage: Storage, **context) -> dict:
 
     Every per-image section reads repeat 0 (the run's own folder); with repeats, Table 1 shows the
     mean over the repeats with its 95% t-interval, and the repeats section the rest."""
-    run_key = context["run_key"]
     gathered = gather_inputs(storage, **context)
+    run_key = gathered.run_key
     report = sections.build_sections(gathered)
     page = sections.render_page(sections.page_context(report, gathered))
     storage.put_bytes(layout.results_key(run_key), sections.results_json(report))
