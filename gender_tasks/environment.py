@@ -106,8 +106,9 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("GENDER_PARALLEL_TRAINING", "whole", 1, "training tasks sharing this machine's cores (sets torch "
              "threads)", minimum=1, inclusive=True, says="a positive whole number",
              example="2 (two trainings side by side on this worker's CPU, each with half of its cores)"),
-    Variable("GENDER_TORCH_THREADS", "whole", 0, "explicit torch thread count; 0: cores / parallel tasks",
-             default_text="cores / parallel tasks", minimum=0, inclusive=True,
+    Variable("GENDER_TORCH_THREADS", "whole", 0, "explicit torch thread count of a training task, and of each of "
+             "the label audit's fold processes; 0: cores / parallel tasks (a fold process: 1)",
+             default_text="cores / parallel tasks; a label audit fold's process: 1", minimum=0, inclusive=True,
              says="a whole number of threads >= 0", example="4 (or 0 for the cores / parallel tasks)"),
     Variable("GENDER_GPU_LOCK_DIR", "path", None, "where training tasks lock the GPU slot each one uses (one folder "
              "per machine)", default_text="`gender-gpu-locks` in the temp folder"),

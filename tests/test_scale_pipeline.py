@@ -2,6 +2,7 @@
 same results whether the splits sit in memory or stream from the shards, ingest decodes in processes."""
 
 import io
+import os
 
 import numpy as np
 import pandas as pd
@@ -159,3 +160,152 @@ def test_memory_budget_setting(monkeypatch):
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "lots")
     with pytest.raises(PermanentError, match="GENDER_MEMORY_BUDGET_MB='lots'.*megabytes"):
         memory_budget()
+
+
+def _spawned_workers() -> list:
+    """This process's live multiprocessing workers (not the resource tracker the spawn context starts,
+    which lives as long as this process)."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
+
+
+def _audit_in(run, storage, run_key: str) -> pd.DataFrame:
+    _forget_trained(storage, run["dataset"]["dataset_id"])
+    assert pipeline.label_audit({**run, "run_key": run_key})["reused"] is False
+    return pd.read_csv(io.BytesIO(storage.get_bytes(layout.label_audit_key(run_key))))
+
+
+@pytest.mark.slow  # trains, and starts worker processes
+def test_label_audit_folds_in_worker_processes_equal_folds_in_the_task(prepared, monkeypatch, caplog, tmp_path):
+    """The folds trained side by side in spawned processes give the table the in-process loop gives, bit
+    for bit, at the same thread count; and the finished audit leaves no fold files, no copy of the images
+    and no processes."""
+    import tempfile
+
+    from gender_tasks.training import label_audit as audit_mod
+
+    run, dataset, _, _, storage, _ = prepared
+    caplog.set_level("INFO")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("GENDER_TORCH_THREADS", "1")
+    monkeypatch.setattr(audit_mod, "usable_cores", lambda: 2)  # two workers on any machine
+    monkeypatch.setattr(audit_mod, "PARALLEL_MIN_IMAGES", 0)  # the prepared set is small
+    in_workers = _audit_in(run, storage, "workers")
+    assert "2 folds in 2 processes side by side, 1 torch thread(s) each" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(audit_mod, "PARALLEL_MIN_IMAGES", 10**9)
+    in_task = _audit_in(run, storage, "in-task")
+    assert "processes side by side" not in caplog.text
+    pd.testing.assert_frame_equal(in_workers, in_task)
+    assert in_workers["prob_male"].notna().all()
+    folds_prefix = f"{layout.dataset_prefix(dataset['dataset_id'])}/label_audit/"
+    assert not [k for k in storage.list(folds_prefix) if "/fold-" in k]
+    assert not _spawned_workers()
+    assert not list((tmp_path / "tmp").glob(f"{audit_mod.COPY_PREFIX}*"))  # the images copied for the workers
+
+
+def test_copies_of_audits_whose_process_died_are_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    from gender_tasks.training import label_audit as audit_mod
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead_pid = next(pid for pid in range(4_000_000, 1, -1) if not audit_mod._alive(pid))  # no process has it
+    dead = tmp_path / f"{audit_mod.COPY_PREFIX}{dead_pid}-abc"
+    live = tmp_path / f"{audit_mod.COPY_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "gender-audit-notes"
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "images.npy").write_bytes(b"x")
+    audit_mod._remove_stale_copies()
+    assert not dead.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.slow  # starts worker processes
+def test_a_fold_worker_that_dies_fails_the_audit_at_once_naming_it(prepared, monkeypatch):
+    """A worker killed (as the OOM killer would) fails the audit with a named, retryable error; the other
+    worker is stopped, not left training, and no fold is stored half-written."""
+    import threading
+
+    from gender_tasks.training import label_audit as audit_mod
+
+    run, dataset, _, _, storage, _ = prepared
+    monkeypatch.setenv("GENDER_TORCH_THREADS", "1")
+    monkeypatch.setattr(audit_mod, "usable_cores", lambda: 2)
+    monkeypatch.setattr(audit_mod, "PARALLEL_MIN_IMAGES", 0)
+    killed = []
+
+    def kill_a_worker():
+        for _ in range(600):
+            workers = _spawned_workers()
+            if workers:
+                workers[0].kill()
+                killed.append(workers[0].pid)
+                return
+            threading.Event().wait(0.05)
+
+    watcher = threading.Thread(target=kill_a_worker, daemon=True)
+    watcher.start()
+    _forget_trained(storage, dataset["dataset_id"])
+    with pytest.raises(audit_mod.AuditWorkerDied, match=r"fold \d ended without a result.*resumes after"):
+        pipeline.label_audit({**run, "run_key": "died"})
+    watcher.join(5)
+    assert killed
+    assert not storage.exists(layout.label_audit_key("died"))
+    folds = [k for k in storage.list(f"{layout.dataset_prefix(dataset['dataset_id'])}/label_audit/") if "/fold-" in k]
+    for key in folds:  # whatever finished before the death is whole, with its checksum
+        if not key.endswith(".sha256"):
+            assert f"{key}.sha256" in folds
+    assert not _spawned_workers()  # the other worker was stopped with the pool, not left to finish its fold
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+
+from gender_tasks.training import label_audit
+
+if __name__ == "__main__":
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=label_audit._start_worker, initargs=(os.getpid(), 1, "", None))
+    futures = [pool.submit(time.sleep, 120) for _ in range(2)]
+    while len(pool._processes) < 2 or not all(f.running() for f in futures):
+        time.sleep(0.1)
+    print(" ".join(str(pid) for pid in pool._processes), flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.slow  # starts processes
+def test_fold_workers_die_with_a_task_killed_by_sigkill(tmp_path):
+    """`kill -9` of the task must not leave its fold workers training (and holding memory) for minutes."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "orphans.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    task = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in task.stdout.readline().split()]
+        assert len(pids) == 2
+        workers = [psutil.Process(p) for p in pids]
+        assert all(w.is_running() for w in workers)
+        task.kill()
+        task.wait(10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"fold workers {[p.pid for p in alive]} outlived their task"
+    finally:
+        task.kill()

@@ -26,9 +26,18 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or `taskset`'s share), not the
+    machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def configure_threads(parallel_tasks: int = 1) -> int:
     """Split the CPU cores among training tasks running side by side (GENDER_TORCH_THREADS wins)."""
-    threads = get_whole("GENDER_TORCH_THREADS", error=PermanentError) or max(1, (os.cpu_count() or 1) // parallel_tasks)
+    threads = get_whole("GENDER_TORCH_THREADS", error=PermanentError) or max(1, usable_cores() // parallel_tasks)
     torch.set_num_threads(threads)
     return threads
 

@@ -16,6 +16,15 @@ fill the top of the list with that class's correctly labeled images.
 
 Keyed like a trained model (training/keys.py): a run with the same dataset, split, settings and code
 reuses the predictions instead of training the folds again.
+
+On the CPU the folds train side by side, one per process (spawned; one torch thread each unless
+GENDER_TORCH_THREADS says otherwise), as many as the task's share of the cores and the memory budget
+allow: a small model on a few thousand images uses two cores better as two one-thread trainings than
+as one two-thread training (intra-op threads split a 64 px convolution poorly). Each fold's result is the
+same whichever process trains it (the same code, seed and thread count): only the finishing order differs,
+and each finished fold is stored as it comes in, so a killed audit still resumes after the folds it
+finished. On a GPU, with the images streamed from the shards, or for a small dataset (where starting a
+process costs more than it saves) the folds train one after another in the task's own process.
 """
 
 from __future__ import annotations
@@ -23,8 +32,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -37,12 +55,22 @@ from ..evaluation.metrics import encode_labels
 from ..layout import audit_result_key, checksum_key, label_audit_key, label_audit_record_key
 from ..settings import Settings
 from ..storage import Storage, get_recorded, put_recorded
-from .batches import rows_data
-from .devices import configure_threads
+from .batches import SplitData, rows_data
+from .devices import configure_threads, pick_device, usable_cores
 from .keys import audit_inputs, key_of
 from .loop import fit_predict
 
 log = logging.getLogger(__name__)
+
+# Below this many distinct images the folds train in the task's own process: a worker's start (importing
+# torch and the package, ~3-5 s) would cost more than it saves.
+PARALLEL_MIN_IMAGES = 200
+THREADS_VAR = "GENDER_TORCH_THREADS"
+
+
+class AuditWorkerDied(RuntimeError):
+    """A fold's worker process ended without a result (killed, or out of memory). Retryable: a retry
+    resumes after the folds already stored."""
 
 
 def run_label_audit(storage: Storage, *, run_key: str, manifest: pd.DataFrame, dataset_id: str, settings: Settings,
@@ -98,7 +126,6 @@ def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: 
     Each finished fold is stored (`fold_key(k)`), so that a killed audit resumes after it."""
     spec = settings.label_audit_spec
     model_name, folds, seed = settings.label_audit_model, int(settings.label_audit_folds), settings.seed
-    configure_threads(parallel_tasks)
     rows = manifest.drop_duplicates("sha256").reset_index(drop=True)
     reader = ShardReader(storage, layout.cache_prefix(dataset_id, spec.image_size))
     # In memory if the dataset fits the budget twice (each fold copies its parts), else streamed.
@@ -114,19 +141,155 @@ def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: 
     fold_of = np.zeros(len(rows), dtype=np.int64)
     started = time.monotonic()
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    todo = []
     for k, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
         fold_of[held_idx] = k
-        shas = rows["sha256"].iloc[held_idx]
-        done = _finished_fold(storage, fold_key(k), shas)
-        if done is not None:
+        done = _finished_fold(storage, fold_key(k), rows["sha256"].iloc[held_idx])
+        if done is None:
+            todo.append((k, fit_idx, held_idx))
+        else:
             prob[held_idx] = done
             log.info("label audit: fold %d/%d finished by an earlier try, resuming after it", k + 1, folds)
-            continue
-        prob[held_idx] = fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx), seed + k)
-        fold = pd.DataFrame({"sha256": shas.to_numpy(), "prob_male": prob[held_idx]})
+
+    def store(k: int, held_idx: np.ndarray, fold_prob: np.ndarray) -> None:
+        prob[held_idx] = fold_prob
+        fold = pd.DataFrame({"sha256": rows["sha256"].iloc[held_idx].to_numpy(), "prob_male": fold_prob})
         put_recorded(storage, fold_key(k), tables.to_csv(fold, index=False, float_format="%.9g").encode())
         log.info("label audit: fold %d/%d done (%.0fs)", k + 1, folds, time.monotonic() - started)
+
+    workers = fold_workers(len(todo), len(rows), data, parallel_tasks, reader.nbytes(len(rows)))
+    if workers > 1:
+        _folds_in_workers(workers, todo, data, fold_of, (model_name, spec, settings), seed, store)
+    else:
+        configure_threads(parallel_tasks)
+        for k, fit_idx, held_idx in todo:
+            store(k, held_idx, fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx),
+                                           seed + k))  # fmt: skip
     return audit_table(rows, y, prob, fold_of)
+
+
+def fold_threads() -> int:
+    """Torch threads of one fold's worker: GENDER_TORCH_THREADS, else one."""
+    from ..environment import get_whole
+
+    return get_whole(THREADS_VAR, error=PermanentError) or 1
+
+
+def fold_workers(folds_left: int, images: int, data, parallel_tasks: int, dataset_bytes: int) -> int:
+    """How many processes train the folds side by side: one when there is nothing to share out (one fold
+    left, a GPU, a streamed dataset, a small one), else the task's share of the cores over the threads a
+    fold uses, no more than the folds left, and no more than the memory budget holds: each worker keeps a
+    copy of the dataset and its fold's part of it, beside the task's own copy."""
+    if folds_left < 2 or images < PARALLEL_MIN_IMAGES or not isinstance(data, SplitData):
+        return 1
+    if pick_device().type != "cpu":
+        return 1
+    workers = min(folds_left, usable_cores() // max(parallel_tasks, 1) // fold_threads())
+    while workers > 1 and dataset_bytes * (1 + 2 * workers) > memory_budget():
+        workers -= 1
+    return max(workers, 1)
+
+
+def _folds_in_workers(workers: int, todo: list, data: SplitData, fold_of: np.ndarray, recipe: tuple, seed: int,
+                      store: Callable[[int, np.ndarray, np.ndarray], None]) -> None:  # fmt: skip
+    """Train the folds in `todo` in `workers` spawned processes, storing each as it finishes. A worker that
+    dies fails the audit at once, naming the fold; the others are stopped, as they are when the task
+    itself is stopped.
+
+    The images go to the workers as a file each maps (a private temporary folder, removed at the end),
+    not through the pipes: spawning writes a worker's start-up arguments into a pipe the parent still
+    holds open, so a worker killed before reading a large payload would leave the parent blocked in that
+    write for good. What the pipes carry stays small: a fold's number and seed, its P(male) back."""
+    threads = fold_threads()
+    log.info("label audit: %d folds in %d processes side by side, %d torch thread(s) each", len(todo), workers,
+             threads)  # fmt: skip
+    _remove_stale_copies()
+    folder = Path(tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-"))  # 0700: the faces stay private
+    pool = None
+    finished = False
+    try:
+        np.save(folder / "images.npy", data.images.numpy())
+        np.save(folder / "labels.npy", data.labels.numpy())
+        np.save(folder / "fold_of.npy", fold_of)
+        (folder / "keys.json").write_text(json.dumps(list(data.keys)))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                   initargs=(os.getpid(), threads, str(folder), recipe))  # fmt: skip
+        running = {pool.submit(_train_fold, k, seed + k): (k, held) for k, _, held in todo}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                k, held_idx = running.pop(future)
+                try:
+                    fold_prob = future.result()
+                except BrokenProcessPool as exc:
+                    raise AuditWorkerDied(
+                        f"label audit: the process training fold {k + 1} ended without a result (killed, or out "
+                        "of memory: GENDER_MEMORY_BUDGET_MB lowers how many folds train at once). A retry resumes "
+                        "after the folds already stored") from exc  # fmt: skip
+                store(k, held_idx, fold_prob)
+        finished = True
+    finally:
+        if pool is not None:
+            if not finished:  # stopped, failed or a worker died: end the others now, not after their fold
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.kill()
+            pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+COPY_PREFIX = "gender-audit-"
+
+
+def _remove_stale_copies() -> None:
+    """Remove the image copies of audits whose process died (`kill -9` runs no `finally`), this user's."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{COPY_PREFIX}*-*"):
+        pid = folder.name.removeprefix(COPY_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and folder.stat().st_uid == os.getuid():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+_worker: dict = {}
+
+
+def _start_worker(parent: int, threads: int, folder: str, recipe: tuple) -> None:
+    """A fold worker's set-up: die with the task's process (a `kill -9` of it must not leave trainings
+    running), leave Ctrl-C to the task, use `threads` torch threads, map the images (copy-on-write: the
+    workers share the pages)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the task died before the line above took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(threads)
+    if folder:
+        where = Path(folder)
+        images = torch.from_numpy(np.load(where / "images.npy", mmap_mode="c"))
+        labels = torch.from_numpy(np.load(where / "labels.npy"))
+        keys = json.loads((where / "keys.json").read_text())
+        _worker.update(data=SplitData(images, labels, keys), fold_of=np.load(where / "fold_of.npy"), recipe=recipe)
+
+
+def _train_fold(k: int, seed: int) -> np.ndarray:
+    """Fold `k`: trained on the images of the other folds, P(male) of its own (in index order, as
+    StratifiedKFold gives them)."""
+    data, fold_of, (model_name, spec, settings) = _worker["data"], _worker["fold_of"], _worker["recipe"]
+    fit_idx, held_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+    return fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx), seed)
 
 
 def audit_table(rows: pd.DataFrame, y: np.ndarray, prob: np.ndarray, fold_of: np.ndarray) -> pd.DataFrame:
