@@ -17,8 +17,8 @@ Rows carry the draw (`DRAW`): bench/heldout-draw1.jsonl holds ten seeds of draw 
 class, so a group whose faces carry both labels could be split (a leak, measured in set_aside's docstring);
 a rerun with --out skips only the seeds of the current draw.
 
-`--epochs cnn=24,mobilenetv2=10` trains those models with these epochs in their `cpu` plan (their `min_steps`
-unchanged: on small datasets, where the minimum decides, nothing changes), to measure a recipe on faces the
+`--epochs cnn=96,mobilenetv2=40` (an example: twice the plan in force, 48 and 20) trains those models with these
+epochs in their `cpu` plan (their `min_steps` unchanged: on small datasets, where the minimum decides, nothing changes), to measure a recipe on faces the
 run never saw. Rows record every model's planned epochs (`plan_epochs`; rows without it were written under
 EARLIER_PLAN), a rerun and `--table` keep rows of other plans apart, and `--table FILE --epochs ...` adds
 each column's paired difference against the rows of the plans in force, seed by seed. `--recipe

@@ -16,8 +16,8 @@ report), on local storage in that folder, with `seed` as the run's seed (split a
             up to `size`: at 100 and 300 a class every variant has its own face; at 1,000 faces repeat
             (two or three variants each), and the split keeps only near-identical ones together.
 
-`--epochs cnn=24,mobilenetv2=10` trains those models with these epochs in their `cpu` plans (min_steps
-unchanged), to measure a plan before adopting it. A row counts wherever its models trained the epochs the plan in
+`--epochs cnn=96,mobilenetv2=40` (an example: twice the plan in force, 48 and 20) trains those models with these
+epochs in their `cpu` plans (min_steps unchanged), to measure a plan before adopting it. A row counts wherever its models trained the epochs the plan in
 force gives its dataset (planned_epochs): rows recorded under one plan stand for another in the cells where the
 minimum decides alike (at 100 and 150 a class, for this change), and a change of plan reruns only the others.
 
