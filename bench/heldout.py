@@ -18,13 +18,13 @@ class, so a group whose faces carry both labels could be split (a leak, measured
 a rerun with --out skips only the seeds of the current draw.
 
 `--epochs cnn=96,mobilenetv2=40` (an example: twice the plan in force, 48 and 20) trains those models with these
-epochs in their `cpu` plan (their `min_steps` unchanged: on small datasets, where the minimum decides, nothing changes), to measure a recipe on faces the
-run never saw. Rows record every model's planned epochs (`plan_epochs`; rows without it were written under
-EARLIER_PLAN), a rerun and `--table` keep rows of other plans apart, and `--table FILE --epochs ...` adds
-each column's paired difference against the rows of the plans in force, seed by seed. `--recipe
-class_weighting=balanced` (KEY=VALUE,... of gender_tasks.settings.Recipe) does the same for the `cpu` profile's
-recipe: rows record the recipe they trained with (`recipe`; rows without it trained with today's recipe, RECIPE_ADDED_SINCE's fields as
-they were).
+epochs in their `cpu` plan (their `min_steps` unchanged: on small datasets, where the minimum decides, nothing
+changes), to measure a recipe on faces the run never saw. Rows record every model's planned epochs
+(`plan_epochs`; rows without it were written under EARLIER_PLAN), a rerun and `--table` keep rows of other plans
+apart, and `--table FILE --epochs ...` adds each column's paired difference against the rows of the plans in
+force, seed by seed. `--recipe class_weighting=balanced` (KEY=VALUE,... of gender_tasks.settings.Recipe) does
+the same for the `cpu` profile's recipe: rows record the recipe they trained with (`recipe`; rows without it
+trained with today's recipe, RECIPE_ADDED_SINCE's fields as they were).
 
 `--keep male=0.33` keeps that share of a class's faces in the run (drawn with the seed, after the held-out
 faces are set aside; those stay as drawn), to measure on an imbalanced dataset what a user with one would get;

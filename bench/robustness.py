@@ -17,9 +17,10 @@ report), on local storage in that folder, with `seed` as the run's seed (split a
             (two or three variants each), and the split keeps only near-identical ones together.
 
 `--epochs cnn=96,mobilenetv2=40` (an example: twice the plan in force, 48 and 20) trains those models with these
-epochs in their `cpu` plans (min_steps unchanged), to measure a plan before adopting it. A row counts wherever its models trained the epochs the plan in
-force gives its dataset (planned_epochs): rows recorded under one plan stand for another in the cells where the
-minimum decides alike (at 100 and 150 a class, for this change), and a change of plan reruns only the others.
+epochs in their `cpu` plans (min_steps unchanged), to measure a plan before adopting it. A row counts wherever
+its models trained the epochs the plan in force gives its dataset (planned_epochs): rows recorded under one plan
+stand for another in the cells where the minimum decides alike (at 100 and 150 a class, for this change), and a
+change of plan reruns only the others.
 
 `--min-steps-scale F` trains with F times each model's `min_steps` (models/registry.py; 0: the epochs as
 given, whatever the dataset's size), to measure what the minimum does; rows record it, and the table
