@@ -213,6 +213,38 @@ def test_label_audit_folds_in_worker_processes_equal_folds_in_the_task(prepared,
     assert not list((tmp_path / "tmp").glob(f"{audit_mod.COPY_PREFIX}*"))  # the images copied for the workers
 
 
+@pytest.mark.slow  # trains
+def test_a_temp_disk_that_cannot_take_the_copy_trains_the_folds_in_the_task(prepared, monkeypatch, caplog, tmp_path):
+    """A full temp disk costs the audit its side-by-side folds, not its result: a warning says why and
+    what to do, the folds train in the task, and no partial copy is left."""
+    import errno
+    import tempfile
+
+    from gender_tasks.training import label_audit as audit_mod
+
+    run, _, _, _, storage, _ = prepared
+    caplog.set_level("INFO")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("GENDER_TORCH_THREADS", "1")
+    monkeypatch.setattr(audit_mod, "usable_cores", lambda: 2)
+    monkeypatch.setattr(audit_mod, "PARALLEL_MIN_IMAGES", 0)
+    real_save, saved = np.save, []
+
+    def full_after_the_first_file(path, array):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        saved.append(path)
+        real_save(path, array)
+
+    monkeypatch.setattr(np, "save", full_after_the_first_file)
+    table = _audit_in(run, storage, "full-disk")
+    assert saved and table["prob_male"].notna().all()
+    assert "No space left on device" in caplog.text and "training the folds in this process instead" in caplog.text
+    assert "point TMPDIR at a local disk with" in caplog.text
+    assert "processes side by side," not in caplog.text
+    assert not list(tmp_path.glob(f"{audit_mod.COPY_PREFIX}*"))
+
+
 def test_copies_of_audits_whose_process_died_are_removed(tmp_path, monkeypatch):
     import tempfile
 

@@ -158,8 +158,9 @@ def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: 
         log.info("label audit: fold %d/%d done (%.0fs)", k + 1, folds, time.monotonic() - started)
 
     workers = fold_workers(len(todo), len(rows), data, parallel_tasks, reader.nbytes(len(rows)))
-    if workers > 1:
-        _folds_in_workers(workers, todo, data, fold_of, (model_name, spec, settings), seed, store)
+    folder = _copy_for_workers(data, fold_of) if workers > 1 else None
+    if folder is not None:
+        _folds_in_workers(workers, todo, folder, (model_name, spec, settings), seed, store)
     else:
         configure_threads(parallel_tasks)
         for k, fit_idx, held_idx in todo:
@@ -190,28 +191,50 @@ def fold_workers(folds_left: int, images: int, data, parallel_tasks: int, datase
     return max(workers, 1)
 
 
-def _folds_in_workers(workers: int, todo: list, data: SplitData, fold_of: np.ndarray, recipe: tuple, seed: int,
-                      store: Callable[[int, np.ndarray, np.ndarray], None]) -> None:  # fmt: skip
-    """Train the folds in `todo` in `workers` spawned processes, storing each as it finishes. A worker that
-    dies fails the audit at once, naming the fold; the others are stopped, as they are when the task
-    itself is stopped.
-
-    The images go to the workers as a file each maps (a private temporary folder, removed at the end),
-    not through the pipes: spawning writes a worker's start-up arguments into a pipe the parent still
-    holds open, so a worker killed before reading a large payload would leave the parent blocked in that
-    write for good. What the pipes carry stays small: a fold's number and seed, its P(male) back."""
-    threads = fold_threads()
-    log.info("label audit: %d folds in %d processes side by side, %d torch thread(s) each", len(todo), workers,
-             threads)  # fmt: skip
+def _copy_for_workers(data: SplitData, fold_of: np.ndarray) -> Path | None:
+    """The images, labels and fold numbers for the fold processes, in a private temporary folder (0700:
+    the faces stay private); None, with a warning saying why and what to do, where they cannot be written
+    (a full or read-only temp disk), and the folds then train in the task's own process."""
     _remove_stale_copies()
-    folder = Path(tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-"))  # 0700: the faces stay private
-    pool = None
-    finished = False
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-"))
+    except OSError as exc:
+        log.warning("label audit: no temporary folder for the fold processes (%s): training the folds in this "
+                    "process instead; point TMPDIR at a writable local disk to train them side by side", exc)  # fmt: skip
+        return None
     try:
         np.save(folder / "images.npy", data.images.numpy())
         np.save(folder / "labels.npy", data.labels.numpy())
         np.save(folder / "fold_of.npy", fold_of)
         (folder / "keys.json").write_text(json.dumps(list(data.keys)))
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("label audit: could not copy the images for the fold processes to %s (%s): training the folds "
+                    "in this process instead; point TMPDIR at a local disk with %d MB free to train them side by "
+                    "side", folder, exc, (data.images.numel() >> 20) + 1)  # fmt: skip
+        return None
+    except BaseException:  # stopped while copying: leave nothing half-written behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _folds_in_workers(workers: int, todo: list, folder: Path, recipe: tuple, seed: int,
+                      store: Callable[[int, np.ndarray, np.ndarray], None]) -> None:  # fmt: skip
+    """Train the folds in `todo` in `workers` spawned processes, storing each as it finishes, and remove
+    `folder` (the images, `_copy_for_workers`) at the end. A worker that dies fails the audit at once,
+    naming the fold; the others are stopped, as they are when the task itself is stopped.
+
+    The images go to the workers as a file each maps, not through the pipes: spawning writes a worker's
+    start-up arguments into a pipe the parent still holds open, so a worker killed before reading a large
+    payload would leave the parent blocked in that write for good. What the pipes carry stays small: a
+    fold's number and seed, its P(male) back."""
+    threads = fold_threads()
+    log.info("label audit: %d folds in %d processes side by side, %d torch thread(s) each", len(todo), workers,
+             threads)  # fmt: skip
+    pool = None
+    finished = False
+    try:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                    initargs=(os.getpid(), threads, str(folder), recipe))  # fmt: skip
         running = {pool.submit(_train_fold, k, seed + k): (k, held) for k, _, held in todo}
