@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     from gender_tasks.data.shards import CACHE_DIR_ENV
     from gender_tasks.storage import open_storage
     from gender_tasks.training import label_audit as audit_mod
+    from gender_tasks.training.devices import configure_threads
 
     work = Path(tempfile.mkdtemp(prefix="audit-workers-"))
     try:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
             return seconds, pd.read_csv(io.BytesIO(storage.get_bytes(layout.label_audit_key(key))))
 
         cores = audit_mod.usable_cores()
-        in_task_threads = os.environ.get("GENDER_TORCH_THREADS") or cores
+        in_task_threads = configure_threads(1)  # what the audit's in-task loop uses
         print(f"{args.source}: {args.folds} folds of the cnn, {cores} cores; in-task: {in_task_threads} thread(s); "
               f"workers: {audit_mod.fold_threads()} thread(s) each", flush=True)  # fmt: skip
         ratios = []

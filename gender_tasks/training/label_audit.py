@@ -157,6 +157,11 @@ def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: 
         put_recorded(storage, fold_key(k), tables.to_csv(fold, index=False, float_format="%.9g").encode())
         log.info("label audit: fold %d/%d done (%.0fs)", k + 1, folds, time.monotonic() - started)
 
+    for k, fit_idx, held_idx in todo:  # a fold process rebuilds its fold from fold_of, in index order
+        if not (np.array_equal(held_idx, np.flatnonzero(fold_of == k))
+                and np.array_equal(fit_idx, np.flatnonzero(fold_of != k))):  # fmt: skip
+            raise RuntimeError(f"label audit: fold {k}'s rows are not in index order; the fold processes would "
+                               "misplace its predictions")  # fmt: skip
     workers = fold_workers(len(todo), len(rows), data, parallel_tasks, reader.nbytes(len(rows)))
     folder = _copy_for_workers(data, fold_of) if workers > 1 else None
     if folder is not None:
