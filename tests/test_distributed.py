@@ -224,7 +224,8 @@ def test_celery_stack_runs_training_on_the_gpu_worker_side_by_side(request, tmp_
 
     from gender_tasks.layout import run_key_for
 
-    source = write_dataset(tmp_path / "faces", 16)
+    # 110 faces a class: past the label audit's floor for fold processes (PARALLEL_MIN_IMAGES, 200 images).
+    source = write_dataset(tmp_path / "faces", 110)
     store = tmp_path / "store"
     status, body = api.request("GET", "/api/v2/pools/gpu")
     assert status == 200 and body["slots"] == GPU_POOL_SLOTS, body
@@ -329,6 +330,10 @@ def test_celery_stack_runs_training_on_the_gpu_worker_side_by_side(request, tmp_
     for model in MODELS:
         metrics = json.loads((run_dir / "models" / model / "metrics.json").read_text())
         assert metrics["torch_threads"] == 1, (model, metrics["torch_threads"])
+    # A Celery pool's process is daemonic and multiprocessing refuses it children ("daemonic processes are not
+    # allowed to have children" failed the audit three times before this check): its folds train in the task.
+    (audit_log,) = (tmp_path / "logs").glob(f"dag_id={DAG_ID}/run_id=*/task_id=label_audit/attempt=*.log")
+    assert "the folds train one after another in it" in audit_log.read_text()
 
 
 def _workloads(log: str) -> list[str]:

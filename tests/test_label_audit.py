@@ -103,3 +103,18 @@ def test_folds_train_in_the_task_on_a_gpu_a_stream_or_a_small_set(four_cpu_cores
     assert workers(10, 994, streamed, 1, 15 << 20) == 1
     monkeypatch.setattr(four_cpu_cores, "pick_device", lambda: torch.device("cuda"))
     assert workers(10, 994, _in_memory(994), 1, 15 << 20) == 1
+
+
+def test_folds_train_in_the_task_where_it_may_not_start_processes(four_cpu_cores, monkeypatch, caplog):
+    """A Celery worker's pool process is daemonic, and multiprocessing refuses a daemon children ("daemonic
+    processes are not allowed to have children", found by running the audit under Celery): the folds then
+    train in the task, saying why."""
+    import multiprocessing
+
+    class Daemonic:
+        daemon = True
+
+    caplog.set_level("INFO")
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: Daemonic())
+    assert four_cpu_cores.fold_workers(10, 994, _in_memory(994), 1, 15 << 20) == 1
+    assert "daemonic process (a Celery worker's pool)" in caplog.text

@@ -183,12 +183,16 @@ def fold_threads() -> int:
 
 def fold_workers(folds_left: int, images: int, data, parallel_tasks: int, dataset_bytes: int) -> int:
     """How many processes train the folds side by side: one when there is nothing to share out (one fold
-    left, a GPU, a streamed dataset, a small one), else the task's share of the cores over the threads a
+    left, a GPU, a streamed dataset, a small one) or the task may not start processes (a daemonic one), else the task's share of the cores over the threads a
     fold uses, no more than the folds left, and no more than the memory budget holds: each worker keeps a
     copy of the dataset and its fold's part of it, beside the task's own copy."""
     if folds_left < 2 or images < PARALLEL_MIN_IMAGES or not isinstance(data, SplitData):
         return 1
     if pick_device().type != "cpu":
+        return 1
+    if multiprocessing.current_process().daemon:
+        log.info("label audit: this task runs in a daemonic process (a Celery worker's pool), which multiprocessing "
+                 "allows no children: the folds train one after another in it")  # fmt: skip
         return 1
     workers = min(folds_left, usable_cores() // max(parallel_tasks, 1) // fold_threads())
     while workers > 1 and dataset_bytes * (1 + 2 * workers) > memory_budget():
