@@ -52,12 +52,12 @@ def test_audit_table_puts_the_least_plausible_label_first():
     assert table["p_given_label"].tolist() == pytest.approx([0.4, 0.3, 0.7, 0.9])
 
 
-def _in_memory(n: int):
+def _in_memory(n: int, side: int = 2):
     import torch
 
     from gender_tasks.training.batches import SplitData
 
-    return SplitData(torch.zeros((n, 2, 2, 3), dtype=torch.uint8), torch.zeros(n), [str(i) for i in range(n)])
+    return SplitData(torch.zeros((n, side, side, 3), dtype=torch.uint8), torch.zeros(n), [str(i) for i in range(n)])
 
 
 @pytest.fixture
@@ -75,21 +75,21 @@ def four_cpu_cores(monkeypatch):
 
 def test_fold_workers_share_out_the_task_cores_one_thread_each(four_cpu_cores):
     workers = four_cpu_cores.fold_workers
-    assert workers(10, 994, _in_memory(994), 1, 15 << 20) == 4  # four cores, one thread a fold
-    assert workers(3, 994, _in_memory(994), 1, 15 << 20) == 3  # no more than the folds left
-    assert workers(10, 994, _in_memory(994), 2, 15 << 20) == 2  # two tasks share the cores
-    assert workers(10, 994, _in_memory(994), 4, 15 << 20) == 1  # this task's share is one core: in-process
-    assert workers(1, 994, _in_memory(994), 1, 15 << 20) == 1  # one fold left (a resumed audit)
+    assert workers(10, _in_memory(994), 1) == 4  # four cores, one thread a fold
+    assert workers(3, _in_memory(994), 1) == 3  # no more than the folds left
+    assert workers(10, _in_memory(994), 2) == 2  # two tasks share the cores
+    assert workers(10, _in_memory(994), 4) == 1  # this task's share is one core: in-process
+    assert workers(1, _in_memory(994), 1) == 1  # one fold left (a resumed audit)
 
 
 def test_fold_workers_honour_the_thread_setting_and_the_memory_budget(four_cpu_cores, monkeypatch):
     workers = four_cpu_cores.fold_workers
     monkeypatch.setenv("GENDER_TORCH_THREADS", "2")
-    assert workers(10, 994, _in_memory(994), 1, 15 << 20) == 2  # two threads a fold on four cores
+    assert workers(10, _in_memory(994), 1) == 2  # two threads a fold on four cores
     monkeypatch.delenv("GENDER_TORCH_THREADS")
     monkeypatch.setenv("GENDER_MEMORY_BUDGET_MB", "100")
-    # the task's copy plus, per worker, the mapped images and its fold's copy: 1 + 2w copies of 20 MB <= 100 MB
-    assert workers(10, 994, _in_memory(994), 1, 20 << 20) == 2
+    # the task's copy plus, per worker, the mapped images and its fold's copy: 1 + 2w copies of 18 MB <= 100 MB
+    assert workers(10, _in_memory(994, side=80), 1) == 2
 
 
 def test_folds_train_in_the_task_on_a_gpu_a_stream_or_a_small_set(four_cpu_cores, monkeypatch):
@@ -98,11 +98,11 @@ def test_folds_train_in_the_task_on_a_gpu_a_stream_or_a_small_set(four_cpu_cores
     from gender_tasks.training.batches import StreamedSplit
 
     workers = four_cpu_cores.fold_workers
-    assert workers(10, four_cpu_cores.PARALLEL_MIN_IMAGES - 1, _in_memory(150), 1, 1 << 20) == 1
+    assert workers(10, _in_memory(four_cpu_cores.PARALLEL_MIN_IMAGES - 1), 1) == 1
     streamed = StreamedSplit.__new__(StreamedSplit)  # only its type matters here
-    assert workers(10, 994, streamed, 1, 15 << 20) == 1
+    assert workers(10, streamed, 1) == 1
     monkeypatch.setattr(four_cpu_cores, "pick_device", lambda: torch.device("cuda"))
-    assert workers(10, 994, _in_memory(994), 1, 15 << 20) == 1
+    assert workers(10, _in_memory(994), 1) == 1
 
 
 def test_folds_train_in_the_task_where_it_may_not_start_processes(four_cpu_cores, monkeypatch, caplog):
@@ -116,5 +116,5 @@ def test_folds_train_in_the_task_where_it_may_not_start_processes(four_cpu_cores
 
     caplog.set_level("INFO")
     monkeypatch.setattr(multiprocessing, "current_process", lambda: Daemonic())
-    assert four_cpu_cores.fold_workers(10, 994, _in_memory(994), 1, 15 << 20) == 1
+    assert four_cpu_cores.fold_workers(10, _in_memory(994), 1) == 1
     assert "daemonic process (a Celery worker's pool)" in caplog.text

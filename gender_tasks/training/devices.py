@@ -15,6 +15,7 @@ from ..scheduling import tasks_per_gpu
 log = logging.getLogger(__name__)
 
 COMPILE_VAR = "GENDER_TORCH_COMPILE"  # unset/0: eager; 1: torch.compile (inductor); or a backend name
+THREADS_VAR = "GENDER_TORCH_THREADS"  # unset/0: cores / parallel tasks (a label audit fold's process: 1)
 RESIDENT_VAR = "GENDER_GPU_RESIDENT"  # unset/auto (or 1): by the memory check; 0: never (pinned host memory)
 # GPU memory left free beside the images: the model, its gradients, Adam's state and the activations of
 # a batch of 32 at 299 px take under 6 GiB for the largest model here (InceptionV3, bf16 autocast).
@@ -35,9 +36,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def explicit_threads() -> int:
+    """GENDER_TORCH_THREADS: the torch threads a training is given, or 0 (unset) for the default."""
+    return get_whole(THREADS_VAR, error=PermanentError) or 0
+
+
 def configure_threads(parallel_tasks: int = 1) -> int:
     """Split the CPU cores among training tasks running side by side (GENDER_TORCH_THREADS wins)."""
-    threads = get_whole("GENDER_TORCH_THREADS", error=PermanentError) or max(1, usable_cores() // parallel_tasks)
+    threads = explicit_threads() or max(1, usable_cores() // parallel_tasks)
     torch.set_num_threads(threads)
     return threads
 

@@ -56,7 +56,7 @@ from ..layout import audit_result_key, checksum_key, label_audit_key, label_audi
 from ..settings import Settings
 from ..storage import Storage, get_recorded, put_recorded
 from .batches import SplitData, rows_data
-from .devices import configure_threads, pick_device, usable_cores
+from .devices import configure_threads, explicit_threads, pick_device, usable_cores
 from .keys import audit_inputs, key_of
 from .loop import fit_predict
 
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 # Below this many distinct images the folds train in the task's own process: a worker's start (importing
 # torch and the package, ~3-5 s) would cost more than it saves.
 PARALLEL_MIN_IMAGES = 200
-THREADS_VAR = "GENDER_TORCH_THREADS"
 
 
 class AuditWorkerDied(RuntimeError):
@@ -141,52 +140,54 @@ def _audit(storage: Storage, manifest: pd.DataFrame, dataset_id: str, settings: 
     fold_of = np.zeros(len(rows), dtype=np.int64)
     started = time.monotonic()
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    todo = []
-    for k, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
+    for k, (_, held_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
         fold_of[held_idx] = k
+    todo = []
+    for k in range(folds):
+        held_idx = fold_rows(fold_of, k)[1]
         done = _finished_fold(storage, fold_key(k), rows["sha256"].iloc[held_idx])
         if done is None:
-            todo.append((k, fit_idx, held_idx))
+            todo.append(k)
         else:
             prob[held_idx] = done
             log.info("label audit: fold %d/%d finished by an earlier try, resuming after it", k + 1, folds)
 
-    def store(k: int, held_idx: np.ndarray, fold_prob: np.ndarray) -> None:
+    def store(k: int, fold_prob: np.ndarray) -> None:
+        held_idx = fold_rows(fold_of, k)[1]
         prob[held_idx] = fold_prob
         fold = pd.DataFrame({"sha256": rows["sha256"].iloc[held_idx].to_numpy(), "prob_male": fold_prob})
         put_recorded(storage, fold_key(k), tables.to_csv(fold, index=False, float_format="%.9g").encode())
         log.info("label audit: fold %d/%d done (%.0fs)", k + 1, folds, time.monotonic() - started)
 
-    for k, fit_idx, held_idx in todo:  # a fold process rebuilds its fold from fold_of, in index order
-        if not (np.array_equal(held_idx, np.flatnonzero(fold_of == k))
-                and np.array_equal(fit_idx, np.flatnonzero(fold_of != k))):  # fmt: skip
-            raise RuntimeError(f"label audit: fold {k}'s rows are not in index order; the fold processes would "
-                               "misplace its predictions")  # fmt: skip
-    workers = fold_workers(len(todo), len(rows), data, parallel_tasks, reader.nbytes(len(rows)))
+    workers = fold_workers(len(todo), data, parallel_tasks)
     folder = _copy_for_workers(data, fold_of) if workers > 1 else None
     if folder is not None:
         _folds_in_workers(workers, todo, folder, (model_name, spec, settings), seed, store)
     else:
         configure_threads(parallel_tasks)
-        for k, fit_idx, held_idx in todo:
-            store(k, held_idx, fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx),
-                                           seed + k))  # fmt: skip
+        for k in todo:
+            fit_idx, held_idx = fold_rows(fold_of, k)
+            store(k, fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx), seed + k))
     return audit_table(rows, y, prob, fold_of)
+
+
+def fold_rows(fold_of: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fold `k`'s rows to train on (every other fold's) and to predict (its own), in index order, as
+    StratifiedKFold gives them: the task and its fold processes derive them alike from `fold_of`."""
+    return np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
 
 
 def fold_threads() -> int:
     """Torch threads of one fold's worker: GENDER_TORCH_THREADS, else one."""
-    from ..environment import get_whole
-
-    return get_whole(THREADS_VAR, error=PermanentError) or 1
+    return explicit_threads() or 1
 
 
-def fold_workers(folds_left: int, images: int, data, parallel_tasks: int, dataset_bytes: int) -> int:
+def fold_workers(folds_left: int, data, parallel_tasks: int) -> int:
     """How many processes train the folds side by side: one when there is nothing to share out (one fold
     left, a GPU, a streamed dataset, a small one) or the task may not start processes (a daemonic one), else the task's share of the cores over the threads a
     fold uses, no more than the folds left, and no more than the memory budget holds: each worker keeps a
     copy of the dataset and its fold's part of it, beside the task's own copy."""
-    if folds_left < 2 or images < PARALLEL_MIN_IMAGES or not isinstance(data, SplitData):
+    if folds_left < 2 or not isinstance(data, SplitData) or len(data) < PARALLEL_MIN_IMAGES:
         return 1
     if pick_device().type != "cpu":
         return 1
@@ -195,7 +196,7 @@ def fold_workers(folds_left: int, images: int, data, parallel_tasks: int, datase
                  "allows no children: the folds train one after another in it")  # fmt: skip
         return 1
     workers = min(folds_left, usable_cores() // max(parallel_tasks, 1) // fold_threads())
-    while workers > 1 and dataset_bytes * (1 + 2 * workers) > memory_budget():
+    while workers > 1 and data.images.numel() * (1 + 2 * workers) > memory_budget():  # uint8: bytes
         workers -= 1
     return max(workers, 1)
 
@@ -228,8 +229,8 @@ def _copy_for_workers(data: SplitData, fold_of: np.ndarray) -> Path | None:
     return folder
 
 
-def _folds_in_workers(workers: int, todo: list, folder: Path, recipe: tuple, seed: int,
-                      store: Callable[[int, np.ndarray, np.ndarray], None]) -> None:  # fmt: skip
+def _folds_in_workers(workers: int, todo: list[int], folder: Path, recipe: tuple, seed: int,
+                      store: Callable[[int, np.ndarray], None]) -> None:  # fmt: skip
     """Train the folds in `todo` in `workers` spawned processes, storing each as it finishes, and remove
     `folder` (the images, `_copy_for_workers`) at the end. A worker that dies fails the audit at once,
     naming the fold; the others are stopped, as they are when the task itself is stopped.
@@ -246,11 +247,11 @@ def _folds_in_workers(workers: int, todo: list, folder: Path, recipe: tuple, see
     try:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                    initargs=(os.getpid(), threads, str(folder), recipe))  # fmt: skip
-        running = {pool.submit(_train_fold, k, seed + k): (k, held) for k, _, held in todo}
+        running = {pool.submit(_train_fold, k, seed + k): k for k in todo}
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                k, held_idx = running.pop(future)
+                k = running.pop(future)
                 try:
                     fold_prob = future.result()
                 except BrokenProcessPool as exc:
@@ -258,7 +259,7 @@ def _folds_in_workers(workers: int, todo: list, folder: Path, recipe: tuple, see
                         f"label audit: the process training fold {k + 1} ended without a result (killed, or out "
                         "of memory: GENDER_MEMORY_BUDGET_MB lowers how many folds train at once). A retry resumes "
                         "after the folds already stored") from exc  # fmt: skip
-                store(k, held_idx, fold_prob)
+                store(k, fold_prob)
         finished = True
     finally:
         if pool is not None:
@@ -317,10 +318,9 @@ def _start_worker(parent: int, threads: int, folder: str, recipe: tuple) -> None
 
 
 def _train_fold(k: int, seed: int) -> np.ndarray:
-    """Fold `k`: trained on the images of the other folds, P(male) of its own (in index order, as
-    StratifiedKFold gives them)."""
-    data, fold_of, (model_name, spec, settings) = _worker["data"], _worker["fold_of"], _worker["recipe"]
-    fit_idx, held_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+    """Fold `k`: trained on the images of the other folds, P(male) of its own."""
+    data, (model_name, spec, settings) = _worker["data"], _worker["recipe"]
+    fit_idx, held_idx = fold_rows(_worker["fold_of"], k)
     return fit_predict(model_name, spec, settings, data.subset(fit_idx), data.subset(held_idx), seed)
 
 
