@@ -82,6 +82,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, help="the audit model's epochs, exactly (default: the cpu profile's plan)")
+    ap.add_argument("--image-size", type=int, help="the audit model's input size in px (default: the cpu profile's)")
     ap.add_argument("--flip", type=int, default=30, help="labels flipped before the audit (0: none)")
     ap.add_argument("--flip-seed", type=int, default=42, help="picks the flipped labels")
     ap.add_argument("--threads", type=int, default=2)
@@ -98,7 +99,8 @@ def main(argv=None) -> None:
     weighting = a.class_weighting or ra.CONFIGS["cpu"].recipe.class_weighting
     torch.set_num_threads(a.threads)
     audits = [(m, int(s)) for m, _, s in (x.partition("@") for x in a.audits.split(",") if x)]
-    sizes = {ra.model_size(ra.CONFIGS["cpu"], m) for m, _ in audits}
+    sized = dataclasses.replace(ra.CONFIGS["cpu"], image_size=a.image_size)
+    sizes = {ra.model_size(sized, m) for m, _ in audits}
     manifest, arrays = ra.load_faces(a.source, a.cache, sizes)
     y_true = encode_labels(manifest["label"])
     flips = flipped_positions(y_true, a.flip, a.flip_seed) if a.flip else np.array([], dtype=np.int64)
@@ -112,22 +114,25 @@ def main(argv=None) -> None:
             r = json.loads(line)
             # records that do not say trained unweighted: class weighting came later
             done[(r["model"], r["seed"], r["flip"], r["flip_seed"], r["folds"], r.get("epochs"),
-                  r.get("class_weighting", "none"))] = r  # fmt: skip
+                  r.get("class_weighting", "none"), r.get("image_size"))] = r  # fmt: skip
     config = f"cpu_epochs{a.epochs}_{weighting}" if a.epochs else f"cpu_{weighting}"
-    # the cpu profile's training (with these epochs, exactly: no minimum of steps) and this class weighting
+    config += f"_{a.image_size}px" if a.image_size else ""
+    # the cpu profile's training (with these epochs, exactly: no minimum of steps), this class weighting and size
     base = ra.profile_config("cpu", epochs=a.epochs) if a.epochs else ra.CONFIGS["cpu"]
-    ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting))
+    ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting),
+                                             image_size=a.image_size)  # fmt: skip
 
     def record_key(model: str, seed: int) -> tuple:
-        """An audit's record: its model and seed under this run's flips, folds, epochs and class weighting."""
-        return (model, seed, a.flip, a.flip_seed, a.folds, a.epochs, weighting)
+        """An audit's record: its model and seed under this run's flips, folds, epochs, class weighting and
+        input size (None: the profile's)."""
+        return (model, seed, a.flip, a.flip_seed, a.folds, a.epochs, weighting, a.image_size)
 
     for model, seed in audits:
         if record_key(model, seed) in done or a.table_only:
             continue
         rec = ra.run_audit(config, seed, audited, arrays, y, folds=a.folds, model=model)
         rec |= {"model": model, "flip": a.flip, "flip_seed": a.flip_seed, "folds": a.folds, "epochs": a.epochs,
-                "class_weighting": weighting}  # fmt: skip
+                "class_weighting": weighting, "image_size": a.image_size}  # fmt: skip
         done[record_key(model, seed)] = rec
         with a.records.open("a") as f:
             f.write(json.dumps(rec) + "\n")
