@@ -256,7 +256,8 @@ def test_the_run_budget_is_sized_from_the_run_record(monkeypatch):
     budget = timeouts.run_budget("train", run, model_name="resnet50")
     assert budget.sized_for == "800 images at 64 px x 5 epochs on the CPU"
     assert budget == timeouts.train_budget("resnet50", 64, 5, 800, gpu=False)
-    assert timeouts.run_budget("preprocess", run).sized_for == "800 images at sizes [64] px"
+    # the models' 64 px and the label audit's 32 px (the cpu profile's audit folds)
+    assert timeouts.run_budget("preprocess", run).sized_for == "800 images at sizes [32, 64] px"
     assert timeouts.run_budget("split", run).sized_for == "800 images x 2 repeats"
     assert timeouts.run_budget("report", run).sized_for == "800 images x 6 trained models"
     assert "10 folds of cnn" in timeouts.run_budget("label_audit", run).sized_for  # the cpu profile's folds

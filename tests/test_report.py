@@ -2,6 +2,8 @@
 the outputs a run leaves), the whole report on the same fixture, and once end to end after real training (slow).
 """
 
+import base64
+import io
 import json
 import re
 from html import escape
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import report_fixtures as fx
 from helpers import write_dataset
+from PIL import Image
 
 from gender_tasks import layout, pipeline
 from gender_tasks.evaluation.stats import bootstrap_ci, mcnemar
@@ -139,6 +142,10 @@ def test_the_inputs_are_every_models_outputs_in_every_repeat(run):
     assert inputs.repeat_split_counts["train"] == {"female": 8, "male": 8}
     assert len(inputs.audit_table) == 56 and len(inputs.audit_thumbnails) == sections.AUDIT_SHOWN
     assert all(t.startswith("data:image/png;base64,") for t in inputs.audit_thumbnails)
+    # at the size the page shows them, not the audit model's input size (32 px in the fixture's tiny profile)
+    assert inputs.settings.label_audit_spec.image_size != report.AUDIT_THUMBNAIL_PX
+    with Image.open(io.BytesIO(base64.b64decode(inputs.audit_thumbnails[0].partition(",")[2]))) as thumb:
+        assert thumb.size == (report.AUDIT_THUMBNAIL_PX, report.AUDIT_THUMBNAIL_PX)
     assert [e["name"] for e in inputs.external] == [fx.EXTERNAL_SET]
 
 

@@ -79,9 +79,14 @@ def _thumbnail(array: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _audit_thumbnail(storage: Storage, key: str, size: int) -> str | None:
+# The label audit's thumbnails, in px: the size the report shows them at (include/report.html.j2), whatever the
+# audit model's input size (32 px in the cpu profile: too coarse for a reader to judge a face by).
+AUDIT_THUMBNAIL_PX = 96
+
+
+def _audit_thumbnail(storage: Storage, key: str) -> str | None:
     try:
-        return _thumbnail(decode_resize(read_image(storage, key), size))
+        return _thumbnail(decode_resize(read_image(storage, key), AUDIT_THUMBNAIL_PX))
     except (FileNotFoundError, OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail
         log.warning("label audit thumbnail of %s: %s", key, exc)
         return None
@@ -129,7 +134,7 @@ def gather_inputs(
         repeat_splits = count_splits(read_manifest(storage, (repeat_split_keys or [split_key])[0]))
     audit = read_audit(storage, run_key)
     shown = [] if audit is None else audit["key"].head(sections.AUDIT_SHOWN)
-    thumbnails = [_audit_thumbnail(storage, k, settings.label_audit_spec.image_size) for k in shown]
+    thumbnails = [_audit_thumbnail(storage, k) for k in shown]
     return ReportInputs(
         run_key=run_key,
         settings=settings,

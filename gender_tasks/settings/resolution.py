@@ -209,7 +209,7 @@ def _train_plan(name: str, config: RunConfig) -> ProfilePlan:
 def _label_audit_plan(config: RunConfig) -> ProfilePlan:
     spec = get_model_spec(config.label_audit_model)
     base = _profile_plan(spec.name, config.profile)
-    size = base.image_size
+    size = spec.audit_image_size.get(config.profile, base.image_size)
     if config.image_size is not None:
         size = max(int(config.image_size), spec.min_image_size)
     if config.epochs is not None:  # the run's epochs bound every training, the audit's folds too, exactly as given
