@@ -87,7 +87,7 @@ def test_report_shows_every_section_and_escapes_data(tmp_path):
                     "External evaluation sets", "Data validation", "Run metadata"):  # fmt: skip
         assert section in html
     assert html.count("<svg") >= 6  # curves, confusion matrix and ROC per model
-    assert html.count('<img src="data:image/png;base64,') == 24  # the most suspicious labels, as thumbnails
+    assert html.count('<img src="data:image/jpeg;base64,') == 24  # the most suspicious labels, as thumbnails
     results = json.loads(storage.get_bytes("runs/run1/results.json"))
     assert {r["model"] for r in results["table"]} == {"cnn", "mobilenetv2"}
     assert len(results["comparisons"]) == 1
@@ -141,7 +141,7 @@ def test_the_inputs_are_every_models_outputs_in_every_repeat(run):
     assert [m["members"] for m in inputs.ensemble_metrics] == [["cnn", "resnet50"]] * 2
     assert inputs.repeat_split_counts["train"] == {"female": 8, "male": 8}
     assert len(inputs.audit_table) == 56 and len(inputs.audit_thumbnails) == sections.AUDIT_SHOWN
-    assert all(t.startswith("data:image/png;base64,") for t in inputs.audit_thumbnails)
+    assert all(t.startswith("data:image/jpeg;base64,") for t in inputs.audit_thumbnails)
     # at the size the page shows them, not the audit model's input size (32 px in the fixture's tiny profile)
     assert inputs.settings.label_audit_spec.image_size != report.AUDIT_THUMBNAIL_PX
     with Image.open(io.BytesIO(base64.b64decode(inputs.audit_thumbnails[0].partition(",")[2]))) as thumb:
@@ -360,7 +360,7 @@ def test_the_label_audit_shows_the_most_suspicious_images_first(run, page):
     assert sorted(t["p_given_label"] for t in audit["top"][:2]) == pytest.approx([0.02, 0.03])
     assert audit["below_10"] == int((run[2].audit_table["p_given_label"] < 0.1).sum())
     html = sections.render_section("label_audit", page)
-    assert html.count('<img src="data:image/png;base64,') == sections.AUDIT_SHOWN
+    assert html.count('<img src="data:image/jpeg;base64,') == sections.AUDIT_SHOWN
     assert "3-fold cross-fitting over all 56 images" in html
 
 
@@ -386,7 +386,7 @@ def test_an_audit_image_that_does_not_read_gets_a_placeholder_not_a_broken_image
     page = sections.page_context(sections.build_sections(spoilt, with_plots=False), spoilt)
     html = sections.render_section("label_audit", page)
     assert 'src="None"' not in html and '<img src=""' not in html
-    assert html.count('<img src="data:image/png;base64,') == sections.AUDIT_SHOWN - 1
+    assert html.count('<img src="data:image/jpeg;base64,') == sections.AUDIT_SHOWN - 1
     assert html.count("no preview: the stored image does not read") == 1
 
 
@@ -453,7 +453,7 @@ def test_the_whole_report_joins_the_sections_and_writes_both_files(run, page, mo
     assert html.count("<svg") == 9  # curves, confusion matrix and ROC per trained model, as they are
     cards = html[html.index('id="models"') : html.index('id="balance"')]
     assert cards.count('<svg data-plot="roc" data-title="') == 3 and 'data-title="MobileNet V2"' in cards
-    assert html.count('<img src="data:image/png;base64,') == sections.AUDIT_SHOWN
+    assert html.count('<img src="data:image/jpeg;base64,') == sections.AUDIT_SHOWN
     for raw in ("<script>", "<b>x</b>", "<i>a</i>"):
         assert raw not in html
     # results.json holds the sections' numbers (JSON-normalised: tuples become lists).
