@@ -99,8 +99,13 @@ def main(argv=None) -> None:
     weighting = a.class_weighting or ra.CONFIGS["cpu"].recipe.class_weighting
     torch.set_num_threads(a.threads)
     audits = [(m, int(s)) for m, _, s in (x.partition("@") for x in a.audits.split(",") if x)]
-    sized = dataclasses.replace(ra.CONFIGS["cpu"], image_size=a.image_size)
-    sizes = {ra.model_size(sized, m) for m, _ in audits}
+    config = f"cpu_epochs{a.epochs}_{weighting}" if a.epochs else f"cpu_{weighting}"
+    config += f"_{a.image_size}px" if a.image_size else ""
+    # the cpu profile's training (with these epochs, exactly: no minimum of steps), this class weighting and size
+    base = ra.profile_config("cpu", epochs=a.epochs) if a.epochs else ra.CONFIGS["cpu"]
+    ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting),
+                                             image_size=a.image_size)  # fmt: skip
+    sizes = {ra.model_size(ra.CONFIGS[config], m) for m, _ in audits}
     manifest, arrays = ra.load_faces(a.source, a.cache, sizes)
     y_true = encode_labels(manifest["label"])
     flips = flipped_positions(y_true, a.flip, a.flip_seed) if a.flip else np.array([], dtype=np.int64)
@@ -115,12 +120,6 @@ def main(argv=None) -> None:
             # records that do not say trained unweighted: class weighting came later
             done[(r["model"], r["seed"], r["flip"], r["flip_seed"], r["folds"], r.get("epochs"),
                   r.get("class_weighting", "none"), r.get("image_size"))] = r  # fmt: skip
-    config = f"cpu_epochs{a.epochs}_{weighting}" if a.epochs else f"cpu_{weighting}"
-    config += f"_{a.image_size}px" if a.image_size else ""
-    # the cpu profile's training (with these epochs, exactly: no minimum of steps), this class weighting and size
-    base = ra.profile_config("cpu", epochs=a.epochs) if a.epochs else ra.CONFIGS["cpu"]
-    ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting),
-                                             image_size=a.image_size)  # fmt: skip
 
     def record_key(model: str, seed: int) -> tuple:
         """An audit's record: its model and seed under this run's flips, folds, epochs, class weighting and

@@ -32,7 +32,6 @@ model and writes nothing.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import heapq
 import html
@@ -49,7 +48,7 @@ import numpy as np
 
 from . import layout, tables
 from .data.folders import IngestError, list_unlabeled_images, read_regular, shown
-from .data.images import decode_resize, decode_rgb
+from .data.images import decode_resize, decode_rgb, jpeg_data_uri
 from .data.sources import resolve_source
 from .errors import PermanentError
 from .integrity import sha256_hex
@@ -284,9 +283,7 @@ def _thumbnail(data: bytes) -> str:
     """A small JPEG of the image as a data: URI (the summary is one self-contained page)."""
     img = decode_rgb(data, THUMBNAIL)
     img.thumbnail((THUMBNAIL, THUMBNAIL))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return jpeg_data_uri(img, quality=80)
 
 
 def _row_from_csv(row: dict) -> dict:

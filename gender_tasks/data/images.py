@@ -116,6 +116,15 @@ def decode_resize(data: bytes, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def jpeg_data_uri(img, quality: int) -> str:
+    """A Pillow image as a JPEG data: URI, for thumbnails inside a self-contained HTML page."""
+    import base64
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def image_phash(img) -> str:
     """The 64-bit perceptual hash (ImageHash's phash) of an opened PIL image, as 16 hex digits."""
     import imagehash

@@ -18,12 +18,11 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .. import layout, tables
 from ..data.attributes import read_attributes
-from ..data.images import decode_resize
+from ..data.images import decode_resize, jpeg_data_uri
 from ..data.manifest import read_image, read_manifest
 from ..data.split import split_counts as count_splits
 from ..resources import include_path
@@ -69,16 +68,6 @@ def _reported_models(storage: Storage, run_key: str, settings: Settings) -> list
     return [*settings.models, *([ENSEMBLE] if has_ensemble else [])]
 
 
-def _thumbnail(array: np.ndarray) -> str:
-    import base64
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 # The label audit's thumbnails, in px: the size the report shows them at (include/report.html.j2), whatever the
 # audit model's input size (32 px in the cpu profile: too coarse for a reader to judge a face by). JPEG, as the
 # scoring summary's: about 4 KB a face against 19 KB as PNG, on a page that carries 24 of them.
@@ -87,7 +76,9 @@ AUDIT_THUMBNAIL_PX = 96
 
 def _audit_thumbnail(storage: Storage, key: str) -> str | None:
     try:
-        return _thumbnail(decode_resize(read_image(storage, key), AUDIT_THUMBNAIL_PX))
+        from PIL import Image
+
+        return jpeg_data_uri(Image.fromarray(decode_resize(read_image(storage, key), AUDIT_THUMBNAIL_PX)), quality=85)
     except (FileNotFoundError, OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail
         log.warning("label audit thumbnail of %s: %s", key, exc)
         return None
