@@ -2,7 +2,8 @@
 
 Each candidate audit model gives out-of-fold P(male) for every image of the shared faces, trained as the
 pipeline's audit trains it (bench/recipe_ablation.run_audit: training.loop.fit_predict per fold, stratified
-folds, seed + fold, the `cpu` profile's plan of that model). Rankings are then read off the stored
+folds, seed + fold, that model's `cpu` audit plan: ModelSpec.audit_epochs and audit_image_size where
+it has them, as the label audit trains its folds, else its `cpu` plan). Rankings are then read off the stored
 probabilities without training again:
 
 * one model: the pipeline's label quality (training.label_audit.label_quality) of its probabilities;
@@ -43,6 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import recipe_ablation as ra  # noqa: E402
 
 from gender_tasks.evaluation.metrics import encode_labels  # noqa: E402
+from gender_tasks.models.registry import get_model_spec  # noqa: E402
 from gender_tasks.training.label_audit import label_quality  # noqa: E402
 
 
@@ -81,8 +83,8 @@ def main(argv=None) -> None:
         help="audits to run and compare, model@seed (the seed picks the folds and initialisations)",
     )
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, help="the audit model's epochs, exactly (default: the cpu profile's plan)")
-    ap.add_argument("--image-size", type=int, help="the audit model's input size in px (default: the cpu profile's)")
+    ap.add_argument("--epochs", type=int, help="the audit model's epochs, exactly (default: its cpu audit plan)")
+    ap.add_argument("--image-size", type=int, help="the audit model's input size in px (default: its cpu audit plan's)")
     ap.add_argument("--flip", type=int, default=30, help="labels flipped before the audit (0: none)")
     ap.add_argument("--flip-seed", type=int, default=42, help="picks the flipped labels")
     ap.add_argument("--threads", type=int, default=2)
@@ -99,13 +101,25 @@ def main(argv=None) -> None:
     weighting = a.class_weighting or ra.CONFIGS["cpu"].recipe.class_weighting
     torch.set_num_threads(a.threads)
     audits = [(m, int(s)) for m, _, s in (x.partition("@") for x in a.audits.split(",") if x)]
-    config = f"cpu_epochs{a.epochs}_{weighting}" if a.epochs else f"cpu_{weighting}"
-    config += f"_{a.image_size}px" if a.image_size else ""
-    # the cpu profile's training (with these epochs, exactly: no minimum of steps), this class weighting and size
-    base = ra.profile_config("cpu", epochs=a.epochs) if a.epochs else ra.CONFIGS["cpu"]
-    ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting),
-                                             image_size=a.image_size)  # fmt: skip
-    sizes = {ra.model_size(ra.CONFIGS[config], m) for m, _ in audits}
+
+    def audit_plan(model: str) -> tuple[int | None, int | None]:
+        """(epochs, input size) of `model`'s audit: the flags', else its cpu audit plan (ModelSpec.audit_epochs
+        and audit_image_size, as the pipeline's label audit trains its folds); None: the model's own cpu plan."""
+        spec = get_model_spec(model)
+        return a.epochs or spec.audit_epochs.get("cpu"), a.image_size or spec.audit_image_size.get("cpu")
+
+    def audit_config(model: str) -> str:
+        """The recipe_ablation configuration `model`'s audit trains under, registered on first use: the cpu
+        profile's training (with its audit plan's epochs, exactly: no minimum of steps), this class weighting
+        and input size."""
+        epochs, size = audit_plan(model)
+        config = (f"cpu_epochs{epochs}_{weighting}" if epochs else f"cpu_{weighting}") + (f"_{size}px" if size else "")
+        base = ra.profile_config("cpu", epochs=epochs) if epochs else ra.CONFIGS["cpu"]
+        ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting),
+                                                 image_size=size)  # fmt: skip
+        return config
+
+    sizes = {ra.model_size(ra.CONFIGS[audit_config(m)], m) for m, _ in audits}
     manifest, arrays = ra.load_faces(a.source, a.cache, sizes)
     y_true = encode_labels(manifest["label"])
     flips = flipped_positions(y_true, a.flip, a.flip_seed) if a.flip else np.array([], dtype=np.int64)
@@ -122,16 +136,18 @@ def main(argv=None) -> None:
                   r.get("class_weighting", "none"), r.get("image_size"))] = r  # fmt: skip
 
     def record_key(model: str, seed: int) -> tuple:
-        """An audit's record: its model and seed under this run's flips, folds, epochs, class weighting and
-        input size (None: the profile's)."""
-        return (model, seed, a.flip, a.flip_seed, a.folds, a.epochs, weighting, a.image_size)
+        """An audit's record: its model and seed under this run's flips, folds and class weighting, and its
+        epochs and input size (None: the model's own cpu plan)."""
+        epochs, size = audit_plan(model)
+        return (model, seed, a.flip, a.flip_seed, a.folds, epochs, weighting, size)
 
     for model, seed in audits:
         if record_key(model, seed) in done or a.table_only:
             continue
-        rec = ra.run_audit(config, seed, audited, arrays, y, folds=a.folds, model=model)
-        rec |= {"model": model, "flip": a.flip, "flip_seed": a.flip_seed, "folds": a.folds, "epochs": a.epochs,
-                "class_weighting": weighting, "image_size": a.image_size}  # fmt: skip
+        rec = ra.run_audit(audit_config(model), seed, audited, arrays, y, folds=a.folds, model=model)
+        epochs, size = audit_plan(model)
+        rec |= {"model": model, "flip": a.flip, "flip_seed": a.flip_seed, "folds": a.folds, "epochs": epochs,
+                "class_weighting": weighting, "image_size": size}  # fmt: skip
         done[record_key(model, seed)] = rec
         with a.records.open("a") as f:
             f.write(json.dumps(rec) + "\n")

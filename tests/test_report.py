@@ -143,9 +143,10 @@ def test_the_inputs_are_every_models_outputs_in_every_repeat(run):
     assert len(inputs.audit_table) == 56 and len(inputs.audit_thumbnails) == sections.AUDIT_SHOWN
     assert all(t.startswith("data:image/jpeg;base64,") for t in inputs.audit_thumbnails)
     # at the size the page shows them, not the audit model's input size (32 px in the fixture's tiny profile)
-    assert inputs.settings.label_audit_spec.image_size != report.AUDIT_THUMBNAIL_PX
+    px = sections.AUDIT_THUMBNAIL_PX
+    assert inputs.settings.label_audit_spec.image_size != px
     with Image.open(io.BytesIO(base64.b64decode(inputs.audit_thumbnails[0].partition(",")[2]))) as thumb:
-        assert thumb.size == (report.AUDIT_THUMBNAIL_PX, report.AUDIT_THUMBNAIL_PX)
+        assert thumb.size == (px, px)
     assert [e["name"] for e in inputs.external] == [fx.EXTERNAL_SET]
 
 
@@ -361,6 +362,9 @@ def test_the_label_audit_shows_the_most_suspicious_images_first(run, page):
     assert audit["below_10"] == int((run[2].audit_table["p_given_label"] < 0.1).sum())
     html = sections.render_section("label_audit", page)
     assert html.count('<img src="data:image/jpeg;base64,') == sections.AUDIT_SHOWN
+    # shown at the size they were decoded at (one constant: no scaling in the browser)
+    px = sections.AUDIT_THUMBNAIL_PX
+    assert html.count(f'width="{px}" height="{px}">') == sections.AUDIT_SHOWN
     assert "3-fold cross-fitting over all 56 images" in html
 
 
@@ -388,6 +392,8 @@ def test_an_audit_image_that_does_not_read_gets_a_placeholder_not_a_broken_image
     assert 'src="None"' not in html and '<img src=""' not in html
     assert html.count('<img src="data:image/jpeg;base64,') == sections.AUDIT_SHOWN - 1
     assert html.count("no preview: the stored image does not read") == 1
+    px = sections.AUDIT_THUMBNAIL_PX
+    assert f'<div class="nothumb" style="width: {px}px; height: {px}px">' in html
 
 
 def test_external_sets_show_each_model_and_its_drop_against_the_synthetic_test_split(page):

@@ -68,17 +68,12 @@ def _reported_models(storage: Storage, run_key: str, settings: Settings) -> list
     return [*settings.models, *([ENSEMBLE] if has_ensemble else [])]
 
 
-# The label audit's thumbnails, in px: the size the report shows them at (include/report.html.j2), whatever the
-# audit model's input size (32 px in the cpu profile: too coarse for a reader to judge a face by). JPEG, as the
-# scoring summary's: about 4 KB a face against 19 KB as PNG, on a page that carries 24 of them.
-AUDIT_THUMBNAIL_PX = 96
-
-
 def _audit_thumbnail(storage: Storage, key: str) -> str | None:
     try:
         from PIL import Image
 
-        return jpeg_data_uri(Image.fromarray(decode_resize(read_image(storage, key), AUDIT_THUMBNAIL_PX)), quality=85)
+        pixels = decode_resize(read_image(storage, key), sections.AUDIT_THUMBNAIL_PX)
+        return jpeg_data_uri(Image.fromarray(pixels), quality=85)
     except (FileNotFoundError, OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail
         log.warning("label audit thumbnail of %s: %s", key, exc)
         return None

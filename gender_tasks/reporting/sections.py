@@ -36,6 +36,10 @@ SIGNIFICANCE = 0.05
 GROUPS_SHOWN = 20  # per attribute, the largest
 ROC_POINTS = 400  # vertices of a plotted ROC curve, whatever the test set's size
 AUDIT_SHOWN = 24  # the label audit's most suspicious images, shown as thumbnails
+# Their size in px, decoded at and shown at (include/report.html.j2 takes it as `thumbnail_px`), whatever the audit
+# model's input size (32 px in the cpu profile: too coarse for a reader to judge a face by). JPEG, as the scoring
+# summary's: about 4 KB a face against 19 KB as PNG, on a page that carries 24 of them.
+AUDIT_THUMBNAIL_PX = 96
 
 TABLE_METRICS = ("train_accuracy", "test_accuracy", "precision", "recall", "f1")
 INTERVAL_METHOD = "95% t-interval of the mean on the logit scale, transformed back (inside [0, 1])"
@@ -482,6 +486,7 @@ def page_context(report: Report, inputs: ReportInputs) -> dict:
     """What the page's macros may take, by name."""
     r = report.results
     return {"r": r, "paper": inputs.paper, "per_model": report.cards, "alpha": SIGNIFICANCE, "audit": report.audit,
+            "thumbnail_px": AUDIT_THUMBNAIL_PX,
             "synthetic_accuracy": {row["model"]: row["ours"]["test_accuracy"] for row in r["table"]},
             "labels": {name: label(name) for name in [*model_names(), ENSEMBLE]},
             "settings_json": json.dumps(inputs.settings.to_dict(), indent=1, sort_keys=True),
