@@ -108,18 +108,19 @@ def main(argv=None) -> None:
         spec = get_model_spec(model)
         return a.epochs or spec.audit_epochs.get("cpu"), a.image_size or spec.audit_image_size.get("cpu")
 
-    def audit_config(model: str) -> str:
-        """The recipe_ablation configuration `model`'s audit trains under, registered on first use: the cpu
-        profile's training (with its audit plan's epochs, exactly: no minimum of steps), this class weighting
-        and input size."""
-        epochs, size = audit_plan(model)
+    def audit_config(epochs: int | None, size: int | None) -> str:
+        """The recipe_ablation configuration an audit of these epochs and input size trains under, registered:
+        the cpu profile's training (with these epochs, exactly: no minimum of steps), this class weighting and
+        input size."""
         config = (f"cpu_epochs{epochs}_{weighting}" if epochs else f"cpu_{weighting}") + (f"_{size}px" if size else "")
         base = ra.profile_config("cpu", epochs=epochs) if epochs else ra.CONFIGS["cpu"]
         ra.CONFIGS[config] = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, class_weighting=weighting),
                                                  image_size=size)  # fmt: skip
         return config
 
-    sizes = {ra.model_size(ra.CONFIGS[audit_config(m)], m) for m, _ in audits}
+    plans = {m: audit_plan(m) for m, _ in audits}  # model -> (epochs, input size)
+    configs = {m: audit_config(*plan) for m, plan in plans.items()}
+    sizes = {ra.model_size(ra.CONFIGS[configs[m]], m) for m in plans}
     manifest, arrays = ra.load_faces(a.source, a.cache, sizes)
     y_true = encode_labels(manifest["label"])
     flips = flipped_positions(y_true, a.flip, a.flip_seed) if a.flip else np.array([], dtype=np.int64)
@@ -138,14 +139,14 @@ def main(argv=None) -> None:
     def record_key(model: str, seed: int) -> tuple:
         """An audit's record: its model and seed under this run's flips, folds and class weighting, and its
         epochs and input size (None: the model's own cpu plan)."""
-        epochs, size = audit_plan(model)
+        epochs, size = plans[model]
         return (model, seed, a.flip, a.flip_seed, a.folds, epochs, weighting, size)
 
     for model, seed in audits:
         if record_key(model, seed) in done or a.table_only:
             continue
-        rec = ra.run_audit(audit_config(model), seed, audited, arrays, y, folds=a.folds, model=model)
-        epochs, size = audit_plan(model)
+        rec = ra.run_audit(configs[model], seed, audited, arrays, y, folds=a.folds, model=model)
+        epochs, size = plans[model]
         rec |= {"model": model, "flip": a.flip, "flip_seed": a.flip_seed, "folds": a.folds, "epochs": epochs,
                 "class_weighting": weighting, "image_size": size}  # fmt: skip
         done[record_key(model, seed)] = rec

@@ -106,14 +106,19 @@ def decode_rgb(data: bytes, size: int | None = None):
         return to_rgb8(img)
 
 
-def decode_resize(data: bytes, size: int) -> np.ndarray:
-    """Decode an image to RGB and resize it to size x size (uint8 HWC)."""
+def decode_square(data: bytes, size: int):
+    """Decode an image to RGB and resize it to size x size: a Pillow image (decode_resize's pixels)."""
     from PIL import Image
 
     img = decode_rgb(data, size)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(img, dtype=np.uint8)
+    return img
+
+
+def decode_resize(data: bytes, size: int) -> np.ndarray:
+    """Decode an image to RGB and resize it to size x size (uint8 HWC)."""
+    return np.asarray(decode_square(data, size), dtype=np.uint8)
 
 
 def jpeg_data_uri(img, quality: int) -> str:

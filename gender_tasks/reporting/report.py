@@ -22,7 +22,7 @@ import pandas as pd
 
 from .. import layout, tables
 from ..data.attributes import read_attributes
-from ..data.images import decode_resize, jpeg_data_uri
+from ..data.images import decode_square, jpeg_data_uri
 from ..data.manifest import read_image, read_manifest
 from ..data.split import split_counts as count_splits
 from ..resources import include_path
@@ -70,10 +70,7 @@ def _reported_models(storage: Storage, run_key: str, settings: Settings) -> list
 
 def _audit_thumbnail(storage: Storage, key: str) -> str | None:
     try:
-        from PIL import Image
-
-        pixels = decode_resize(read_image(storage, key), sections.AUDIT_THUMBNAIL_PX)
-        return jpeg_data_uri(Image.fromarray(pixels), quality=85)
+        return jpeg_data_uri(decode_square(read_image(storage, key), sections.AUDIT_THUMBNAIL_PX), quality=85)
     except (FileNotFoundError, OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail
         log.warning("label audit thumbnail of %s: %s", key, exc)
         return None
