@@ -3,6 +3,7 @@ same results whether the splits sit in memory or stream from the shards, ingest 
 
 import io
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -170,11 +171,21 @@ def _spawned_workers() -> list:
     workers = []
     for child in psutil.Process().children():
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+            if _executing(child) and "spawn_main" in " ".join(child.cmdline()):
                 workers.append(child)
         except psutil.NoSuchProcess:
             pass
     return workers
+
+
+def _executing(process) -> bool:
+    """Whether a psutil.Process still runs: not gone, and not a zombie (exited, awaiting its parent's wait)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _audit_in(run, storage, run_key: str) -> pd.DataFrame:
@@ -337,7 +348,11 @@ def test_fold_workers_die_with_a_task_killed_by_sigkill(tmp_path):
         assert all(w.is_running() for w in workers)
         task.kill()
         task.wait(10)
-        gone, alive = psutil.wait_procs(workers, timeout=10)
+        # Exited is what counts: a zombie (exited, not yet reaped by the parent it was handed to) runs nothing and
+        # holds no memory, and psutil counts it as running (as _spawned_workers does not).
+        deadline = time.monotonic() + 10
+        while (alive := [w for w in workers if _executing(w)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not alive, f"fold workers {[p.pid for p in alive]} outlived their task"
     finally:
         task.kill()
