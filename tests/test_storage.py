@@ -202,6 +202,64 @@ def test_local_list_hides_writes_in_flight(local_storage):
     assert local_storage.list("d/") == ["d/k.bin"]
 
 
+def test_local_delete_leaves_no_empty_folders_and_keeps_the_rest(local_storage):
+    """As in S3, a folder is only where objects are: a run's last lease released, its leases/ folder goes
+    too (and every parent it leaves empty), but never a folder that still holds something, nor the root."""
+    s = local_storage
+    s.put_bytes("runs/r1/leases/train-abc", b"lease")
+    s.put_bytes("runs/r1/report.html", b"<html>")
+    s.put_bytes("runs/r2/leases/ingest-def", b"lease")
+    s.delete("runs/r1/leases/train-abc")
+    assert not (s.root / "runs/r1/leases").exists() and (s.root / "runs/r1").is_dir()
+    s.delete("runs/r2/leases/ingest-def")
+    assert not (s.root / "runs/r2").exists() and (s.root / "runs").is_dir()  # r1 still holds its report
+    s.delete("runs/r1/report.html")
+    s.delete("runs/nothing/here")  # deleting what is not there prunes nothing and fails nowhere
+    assert s.root.is_dir() and list(s.root.iterdir()) == []
+    (s.root / "runs/r3").mkdir(parents=True)
+    (s.root / "runs/r3/.k.abc.part").write_bytes(b"half")  # a write in flight keeps its folder
+    s.put_bytes("runs/r3/k", b"x")
+    s.delete("runs/r3/k")
+    assert (s.root / "runs/r3/.k.abc.part").exists()
+
+
+def test_local_writes_beside_deletes_that_prune_their_folder_never_fail(local_storage):
+    """Writers and copies into a folder that deletes beside them keep emptying and removing: a write whose
+    folder went between its mkdir and its file makes the folder again, so none fails and none is lost."""
+    import threading
+    import traceback
+
+    s, errors, stop = local_storage, [], threading.Event()
+    s.put_bytes("src/model.pt2", b"weights")
+
+    def churn() -> None:  # one object in and out: the folder (and its parent) empties and goes, again and again
+        while not stop.is_set():
+            s.put_bytes("run/leases/churn", b"1")
+            s.delete("run/leases/churn")
+
+    def writer(i: int) -> None:
+        try:
+            for j in range(300):
+                key = f"run/leases/w{i}-{j}"
+                s.put_bytes(key, b"2") if j % 2 else s.copy("src/model.pt2", key)
+                assert s.get_bytes(key) in (b"2", b"weights")
+                s.delete(key)
+        except Exception as exc:  # noqa: BLE001 - collected and shown below
+            errors.append("".join(traceback.format_exception(exc)))
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    for t in churners + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in churners:
+        t.join()
+    assert errors == []
+    assert not (s.root / "run").exists() and s.list("") == ["src/model.pt2"]
+
+
 def test_open_storage_selects_backend(tmp_path, s3_env):
     assert isinstance(open_storage(str(tmp_path / "s")), LocalStorage)
     assert isinstance(open_storage((tmp_path / "t").as_uri()), LocalStorage)

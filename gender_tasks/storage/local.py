@@ -1,6 +1,9 @@
 """The local backend: a directory on this machine, the embedded default (a plain path or a file:// URI).
 
-A write goes to a temporary file renamed into place, so no reader ever sees half an object.
+A write goes to a temporary file renamed into place, so no reader ever sees half an object. As in S3,
+folders are only where objects are: deleting a folder's last object removes the folder (and its parents
+up to the storage root, while they are empty), and a write whose new folder was removed in that instant,
+by a delete beside it, makes it again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from .locations import LOCAL_SCHEME, Location, register_scheme
 HOW_TO_FREE_STORAGE = (
     "free space on that disk, or choose other storage (--storage, GENDER_STORAGE or the DAG param storage)"
 )
+# How often a write makes its folder again when a delete beside it removed the folder while it was empty
+# (between the write's mkdir and its file's creation): a delete prunes only empty folders, so one retry
+# loses only to another delete of the same instant.
+FOLDER_RETRIES = 20
 
 
 def _is_temp(key: str) -> bool:
@@ -43,12 +50,12 @@ def _write_atomically(path: Path, data: bytes, *, root: Path | None = None) -> N
     """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Not tempfile.mkstemp: it creates the file 0600 whatever the umask, so other users (a web
         # server, a worker under another uid) could not read what the pipeline wrote. os.open with
         # 0o666 lets the kernel apply the umask (and default ACLs), as for any ordinary file; O_EXCL
         # and a random name keep concurrent writers of one key apart.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        fd = _in_folder(path.parent, lambda: os.open(tmp, flags, 0o666))
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -61,6 +68,48 @@ def _write_atomically(path: Path, data: bytes, *, root: Path | None = None) -> N
             raise
         folder = root or path.parent
         raise disk_full(exc, folder, len(data), what=f"the storage folder {folder}", fix=HOW_TO_FREE_STORAGE) from None
+
+
+def _in_folder(folder: Path, create):
+    """create() (a file in `folder`), the folder made first; made again if a delete beside this write pruned it
+    while it was still empty (LocalStorage.delete), FOLDER_RETRIES times at most."""
+    for attempt in range(FOLDER_RETRIES + 1):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return create()
+        # FileExistsError too: mkdir(exist_ok=True) raises it when the folder it found existing is gone
+        # by the time it checks that it is a folder.
+        # (Whether the folder is there now says nothing: another writer may have made it again already.)
+        except (FileNotFoundError, FileExistsError):
+            if attempt == FOLDER_RETRIES or folder.is_file():
+                raise  # still missing after every retry, or a file is where the folder should be
+
+
+def _files_under(folder: str):
+    """The paths of the files under `folder` (symbolic links to files included, links to folders not walked
+    into), for list(). Not Path.rglob: it fails on a folder that a delete beside it prunes mid-walk; such a
+    folder held nothing, and is skipped."""
+    stack = [folder]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    elif entry.is_file():
+                        yield entry.path
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+
+
+def _prune_empty(folder: Path, root: Path) -> None:
+    """Remove `folder` and then its parents, up to (not including) `root`, while each is empty."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, gone already (its deleter prunes on), or not ours to remove: stop
+            return
+        folder = folder.parent
 
 
 class LocalStorage:
@@ -126,13 +175,14 @@ class LocalStorage:
         """Keys starting with `prefix` (a plain string prefix, as in S3)."""
         check_prefix(prefix)
         base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
-        if not base.is_dir():
-            return []
-        keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        start = len(str(self.root)) + 1
+        keys = (path[start:].replace(os.sep, "/") for path in _files_under(str(base)))
         return sorted(k for k in keys if k.startswith(prefix) and not _is_temp(k))
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        _prune_empty(path.parent, self.root)
 
     def copy(self, src: str, dst: str) -> None:
         """`dst` gets `src`'s bytes: a hard link where the file system allows (no space, no time), else a
@@ -142,14 +192,21 @@ class LocalStorage:
         if not source.is_file():
             raise FileNotFoundError(f"{self.url(src)} does not exist")
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+
+        def link_or_copy() -> None:
             try:
                 os.link(source, tmp)
+            except FileNotFoundError:
+                if not source.is_file():
+                    raise FileNotFoundError(f"{self.url(src)} does not exist") from None
+                raise  # the target's folder went: _in_folder makes it again
             except OSError as exc:  # another device, or a file system without hard links
                 if exc.errno in DISK_FULL_ERRNOS:  # not even a directory entry fits: a copy would not either
                     raise
                 shutil.copyfile(source, tmp)
+
+        try:
+            _in_folder(target.parent, link_or_copy)
             os.replace(tmp, target)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
