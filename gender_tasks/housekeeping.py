@@ -118,7 +118,11 @@ def collect_garbage(storage: Storage, *, keep_days: float, dry_run: bool = False
     removals += _scoring_garbage(storage, scorings, keep_days, now, expiry, unfinished_s)
     if dry_run:
         return removals
-    return _delete(storage, removals, lambda: now + time.time() - started, expiry)
+    removed = _delete(storage, removals, lambda: now + time.time() - started, expiry)
+    sweep = getattr(storage, "remove_empty_folders", None)  # a local folder's; a bucket has no folders
+    if sweep is not None and (folders := sweep()):
+        log.info("removed %d empty folder(s)", folders)
+    return removed
 
 
 def _has_fresh_lease(objs: list[ObjectInfo], now: float, expiry: float) -> bool:

@@ -113,6 +113,21 @@ def test_gc_removes_old_runs_and_unreferenced_objects_and_keeps_what_kept_runs_u
     assert collect_garbage(store, keep_days=30) == []  # nothing left to collect
 
 
+def test_gc_removes_the_empty_folders_older_versions_left_and_no_other(store):
+    """Before deletes pruned their folders, every run left an empty leases/ and every audit an empty fold
+    folder: gc removes those (deepest first), and no folder that holds anything, nor the root."""
+    for folder in ("runs/new/leases", "datasets/B/leases", "datasets/B/label_audit/done/nested", "empty"):
+        (store.root / folder).mkdir(parents=True)
+    collect_garbage(store, keep_days=30, dry_run=True)
+    assert (store.root / "runs/new/leases").is_dir()  # a dry run removes nothing
+    collect_garbage(store, keep_days=30)
+    folders = {p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_dir()}
+    assert not folders & {"runs/new/leases", "datasets/B/leases", "datasets/B/label_audit/done", "empty"}
+    assert not [p for p in store.root.rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert {"runs/new", "datasets/B/label_audit", "datasets/A/images/female"} <= folders  # they hold objects
+    assert set(store.list("datasets/B/")) and store.root.is_dir()
+
+
 def test_gc_never_removes_a_dataset_a_kept_run_uses_even_without_its_manifest(store):
     store.delete(layout.manifest_key("B"))
     removed = {r.key for r in collect_garbage(store, keep_days=30)}

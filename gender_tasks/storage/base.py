@@ -81,7 +81,10 @@ class ObjectInfo:
 
 class Storage(Protocol):
     """What the pipeline needs of a storage; a backend implements it and registers its URI scheme
-    (locations.register_scheme). Keys are checked with check_key, list prefixes with check_prefix."""
+    (locations.register_scheme). Keys are checked with check_key, list prefixes with check_prefix.
+
+    Optional, where a backend has folders of its own (LocalStorage): remove_empty_folders() -> int, which
+    `gc` calls after its removals. A bucket has no folders, so S3 has none."""
 
     uri: str
 

@@ -184,6 +184,20 @@ class LocalStorage:
         path.unlink(missing_ok=True)
         _prune_empty(path.parent, self.root)
 
+    def remove_empty_folders(self) -> int:
+        """Remove every empty folder under the root (never the root): the ones that versions before delete()
+        pruned left behind (a finished run's leases/, an audit's fold folder). A write making one of them in
+        that instant makes it again (_in_folder). Returns how many went."""
+        removed = 0
+        for folder, _, _ in os.walk(self.root, topdown=False):  # deepest first: a parent empties after its children
+            if folder != str(self.root):
+                try:
+                    os.rmdir(folder)
+                    removed += 1
+                except OSError:  # not empty, gone already, or a link to a folder: left alone
+                    pass
+        return removed
+
     def copy(self, src: str, dst: str) -> None:
         """`dst` gets `src`'s bytes: a hard link where the file system allows (no space, no time), else a
         copy; either way through a temporary name, so no reader sees half of it. Objects are never
