@@ -129,6 +129,12 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
              "stays flat whatever the dataset's size. `0` always streams. The same seed trains the same model "
              "either way", minimum=0.0, inclusive=True, says="a number of megabytes >= 0",
              example="2048 (or 0 to always stream from the shards)"),
+    Variable("GENDER_CHECKPOINT_EVERY_S", "number", 60.0, "how often a training writes its checkpoint: after the "
+             "first epoch that ends this many seconds after the last checkpoint (or the start), and after the last "
+             "epoch. A killed training resumes from it, so this bounds the training lost; `0` writes one after "
+             "every epoch. A checkpoint of ResNet50 or InceptionV3 takes about 1.6 s on a laptop CPU: after every "
+             "epoch of a small dataset's many short epochs it slowed their training by 40-50 %", minimum=0.0,
+             inclusive=True, says="a number of seconds >= 0", example="60 (or 0 after every epoch)"),
     Variable("GENDER_CACHE_DIR", "path", None, "where a worker keeps its local copies of the cache's shards "
              "(fetched once per machine, checked against the index's sha256 each time a task opens them, a damaged "
              "copy replaced; the folder must be the user's own and not writable by others, and is made 0700; put "

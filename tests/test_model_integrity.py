@@ -181,6 +181,7 @@ def _killed_after_epoch(run: dict, monkeypatch, last: int = 0) -> None:
             raise _Killed
 
     with monkeypatch.context() as m:
+        m.setenv(trainer.CHECKPOINT_EVERY_VAR, "0")  # a checkpoint after every epoch
         m.setattr(trainer, "save_checkpoint", save_then_die)
         with pytest.raises(_Killed):
             pipeline.train(run, "cnn")

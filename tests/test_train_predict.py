@@ -87,6 +87,7 @@ def test_resume_continues_after_the_last_checkpoint(prepared, caplog, monkeypatc
     settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": ProfilePlan(32, 3, 1)})
     kwargs = dict(model_name="mobilenetv2", manifest=manifest, dataset_id=dataset["dataset_id"],
                   settings=settings)  # fmt: skip
+    monkeypatch.setenv(trainer.CHECKPOINT_EVERY_VAR, "0")  # a checkpoint after every epoch
     save = trainer.save_checkpoint
 
     def save_then_die(*args, epoch, **kw):  # the process is killed right after epoch 1's checkpoint
@@ -157,6 +158,37 @@ def test_predict_classifies_a_folder_with_an_exported_model(prepared, tmp_path):
     assert table["prob_male"].between(0, 1).all()
 
 
+@pytest.mark.parametrize(("every_s", "saved"), [("0", [0, 1, 2]), ("", [2]), ("1e9", [2])])
+def test_checkpoints_are_written_when_due_and_after_the_last_epoch(prepared, monkeypatch, caplog, every_s, saved):
+    """GENDER_CHECKPOINT_EVERY_S: 0 writes one after every epoch; the default (60 s) and longer ones, on epochs
+    of a second, only after the last. Killed while exporting, a run resumes from that one and trains nothing."""
+    storage = open_storage(prepared["storage"])
+    settings = Settings.from_dict(prepared["settings"])
+    settings = settings.replace(per_model={**settings.per_model, "mobilenetv2": ProfilePlan(32, 3, 1)})
+    kwargs = dict(model_name="mobilenetv2", manifest=_manifest(prepared["settings"], prepared["split"]),
+                  dataset_id=prepared["dataset"]["dataset_id"], settings=settings)  # fmt: skip
+    monkeypatch.setenv(trainer.CHECKPOINT_EVERY_VAR, every_s)
+    epochs, save, export = [], trainer.save_checkpoint, trainer.export_model
+
+    def counted(*args, epoch, **kw):
+        epochs.append(epoch)
+        save(*args, epoch=epoch, **kw)
+
+    def killed(*args, **kw):
+        raise _Killed
+
+    monkeypatch.setattr(trainer, "save_checkpoint", counted)
+    monkeypatch.setattr(trainer, "export_model", killed)
+    with pytest.raises(_Killed):
+        train_model(storage, run_key="killed", **kwargs)
+    assert epochs == saved
+    monkeypatch.setattr(trainer, "export_model", export)
+    caplog.set_level("INFO")
+    assert train_model(storage, run_key="again", **kwargs)["reused"] is False
+    assert "mobilenetv2: all 3 epochs were trained before; exporting from the checkpoint" in caplog.text
+    assert "mobilenetv2 epoch" not in caplog.text and epochs == saved  # no epoch trained, no checkpoint written
+
+
 def test_a_resumed_run_takes_the_same_learning_rates_as_an_uninterrupted_one(prepared, monkeypatch):
     """The schedule's state rides in the checkpoint: killed after epoch 1 and resumed, the per-step
     warm-up/cosine rates (and the unfreeze's new optimizer) continue where they were."""
@@ -168,6 +200,7 @@ def test_a_resumed_run_takes_the_same_learning_rates_as_an_uninterrupted_one(pre
                   dataset_id=prepared["dataset"]["dataset_id"])  # fmt: skip
     # Another seed (initialisation and order only: the same steps, so the same rates) keys another model.
     train_model(storage, run_key="whole", settings=settings.replace(seed=settings.seed + 1), **kwargs)
+    monkeypatch.setenv(trainer.CHECKPOINT_EVERY_VAR, "0")  # a checkpoint after every epoch
     save = trainer.save_checkpoint
 
     def save_then_die(*args, epoch, **kw):

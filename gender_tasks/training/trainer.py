@@ -33,6 +33,7 @@ import torch
 
 from .. import layout, tables
 from ..data.shards import ShardReader, memory_budget
+from ..environment import get_number
 from ..errors import PermanentError
 from ..evaluation.health import check_predictions, likely_cause
 from ..evaluation.metrics import classification_metrics
@@ -232,10 +233,15 @@ def _resume(storage: Storage, run: TrainingRun, ckpt_key: str) -> tuple[int, Pha
     return start, phase
 
 
+CHECKPOINT_EVERY_VAR = "GENDER_CHECKPOINT_EVERY_S"
+
+
 def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
-    """The shared epoch loop (loop.train_epochs), with validation, a checkpoint and a log line after every
+    """The shared epoch loop (loop.train_epochs), with validation and a log line after every epoch, a
+    checkpoint after the epochs that end GENDER_CHECKPOINT_EVERY_S after the last one and after the last
     epoch, then the validation numbers of the recalibrated model."""
     plan, s, name = run.plan, run.settings, run.model_name
+    every_s = get_number(CHECKPOINT_EVERY_VAR, error=PermanentError)
     start_epoch, phase = _resume(storage, run, ckpt_key)
     train, val = run.data["train"], run.data["val"]
     log.info(
@@ -244,8 +250,10 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
         s.batch_size, run.device, run.threads,
     )  # fmt: skip
     started = time.monotonic()
+    last_saved = started
 
     def after_epoch(done: EpochDone) -> None:
+        nonlocal last_saved
         val_prob, val_loss = predict_proba(run.model, val, run.inputs, s.batch_size * 2, run.autocast, s.recipe.tta)
         run.final_prob["val"] = val_prob  # the final model's, unless the BatchNorm recalibration changes it
         val_acc = float(((val_prob >= 0.5) == val.labels.numpy().astype(bool)).mean()) if len(val_prob) else 0.0
@@ -256,8 +264,12 @@ def _fit(storage: Storage, run: TrainingRun, ckpt_key: str) -> None:
                   "val_accuracy": val_acc, "images_per_s": len(train) / done.train_seconds,
                   "seconds": time.monotonic() - done.started}  # fmt: skip
         run.history.append(record)
-        save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=done.epoch,
-                        frozen=done.phase.frozen, history=run.history)  # fmt: skip
+        # Not after every epoch: a small dataset's epochs take seconds, and a large model's checkpoint about
+        # as long. After the last one always (a task killed while exporting then trains nothing again).
+        if time.monotonic() - last_saved >= every_s or done.epoch + 1 == plan.epochs:
+            save_checkpoint(storage, ckpt_key, model=run.model, optimizer=optimizer, epoch=done.epoch,
+                            frozen=done.phase.frozen, history=run.history)  # fmt: skip
+            last_saved = time.monotonic()
         _log_epoch(run, record, started, done.epoch - start_epoch + 1)
 
     used = train_epochs(run.model, name, train, run.inputs, run.autocast, plan=plan, settings=s, seed=s.seed,
