@@ -4,7 +4,7 @@ A model is keyed by what determines it (training/keys.py), not by the run: it tr
 datasets/<id>/models/<model>/<train_key>/ (layout.trained_prefix), so any run with the same inputs
 resumes a killed training from its checkpoint, or reuses the finished model without training at all.
 
-<trained>/checkpoint.pt    after every epoch; removed once the model is exported
+<trained>/checkpoint.pt    when due (GENDER_CHECKPOINT_EVERY_S) and after the last epoch; removed once exported
 <trained>/checkpoint.json  its sha256, written after it: a checkpoint that does not match is discarded
 <trained>/predictions.csv  every image's probability of "male", with its split
 <trained>/history.json     per-epoch loss / accuracy, train and validation
