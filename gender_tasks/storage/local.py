@@ -175,7 +175,7 @@ class LocalStorage:
         """Keys starting with `prefix` (a plain string prefix, as in S3)."""
         check_prefix(prefix)
         base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
-        start = len(str(self.root)) + 1
+        start = len(os.path.join(self.root, ""))  # the root and its separator (one, even where the root is "/")
         keys = (path[start:].replace(os.sep, "/") for path in _files_under(str(base)))
         return sorted(k for k in keys if k.startswith(prefix) and not _is_temp(k))
 
