@@ -313,19 +313,29 @@ def test_a_fold_worker_that_dies_fails_the_audit_at_once_naming_it(prepared, mon
 
 _ORPHAN_SCRIPT = """
 import os, sys, time
+from pathlib import Path
 
 from gender_tasks.training import label_audit
+
+
+def hold(folder):
+    # A task runs only after its worker's initializer: this file says that worker's death pact is in place.
+    (Path(folder) / str(os.getpid())).touch()
+    time.sleep(120)
+
 
 if __name__ == "__main__":
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
+    folder = Path(sys.argv[1])
     pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
                                initializer=label_audit._start_worker, initargs=(os.getpid(), 1, "", None))
-    futures = [pool.submit(time.sleep, 120) for _ in range(2)]
-    while len(pool._processes) < 2 or not all(f.running() for f in futures):
+    futures = [pool.submit(hold, str(folder)) for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    print(" ".join(str(pid) for pid in pool._processes), flush=True)
+    print(" ".join(path.name for path in folder.iterdir()), flush=True)
     time.sleep(120)
 """
 
@@ -340,7 +350,11 @@ def test_fold_workers_die_with_a_task_killed_by_sigkill(tmp_path):
 
     script = tmp_path / "orphans.py"
     script.write_text(_ORPHAN_SCRIPT)
-    task = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    started = tmp_path / "started"
+    started.mkdir()
+    # The pids come once both workers have run their initializer (a worker still importing torch under load has
+    # no death pact yet: it finds its parent gone when it gets there, a while later, and exits then).
+    task = subprocess.Popen([sys.executable, str(script), str(started)], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in task.stdout.readline().split()]
         assert len(pids) == 2
