@@ -46,6 +46,23 @@ def test_mcnemar_separates_noise_from_real_differences():
     assert res["p_value"] < 0.001
 
 
+def test_models_right_and_wrong_on_the_same_images_read_as_no_difference_not_as_noise():
+    # An ensemble of one model sits beside that model in the paired comparisons: "could be noise" would misread it.
+    keys, y = [f"k{i}" for i in range(20)], np.array([0, 1] * 10)
+    right, wrong_two, wrong_eight = y.copy(), y.copy(), y.copy()
+    wrong_two[:2] = 1 - y[:2]
+    wrong_eight[:8] = 1 - y[:8]
+    pairs = {(c["a"], c["b"]): c for c in sections.mcnemar_pairs(
+        {"cnn": (keys, y, right), "ensemble": (keys, y, right.copy()), "resnet50": (keys, y, wrong_two),
+         "inceptionv3": (keys, y, wrong_eight)})}  # fmt: skip
+    same = pairs[(sections.label("cnn"), sections.label("ensemble"))]
+    assert (same["only_a_right"], same["only_b_right"], same["significant"]) == (0, 0, False)
+    assert same["verdict"] == "no difference: right and wrong on the same images"
+    assert pairs[(sections.label("cnn"), sections.label("resnet50"))]["verdict"] == "not significant (could be noise)"
+    eight = pairs[(sections.label("cnn"), sections.label("inceptionv3"))]
+    assert eight["p_value"] < 0.05 and eight["verdict"] == "significant"
+
+
 def _with_labels_csv(root, rng_seed=0):
     """Give a generated dataset a labels.csv with an attribute, as ../shared/data's folders have."""
     import pandas as pd

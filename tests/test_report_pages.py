@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from datetime import datetime
 
 import pytest
@@ -207,6 +208,12 @@ def test_two_runs_side_by_side(two_runs):
     assert paired["resnet50"]["p_value"] == 1.0 and not paired["resnet50"]["significant"]
     page = access.render_comparison([a, b], [access.read_results(a), access.read_results(b)], "/gender-reports")
     assert "<meta name='viewport'" in page and "id='compare-paired'" in page and "+0.400" in page
+    rows = {m: re.search(rf"<tr data-paired='{m}'>(.*?)</tr>", page).group(1) for m in ("cnn", "resnet50")}
+    assert "<td>significant</td>" in rows["cnn"]
+    # Both runs' ResNet50 right on the same 12 images: no difference, not "could be noise".
+    assert (paired["resnet50"]["only_a_right"], paired["resnet50"]["only_b_right"]) == (0, 0)
+    assert "no difference: right and wrong on the same images" in rows["resnet50"]
+    assert "could be noise" not in rows["resnet50"]
 
 
 def test_runs_on_different_test_splits_get_no_paired_test(two_runs, tmp_path):

@@ -471,6 +471,14 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
+def mcnemar_verdict(only_a: int, only_b: int, significant: bool) -> str:
+    """A paired comparison's verdict for the reader. Two models right and wrong on the same images (for example
+    an ensemble of one model beside that model) are the same on this test split: no test to call."""
+    if only_a == only_b == 0:
+        return "no difference: right and wrong on the same images"
+    return "significant" if significant else "not significant (could be noise)"
+
+
 def read_test_predictions(run: RunView, model: str) -> dict[str, tuple[str, str]] | None:
     """{image key: (label, predicted)} on the test split of `model` in `run`, or None when not readable."""
     try:
@@ -614,7 +622,7 @@ def render_comparison(runs: list[RunView], results: list[dict | None], url_prefi
             f"<td class='num'>{p['test']['n']}</td><td class='num'>{p['test']['acc_a'] - p['test']['acc_b']:+.3f}</td>"
             f"<td class='num'>{p['test']['only_a_right']}</td><td class='num'>{p['test']['only_b_right']}</td>"
             f"<td class='num'>{p['test']['p_value']:.3g}</td><td>"
-            + ("significant" if p["test"]["significant"] else "not significant (could be noise)")
+            + mcnemar_verdict(p["test"]["only_a_right"], p["test"]["only_b_right"], p["test"]["significant"])
             + "</td>"
             if p["test"]
             else "<td colspan='6' class='muted'>Different test splits (other data, seed or split): no paired test; "

@@ -31,6 +31,7 @@ from ..evaluation.stats import bootstrap_ci, mcnemar
 from ..models.registry import get_model_spec, model_names
 from ..resources import include_path
 from ..settings import CLASSES, ENSEMBLE, PROFILES, Settings, resolve_settings
+from .access import mcnemar_verdict
 
 SIGNIFICANCE = 0.05
 GROUPS_SHOWN = 20  # per attribute, the largest
@@ -159,8 +160,9 @@ def mcnemar_pairs(test_preds: dict) -> list[dict]:
             continue  # different test sets cannot be paired
         res = mcnemar(y, pa, pb)
         acc_a, acc_b = float((pa == y).mean()), float((pb == y).mean())
-        out.append({"a": label(a), "b": label(b), "acc_diff": acc_a - acc_b, **res,
-                    "significant": res["p_value"] < SIGNIFICANCE})  # fmt: skip
+        significant = res["p_value"] < SIGNIFICANCE
+        out.append({"a": label(a), "b": label(b), "acc_diff": acc_a - acc_b, **res, "significant": significant,
+                    "verdict": mcnemar_verdict(res["only_a_right"], res["only_b_right"], significant)})  # fmt: skip
     return out
 
 
