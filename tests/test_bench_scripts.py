@@ -80,6 +80,15 @@ def test_heldout_compares_ensemble_rules_on_validation_alone():
     text = heldout.rules_table([row])
     assert "| best single on validation | 1.000 (cnn) | 1.000 |" in text
     assert "| all, equal weights | 0.000 (cnn, resnet50, inceptionv3) | 0.000 |" in text
+    # The bounds read the held-out faces (and leave the flagged MobileNetV2 out, as the rules do): CNN alone gets
+    # both right; on the second face ResNet50 and InceptionV3 are wrong, the CNN right.
+    assert f"| {heldout.BEST_SUBSET} | 1.000 (cnn) | 1.000 |" in text
+    assert f"| {heldout.ANY_RIGHT} | 1.000 | 1.000 |" in text
+    # A face every candidate gets wrong caps any mix of them; the best subset here is the pair, not either alone.
+    bounds = heldout._bounds([0, 1, 1, 0], {"a": [0.9, 0.8, 0.3, 0.2], "b": [0.6, 0.4, 0.9, 0.45],
+                                            "c": [0.7, 0.3, 0.2, 0.8]})  # fmt: skip
+    assert bounds[heldout.ANY_RIGHT] == (0.75, "")
+    assert bounds[heldout.BEST_SUBSET] == (0.75, "a, b")
 
 
 def test_heldout_table_checks_the_acceptance_targets():
