@@ -164,6 +164,9 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, re
         probabilities = _probabilities(run["run_key"], work / "store", work / HELDOUT_SET)
         ensemble = results.get("ensemble")
         first = ensemble[0] if isinstance(ensemble, list) and ensemble else ensemble or {}
+        metrics = {m: json.loads((work / "store" / layout.model_file_key(run["run_key"], m, "metrics.json")).read_text())
+                   for m in MODELS}  # fmt: skip
+        threads = {m: metrics[m]["torch_threads"] for m in MODELS}
         return {
             "seed": seed, "fraction": fraction, "draw": DRAW, "faces": counts, "heldout_images": scored["images"],
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
@@ -176,8 +179,9 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, re
             "recipe": cpu_recipe(),
             **({"keep": keep} if keep else {}),
             "machine": machine(),
-            "trained_epochs": {m: json.loads((work / "store" / layout.model_file_key(run["run_key"], m, "metrics.json"))
-                                             .read_text())["epochs"] for m in MODELS},
+            "trained_epochs": {m: metrics[m]["epochs"] for m in MODELS},
+            # The thread count changes every model's numbers a little (bench/RESULTS.md): one figure when all agree.
+            "torch_threads": next(iter(set(threads.values()))) if len(set(threads.values())) == 1 else threads,
             "probabilities": probabilities,
         }  # fmt: skip
     finally:
@@ -332,9 +336,12 @@ def paired(base: dict[int, dict], rows: dict[int, dict]) -> str:
         old = [base[s]["heldout_accuracy"][c] for s in seeds]
         diff = [a - b for a, b in zip(new, old, strict=True)]
         spread = statistics.stdev(diff) if len(diff) > 1 else 0.0
-        t = statistics.mean(diff) / (spread / len(diff) ** 0.5) if spread else float("nan")
+        if spread:
+            t = f"{statistics.mean(diff) / (spread / len(diff) ** 0.5):.1f}"
+        else:  # no spread, no t: the same to the face in every seed (a control), or the same shift in all
+            t = "identical in every seed" if not any(diff) else "the same in every seed"
         lines.append(f"| {c} | {statistics.mean(new):.3f} | {statistics.mean(old):.3f} | {statistics.mean(diff):+.3f} "
-                     f"| {t:.1f} | {min(diff):+.3f} to {max(diff):+.3f} |")  # fmt: skip
+                     f"| {t} | {min(diff):+.3f} to {max(diff):+.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
