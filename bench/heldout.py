@@ -167,6 +167,7 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, re
         metrics = {m: json.loads((work / "store" / layout.model_file_key(run["run_key"], m, "metrics.json")).read_text())
                    for m in MODELS}  # fmt: skip
         threads = {m: metrics[m]["torch_threads"] for m in MODELS}
+        distinct = set(threads.values())
         return {
             "seed": seed, "fraction": fraction, "draw": DRAW, "faces": counts, "heldout_images": scored["images"],
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
@@ -181,7 +182,7 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, re
             "machine": machine(),
             "trained_epochs": {m: metrics[m]["epochs"] for m in MODELS},
             # The thread count changes every model's numbers a little (bench/RESULTS.md): one figure when all agree.
-            "torch_threads": next(iter(set(threads.values()))) if len(set(threads.values())) == 1 else threads,
+            "torch_threads": distinct.pop() if len(distinct) == 1 else threads,
             "probabilities": probabilities,
         }  # fmt: skip
     finally:
@@ -459,7 +460,7 @@ def rules_table(rows: list[dict]) -> str:
         candidates = [m for m in MODELS if m not in r["flagged"]] or list(MODELS)
         held_y = np.asarray(probs["heldout"]["label"])
         for rule, weights in _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates}).items():
-            results.setdefault(rule, []).append((_held_accuracy(probs, weights), _shown(weights)))
+            results.setdefault(rule, []).append((_mixed_accuracy(held_y, probs["heldout"], weights), _shown(weights)))
         for bound, got in _bounds(held_y, {m: probs["heldout"][m] for m in candidates}).items():
             results.setdefault(bound, []).append(got)
     seeds = [r["seed"] for r in rows]
@@ -470,12 +471,10 @@ def rules_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _held_accuracy(probs: dict, weights: dict[str, float]) -> float:
-    import numpy as np
-
-    held = probs["heldout"]
-    mean = sum(w * np.asarray(held[m], dtype=float) for m, w in weights.items()) / sum(weights.values())
-    return float(((mean >= 0.5) == np.asarray(held["label"])).mean())
+def _mixed_accuracy(labels, probs: dict[str, list[float]], weights: dict[str, float]) -> float:
+    """Accuracy of the weighted mean of the models' P(male) against `labels` (1 = male)."""
+    mean = sum(w * np.asarray(probs[m], dtype=float) for m, w in weights.items()) / sum(weights.values())
+    return float(((mean >= 0.5) == np.asarray(labels)).mean())
 
 
 BEST_SUBSET = "bound, not a rule: the best equal-weight subset, chosen on the held-out faces themselves"
@@ -488,20 +487,16 @@ def _bounds(labels, held: dict[str, list[float]]) -> dict[str, tuple[float, str]
     is on the wrong side of 0.5 wherever every candidate is)."""
     from itertools import combinations
 
-    import numpy as np
-
     y = np.asarray(labels)
-    probs = {m: np.asarray(p, dtype=float) for m, p in held.items()}
-    names = list(probs)
     best, chosen = -1.0, ""
-    for k in range(1, len(names) + 1):
-        for members in combinations(names, k):
-            accuracy = float(((sum(probs[m] for m in members) / k >= 0.5) == y).mean())
+    for k in range(1, len(held) + 1):
+        for members in combinations(held, k):
+            accuracy = _mixed_accuracy(y, held, dict.fromkeys(members, 1.0))
             if accuracy > best:
                 best, chosen = accuracy, ", ".join(members)
     right = np.zeros(len(y), dtype=bool)
-    for p in probs.values():
-        right |= (p >= 0.5) == y
+    for p in held.values():
+        right |= (np.asarray(p, dtype=float) >= 0.5) == y
     return {BEST_SUBSET: (best, chosen), ANY_RIGHT: (float(right.mean()), "")}
 
 
