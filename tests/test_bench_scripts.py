@@ -322,3 +322,66 @@ def test_input_size_options_are_checked(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         _bench("input_size").main([*argv, "--out", "never-written.jsonl", "--one", "0"])
     assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_member_variants_erases_rectangles_of_the_stated_size_and_leaves_the_rest():
+    import torch
+
+    variants = _bench("member_variants")
+    x = torch.randn(400, 3, 16, 20)
+    erased = variants.erase(x, torch.Generator().manual_seed(0))
+    changed = (erased != x).any(dim=1)  # N x H x W: the erased pixels of each image
+    counts = changed.flatten(1).sum(1)
+    touched = counts > 0
+    assert 0.4 < touched.float().mean() < 0.6  # probability 0.5 an image
+    low, high = variants.ERASE_AREA
+    share = counts[touched].float() / (16 * 20)
+    assert share.min() >= 1 / (16 * 20) and share.max() <= high + 1e-6 and share.mean() > low
+    for i in torch.nonzero(touched).flatten()[:50]:  # one filled rectangle each, set to 0 (the channel mean)
+        rows, cols = torch.nonzero(changed[i], as_tuple=True)
+        box = erased[i][:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert int(counts[i]) == box.shape[1] * box.shape[2] and not box.any()
+    assert torch.equal(erased[~touched], x[~touched])
+
+
+def _member_row(seed, model, variant, held, val):
+    return {"seed": seed, "model": model, "variant": variant, "heldout_accuracy": float(np.mean(
+        [(p >= 0.5) == y for p, y in zip(held, [0, 0, 1, 1], strict=True)])), "probabilities": {
+        "heldout": {"label": [0, 0, 1, 1], model: held}, "val": {"label": [0, 1], model: val},
+        "test": {"label": [1], model: [0.9]}}}  # fmt: skip
+
+
+def test_member_variants_pairs_the_member_and_the_ensemble_with_the_stored_rows():
+    variants = _bench("member_variants")
+    stored = {}
+    for seed in (0, 1):
+        probs = {split: {"label": labels} for split, labels in
+                 (("heldout", [0, 0, 1, 1]), ("val", [0, 1]), ("test", [1]))}  # fmt: skip
+        for m in variants.MODELS:  # the CNN wrong on one held-out face, the others on two
+            probs["heldout"][m] = [0.2, 0.6, 0.8, 0.9] if m == "cnn" else [0.6, 0.7, 0.8, 0.9]
+            probs["val"][m] = [0.2, 0.8] if m == "cnn" else [0.3, 0.6]
+            probs["test"][m] = [0.9]
+        held = {m: 0.75 if m == "cnn" else 0.5 for m in variants.MODELS}
+        stored[seed] = {"seed": seed, "flagged": [], "heldout_accuracy": held, "probabilities": probs}
+    control = [_member_row(s, "cnn", "base", [0.2, 0.6, 0.8, 0.9], [0.2, 0.8]) for s in (0, 1)]
+    better = [_member_row(s, "cnn", "erase", [0.2, 0.4, 0.8, 0.9], [0.1, 0.9]) for s in (0, 1)]
+    lines = variants.table([*control, *better], stored).splitlines()
+    # The control equals the stored rows; the ensemble the shipped rule picks (the CNN alone: perfect on
+    # validation) gains what the CNN gains; all four averaged stay wrong on the first two faces (0.5, 0.625).
+    assert lines[2] == ("| cnn | base | 2 | 0.750 | +0.000 | identical in every seed | 0 / 0 | 2 of 2 | 0.750 "
+                        "| +0.000 (t identical in every seed) | 0.500 | +0.000 (t identical in every seed) |")  # fmt: skip
+    assert lines[3].startswith("| cnn | erase | 2 | 1.000 | +0.250 | the same in every seed | 2 / 0 | 0 of 2 | 1.000 "
+                               "| +0.250 (t the same in every seed) | 0.500 |")  # fmt: skip
+    views = [_member_row(s, "cnn", "views", [0.2, 0.6, 0.8, 0.9], [0.2, 0.8]) for s in (0, 1)]
+    for row in views:  # the shifts put the second face right, the crop and zoom-out leave it wrong
+        row["views"] = {v: [0.2, 0.2 if v in ("up", "down", "left", "right") else 0.6, 0.8, 0.9]
+                        for v in ("id", "up", "down", "left", "right", "crop", "zoomout")}  # fmt: skip
+    text = variants.table(views, stored)
+    assert "| as shipped (image + mirror) | 0.750 | +0.000 | identical in every seed | 0 / 0 | 0.750 |" in text
+    # mean of the five on the second face: (0.6 + 4 * 0.2) / 5 = 0.28, right; with MobileNetV2's 0.7: 0.49, right
+    assert "| + four 2 px shifts | 1.000 | +0.250 | the same in every seed | 2 / 0 | 1.000 |" in text
+    assert "| + centre crop + zoom-out | 0.750 | +0.000 | identical in every seed | 0 / 0 | 0.750 |" in text
+    moved = _member_row(0, "cnn", "erase", [0.2, 0.4, 0.8, 0.9], [0.1, 0.9])
+    moved["probabilities"]["val"]["label"] = [1, 0]  # another draw's images: refused, not paired
+    with pytest.raises(SystemExit, match="seed 0: the val labels differ"):
+        variants.table([moved], stored)

@@ -1,0 +1,325 @@
+"""One ensemble member changed, scored on faces the runs never saw, against bench/heldout.py's stored rows.
+
+    GENDER_TORCH_THREADS=1 .venv/bin/python bench/member_variants.py --model cnn --variant erase \\
+        --seeds 0,1,2,3,4,5,6,7,8,9 --out bench/member-variants.jsonl
+    .venv/bin/python bench/member_variants.py --table bench/member-variants.jsonl    # the tables only
+
+Issue 19's ensemble figure on unseen faces (0.91) is bounded by its members (bench/RESULTS.md, "What the four
+members allow"), so a change to one member is worth measuring where it counts: beside the other three, on the
+held-out faces. A full bench/heldout.py row trains all four models (six to eight minutes a seed); this trains
+only --model, on the same draw (`heldout.set_aside`, the same seed, split and held-out faces), and sets its
+probabilities into the stored heldout row of that seed (--against, the plan in force), so the ensemble is
+chosen again, on validation only, by the shipped rule and the others of `heldout --rules`.
+
+Variants (applied by this script, in the training child only; the product's code is unchanged):
+
+- `base`: the member as registered. The control: on the kind of machine and thread count that wrote the
+  stored rows it must give their figures to the face (the table says in how many seeds it does).
+- `erase`: random erasing after the recipe's flips (per image: probability 0.5, a rectangle of 2-25 % of the
+  image, aspect 0.3-3.3, set to 0 after normalisation, i.e. the channel means), as torchvision's
+  `RandomErasing` does for one image, drawn per image from a generator seeded by the run's seed.
+- `views`: the member as registered, its held-out faces also predicted under extra test-time views (each
+  view through the exported module, so each is also mirrored): shifts of 2 px (reflection padding), a centre
+  crop of the image decoded 8 px larger, a zoom-out of 3 px reflection padding. The table scores view sets.
+
+Rows (one JSON line a run, appended to --out; a rerun skips the (seed, model, variant) runs already there)
+hold the member's validation, test and held-out P(male), seconds, the machine and the thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from heldout import (  # noqa: E402 - the bench folder's own helpers
+    DRAW,
+    HELDOUT_SET,
+    MODELS,
+    _done,
+    _mixed_accuracy,
+    _rules,
+    set_aside,
+)
+from scale_bench import machine  # noqa: E402
+
+FRACTION = 0.2  # heldout.py's default: the same held-out faces per seed
+VARIANTS = ("base", "erase", "views")
+ERASE_P, ERASE_AREA, ERASE_ASPECT = 0.5, (0.02, 0.25), 0.3
+VIEW_SETS = {  # name: the views averaged (each view's P(male) is already the mean with its mirror image)
+    "as shipped (image + mirror)": ("id",),
+    "+ four 2 px shifts": ("id", "up", "down", "left", "right"),
+    "+ centre crop": ("id", "crop"),
+    "+ zoom-out": ("id", "zoomout"),
+    "+ centre crop + zoom-out": ("id", "crop", "zoomout"),
+    "all seven": ("id", "up", "down", "left", "right", "crop", "zoomout"),
+}
+
+
+def erase(x, gen):
+    """Random erasing of a normalised NCHW batch, each image its own draw (see the module docstring)."""
+    import torch
+
+    n, _, h, w = x.shape
+    on = torch.rand(n, generator=gen) < ERASE_P
+    area = (ERASE_AREA[0] + torch.rand(n, generator=gen) * (ERASE_AREA[1] - ERASE_AREA[0])) * h * w
+    log_low = float(np.log(ERASE_ASPECT))
+    aspect = torch.exp(log_low + torch.rand(n, generator=gen) * (-2 * log_low))
+    eh = torch.sqrt(area * aspect).clamp(1, h).floor()
+    ew = torch.sqrt(area / aspect).clamp(1, w).floor()
+    top = (torch.rand(n, generator=gen) * (h - eh + 1)).floor()
+    left = (torch.rand(n, generator=gen) * (w - ew + 1)).floor()
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+              & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)) & on.view(n, 1, 1))  # fmt: skip
+    return torch.where(inside.unsqueeze(1).to(x.device), torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+def _patch_erasing(seed: int) -> None:
+    """Training batches (the only calls of `Inputs` with augmentation parameters) get random erasing."""
+    import torch
+
+    from gender_tasks.training import batches
+
+    shipped = batches.Inputs.__call__
+    gen = torch.Generator().manual_seed(1000 + seed)
+
+    def call(self, xb, aug=None):
+        x = shipped(self, xb, aug)
+        return x if aug is None else erase(x, gen)
+
+    batches.Inputs.__call__ = call
+
+
+def _views(module, paths: list[Path], size: int) -> dict[str, list[float]]:
+    """P(male) of every held-out face under each test-time view (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from gender_tasks.evaluation.external import _load
+
+    decoded = [_load(p, [size, size + 8], 10**9) for p in paths]
+    x, larger = (
+        torch.from_numpy(np.stack([d[i] for d in decoded])).permute(0, 3, 1, 2).float() / 255.0 for i in (0, 1)
+    )
+
+    def shift(dy: int, dx: int, k: int = 2):
+        padded = F.pad(x, (k, k, k, k), mode="reflect")
+        return padded[:, :, k + dy : k + dy + size, k + dx : k + dx + size]
+
+    inputs = {"id": x, "up": shift(-2, 0), "down": shift(2, 0), "left": shift(0, -2), "right": shift(0, 2),
+              "crop": larger[:, :, 4 : 4 + size, 4 : 4 + size],
+              "zoomout": F.interpolate(F.pad(x, (3, 3, 3, 3), mode="reflect"), size=(size, size), mode="bilinear",
+                                       antialias=True, align_corners=False)}  # fmt: skip
+    with torch.inference_mode():
+        return {name: [round(float(p), 4) for p in np.asarray(module(v)).reshape(-1)] for name, v in inputs.items()}
+
+
+def one_run(seed: int, model: str, variant: str) -> dict:
+    """In a child process: set the faces aside, train `model` (with `variant`) on the rest, score them."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    import pandas as pd
+
+    from gender_tasks import layout, pipeline
+    from gender_tasks.data.shards import CACHE_DIR_ENV
+    from gender_tasks.evaluation.external import list_labeled_images, predict_streamed
+    from gender_tasks.evaluation.predict import load_stored_model
+    from gender_tasks.storage import open_storage
+
+    if variant == "erase":
+        _patch_erasing(seed)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="member-variants-"))
+    try:
+        set_aside(seed, FRACTION, work / "faces", work / HELDOUT_SET)
+        os.environ[CACHE_DIR_ENV] = str(work / "local-cache")
+        conf = {"source": str(work / "faces"), "storage": str(work / "store"), "profile": "cpu", "seed": seed,
+                "label_audit": False, "models": [model]}  # fmt: skip
+        run = pipeline.prepare(conf, run_id=f"member-variants-{seed}")
+        for step in (pipeline.ingest, pipeline.split, pipeline.validate, pipeline.preprocess):
+            run = step(run)
+        trained = pipeline.train(run, model)
+        store = work / "store"
+        held = list_labeled_images(work / HELDOUT_SET, None)
+        module, meta = load_stored_model(open_storage(str(store)), layout.model_prefix(run["run_key"], model))
+        prob = predict_streamed(list(held["path"]), {model: (module, meta["input_sizes"])})[model]
+        labels = [int(v == "male") for v in held["label"]]
+        probabilities = {"heldout": {"label": labels, model: [round(float(p), 4) for p in prob]}}
+        preds = pd.read_csv(
+            store / layout.model_file_key(run["run_key"], model, "predictions.csv"), keep_default_na=False
+        )
+        preds = preds.sort_values("key")  # as heldout._probabilities: the stored rows' order
+        for split in ("val", "test"):
+            part = preds[preds["split"] == split]
+            probabilities[split] = {"label": [int(v == "male") for v in part["label"]],
+                                    model: [round(float(v), 4) for v in part["prob_male"]]}  # fmt: skip
+        metrics = json.loads((store / layout.model_file_key(run["run_key"], model, "metrics.json")).read_text())
+        return {
+            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant,
+            "heldout_accuracy": float(np.mean([int(p >= 0.5) == y for p, y in zip(prob, labels, strict=True)])),
+            "test_accuracy": trained["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
+            "machine": machine(), "torch_threads": metrics["torch_threads"], "epochs": metrics["epochs"],
+            "probabilities": probabilities,
+            **({"views": _views(module, list(held["path"]), meta["input_sizes"][0])} if variant == "views" else {}),
+        }  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _rows(out: Path) -> list[dict]:
+    if not out.exists():
+        return []
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "error" not in r]
+
+
+def _swapped(stored: dict, row: dict) -> dict:
+    """The stored heldout row's probabilities with `row`'s member in place of its own."""
+    model = row["model"]
+    probs = json.loads(json.dumps(stored["probabilities"]))
+    for split in ("heldout", "val", "test"):
+        if probs[split]["label"] != row["probabilities"][split]["label"]:
+            raise SystemExit(f"seed {row['seed']}: the {split} labels differ from the stored row's (another draw?)")
+        probs[split][model] = row["probabilities"][split][model]
+    return probs
+
+
+def _t(diff: list[float]) -> str:
+    spread = statistics.stdev(diff) if len(diff) > 1 else 0.0
+    if not spread:
+        return "identical in every seed" if not any(diff) else "the same in every seed"
+    return f"{statistics.mean(diff) / (spread / len(diff) ** 0.5):.1f}"
+
+
+def table(rows: list[dict], stored: dict[int, dict]) -> str:
+    """Markdown: per (model, variant), the member and the ensemble (chosen again on validation by each rule) on
+    the held-out faces, paired seed by seed with the stored rows; then, for `views` rows, the view sets."""
+    lines = ["| model | variant | seeds | member held-out | vs stored, paired | t | better / worse | equal to stored "
+             "| ensemble, shipped rule | vs stored | all four, equal weights | vs stored |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    view_lines: list[str] = []
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["seed"] in stored:
+            by.setdefault((r["model"], r["variant"]), []).append(r)
+    shipped_rule, all_four = "shipped (greedy: accuracy, then log-loss)", "all, equal weights"
+    for (model, variant), runs in sorted(by.items()):
+        runs.sort(key=lambda r: r["seed"])
+        member = [r["heldout_accuracy"] for r in runs]
+        diff = [r["heldout_accuracy"] - stored[r["seed"]]["heldout_accuracy"][model] for r in runs]
+        ens: dict[str, list[float]] = {shipped_rule: [], all_four: []}
+        ens_old: dict[str, list[float]] = {shipped_rule: [], all_four: []}
+        for r in runs:
+            old = stored[r["seed"]]
+            for probs, into in ((_swapped(old, r), ens), (old["probabilities"], ens_old)):
+                candidates = [m for m in MODELS if m not in old["flagged"]] or list(MODELS)
+                weights = _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates})
+                for rule in (shipped_rule, all_four):
+                    into[rule].append(_mixed_accuracy(probs["heldout"]["label"], probs["heldout"], weights[rule]))
+        cells = []
+        for rule in (shipped_rule, all_four):
+            d = [a - b for a, b in zip(ens[rule], ens_old[rule], strict=True)]
+            cells += [f"{statistics.mean(ens[rule]):.3f}", f"{statistics.mean(d):+.3f} (t {_t(d)})"]
+        lines.append(f"| {model} | {variant} | {len(runs)} | {statistics.mean(member):.3f} | {statistics.mean(diff):+.3f} "
+                     f"| {_t(diff)} | {sum(d > 1e-9 for d in diff)} / {sum(d < -1e-9 for d in diff)} "
+                     f"| {sum(abs(d) <= 1e-9 for d in diff)} of {len(runs)} | " + " | ".join(cells) + " |")  # fmt: skip
+        if variant == "views":
+            view_lines += _view_table(model, runs, stored)
+    return "\n".join(lines + ([""] + view_lines if view_lines else []))
+
+
+def _view_table(model: str, runs: list[dict], stored: dict[int, dict]) -> list[str]:
+    out = [f"Test-time views of {model} ({len(runs)} seeds): the member alone, and averaged with MobileNetV2's "
+           "stored P(male) (the CNN + MobileNetV2 pair, the best fixed pair of the stored rows)" if model == "cnn"
+           else f"Test-time views of {model} ({len(runs)} seeds):", "",
+           "| views | member held-out | vs as shipped | t | better / worse | with the stored MobileNetV2 |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    first = None
+    for name, views in VIEW_SETS.items():
+        accs, pair = [], []
+        for r in runs:
+            y = np.asarray(r["probabilities"]["heldout"]["label"])
+            p = np.mean([r["views"][v] for v in views], axis=0)
+            accs.append(float(((p >= 0.5) == y).mean()))
+            other = np.asarray(stored[r["seed"]]["probabilities"]["heldout"]["mobilenetv2"], dtype=float)
+            pair.append(float((((p + other) / 2 >= 0.5) == y).mean()))
+        first = first or accs
+        diff = [a - b for a, b in zip(accs, first, strict=True)]
+        counts = f"{sum(d > 1e-9 for d in diff)} / {sum(d < -1e-9 for d in diff)}"
+        paired = "" if model == "mobilenetv2" else f"{statistics.mean(pair):.3f}"
+        out.append(
+            f"| {name} | {statistics.mean(accs):.3f} | {statistics.mean(diff):+.3f} | {_t(diff)} | {counts} | {paired} |"
+        )
+    return out
+
+
+def _child(seed: int, model: str, variant: str, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(seed), "--model", model, "--variant", variant]
+    env = {**os.environ, "GENDER_TORCH_THREADS": str(threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        tail = (done.stderr or done.stdout)[-2000:]
+        return {"seed": seed, "model": model, "variant": variant, "error": f"exit {done.returncode}: {tail}"}
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="cnn")
+    parser.add_argument("--variant", choices=VARIANTS, default="erase")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one torch thread each (as the stored rows)")
+    parser.add_argument("--out", type=Path, default=Path("member-variants.jsonl"))
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=Path(__file__).resolve().parent / "heldout-one-thread.jsonl",
+        help="bench/heldout.py rows to set the member into (those of the plan in force are read)",
+    )
+    parser.add_argument("--table", type=Path, help="print the tables of this --out file and exit")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        print("RESULT " + json.dumps(one_run(args.one, args.model, args.variant)), flush=True)
+        return
+    stored = _done(args.against, FRACTION)
+    if args.table:
+        print(table(_rows(args.table), stored))
+        return
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
+    except ValueError:
+        parser.error(f"--seeds: expected whole numbers separated by commas, got {args.seeds!r}")
+    missing = [s for s in seeds if s not in stored]
+    if missing:
+        parser.error(f"--seeds {missing}: no row of the plan in force in {args.against} to compare with")
+    done = {(r["seed"], r["model"], r["variant"]) for r in _rows(args.out)}
+    todo = [s for s in seeds if (s, args.model, args.variant) not in done]
+    print(f"{len(todo)} runs to go, {args.jobs} at a time, one torch thread each", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for row in pool.map(lambda s: _child(s, args.model, args.variant, 1), todo):
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(row["seed"], args.model, args.variant, row.get("error") or round(row["heldout_accuracy"], 3),
+                  row.get("seconds"), flush=True)  # fmt: skip
+    print(table(_rows(args.out), stored))
+
+
+if __name__ == "__main__":
+    main()
