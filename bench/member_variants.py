@@ -18,6 +18,8 @@ Variants (applied by this script, in the training child only; the product's code
 - `erase`: random erasing after the recipe's flips (per image: probability 0.5, a rectangle of 2-25 % of the
   image, aspect 0.3-3.3, set to 0 after normalisation, i.e. the channel means), as torchvision's
   `RandomErasing` does for one image, drawn per image from a generator seeded by the run's seed.
+- `recipe`: the member with `--recipe KEY=VALUE,...` (fields of `gender_tasks.settings.Recipe`) over the `cpu`
+  recipe, as `bench/heldout.py --recipe` does; the row's variant names the changes (`recipe label_smoothing=0.2`).
 - `views`: the member as registered, its held-out faces also predicted under extra test-time views (each
   view through the exported module, so each is also mirrored): shifts of 2 px (reflection padding), a centre
   crop of the image decoded 8 px larger, a zoom-out of 3 px reflection padding. The table scores view sets.
@@ -49,12 +51,14 @@ from heldout import (  # noqa: E402 - the bench folder's own helpers
     _done,
     _mixed_accuracy,
     _rules,
+    parse_recipe,
     set_aside,
+    set_cpu_recipe,
 )
 from scale_bench import machine  # noqa: E402
 
 FRACTION = 0.2  # heldout.py's default: the same held-out faces per seed
-VARIANTS = ("base", "erase", "views")
+VARIANTS = ("base", "erase", "recipe", "views")
 ERASE_P, ERASE_AREA, ERASE_ASPECT = 0.5, (0.02, 0.25), 0.3
 VIEW_SETS = {  # name: the views averaged (each view's P(male) is already the mean with its mirror image)
     "as shipped (image + mirror)": ("id",),
@@ -126,7 +130,16 @@ def _views(module, paths: list[Path], size: int) -> dict[str, list[float]]:
         return {name: [round(float(p), 4) for p in np.asarray(module(v)).reshape(-1)] for name, v in inputs.items()}
 
 
-def one_run(seed: int, model: str, variant: str) -> dict:
+def variant_name(variant: str, recipe: dict) -> str:
+    """What a row's `variant` says: the variant, and for `recipe` the changes (sorted, KEY=VALUE)."""
+    if variant != "recipe":
+        return variant
+    return "recipe " + ",".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(recipe.items())
+    )
+
+
+def one_run(seed: int, model: str, variant: str, recipe: dict | None = None) -> dict:
     """In a child process: set the faces aside, train `model` (with `variant`) on the rest, score them."""
     import logging
 
@@ -141,6 +154,8 @@ def one_run(seed: int, model: str, variant: str) -> dict:
 
     if variant == "erase":
         _patch_erasing(seed)
+    if variant == "recipe":
+        set_cpu_recipe(recipe or {})
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="member-variants-"))
     try:
@@ -168,7 +183,7 @@ def one_run(seed: int, model: str, variant: str) -> dict:
                                     model: [round(float(v), 4) for v in part["prob_male"]]}  # fmt: skip
         metrics = json.loads((store / layout.model_file_key(run["run_key"], model, "metrics.json")).read_text())
         return {
-            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant,
+            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant_name(variant, recipe or {}),
             "heldout_accuracy": float(np.mean([int(p >= 0.5) == y for p, y in zip(prob, labels, strict=True)])),
             "test_accuracy": trained["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
             "machine": machine(), "torch_threads": metrics["torch_threads"], "epochs": metrics["epochs"],
@@ -266,8 +281,8 @@ def _view_table(model: str, runs: list[dict], stored: dict[int, dict]) -> list[s
     return out
 
 
-def _child(seed: int, model: str, variant: str, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--one", str(seed), "--model", model, "--variant", variant]
+def _child(seed: int, model: str, variant: str, threads: int, recipe: str = "") -> dict:
+    cmd = [sys.executable, __file__, "--one", str(seed), "--model", model, "--variant", variant, "--recipe", recipe]
     env = {**os.environ, "GENDER_TORCH_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -283,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="cnn")
     parser.add_argument("--variant", choices=VARIANTS, default="erase")
+    parser.add_argument("--recipe", default="", help="KEY=VALUE,...: the recipe's changes, for --variant recipe")
     parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one torch thread each (as the stored rows)")
     parser.add_argument("--out", type=Path, default=Path("member-variants.jsonl"))
@@ -295,8 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", type=Path, help="print the tables of this --out file and exit")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    recipe = parse_recipe(parser, args.recipe)
+    if (args.variant == "recipe") != bool(recipe):
+        parser.error("--recipe KEY=VALUE,... goes with --variant recipe, and only with it")
     if args.one is not None:
-        print("RESULT " + json.dumps(one_run(args.one, args.model, args.variant)), flush=True)
+        print("RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe)), flush=True)
         return
     stored = _done(args.against, FRACTION)
     if args.table:
@@ -309,14 +328,15 @@ def main(argv: list[str] | None = None) -> None:
     missing = [s for s in seeds if s not in stored]
     if missing:
         parser.error(f"--seeds {missing}: no row of the plan in force in {args.against} to compare with")
+    variant = variant_name(args.variant, recipe)
     done = {(r["seed"], r["model"], r["variant"]) for r in _rows(args.out)}
-    todo = [s for s in seeds if (s, args.model, args.variant) not in done]
+    todo = [s for s in seeds if (s, args.model, variant) not in done]
     print(f"{len(todo)} runs to go, {args.jobs} at a time, one torch thread each", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for row in pool.map(lambda s: _child(s, args.model, args.variant, 1), todo):
+        for row in pool.map(lambda s: _child(s, args.model, args.variant, 1, args.recipe), todo):
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(row["seed"], args.model, args.variant, row.get("error") or round(row["heldout_accuracy"], 3),
+            print(row["seed"], args.model, variant, row.get("error") or round(row["heldout_accuracy"], 3),
                   row.get("seconds"), flush=True)  # fmt: skip
     print(table(_rows(args.out), stored))
 

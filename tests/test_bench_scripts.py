@@ -385,3 +385,18 @@ def test_member_variants_pairs_the_member_and_the_ensemble_with_the_stored_rows(
     moved["probabilities"]["val"]["label"] = [1, 0]  # another draw's images: refused, not paired
     with pytest.raises(SystemExit, match="seed 0: the val labels differ"):
         variants.table([moved], stored)
+
+
+@pytest.mark.parametrize("argv", [["--variant", "recipe"], ["--recipe", "label_smoothing=0.2"],
+                                  ["--variant", "recipe", "--recipe", "dropout=0.2"], ["--model", "vgg"]])  # fmt: skip
+def test_member_variants_options_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _bench("member_variants").main([*argv, "--out", "never-written.jsonl", "--one", "0"])
+    assert exc.value.code == 2 and argv[-2].lstrip("-") in capsys.readouterr().err
+
+
+def test_member_variants_names_a_recipe_variant_by_its_changes():
+    variants = _bench("member_variants")
+    assert variants.variant_name("erase", {}) == "erase"
+    changes = {"weight_decay": 0.2, "label_smoothing": 0.2, "tta": False}
+    assert variants.variant_name("recipe", changes) == "recipe label_smoothing=0.2,tta=false,weight_decay=0.2"
