@@ -189,11 +189,40 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, re
         shutil.rmtree(work, ignore_errors=True)
 
 
+FRACTION = 0.2  # of each class's faces held out, by default: the one-model scripts (input_size, member_variants) use it
+
+
+def train_alone(seed: int, model: str, work: Path, run_id: str) -> dict:
+    """For the one-model scripts: this seed's draw of held-out faces set aside in `work` (FRACTION), the
+    pipeline run on the rest as `make run` does but training only `model` (`cpu` profile, the seed, label
+    audit off), and the held-out faces predicted by the stored model, as the external evaluation does (at
+    its own input size). Returns the run, `pipeline.train`'s result, the store's folder, the held-out table,
+    the stored model's metadata and its held-out P(male)."""
+    from gender_tasks import layout, pipeline
+    from gender_tasks.data.shards import CACHE_DIR_ENV
+    from gender_tasks.evaluation.external import list_labeled_images, predict_streamed
+    from gender_tasks.evaluation.predict import load_stored_model
+    from gender_tasks.storage import open_storage
+
+    set_aside(seed, FRACTION, work / "faces", work / HELDOUT_SET)
+    os.environ[CACHE_DIR_ENV] = str(work / "local-cache")
+    store = work / "store"
+    conf = {"source": str(work / "faces"), "storage": str(store), "profile": "cpu", "seed": seed,
+            "label_audit": False, "models": [model]}  # fmt: skip
+    run = pipeline.prepare(conf, run_id=run_id)
+    for step in (pipeline.ingest, pipeline.split, pipeline.validate, pipeline.preprocess):
+        run = step(run)
+    trained = pipeline.train(run, model)
+    held = list_labeled_images(work / HELDOUT_SET, None)
+    module, meta = load_stored_model(open_storage(str(store)), layout.model_prefix(run["run_key"], model))
+    prob = predict_streamed(list(held["path"]), {model: (module, meta["input_sizes"])})[model]
+    return {"run": run, "trained": trained, "store": store, "held": held, "module": module, "meta": meta,
+            "prob": prob}  # fmt: skip
+
+
 def _probabilities(run_key: str, store: Path, heldout: Path) -> dict:
     """Each model's P(male) (4 decimals) on its validation and test images (its predictions.csv) and on the
     held-out faces, with the labels (1 = male): what comparing ways of choosing an ensemble needs."""
-    import pandas as pd
-
     from gender_tasks import layout
     from gender_tasks.evaluation.external import list_labeled_images, predict_streamed
     from gender_tasks.evaluation.predict import load_stored_model
@@ -208,13 +237,26 @@ def _probabilities(run_key: str, store: Path, heldout: Path) -> dict:
     held_probs = predict_streamed(list(held["path"]), loaded)
     out: dict = {"heldout": {"label": [int(v == "male") for v in held["label"]]}}
     for m in MODELS:
-        preds = pd.read_csv(store / layout.model_file_key(run_key, m, "predictions.csv"), keep_default_na=False)
-        preds = preds.sort_values("key")
-        for split in ("val", "test"):
-            part = preds[preds["split"] == split]
-            out.setdefault(split, {"label": [int(v == "male") for v in part["label"]]})
-            out[split][m] = [round(float(v), 4) for v in part["prob_male"]]
+        for split, got in split_probabilities(store, run_key, m).items():
+            out.setdefault(split, {"label": got["label"]})[m] = got[m]
         out["heldout"][m] = [round(float(v), 4) for v in held_probs[m]]
+    return out
+
+
+def split_probabilities(store: Path, run_key: str, model: str) -> dict[str, dict[str, list]]:
+    """`model`'s P(male) (4 decimals) on its validation and test images, from its predictions.csv in key
+    order, with the labels (1 = male): {"val": {"label": [...], model: [...]}, "test": ...}."""
+    import pandas as pd
+
+    from gender_tasks import layout
+
+    preds = pd.read_csv(store / layout.model_file_key(run_key, model, "predictions.csv"), keep_default_na=False)
+    preds = preds.sort_values("key")
+    out = {}
+    for split in ("val", "test"):
+        part = preds[preds["split"] == split]
+        out[split] = {"label": [int(v == "male") for v in part["label"]],
+                      model: [round(float(v), 4) for v in part["prob_male"]]}  # fmt: skip
     return out
 
 
@@ -336,14 +378,18 @@ def paired(base: dict[int, dict], rows: dict[int, dict]) -> str:
         new = [rows[s]["heldout_accuracy"][c] for s in seeds]
         old = [base[s]["heldout_accuracy"][c] for s in seeds]
         diff = [a - b for a, b in zip(new, old, strict=True)]
-        spread = statistics.stdev(diff) if len(diff) > 1 else 0.0
-        if spread:
-            t = f"{statistics.mean(diff) / (spread / len(diff) ** 0.5):.1f}"
-        else:  # no spread, no t: the same to the face in every seed (a control), or the same shift in all
-            t = "identical in every seed" if not any(diff) else "the same in every seed"
         lines.append(f"| {c} | {statistics.mean(new):.3f} | {statistics.mean(old):.3f} | {statistics.mean(diff):+.3f} "
-                     f"| {t} | {min(diff):+.3f} to {max(diff):+.3f} |")  # fmt: skip
+                     f"| {t_text(diff)} | {min(diff):+.3f} to {max(diff):+.3f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def t_text(diff: list[float]) -> str:
+    """The paired t statistic of per-seed differences, to one decimal; without spread there is no t: the same
+    to the face in every seed (a control), or the same shift in all."""
+    spread = statistics.stdev(diff) if len(diff) > 1 else 0.0
+    if not spread:
+        return "identical in every seed" if not any(diff) else "the same in every seed"
+    return f"{statistics.mean(diff) / (spread / len(diff) ** 0.5):.1f}"
 
 
 def per_class_table(rows: list[dict]) -> str:
@@ -523,7 +569,7 @@ def _child(seed: int, fraction: float, epochs: dict[str, int] | None = None, rec
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--fraction", type=float, default=0.2, help="of each class's faces held out")
+    parser.add_argument("--fraction", type=float, default=FRACTION, help="of each class's faces held out")
     parser.add_argument("--out", type=Path, default=Path("heldout.jsonl"))
     parser.add_argument("--table", type=Path, help="print the table of this --out file (at --fraction) and exit")
     parser.add_argument("--rules", action="store_true", help="with --table: compare ways of choosing the ensemble")

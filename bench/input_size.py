@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -32,10 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import DRAW, HELDOUT_SET, MODELS, set_aside  # noqa: E402 - the bench folder's own helpers
+from heldout import DRAW, FRACTION, MODELS, train_alone  # noqa: E402 - the bench folder's own helpers
 from scale_bench import machine, replace_cpu_plan  # noqa: E402
-
-FRACTION = 0.2  # heldout.py's default: the rows of both scripts hold out the same faces per seed
 
 
 def one_run(seed: int, model: str, size: int) -> dict:
@@ -43,30 +40,16 @@ def one_run(seed: int, model: str, size: int) -> dict:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from gender_tasks import layout, pipeline
-    from gender_tasks.data.shards import CACHE_DIR_ENV
-    from gender_tasks.evaluation.external import list_labeled_images, predict_streamed
-    from gender_tasks.evaluation.predict import load_stored_model
     from gender_tasks.models.registry import get_model_spec
-    from gender_tasks.storage import open_storage
 
     replace_cpu_plan(model, image_size=size)
     plan = get_model_spec(model).profiles["cpu"]
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="input-size-"))
     try:
-        set_aside(seed, FRACTION, work / "faces", work / HELDOUT_SET)
-        os.environ[CACHE_DIR_ENV] = str(work / "local-cache")
-        conf = {"source": str(work / "faces"), "storage": str(work / "store"), "profile": "cpu", "seed": seed,
-                "label_audit": False, "models": [model]}  # fmt: skip
-        run = pipeline.prepare(conf, run_id=f"input-size-{seed}")
-        for step in (pipeline.ingest, pipeline.split, pipeline.validate, pipeline.preprocess):
-            run = step(run)
-        trained = pipeline.train(run, model)
-        held = list_labeled_images(work / HELDOUT_SET, None)
-        module, meta = load_stored_model(open_storage(str(work / "store")), layout.model_prefix(run["run_key"], model))
-        prob = predict_streamed(list(held["path"]), {model: (module, meta["input_sizes"])})[model]
-        labels = [int(v == "male") for v in held["label"]]
+        done = train_alone(seed, model, work, f"input-size-{seed}")
+        trained, prob = done["trained"], done["prob"]
+        labels = [int(v == "male") for v in done["held"]["label"]]
         correct = sum(int(p >= 0.5) == y for p, y in zip(prob, labels, strict=True))
         return {
             "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "image_size": size,

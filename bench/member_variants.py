@@ -46,18 +46,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import (  # noqa: E402 - the bench folder's own helpers
     DRAW,
-    HELDOUT_SET,
+    FRACTION,
     MODELS,
     _done,
     _mixed_accuracy,
     _rules,
     parse_recipe,
-    set_aside,
     set_cpu_recipe,
+    split_probabilities,
+    t_text,
+    train_alone,
 )
 from scale_bench import machine  # noqa: E402
 
-FRACTION = 0.2  # heldout.py's default: the same held-out faces per seed
 VARIANTS = ("base", "erase", "recipe", "views")
 ERASE_P, ERASE_AREA, ERASE_ASPECT = 0.5, (0.02, 0.25), 0.3
 VIEW_SETS = {  # name: the views averaged (each view's P(male) is already the mean with its mirror image)
@@ -144,13 +145,7 @@ def one_run(seed: int, model: str, variant: str, recipe: dict | None = None) -> 
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    import pandas as pd
-
-    from gender_tasks import layout, pipeline
-    from gender_tasks.data.shards import CACHE_DIR_ENV
-    from gender_tasks.evaluation.external import list_labeled_images, predict_streamed
-    from gender_tasks.evaluation.predict import load_stored_model
-    from gender_tasks.storage import open_storage
+    from gender_tasks import layout
 
     if variant == "erase":
         _patch_erasing(seed)
@@ -159,36 +154,20 @@ def one_run(seed: int, model: str, variant: str, recipe: dict | None = None) -> 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="member-variants-"))
     try:
-        set_aside(seed, FRACTION, work / "faces", work / HELDOUT_SET)
-        os.environ[CACHE_DIR_ENV] = str(work / "local-cache")
-        conf = {"source": str(work / "faces"), "storage": str(work / "store"), "profile": "cpu", "seed": seed,
-                "label_audit": False, "models": [model]}  # fmt: skip
-        run = pipeline.prepare(conf, run_id=f"member-variants-{seed}")
-        for step in (pipeline.ingest, pipeline.split, pipeline.validate, pipeline.preprocess):
-            run = step(run)
-        trained = pipeline.train(run, model)
-        store = work / "store"
-        held = list_labeled_images(work / HELDOUT_SET, None)
-        module, meta = load_stored_model(open_storage(str(store)), layout.model_prefix(run["run_key"], model))
-        prob = predict_streamed(list(held["path"]), {model: (module, meta["input_sizes"])})[model]
+        done = train_alone(seed, model, work, f"member-variants-{seed}")
+        run, store, held, prob = done["run"], done["store"], done["held"], done["prob"]
         labels = [int(v == "male") for v in held["label"]]
-        probabilities = {"heldout": {"label": labels, model: [round(float(p), 4) for p in prob]}}
-        preds = pd.read_csv(
-            store / layout.model_file_key(run["run_key"], model, "predictions.csv"), keep_default_na=False
-        )
-        preds = preds.sort_values("key")  # as heldout._probabilities: the stored rows' order
-        for split in ("val", "test"):
-            part = preds[preds["split"] == split]
-            probabilities[split] = {"label": [int(v == "male") for v in part["label"]],
-                                    model: [round(float(v), 4) for v in part["prob_male"]]}  # fmt: skip
+        probabilities = {"heldout": {"label": labels, model: [round(float(p), 4) for p in prob]},
+                         **split_probabilities(store, run["run_key"], model)}  # fmt: skip
         metrics = json.loads((store / layout.model_file_key(run["run_key"], model, "metrics.json")).read_text())
         return {
             "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant_name(variant, recipe or {}),
             "heldout_accuracy": float(np.mean([int(p >= 0.5) == y for p, y in zip(prob, labels, strict=True)])),
-            "test_accuracy": trained["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
+            "test_accuracy": done["trained"]["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
             "machine": machine(), "torch_threads": metrics["torch_threads"], "epochs": metrics["epochs"],
             "probabilities": probabilities,
-            **({"views": _views(module, list(held["path"]), meta["input_sizes"][0])} if variant == "views" else {}),
+            **({"views": _views(done["module"], list(held["path"]), done["meta"]["input_sizes"][0])}
+               if variant == "views" else {}),
         }  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -210,13 +189,6 @@ def _swapped(stored: dict, row: dict) -> dict:
             raise SystemExit(f"seed {row['seed']}: the {split} labels differ from the stored row's (another draw?)")
         probs[split][model] = row["probabilities"][split][model]
     return probs
-
-
-def _t(diff: list[float]) -> str:
-    spread = statistics.stdev(diff) if len(diff) > 1 else 0.0
-    if not spread:
-        return "identical in every seed" if not any(diff) else "the same in every seed"
-    return f"{statistics.mean(diff) / (spread / len(diff) ** 0.5):.1f}"
 
 
 def table(rows: list[dict], stored: dict[int, dict]) -> str:
@@ -247,9 +219,9 @@ def table(rows: list[dict], stored: dict[int, dict]) -> str:
         cells = []
         for rule in (shipped_rule, all_four):
             d = [a - b for a, b in zip(ens[rule], ens_old[rule], strict=True)]
-            cells += [f"{statistics.mean(ens[rule]):.3f}", f"{statistics.mean(d):+.3f} (t {_t(d)})"]
+            cells += [f"{statistics.mean(ens[rule]):.3f}", f"{statistics.mean(d):+.3f} (t {t_text(d)})"]
         lines.append(f"| {model} | {variant} | {len(runs)} | {statistics.mean(member):.3f} | {statistics.mean(diff):+.3f} "
-                     f"| {_t(diff)} | {sum(d > 1e-9 for d in diff)} / {sum(d < -1e-9 for d in diff)} "
+                     f"| {t_text(diff)} | {sum(d > 1e-9 for d in diff)} / {sum(d < -1e-9 for d in diff)} "
                      f"| {sum(abs(d) <= 1e-9 for d in diff)} of {len(runs)} | " + " | ".join(cells) + " |")  # fmt: skip
         if variant == "views":
             view_lines += _view_table(model, runs, stored)
@@ -276,7 +248,7 @@ def _view_table(model: str, runs: list[dict], stored: dict[int, dict]) -> list[s
         counts = f"{sum(d > 1e-9 for d in diff)} / {sum(d < -1e-9 for d in diff)}"
         paired = "" if model == "mobilenetv2" else f"{statistics.mean(pair):.3f}"
         out.append(
-            f"| {name} | {statistics.mean(accs):.3f} | {statistics.mean(diff):+.3f} | {_t(diff)} | {counts} | {paired} |"
+            f"| {name} | {statistics.mean(accs):.3f} | {statistics.mean(diff):+.3f} | {t_text(diff)} | {counts} | {paired} |"
         )
     return out
 
