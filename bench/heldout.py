@@ -443,6 +443,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\nHeld-out accuracy (the run's own test split in brackets). " + verdict
 
 
+SHIPPED_RULE = "shipped (0.05-step weights: lowest log-loss, accuracy kept)"
+
+
 def _rules(labels, val: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """The weights each way of choosing an ensemble gives the candidates in `val` (P(male) on the validation
     images, `labels` 1 = male), from validation alone; a candidate left out has none."""
@@ -470,6 +473,17 @@ def _rules(labels, val: dict[str, list[float]]) -> dict[str, dict[str, float]]:
         return {m: 1 / len(members) for m in members}
 
     best = max(names, key=lambda m: (accuracy({m: 1}), -loss({m: 1}), -names.index(m)))
+    # The rule before the shipped one (until 2026-12-07): greedy forward selection of equal-weight members,
+    # from the best model, adding the one that most improves (accuracy, -log-loss) while one does.
+    greedy = [best]
+    while rest := [m for m in names if m not in greedy]:
+        add = max(rest, key=lambda m: (accuracy(equal([*greedy, m])), -loss(equal([*greedy, m])), -names.index(m)))
+        if (accuracy(equal([*greedy, add])), -loss(equal([*greedy, add]))) <= (
+            accuracy(equal(greedy)),
+            -loss(equal(greedy)),
+        ):
+            break
+        greedy.append(add)
     floor = accuracy({best: 1})
     # Every subset, equal weights: the lowest log-loss among those whose accuracy is not below the best model's.
     subsets = [equal(c) for k in range(1, len(names) + 1) for c in combinations(names, k)]
@@ -482,7 +496,9 @@ def _rules(labels, val: dict[str, list[float]]) -> dict[str, dict[str, float]]:
         if accuracy(weights) >= floor:
             shrunk = weights
             break
-    return {"shipped (greedy: accuracy, then log-loss)": equal(select_members(y, probs)["members"]),
+    shipped = select_members(y, probs)
+    return {SHIPPED_RULE: dict(zip(shipped["members"], shipped["weights"], strict=True)),
+            "greedy equal-weight members (the rule before)": equal(greedy),
             "best single on validation": {best: 1.0}, "lowest log-loss subset": lowest,
             "best shrunk toward the mean": shrunk, "all, equal weights": equal(names)}  # fmt: skip
 

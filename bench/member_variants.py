@@ -48,6 +48,7 @@ from heldout import (  # noqa: E402 - the bench folder's own helpers
     DRAW,
     FRACTION,
     MODELS,
+    SHIPPED_RULE,
     _done,
     _mixed_accuracy,
     _rules,
@@ -202,7 +203,7 @@ def table(rows: list[dict], stored: dict[int, dict]) -> str:
     for r in rows:
         if r["seed"] in stored:
             by.setdefault((r["model"], r["variant"]), []).append(r)
-    shipped_rule, all_four = "shipped (greedy: accuracy, then log-loss)", "all, equal weights"
+    shipped_rule, all_four = SHIPPED_RULE, "all, equal weights"
     for (model, variant), runs in sorted(by.items()):
         runs.sort(key=lambda r: r["seed"])
         member = [r["heldout_accuracy"] for r in runs]

@@ -10,7 +10,7 @@ Transfer Learning Models* end to end:
 3. **validate** counts, labels and images with Great Expectations (a failure stops the run and says why);
 4. **preprocess** each image once per input size into a sharded uint8 cache;
 5. **train** the study's four models as mapped tasks (custom CNN, ResNet50, InceptionV3, MobileNetV2), once per
-   repeat (`repeats`: new split and seeds each), then their **ensemble** (mean probability);
+   repeat (`repeats`: new split and seeds each), then their **ensemble** (weighted mean probability);
 6. **report**: one self-contained HTML file, the study's Table 1 beside ours, with uncertainty and audits.
 
 Runs on demand (trigger with the form) or on the cron schedule in `GENDER_SCHEDULE`.

@@ -17,7 +17,7 @@ standard library, so the UI plugin can find a report without loading the trainin
                                                           the whole dataset while one is fresh
     runs/<run_key>/models/<model>/...                     a copy of the keyed outputs: metrics, history,
                                                           predictions, model.pt2, model_card, trained.json
-    runs/<run_key>/models/ensemble/...                    the mean probability of the run's models (no checkpoint)
+    runs/<run_key>/models/ensemble/...                    the weighted mean probability of the run's models (no checkpoint)
     runs/<run_key>/repeats/<r>/models/<model>/...         repeat r >= 1 of a run with repeats (seed + r); repeat 0
                                                           is the run's own folder, as in a run without repeats
     runs/<run_key>/label_audit.csv, label_audit.json      a copy of the keyed audit, and where it came from

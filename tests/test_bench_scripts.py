@@ -65,7 +65,8 @@ def test_heldout_compares_ensemble_rules_on_validation_alone():
     rules = heldout._rules(y, val)
     assert rules["best single on validation"] == {"a": 1.0}
     assert rules["all, equal weights"] == {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
-    assert rules["shipped (greedy: accuracy, then log-loss)"] == {"a": 1.0}  # nothing added improves on a perfect a
+    assert rules[heldout.SHIPPED_RULE] == {"a": 1.0}  # every weighting with b or c has a higher log-loss
+    assert rules["greedy equal-weight members (the rule before)"] == {"a": 1.0}  # nothing added improves on a
     assert rules["lowest log-loss subset"] == {"a": 1.0}
     # As much of the plain mean as keeps validation accuracy at a's: here all of it (the mean is perfect too).
     assert rules["best shrunk toward the mean"] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})

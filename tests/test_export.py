@@ -137,6 +137,15 @@ def test_the_exported_ensemble_agrees_with_the_reports_ensemble_to_1e5(trained_r
     assert meta["input_sizes"] == [32, 40] and meta["member_sizes"] == [32, 40]
     report_mean = pd.concat([preds[m] for m in members], axis=1).mean(axis=1).loc[keys].to_numpy()
     np.testing.assert_allclose(_exported_probs(module, meta, storage, keys), report_mean, atol=1e-5, rtol=0)
+    # Unequal weights, as the selection gives them: the weighted mean, the weights in the module's metadata.
+    data = export_ensemble(storage, "r", members, {}, [0.7, 0.3])
+    module, meta = load_exported(_stored(Path(storage.local_path("weighted")), data))
+    assert meta["weights"] == [0.7, 0.3] and meta["members"] == list(members)
+    report_mix = (0.7 * preds["cnn"] + 0.3 * preds["mobilenetv2"]).loc[keys].to_numpy()
+    assert np.abs(report_mix - report_mean).max() > 1e-3  # the weights matter on these images
+    np.testing.assert_allclose(_exported_probs(module, meta, storage, keys), report_mix, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="summing to 1"):
+        export_ensemble(storage, "r", members, {}, [0.7, 0.7])
 
     # The ensemble the run builds: its export agrees with its own predictions.csv, which the report reads.
     build_ensemble(storage, run_key="r", settings=Settings.from_dict(run["settings"]))

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from report_fixtures import classes_of, good_probs, one_class_probs
+from sklearn.metrics import log_loss
 
 from gender_tasks import layout
 from gender_tasks.data.manifest import write_manifest
@@ -26,7 +27,7 @@ from gender_tasks.evaluation.predict import load_stored_model
 from gender_tasks.evaluation.repeats import logit_t_interval, rank_first_counts, summarise_repeats
 from gender_tasks.integrity import sha256_hex
 from gender_tasks.settings import as_settings, resolve_settings
-from gender_tasks.training.ensemble import build_ensemble, choose_members, select_members
+from gender_tasks.training.ensemble import GRID, build_ensemble, choose_members, select_members, weightings
 from gender_tasks.training.export import export_model
 
 SIZES = {"train": 60, "val": 40, "test": 40}  # images per split, half of each class
@@ -180,31 +181,55 @@ def test_no_validation_images_and_missing_columns():
 # --- the ensemble: members chosen on validation only -----------------------------------------------------
 
 
-def test_greedy_selection_is_never_worse_than_the_best_member_on_validation():
+def test_selection_is_never_worse_than_the_best_member_on_validation():
     rng = np.random.default_rng(7)
     for trial in range(20):
         y = rng.integers(0, 2, 50)
         probs = {f"m{i}": np.clip(np.where(y == 1, 0.5 + rng.normal(0.1, 0.3, 50), 0.5 - rng.normal(0.1, 0.3, 50)),
                                   0.01, 0.99) for i in range(4)}  # fmt: skip
         best = max(float(((p >= 0.5) == y).mean()) for p in probs.values())
+        best_loss = min(log_loss(y, p) for p in probs.values() if float(((p >= 0.5) == y).mean()) == best)
         chosen = select_members(y, probs)
-        mean = np.mean([probs[m] for m in chosen["members"]], axis=0)
-        assert chosen["val_accuracy"] == pytest.approx(float(((mean >= 0.5) == y).mean()))
+        mix = sum(w * probs[m] for m, w in zip(chosen["members"], chosen["weights"], strict=True))
+        assert chosen["val_accuracy"] == pytest.approx(float(((mix >= 0.5) == y).mean()))
+        assert chosen["val_log_loss"] == pytest.approx(log_loss(y, mix))  # sklearn's, computed for every weighting
         assert chosen["val_accuracy"] >= best, trial
-        assert chosen["weights"] == [pytest.approx(1 / len(chosen["members"]))] * len(chosen["members"])
+        assert chosen["val_log_loss"] <= best_loss + 1e-12, trial
+        assert sum(chosen["weights"]) == pytest.approx(1.0) and min(chosen["weights"]) > 0
+        assert all(round(w * GRID) == pytest.approx(w * GRID) for w in chosen["weights"])
+        assert chosen["weights"] == sorted(chosen["weights"], reverse=True)
+        assert chosen["weightings"] == 1771 and 1 <= chosen["as_accurate"] <= 1771  # C(23, 3): 4 models, 0.05 steps
 
 
-def test_selection_adds_a_member_only_when_it_helps():
+def test_selection_weighs_a_member_in_only_when_it_helps():
     y = np.array([1, 1, 1, 0, 0, 0])
     a = np.array([0.9, 0.9, 0.4, 0.1, 0.1, 0.1])  # 5 of 6
     b = np.array([0.9, 0.4, 0.9, 0.1, 0.1, 0.1])  # 5 of 6, different mistake
-    c = np.array([0.4, 0.9, 0.9, 0.1, 0.1, 0.1])  # 5 of 6, another mistake: any two + c fixes all
+    c = np.array([0.4, 0.9, 0.9, 0.1, 0.1, 0.1])  # 5 of 6, another mistake: the three together fix all
     chosen = select_members(y, {"a": a, "b": b, "c": c})
     assert chosen["val_accuracy"] == 1.0 and sorted(chosen["members"]) == ["a", "b", "c"]
-    useless = np.full(6, 0.5 - 1e-3)  # every image female: adds nothing
-    assert select_members(y, {"a": a, "u": useless})["members"] == ["a"]
+    assert chosen["weights"] == pytest.approx([0.35, 0.35, 0.3])  # symmetric: any of the three may take 0.35
+    useless = np.full(6, 0.5 - 1e-3)  # every image female, barely: any weight on it only adds log-loss
+    alone = select_members(y, {"a": a, "u": useless})
+    assert alone["members"] == ["a"] and alone["weights"] == [1.0] and alone["best_single"]["model"] == "a"
+    # Weights, not only members: an overconfident model gains from a little of a calibrated one even where the
+    # plain mean of the two would lose accuracy.
+    sharp = np.array([0.999, 0.999, 0.001, 0.001, 0.001, 0.001])  # 5 of 6, very sure of its mistake
+    soft = np.array([0.6, 0.3, 0.6, 0.4, 0.6, 0.4])  # 4 of 6
+    mixed = select_members(y, {"sharp": sharp, "soft": soft})
+    assert mixed["members"][0] == "sharp" and mixed["val_accuracy"] == 5 / 6
+    assert mixed["val_log_loss"] < log_loss(y, sharp) and 0.5 <= mixed["weights"][0] < 1
     with pytest.raises(ValueError, match="validation"):
         select_members(np.array([], dtype=int), {"a": np.array([])})
+    with pytest.raises(ValueError, match="candidate"):
+        select_members(y, {})
+
+
+def test_weightings_cover_the_grid_once():
+    for k, n in ((1, 1), (2, 21), (3, 231), (4, 1771)):
+        w = weightings(k)
+        assert w.shape == (n, k) and np.allclose(w.sum(axis=1), 1) and (w >= 0).all()
+        assert len({tuple(np.round(row * GRID).astype(int)) for row in w}) == n
 
 
 # --- stored fixtures: a run's models without training ----------------------------------------------------
@@ -289,11 +314,12 @@ def test_a_model_forced_to_one_class_is_left_out_of_the_ensemble(local_storage, 
     assert set(metrics["excluded"]["mobilenetv2"]) == {"one_class", "not_above_majority", "train_val_gap"}
     assert metrics["flagged"] == metrics["excluded"]
     assert metrics["all_flagged"] is False and metrics["members"] == out["members"]
-    # The stored ensemble is the plain mean of exactly the chosen members.
+    # The stored ensemble is the weighted mean of exactly the chosen members, with the weights it records.
     ens = pd.read_csv(local_storage.local_path(layout.model_file_key("r1", "ensemble", "predictions.csv")))
     members = [pd.read_csv(local_storage.local_path(layout.model_file_key("r1", m, "predictions.csv")))
                .set_index("key")["prob_male"] for m in metrics["members"]]  # fmt: skip
-    expected = pd.concat(members, axis=1).mean(axis=1).loc[ens["key"]].to_numpy()
+    assert len(metrics["weights"]) == len(members) and sum(metrics["weights"]) == pytest.approx(1.0)
+    expected = sum(w * p for w, p in zip(metrics["weights"], members, strict=True)).loc[ens["key"]].to_numpy()
     assert ens["prob_male"].to_numpy() == pytest.approx(expected)
     assert metrics["val_accuracy"] >= max(
         json.loads(local_storage.get_bytes(layout.model_file_key("r1", m, "metrics.json")))["val_accuracy"]
@@ -365,8 +391,8 @@ def _wrong_on(rows: pd.DataFrame, female_wrong: int, male_wrong: int, offset: in
 def test_when_every_model_is_flagged_a_collapsed_one_is_still_left_out(local_storage):
     """An imbalanced split (as on 560 female / 147 male real photos, where every model was flagged): the CNN and
     MobileNetV2 flagged for accuracy not above the 0.8 majority rate with predictions barely tied to the labels,
-    ResNet50 for calling every image female. The greedy choice on that imbalanced split took the constant (it
-    pulls the CNN's false males back to female); it is left out."""
+    ResNet50 for calling every image female. The choice on validation alone takes the constant on that imbalanced
+    split (it pulls the CNN's false males back to female); it is left out."""
     rows = _imbalanced_rows()
     write_model(local_storage, "r5", "cnn", _predictions(rows, _wrong_on(rows, 4, 6, 0)), 0.9)
     write_model(local_storage, "r5", "mobilenetv2", _predictions(rows, _wrong_on(rows, 5, 6, 2)), 0.88)
@@ -379,7 +405,7 @@ def test_when_every_model_is_flagged_a_collapsed_one_is_still_left_out(local_sto
         and "one_class" in choice["excluded"]["resnet50"]
     )
     assert "resnet50" not in choice["members"] and choice["members"][0] == "cnn"
-    # Without the rule the greedy choice takes the constant: CNN + ResNet50 is right on 34 of 40 (the CNN on 30,
+    # Without the rule select_members takes the constant: CNN + ResNet50 is right on 34 of 40 (the CNN on 30,
     # the constant on 32).
     val = rows["split"] == "val"
     y = encode_labels(rows.loc[val, "label"])

@@ -266,11 +266,16 @@ def test_a_one_member_ensemble_is_named_as_that_model_alone(page):
     html = sections.render_section("ensemble", {**page, "r": {**page["r"], "ensemble": [one], "repeats": None}})
     assert "The ensemble is MobileNet V2 alone\n(its row repeats that model's" in html
     assert "mean probability of" not in html and "chosen on the validation split only" in html
+    assert "no weighting with the other models lowered the validation log-loss" in html
 
 
 def test_the_ensemble_section_names_its_members_weights_and_what_it_left_out(page):
     html = sections.render_section("ensemble", page)
-    assert "mean probability of\nCNN (weight 0.50), ResNet50 (weight 0.50)\nin repeat 0" in html
+    assert "weighted mean probability of\nCNN (weight 0.50), ResNet50 (weight 0.50)\nin repeat 0" in html
+    assert "lowest validation log-loss among those at least as accurate" in html
+    weighted = [{**page["r"]["ensemble"][0], "weights": [0.65, 0.35]}, *page["r"]["ensemble"][1:]]
+    html_weighted = sections.render_section("ensemble", {**page, "r": {**page["r"], "ensemble": weighted}})
+    assert "CNN (weight 0.65), ResNet50 (weight 0.35)" in html_weighted
     assert "validation split only" in html
     assert "Left out in repeat 0, as flagged: MobileNet V2\n(one class, not above majority)." in html
     assert "Repeat 1: CNN, ResNet50." in html
@@ -416,7 +421,7 @@ def test_an_audit_image_that_does_not_read_gets_a_placeholder_not_a_broken_image
 def test_external_sets_show_each_model_and_its_drop_against_the_synthetic_test_split(page):
     (ext,) = page["r"]["external"]
     html = sections.render_section("external", page)
-    assert html.count('<tr><td class="l">') == 4 and "Ensemble (mean probability)" in html
+    assert html.count('<tr><td class="l">') == 4 and "Ensemble (weighted mean probability)" in html
     drop = ext["models"]["cnn"]["accuracy"] - page["synthetic_accuracy"]["cnn"]
     assert f'<tr><td class="l">CNN</td><td>{ext["models"]["cnn"]["accuracy"]:.3f}</td>' in html
     assert f"<td>{drop:+.3f}</td>" in html

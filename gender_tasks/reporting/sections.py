@@ -92,7 +92,7 @@ class ReportInputs:
 
 
 def label(model_name: str) -> str:
-    return "Ensemble (mean probability)" if model_name == ENSEMBLE else get_model_spec(model_name).display_name
+    return "Ensemble (weighted mean probability)" if model_name == ENSEMBLE else get_model_spec(model_name).display_name
 
 
 # --- health and the ensemble -----------------------------------------------------------------------------
