@@ -111,16 +111,18 @@ def weightings(candidates: int) -> np.ndarray:
 def _scores(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validation accuracy and log-loss of the weighted mean P(male) under each row of `weights`; the
     log-loss is sklearn.metrics.log_loss's (probabilities clipped to [eps, 1 - eps], float64 eps), computed
-    for all rows at once, a block of rows at a time so memory stays bounded on a large validation split."""
+    for all rows at once (one logarithm an image and weighting: of P(male) for the male images, of
+    P(female) for the others), a block of rows at a time so memory stays bounded on a large validation split."""
     eps = np.finfo(float).eps
+    male = y == 1
     accuracy, loss = np.empty(len(weights)), np.empty(len(weights))
     block = max(1, 4_000_000 // max(1, len(y)))
-    yy = y[:, None]
     for start in range(0, len(weights), block):
-        mix = probs @ weights[start : start + block].T
-        accuracy[start : start + block] = ((mix >= 0.5) == yy).mean(axis=0)
-        p = np.clip(mix, eps, 1 - eps)
-        loss[start : start + block] = -(yy * np.log(p) + (1 - yy) * np.log1p(-p)).mean(axis=0)
+        w = weights[start : start + block].T
+        on_male, on_female = probs[male] @ w, probs[~male] @ w  # P(male) of each image under each weighting
+        accuracy[start : start + block] = ((on_male >= 0.5).sum(axis=0) + (on_female < 0.5).sum(axis=0)) / len(y)
+        loss[start : start + block] = -(np.log(np.clip(on_male, eps, 1 - eps)).sum(axis=0)
+                                        + np.log1p(-np.clip(on_female, eps, 1 - eps)).sum(axis=0)) / len(y)  # fmt: skip
     return accuracy, loss
 
 
