@@ -38,7 +38,11 @@ not draw, less every near-duplicate group (heldout.py's grouping: phash within 4
 classes) with a member in the run's sample: several hundred faces the run never saw, against the test
 split's 30 at 100 a class, to tell a model's accuracy from the luck of its test draw. Scoring comes after
 training, so the run's figures are those of the same run without it; rows record `rest_images` and
-`rest_accuracy`, and the table of such rows adds one of test against rest accuracy per run.
+`rest_accuracy`, and the table of such rows adds one of test against rest accuracy per run. With all four models
+they also record every model's P(male) on its validation and test images and on the rest (`probabilities`, as
+bench/heldout.py's rows: "heldout" is the rest), and the tables add, per cell, ways of choosing the ensemble
+replayed on them and scored on the rest (`heldout.rules_table`); every row records the ensemble's weights
+(`ensemble_weights`).
 
 Each run appends one JSON line to --out (test accuracy per model and the ensemble, the models the
 report flagged, seconds); a rerun with the same --out skips the runs already there. The table gives,
@@ -180,6 +184,10 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
                 raise RuntimeError(f"scored {scored['images']} of the {rest_images} faces set aside")
             rest = {"rest_images": rest_images,
                     "rest_accuracy": {m: r["accuracy"] for m, r in scored["models"].items()}}  # fmt: skip
+            if set(models) == set(MODELS):  # every model's P(male): ways of choosing the ensemble can be replayed
+                from heldout import _probabilities  # the bench folder's reading, as heldout.py's rows record it
+
+                rest["probabilities"] = _probabilities(run["run_key"], work / "store", work / REST_SET)
         results = json.loads(Path(out["results_uri"].removeprefix("file://")).read_text())
         trained_as = {m: json.loads((work / "store" / model_file_key(run["run_key"], m, "metrics.json")).read_text())
                       for m in models}  # fmt: skip
@@ -193,7 +201,8 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
             "distinct_faces": distinct,
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "flagged": sorted(results.get("flagged") or {}),
-            "ensemble_members": _members(results.get("ensemble")), **rest,
+            "ensemble_members": _members(results.get("ensemble")),
+            "ensemble_weights": _members(results.get("ensemble"), "weights"), **rest,
             "machine": machine(),
             "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
@@ -201,10 +210,11 @@ def one_run(size: int, kind: str, seed: int, jobs: int, scale: float = 1.0, mode
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _members(ensemble) -> list | None:
-    """The ensemble's members (results.json "ensemble": one entry per repeat; repeat 0's), None without one."""
+def _members(ensemble, field: str = "members") -> list | None:
+    """The ensemble's members, or with `field` their weights (results.json "ensemble": one entry per repeat;
+    repeat 0's), None without one."""
     first = ensemble[0] if isinstance(ensemble, list) and ensemble else ensemble
-    return first.get("members") if isinstance(first, dict) else None
+    return first.get(field) if isinstance(first, dict) else None
 
 
 OPTION_KEYS = ("models", "min_steps", "image_size")
@@ -374,11 +384,18 @@ def rest_table(rows: list[dict]) -> str:
 
 
 def _print_tables(rows: list[dict]) -> None:
-    """The table, and the test-against-rest table where the rows scored the rest."""
+    """The table, the test-against-rest table where the rows scored the rest, and where they recorded
+    probabilities, the ways of choosing the ensemble replayed on the rest (heldout.rules_table), per cell."""
     print(table(rows))
     shown = rest_table(rows)
     if shown:
         print("\nTest split against the rest of the shared faces (--score-rest):\n\n" + shown)
+    from heldout import rules_table  # the bench folder's replay of the rules, as for heldout.py's rows
+
+    for size, kind in sorted({(r["size"], r["kind"]) for r in rows if "probabilities" in r}):
+        cell = [r for r in rows if (r["size"], r["kind"]) == (size, kind) and "probabilities" in r]
+        print(f"\nWays of choosing the ensemble, scored on the rest: {size:,} {kind}, {len(cell)} runs\n\n"
+              + rules_table(cell))  # fmt: skip
 
 
 def main() -> None:

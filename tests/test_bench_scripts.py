@@ -175,6 +175,24 @@ def test_robustness_scores_the_faces_a_sample_left_out_less_its_near_duplicates(
     assert set(robustness._done(out, 1.0, ("cnn", "inceptionv3"))) == set()  # other models: not these rows
 
 
+def test_robustness_replays_ensemble_rules_on_rows_with_probabilities(capsys):
+    robustness = _bench("robustness")
+    y = [0, 0, 0, 1, 1, 1]
+    val = {"cnn": [0.1, 0.2, 0.3, 0.7, 0.8, 0.9], "resnet50": [0.6, 0.2, 0.3, 0.7, 0.8, 0.4],
+           "inceptionv3": [0.4, 0.4, 0.6, 0.6, 0.4, 0.6], "mobilenetv2": [0.9, 0.9, 0.9, 0.1, 0.1, 0.1]}  # fmt: skip
+    rest = {"label": [0, 1], "cnn": [0.2, 0.9], "resnet50": [0.9, 0.1], "inceptionv3": [0.6, 0.4],
+            "mobilenetv2": [0.9, 0.1]}  # fmt: skip
+    with_probs = _row(0, {"cnn": 1.0, "resnet50": 0.5}, probabilities={"val": {"label": y, **val}, "heldout": rest})
+    robustness._print_tables([with_probs, _row(1, {"cnn": 0.9, "resnet50": 0.5})])
+    shown = capsys.readouterr().out
+    assert "Ways of choosing the ensemble, scored on the rest: 100 sample, 1 runs" in shown
+    # Only the CNN is right on every validation image, and no weighting with the others lowers its log-loss:
+    # the shipped rule takes it alone, right on both faces of the rest; the plain mean of all four is wrong on both.
+    heldout = _bench("heldout")
+    assert f"| {heldout.SHIPPED_RULE} | 1.000 (cnn) | 1.000 |" in shown
+    assert "| all, equal weights | 0.000 (cnn, resnet50, inceptionv3, mobilenetv2) | 0.000 |" in shown
+
+
 def test_heldout_keeps_other_plans_apart_and_pairs_them_with_the_plans_in_force(tmp_path):
     heldout = _bench("heldout")
 
