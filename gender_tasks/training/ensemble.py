@@ -251,7 +251,7 @@ def build_ensemble(storage: Storage, *, run_key: str, settings: Settings) -> dic
                "selection": {"best_single": choice["best_single"], "val_log_loss": choice["val_log_loss"],
                              "weightings": choice["weightings"], "as_accurate": choice["as_accurate"]},
                "test": test_metrics,
-               # Unlike the members' (running accuracy on augmented batches): the mean prediction on the
+               # Unlike the members' (running accuracy on augmented batches): the weighted mean prediction on the
                # un-augmented training images.
                "train_accuracy": _accuracy(preds, "train"), "val_accuracy": _accuracy(preds, "val"),
                "seed": settings.seed}  # fmt: skip
