@@ -473,15 +473,16 @@ def _rules(labels, val: dict[str, list[float]]) -> dict[str, dict[str, float]]:
         return {m: 1 / len(members) for m in members}
 
     best = max(names, key=lambda m: (accuracy({m: 1}), -loss({m: 1}), -names.index(m)))
+
     # The rule before the shipped one (until 2026-12-07): greedy forward selection of equal-weight members,
     # from the best model, adding the one that most improves (accuracy, -log-loss) while one does.
+    def score(members: list[str]) -> tuple[float, float]:
+        return accuracy(equal(members)), -loss(equal(members))
+
     greedy = [best]
     while rest := [m for m in names if m not in greedy]:
-        add = max(rest, key=lambda m: (accuracy(equal([*greedy, m])), -loss(equal([*greedy, m])), -names.index(m)))
-        if (accuracy(equal([*greedy, add])), -loss(equal([*greedy, add]))) <= (
-            accuracy(equal(greedy)),
-            -loss(equal(greedy)),
-        ):
+        add = max(rest, key=lambda m: (*score([*greedy, m]), -names.index(m)))
+        if score([*greedy, add]) <= score(greedy):
             break
         greedy.append(add)
     floor = accuracy({best: 1})

@@ -6,8 +6,9 @@ weighting of the rest in steps of 0.05, the one with the lowest validation log-l
 accurate on validation as the best single model (select_members), so the ensemble is never worse there than
 its best member. The test split plays no part in the choice.
 
-    runs/<run_key>/models/ensemble/predictions.csv   every image's mean P(male), with its split
-    runs/<run_key>/models/ensemble/metrics.json      test metrics, train / validation accuracy, members
+    runs/<run_key>/models/ensemble/predictions.csv   every image's weighted mean P(male), with its split
+    runs/<run_key>/models/ensemble/metrics.json      test metrics, train / validation accuracy, members and
+                                                     weights, how they were chosen (selection)
     runs/<run_key>/models/ensemble/model.pt2         torch.export: the members' exported programs in one, each
                                                      fed the images decoded at its own size
     runs/<run_key>/models/ensemble/model_card.json   written last: the card, with the sha256 of each file above
