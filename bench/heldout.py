@@ -29,7 +29,10 @@ trained with today's recipe, RECIPE_ADDED_SINCE's fields as they were).
 `--keep male=0.33` keeps that share of a class's faces in the run (drawn with the seed, after the held-out
 faces are set aside; those stay as drawn), to measure on an imbalanced dataset what a user with one would get;
 rows record it (`keep`) and only rows of the same --keep are read together. `--table FILE --per-class` adds
-each model's held-out recall per class and balanced accuracy (the mean of the two recalls).
+each model's held-out recall per class and balanced accuracy (the mean of the two recalls). `--keep
+female=0.75,male=0.75` (one share for both classes) trains on fewer faces against the same held-out ones, and
+`--curve FILE ...` prints held-out accuracy against the share of the faces trained on: a learning curve, to
+judge what a run on all of the faces (which this check cannot hold any out of) would score.
 
 Each run appends one JSON line to --out (test and held-out accuracy per model and the ensemble, the
 ensemble's members, the flagged models, seconds, and every model's validation, test and held-out P(male));
@@ -345,15 +348,18 @@ def parse_recipe(parser, text: str) -> dict:
     return changes
 
 
+def _rows_of(out: Path) -> list[dict]:
+    """Every row of an --out file, in the order written."""
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
 def _done(out: Path, fraction: float, draw: int | None = DRAW, epochs: dict[str, int] | None = None,
           recipe: dict | None = None, keep: dict[str, float] | None = None) -> dict[int, dict]:  # fmt: skip
     """The finished runs of `out` at `fraction`, of draw `draw` (None: any; rows without one are draw 1),
     trained with the plans and recipe in force with these --epochs and --recipe over them (the epochs and
     recipe the row trained with, not the options it was run with: after a change of plan, its earlier rows
     are `--epochs` of the old values)."""
-    if not out.exists():
-        return {}
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    rows = _rows_of(out) if out.exists() else []
     wanted, wanted_recipe = plan_epochs(epochs), cpu_recipe(recipe)
     return {r["seed"]: r for r in rows if "error" not in r and r["fraction"] == fraction
             and draw in (None, r.get("draw", 1)) and _row_plan(r) == wanted
@@ -534,6 +540,65 @@ def rules_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_share(row: dict) -> float | None:
+    """The share of the shared faces a row's run drew from: 1 - fraction, times --keep where it kept the same
+    share of both classes; None for a row that kept the classes apart (an imbalanced dataset, not a size)."""
+    keep = row.get("keep") or {}
+    shares = {keep.get(label, 1.0) for label in ("female", "male")}
+    return round((1 - row["fraction"]) * shares.pop(), 4) if len(shares) == 1 else None
+
+
+def _shipped_heldout(row: dict) -> float:
+    """Held-out accuracy of the ensemble today's rule chooses on the row's validation probabilities (flagged
+    models left out, as the pipeline does): rows recorded under an earlier rule are scored as if run today."""
+    probs = row["probabilities"]
+    candidates = [m for m in MODELS if m not in row["flagged"]] or list(MODELS)
+    weights = _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates})[SHIPPED_RULE]
+    return _mixed_accuracy(probs["heldout"]["label"], probs["heldout"], weights)
+
+
+def curve_table(rows: list[dict]) -> str:
+    """Markdown: held-out accuracy against the share of the shared faces a run trained on (--keep with one
+    share for both classes, on rows of one plan and recipe): per share, the mean of each model, of the best
+    model per seed and of today's ensemble rule (replayed on the validation probabilities); then, from each
+    share to the next, the paired difference over the seeds both have, and that difference per doubling of
+    the faces (log2 of the two shares' ratio). The held-out faces of a seed are the same at every share."""
+    by_share: dict[float, dict[int, dict]] = {}
+    for r in rows:
+        share = _run_share(r)
+        if share is not None and "probabilities" in r and "error" not in r:
+            by_share.setdefault(share, {})[r["seed"]] = r
+    if not by_share:
+        return "No rows with probabilities and one share for both classes."
+    columns = (*MODELS, "best single", "ensemble (today's rule)")
+
+    def figures(r: dict) -> list[float]:
+        held = r["heldout_accuracy"]
+        return [*(held[m] for m in MODELS), max(held[m] for m in MODELS), _shipped_heldout(r)]
+
+    shares = sorted(by_share)
+    lines = ["| share of the faces | runs | training images | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]  # fmt: skip
+    for share in shares:
+        runs = by_share[share]
+        train = statistics.mean(sum(r["counts"]["train"].values()) for r in runs.values())
+        means = np.mean([figures(r) for r in runs.values()], axis=0)
+        lines.append(f"| {share:.2f} | {len(runs)} | {train:.0f} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+    for low, high in zip(shares, shares[1:], strict=False):
+        seeds = sorted(set(by_share[low]) & set(by_share[high]))
+        if not seeds:
+            continue
+        doublings = float(np.log2(high / low))
+        lines += ["", f"From {low:.2f} to {high:.2f} of the faces ({doublings:.2f} doublings), paired over seeds "
+                  f"{', '.join(map(str, seeds))}:", "", "| column | difference | t | per doubling |", "|---|---|---|---|"]  # fmt: skip
+        pairs = [(figures(by_share[low][s]), figures(by_share[high][s])) for s in seeds]
+        for i, column in enumerate(columns):
+            diff = [b[i] - a[i] for a, b in pairs]
+            lines.append(f"| {column} | {statistics.mean(diff):+.3f} | {t_text(diff)} "
+                         f"| {statistics.mean(diff) / doublings:+.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _mixed_accuracy(labels, probs: dict[str, list[float]], weights: dict[str, float]) -> float:
     """Accuracy of the weighted mean of the models' P(male) against `labels` (1 = male)."""
     mean = sum(w * np.asarray(probs[m], dtype=float) for m, w in weights.items()) / sum(weights.values())
@@ -604,6 +669,14 @@ def main() -> None:
         "in the run (an imbalanced dataset), e.g. male=0.33",
     )
     parser.add_argument("--per-class", action="store_true", help="with --table: recall per class, balanced accuracy")
+    parser.add_argument(
+        "--curve",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="print held-out accuracy against the share of the faces trained on (rows of these "
+        "files at every --keep with one share for both classes) and exit",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not 0 < args.fraction < 1:
@@ -611,6 +684,11 @@ def main() -> None:
     epochs = parse_epochs(parser, args.epochs, MODELS)
     recipe = parse_recipe(parser, args.recipe)
     keep = parse_keep(parser, args.keep)
+    if args.curve:
+        rows = [row for path in args.curve for row in _rows_of(path) if row.get("draw", 1) == DRAW]
+        wanted = plan_epochs(epochs), cpu_recipe(recipe)
+        print(curve_table([r for r in rows if (_row_plan(r), _row_recipe(r)) == wanted]))
+        return
     if args.one is not None:
         print("RESULT " + json.dumps(one_run(args.one, args.fraction, epochs, recipe, keep)), flush=True)
         return

@@ -103,6 +103,37 @@ def test_heldout_table_checks_the_acceptance_targets():
     assert "ensemble >= its best member: 1 of 1 seeds; ensemble >= the best single model: 0 of 1 seeds" in text
 
 
+def test_heldout_learning_curve_pairs_shares_of_the_faces_seed_by_seed():
+    heldout = _bench("heldout")
+
+    def row(seed, keep, cnn_held, train):
+        # The CNN is right on every validation image and the others know nothing, so today's rule takes the CNN
+        # alone; on the held-out faces it is right where cnn_held says.
+        val = {"label": [0, 1, 0, 1], "cnn": [0.1, 0.9, 0.1, 0.9], **dict.fromkeys(heldout.MODELS[1:], [0.5] * 4)}
+        held_p = [0.1 if ok == (y == 0) else 0.9 for ok, y in zip(cnn_held, [0, 1, 0, 1], strict=True)]
+        held = {"label": [0, 1, 0, 1], "cnn": held_p, **dict.fromkeys(heldout.MODELS[1:], [0.5] * 4)}
+        accuracy = {"cnn": sum(cnn_held) / 4, "resnet50": 0.5, "inceptionv3": 0.6, "mobilenetv2": 0.5}
+        return {"seed": seed, "fraction": 0.2, "flagged": [], "heldout_accuracy": {**accuracy, "ensemble": 0.0},
+                "counts": {"train": {"female": train, "male": train}}, "probabilities": {"val": val, "heldout": held},
+                **({"keep": keep} if keep else {})}  # fmt: skip
+
+    half = {"female": 0.5, "male": 0.5}
+    imbalanced = row(0, {"male": 0.5}, [0, 0, 0, 0], 75)  # one class thinned: an imbalance, not a size
+    rows = [row(0, None, [1, 1, 1, 1], 100), row(1, None, [1, 1, 1, 0], 100),
+            row(0, half, [1, 1, 0, 0], 50), row(1, half, [1, 1, 1, 0], 50), imbalanced]  # fmt: skip
+    text = heldout.curve_table(rows)
+    # 0.8 of the faces, halved: 0.4; the rule's ensemble is the CNN alone, replayed from the probabilities
+    # (the rows' recorded "ensemble" of 0.0 is not read); the best single model per seed is the CNN or 0.6.
+    assert "| 0.40 | 2 | 100 | 0.625 | 0.500 | 0.600 | 0.500 | 0.675 | 0.625 |" in text
+    assert "| 0.80 | 2 | 200 | 0.875 | 0.500 | 0.600 | 0.500 | 0.875 | 0.875 |" in text
+    assert "From 0.40 to 0.80 of the faces (1.00 doublings), paired over seeds 0, 1:" in text
+    assert "| cnn | +0.250 | 1.0 | +0.250 |" in text
+    assert "| resnet50 | +0.000 | identical in every seed | +0.000 |" in text
+    assert "| ensemble (today's rule) | +0.250 | 1.0 | +0.250 |" in text
+    assert "| 0.60 |" not in text  # the imbalanced row is no share of the faces
+    assert heldout.curve_table([imbalanced]) == "No rows with probabilities and one share for both classes."
+
+
 def _row(seed, accuracy, **options):
     return {"size": 100, "kind": "sample", "seed": seed, "min_steps_scale": 1.0, "test_accuracy": accuracy,
             "flagged": [], "counts": {"train": {"female": 70, "male": 70}}, **options}  # fmt: skip
