@@ -596,7 +596,26 @@ def curve_table(rows: list[dict]) -> str:
             diff = [b[i] - a[i] for a, b in pairs]
             lines.append(f"| {column} | {statistics.mean(diff):+.3f} | {t_text(diff)} "
                          f"| {statistics.mean(diff) / doublings:+.3f} |")  # fmt: skip
+    everywhere = sorted(set.intersection(*(set(by_share[share]) for share in shares)))
+    if len(shares) > 1 and len(everywhere) > 1:
+        # Per seed, a straight line in log2(share) through its figures at every share, read at share 1: what a
+        # run on all of the faces would score if the curve went on as it did. An extrapolation, not a measurement.
+        x = np.log2(shares)
+        lines += ["", f"A line per seed through every share (accuracy = a + b log2(share)), seeds "
+                  f"{', '.join(map(str, everywhere))}: its slope, and its value at 1.00 of the faces, "
+                  "extrapolated (mean and standard error over the seeds):", "",
+                  "| column | per doubling | at 1.00 of the faces |", "|---|---|---|"]  # fmt: skip
+        per_seed = {seed: np.array([figures(by_share[share][seed]) for share in shares]) for seed in everywhere}
+        for i, column in enumerate(columns):
+            fits = [np.polyfit(x, per_seed[seed][:, i], 1) for seed in everywhere]
+            slope, at_one = [f[0] for f in fits], [f[1] for f in fits]
+            lines.append(f"| {column} | {_mean_se(slope, '+')} | {_mean_se(at_one, '')} |")
     return "\n".join(lines)
+
+
+def _mean_se(values: list[float], sign: str) -> str:
+    mean = round(statistics.mean(values), 3) + 0.0  # + 0.0: a fit's -1e-17 shows as +0.000, not -0.000
+    return f"{mean:{sign}.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
 
 
 def _mixed_accuracy(labels, probs: dict[str, list[float]], weights: dict[str, float]) -> float:

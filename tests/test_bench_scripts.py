@@ -130,6 +130,10 @@ def test_heldout_learning_curve_pairs_shares_of_the_faces_seed_by_seed():
     assert "| cnn | +0.250 | 1.0 | +0.250 |" in text
     assert "| resnet50 | +0.000 | identical in every seed | +0.000 |" in text
     assert "| ensemble (today's rule) | +0.250 | 1.0 | +0.250 |" in text
+    # The line through each seed's shares, read at all of the faces: seed 0 gains 0.5 a doubling (0.5 at 0.4,
+    # 1.0 at 0.8: 1.161 at 1.0, past any accuracy: an extrapolation), seed 1 none (0.75).
+    assert "| cnn | +0.250 ± 0.250 | 0.955 ± 0.205 |" in text
+    assert "| resnet50 | +0.000 ± 0.000 | 0.500 ± 0.000 |" in text
     assert "| 0.60 |" not in text  # the imbalanced row is no share of the faces
     assert heldout.curve_table([imbalanced]) == "No rows with probabilities and one share for both classes."
 
