@@ -359,11 +359,17 @@ def _done(out: Path, fraction: float, draw: int | None = DRAW, epochs: dict[str,
     trained with the plans and recipe in force with these --epochs and --recipe over them (the epochs and
     recipe the row trained with, not the options it was run with: after a change of plan, its earlier rows
     are `--epochs` of the old values)."""
-    rows = _rows_of(out) if out.exists() else []
+    rows = _trained_as(_rows_of(out) if out.exists() else [], draw, epochs, recipe)
+    return {r["seed"]: r for r in rows if r["fraction"] == fraction and r.get("keep", {}) == (keep or {})}
+
+
+def _trained_as(rows: list[dict], draw: int | None = DRAW, epochs: dict[str, int] | None = None,
+                recipe: dict | None = None) -> list[dict]:  # fmt: skip
+    """The finished rows of draw `draw` (None: any) trained with the plans and recipe in force with these
+    --epochs and --recipe over them (see _done)."""
     wanted, wanted_recipe = plan_epochs(epochs), cpu_recipe(recipe)
-    return {r["seed"]: r for r in rows if "error" not in r and r["fraction"] == fraction
-            and draw in (None, r.get("draw", 1)) and _row_plan(r) == wanted
-            and _row_recipe(r) == wanted_recipe and r.get("keep", {}) == (keep or {})}  # fmt: skip
+    return [r for r in rows if "error" not in r and draw in (None, r.get("draw", 1)) and _row_plan(r) == wanted
+            and _row_recipe(r) == wanted_recipe]  # fmt: skip
 
 
 def paired(base: dict[int, dict], rows: dict[int, dict]) -> str:
@@ -510,6 +516,13 @@ def _rules(labels, val: dict[str, list[float]]) -> dict[str, dict[str, float]]:
             "best shrunk toward the mean": shrunk, "all, equal weights": equal(names)}  # fmt: skip
 
 
+def candidate_rules(probs: dict, flagged: list[str]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The candidates of a row's ensemble (its unflagged models; all four where every one is flagged, as the
+    pipeline does) and the weights each rule of _rules gives them on `probs`'s validation P(male)."""
+    candidates = [m for m in MODELS if m not in flagged] or list(MODELS)
+    return candidates, _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates})
+
+
 def _shown(weights: dict[str, float]) -> str:
     if len(set(round(w, 6) for w in weights.values())) == 1:
         return ", ".join(weights)
@@ -526,9 +539,9 @@ def rules_table(rows: list[dict]) -> str:
     results: dict[str, list[tuple[float, str]]] = {}
     for r in rows:
         probs = r["probabilities"]
-        candidates = [m for m in MODELS if m not in r["flagged"]] or list(MODELS)
+        candidates, rules = candidate_rules(probs, r["flagged"])
         held_y = np.asarray(probs["heldout"]["label"])
-        for rule, weights in _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates}).items():
+        for rule, weights in rules.items():
             results.setdefault(rule, []).append((_mixed_accuracy(held_y, probs["heldout"], weights), _shown(weights)))
         for bound, got in _bounds(held_y, {m: probs["heldout"][m] for m in candidates}).items():
             results.setdefault(bound, []).append(got)
@@ -552,8 +565,7 @@ def _shipped_heldout(row: dict) -> float:
     """Held-out accuracy of the ensemble today's rule chooses on the row's validation probabilities (flagged
     models left out, as the pipeline does): rows recorded under an earlier rule are scored as if run today."""
     probs = row["probabilities"]
-    candidates = [m for m in MODELS if m not in row["flagged"]] or list(MODELS)
-    weights = _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates})[SHIPPED_RULE]
+    weights = candidate_rules(probs, row["flagged"])[1][SHIPPED_RULE]
     return _mixed_accuracy(probs["heldout"]["label"], probs["heldout"], weights)
 
 
@@ -571,10 +583,10 @@ def curve_table(rows: list[dict]) -> str:
     if not by_share:
         return "No rows with probabilities and one share for both classes."
     columns = (*MODELS, "best single", "ensemble (today's rule)")
-
-    def figures(r: dict) -> list[float]:
-        held = r["heldout_accuracy"]
-        return [*(held[m] for m in MODELS), max(held[m] for m in MODELS), _shipped_heldout(r)]
+    # Per share and seed: each column's held-out accuracy (the ensemble's replayed once here, read below).
+    figures = {share: {seed: [*(r["heldout_accuracy"][m] for m in MODELS),
+                              max(r["heldout_accuracy"][m] for m in MODELS), _shipped_heldout(r)]
+                       for seed, r in runs.items()} for share, runs in by_share.items()}  # fmt: skip
 
     shares = sorted(by_share)
     lines = ["| share of the faces | runs | training images | " + " | ".join(columns) + " |",
@@ -582,7 +594,7 @@ def curve_table(rows: list[dict]) -> str:
     for share in shares:
         runs = by_share[share]
         train = statistics.mean(sum(r["counts"]["train"].values()) for r in runs.values())
-        means = np.mean([figures(r) for r in runs.values()], axis=0)
+        means = np.mean(list(figures[share].values()), axis=0)
         lines.append(f"| {share:.2f} | {len(runs)} | {train:.0f} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
     for low, high in zip(shares, shares[1:], strict=False):
         seeds = sorted(set(by_share[low]) & set(by_share[high]))
@@ -591,7 +603,7 @@ def curve_table(rows: list[dict]) -> str:
         doublings = float(np.log2(high / low))
         lines += ["", f"From {low:.2f} to {high:.2f} of the faces ({doublings:.2f} doublings), paired over seeds "
                   f"{', '.join(map(str, seeds))}:", "", "| column | difference | t | per doubling |", "|---|---|---|---|"]  # fmt: skip
-        pairs = [(figures(by_share[low][s]), figures(by_share[high][s])) for s in seeds]
+        pairs = [(figures[low][s], figures[high][s]) for s in seeds]
         for i, column in enumerate(columns):
             diff = [b[i] - a[i] for a, b in pairs]
             lines.append(f"| {column} | {statistics.mean(diff):+.3f} | {t_text(diff)} "
@@ -605,7 +617,7 @@ def curve_table(rows: list[dict]) -> str:
                   f"{', '.join(map(str, everywhere))}: its slope, and its value at 1.00 of the faces, "
                   "extrapolated (mean and standard error over the seeds):", "",
                   "| column | per doubling | at 1.00 of the faces |", "|---|---|---|"]  # fmt: skip
-        per_seed = {seed: np.array([figures(by_share[share][seed]) for share in shares]) for seed in everywhere}
+        per_seed = {seed: np.array([figures[share][seed] for share in shares]) for seed in everywhere}
         for i, column in enumerate(columns):
             fits = [np.polyfit(x, per_seed[seed][:, i], 1) for seed in everywhere]
             slope, at_one = [f[0] for f in fits], [f[1] for f in fits]
@@ -704,9 +716,7 @@ def main() -> None:
     recipe = parse_recipe(parser, args.recipe)
     keep = parse_keep(parser, args.keep)
     if args.curve:
-        rows = [row for path in args.curve for row in _rows_of(path) if row.get("draw", 1) == DRAW]
-        wanted = plan_epochs(epochs), cpu_recipe(recipe)
-        print(curve_table([r for r in rows if (_row_plan(r), _row_recipe(r)) == wanted]))
+        print(curve_table(_trained_as([row for path in args.curve for row in _rows_of(path)], DRAW, epochs, recipe)))
         return
     if args.one is not None:
         print("RESULT " + json.dumps(one_run(args.one, args.fraction, epochs, recipe, keep)), flush=True)

@@ -51,7 +51,7 @@ from heldout import (  # noqa: E402 - the bench folder's own helpers
     SHIPPED_RULE,
     _done,
     _mixed_accuracy,
-    _rules,
+    candidate_rules,
     parse_recipe,
     set_cpu_recipe,
     split_probabilities,
@@ -213,8 +213,7 @@ def table(rows: list[dict], stored: dict[int, dict]) -> str:
         for r in runs:
             old = stored[r["seed"]]
             for probs, into in ((_swapped(old, r), ens), (old["probabilities"], ens_old)):
-                candidates = [m for m in MODELS if m not in old["flagged"]] or list(MODELS)
-                weights = _rules(probs["val"]["label"], {m: probs["val"][m] for m in candidates})
+                weights = candidate_rules(probs, old["flagged"])[1]
                 for rule in (shipped_rule, all_four):
                     into[rule].append(_mixed_accuracy(probs["heldout"]["label"], probs["heldout"], weights[rule]))
         cells = []
