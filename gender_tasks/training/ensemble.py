@@ -207,8 +207,9 @@ def _collapsed_unless_all(flagged: dict[str, list[str]], models: tuple[str, ...]
     all did. A constant can only pull the mean toward its class, yet on an imbalanced validation split a
     choice made there takes it (the larger class being the likelier; tests/test_health.py shows select_members
     doing so): on 560 female / 147 male real photos a collapsed ResNet50 joined the ensemble (under the
-    earlier greedy rule), which fell from the CNN's 0.78 to 0.72 on balanced unseen faces. The models flagged only for accuracy not clearly above the majority rate, or a train/validation
-    gap, stay candidates: with few images of the smaller class that test rarely passes."""
+    earlier greedy rule), which fell from the CNN's 0.78 to 0.72 on balanced unseen faces. The models flagged
+    only for accuracy not clearly above the majority rate, or a train/validation gap, stay candidates: with
+    few images of the smaller class that test rarely passes."""
     collapsed = {m: checks for m, checks in flagged.items() if "one_class" in checks}
     return collapsed if len(collapsed) < len(models) else {}
 
