@@ -34,6 +34,11 @@ female=0.75,male=0.75` (one share for both classes) trains on fewer faces agains
 `--curve FILE ...` prints held-out accuracy against the share of the faces trained on: a learning curve, to
 judge what a run on all of the faces (which this check cannot hold any out of) would score.
 
+`--folds 10 --seeds 0,...,9` deals the faces into ten folds once (near-duplicate groups whole, each class
+spread evenly) and lets seed s hold out fold s: each run trains on 0.9 of the faces, and the ten runs hold out
+every face exactly once. `--table FILE --folds 10` adds the accuracy over all the faces pooled, with an
+interval over the faces; `--curve` sets it beside the learning curve's lines read at 0.9.
+
 Each run appends one JSON line to --out (test and held-out accuracy per model and the ensemble, the
 ensemble's members, the flagged models, seconds, and every model's validation, test and held-out P(male));
 a rerun with the same --out skips the seeds already there. `--table FILE --rules` compares ways of choosing
@@ -84,11 +89,14 @@ def near_duplicate_groups(paths: list[Path]) -> list[str]:
     return split_groups(table, DEFAULT_MAX_DISTANCE).tolist()
 
 
-def set_aside(seed: int, fraction: float, train_dir: Path, heldout_dir: Path, source: Path = SOURCE) -> dict:
+def set_aside(seed: int, fraction: float, train_dir: Path, heldout_dir: Path, source: Path = SOURCE,
+              folds: int | None = None) -> dict:  # fmt: skip
     """Copy `source`'s faces into train_dir/<label>/ and heldout_dir/<label>/, whole near-duplicate groups at a
     time (a group whose faces carry both labels, too: its faces go to one side, each under its own label).
     Stratified by a group's majority label (ties: its first face's, as the split does): per class, groups drawn
-    at random (seeded) until `fraction` of the class's faces are held out. Returns the counts per label.
+    at random (seeded) until `fraction` of the class's faces are held out. With `folds` (K), `fraction` is not
+    read: the groups are dealt into K folds once (the same for every seed; see fold_of) and seed s, 0 <= s < K,
+    holds out fold s, so that seeds 0..K-1 hold out every face exactly once. Returns the counts per label.
 
     (Draw 1 drew per label, so the faces of a group with both labels could land on both sides: in the recorded
     draw-1 runs 3-70 held-out faces of 198-246 had a near-duplicate of the other label in the run's folder.)"""
@@ -96,9 +104,13 @@ def set_aside(seed: int, fraction: float, train_dir: Path, heldout_dir: Path, so
     members: dict[str, list[tuple[Path, str]]] = {}
     for face, group in zip(faces, near_duplicate_groups([p for p, _ in faces]), strict=True):
         members.setdefault(group, []).append(face)
-    rng = random.Random(f"heldout-{seed}")
     held_out: set[str] = set()
-    for label in ("female", "male"):
+    if folds:
+        if not 0 <= seed < folds:
+            raise ValueError(f"seed {seed}: with {folds} folds the seeds are 0 to {folds - 1}, one per fold")
+        held_out = {group for group, fold in fold_of(members, folds).items() if fold == seed}
+    rng = random.Random(f"heldout-{seed}")
+    for label in ("female", "male") if not folds else ():
         order = sorted(g for g, m in members.items() if _majority(m) == label)
         rng.shuffle(order)
         wanted, held = round(fraction * sum(len(members[g]) for g in order)), 0
@@ -115,6 +127,24 @@ def set_aside(seed: int, fraction: float, train_dir: Path, heldout_dir: Path, so
             shutil.copyfile(path, target / label / path.name)
             counts[label][side] += 1
     return counts
+
+
+def fold_of(members: dict[str, list[tuple[Path, str]]], folds: int) -> dict[str, int]:
+    """Each near-duplicate group's fold, 0 to folds - 1, stratified by the group's majority label: per class,
+    the groups in a random order (seeded by the fold count alone, so every seed of a K-fold run deals the same
+    folds), largest first, each to the fold that holds the fewest faces of that class so far (ties: the lowest
+    fold). Every fold then holds 1/K of each class, give or take one group."""
+    rng = random.Random(f"heldout-folds-{folds}")
+    fold: dict[str, int] = {}
+    for label in ("female", "male"):
+        order = sorted(g for g, m in members.items() if _majority(m) == label)
+        rng.shuffle(order)
+        order.sort(key=lambda g: -len(members[g]))  # stable: equal sizes keep the random order
+        held = [0] * folds
+        for group in order:
+            fold[group] = held.index(min(held))
+            held[fold[group]] += len(members[group])
+    return fold
 
 
 def thin_out(run_dir: Path, keep: dict[str, float], seed: int, counts: dict) -> None:
@@ -136,7 +166,7 @@ def _majority(faces: list[tuple[Path, str]]) -> str:
 
 
 def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, recipe: dict | None = None,
-            keep: dict[str, float] | None = None) -> dict:  # fmt: skip
+            keep: dict[str, float] | None = None, folds: int | None = None) -> dict:  # fmt: skip
     """In a child process: set the faces aside, run the pipeline on the rest, score the held-out part."""
     import logging
 
@@ -150,7 +180,7 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, re
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="heldout-"))
     try:
-        counts = set_aside(seed, fraction, work / "faces", work / HELDOUT_SET)
+        counts = set_aside(seed, fraction, work / "faces", work / HELDOUT_SET, folds=folds)
         thin_out(work / "faces", keep or {}, seed, counts)
         os.environ[CACHE_DIR_ENV] = str(work / "local-cache")
         conf = {"source": str(work / "faces"), "storage": str(work / "store"), "profile": "cpu", "seed": seed,
@@ -172,7 +202,7 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, re
         threads = {m: metrics[m]["torch_threads"] for m in MODELS}
         distinct = set(threads.values())
         return {
-            "seed": seed, "fraction": fraction, "draw": DRAW, "faces": counts, "heldout_images": scored["images"],
+            "seed": seed, "fraction": fraction, "draw": DRAW, **({"folds": folds} if folds else {}), "faces": counts, "heldout_images": scored["images"],
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "heldout_accuracy": {m: r["accuracy"] for m, r in scored["models"].items()},
             "ensemble_members": first.get("members"), "ensemble_weights": first.get("weights"),
@@ -354,13 +384,15 @@ def _rows_of(out: Path) -> list[dict]:
 
 
 def _done(out: Path, fraction: float, draw: int | None = DRAW, epochs: dict[str, int] | None = None,
-          recipe: dict | None = None, keep: dict[str, float] | None = None) -> dict[int, dict]:  # fmt: skip
+          recipe: dict | None = None, keep: dict[str, float] | None = None,
+          folds: int | None = None) -> dict[int, dict]:  # fmt: skip
     """The finished runs of `out` at `fraction`, of draw `draw` (None: any; rows without one are draw 1),
     trained with the plans and recipe in force with these --epochs and --recipe over them (the epochs and
     recipe the row trained with, not the options it was run with: after a change of plan, its earlier rows
-    are `--epochs` of the old values)."""
+    are `--epochs` of the old values); with `folds`, only the rows of that K-fold deal (and without, none)."""
     rows = _trained_as(_rows_of(out) if out.exists() else [], draw, epochs, recipe)
-    return {r["seed"]: r for r in rows if r["fraction"] == fraction and r.get("keep", {}) == (keep or {})}
+    return {r["seed"]: r for r in rows if r["fraction"] == fraction and r.get("keep", {}) == (keep or {})
+            and r.get("folds") == folds}  # fmt: skip
 
 
 def _trained_as(rows: list[dict], draw: int | None = DRAW, epochs: dict[str, int] | None = None,
@@ -574,11 +606,14 @@ def curve_table(rows: list[dict]) -> str:
     share for both classes, on rows of one plan and recipe): per share, the mean of each model, of the best
     model per seed and of today's ensemble rule (replayed on the validation probabilities); then, from each
     share to the next, the paired difference over the seeds both have, and that difference per doubling of
-    the faces (log2 of the two shares' ratio). The held-out faces of a seed are the same at every share."""
+    the faces (log2 of the two shares' ratio). The held-out faces of a seed are the same at every share.
+    Rows of a K-fold deal (--folds: other held-out faces per seed, so not paired) are measured against the
+    per-seed lines read at their share: pooled_table's accuracy over every face, held out once."""
     by_share: dict[float, dict[int, dict]] = {}
+    folded = [r for r in rows if r.get("folds") and "probabilities" in r and "error" not in r]
     for r in rows:
         share = _run_share(r)
-        if share is not None and "probabilities" in r and "error" not in r:
+        if share is not None and "probabilities" in r and "error" not in r and not r.get("folds"):
             by_share.setdefault(share, {})[r["seed"]] = r
     if not by_share:
         return "No rows with probabilities and one share for both classes."
@@ -618,10 +653,63 @@ def curve_table(rows: list[dict]) -> str:
                   "extrapolated (mean and standard error over the seeds):", "",
                   "| column | per doubling | at 1.00 of the faces |", "|---|---|---|"]  # fmt: skip
         per_seed = {seed: np.array([figures[share][seed] for share in shares]) for seed in everywhere}
-        for i, column in enumerate(columns):
-            fits = [np.polyfit(x, per_seed[seed][:, i], 1) for seed in everywhere]
-            slope, at_one = [f[0] for f in fits], [f[1] for f in fits]
+        fits = {column: [np.polyfit(x, per_seed[seed][:, i], 1) for seed in everywhere]
+                for i, column in enumerate(columns)}  # fmt: skip
+        for column, lines_of in fits.items():
+            slope, at_one = [f[0] for f in lines_of], [f[1] for f in lines_of]
             lines.append(f"| {column} | {_mean_se(slope, '+')} | {_mean_se(at_one, '')} |")
+        if folded:
+            k = folded[0]["folds"]
+            at = 1 - 1 / k
+            lines += ["", f"Measured at {at:.2f} of the faces with {k} folds (every face held out once, by a run that "
+                      f"did not train on it), beside the lines above read at {at:.2f}:", "",
+                      pooled_table(folded), "", f"| column | the lines read at {at:.2f} |", "|---|---|"]  # fmt: skip
+            for column, lines_of in fits.items():
+                read = [f[1] + f[0] * np.log2(at) for f in lines_of]
+                lines.append(f"| {column} | {_mean_se(read, '')} |")
+    elif folded:
+        lines += ["", pooled_table(folded)]
+    return "\n".join(lines)
+
+
+def pooled_table(rows: list[dict]) -> str:
+    """Markdown, for the rows of one K-fold deal (seeds 0..K-1, each holding out one fold, so every face is
+    held out exactly once): per column, the accuracy over all the held-out faces pooled, each face scored by
+    the run that did not train on it, with a 95 % Wilson interval over the faces; the ensemble is today's
+    rule replayed on each run's validation P(male). Then each model against that ensemble on the same faces:
+    the faces only one of the two gets right, and the exact two-sided McNemar p of that split."""
+    from scipy.stats import binomtest
+
+    rows = sorted((r for r in rows if "probabilities" in r and "error" not in r), key=lambda r: r["seed"])
+    folds = {r.get("folds") for r in rows}
+    if not rows or None in folds or len(folds) != 1:
+        return "No rows of one K-fold deal (--folds) with probabilities."
+    k = folds.pop()
+    missing = sorted(set(range(k)) - {r["seed"] for r in rows})
+    right: dict[str, list[np.ndarray]] = {c: [] for c in (*MODELS, "ensemble")}
+    for r in rows:
+        held = r["probabilities"]["heldout"]
+        y = np.asarray(held["label"])
+        weights = candidate_rules(r["probabilities"], r["flagged"])[1][SHIPPED_RULE]
+        for m in MODELS:
+            right[m].append((np.asarray(held[m]) >= 0.5) == y)
+        mixed = sum(w * np.asarray(held[m], dtype=float) for m, w in weights.items()) / sum(weights.values())
+        right["ensemble"].append((mixed >= 0.5) == y)
+    hits = {c: np.concatenate(v) for c, v in right.items()}
+    faces = len(hits["ensemble"])
+    train = statistics.mean(sum(r["counts"]["train"].values()) for r in rows)
+    note = f" Folds not yet run: {', '.join(map(str, missing))}, so not every face is in." if missing else ""
+    lines = [f"{len(rows)} of {k} folds, {faces} held-out faces, each run trained on {1 - 1 / k:.2f} of the faces "
+             f"({train:.0f} training images on average).{note}", "",
+             "| column | right | accuracy | 95 % interval (Wilson, over the faces) |", "|---|---|---|---|"]  # fmt: skip
+    for c, hit in hits.items():
+        low, high = binomtest(int(hit.sum()), faces).proportion_ci(method="wilson")
+        lines.append(f"| {c} | {int(hit.sum())} of {faces} | {hit.mean():.3f} | {low:.3f} to {high:.3f} |")
+    lines += ["", "| model | only the ensemble right | only the model right | McNemar p |", "|---|---|---|---|"]
+    for m in MODELS:
+        ens_only, model_only = int((hits["ensemble"] & ~hits[m]).sum()), int((hits[m] & ~hits["ensemble"]).sum())
+        p = binomtest(ens_only, ens_only + model_only).pvalue if ens_only + model_only else 1.0
+        lines.append(f"| {m} | {ens_only} | {model_only} | {p:.3f} |")
     return "\n".join(lines)
 
 
@@ -660,8 +748,8 @@ def _bounds(labels, held: dict[str, list[float]]) -> dict[str, tuple[float, str]
 
 
 def _child(seed: int, fraction: float, epochs: dict[str, int] | None = None, recipe: dict | None = None,
-           keep: dict[str, float] | None = None) -> dict:  # fmt: skip
-    cmd = [sys.executable, __file__, "--one", str(seed), "--fraction", str(fraction),
+           keep: dict[str, float] | None = None, folds: int | None = None) -> dict:  # fmt: skip
+    cmd = [sys.executable, __file__, "--one", str(seed), "--fraction", str(fraction), *(["--folds", str(folds)] if folds else []),
            "--epochs", ",".join(f"{m}={n}" for m, n in (epochs or {}).items()),
            "--recipe", ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in (recipe or {}).items()),
            "--keep", ",".join(f"{k}={v}" for k, v in (keep or {}).items())]  # fmt: skip
@@ -674,6 +762,7 @@ def _child(seed: int, fraction: float, epochs: dict[str, int] | None = None, rec
             **({"epochs": epochs} if epochs else {}),
             **({"recipe_changes": recipe} if recipe else {}),
             **({"keep": keep} if keep else {}),
+            **({"folds": folds} if folds else {}),
             "error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-2000:]}",
         }
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -708,8 +797,19 @@ def main() -> None:
         help="print held-out accuracy against the share of the faces trained on (rows of these "
         "files at every --keep with one share for both classes) and exit",
     )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        help="K: deal the faces into K folds once and let seed s (0 to K-1) hold out fold s, so that seeds "
+        "0..K-1 hold out every face exactly once (--fraction is then 1/K); with --table, adds the accuracy "
+        "over all the faces pooled",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.folds is not None:
+        if args.folds < 2:
+            parser.error(f"--folds: expected 2 or more folds, got {args.folds}")
+        args.fraction = round(1 / args.folds, 4)
     if not 0 < args.fraction < 1:
         parser.error(f"--fraction: expected a share between 0 and 1, got {args.fraction}")
     epochs = parse_epochs(parser, args.epochs, MODELS)
@@ -719,32 +819,37 @@ def main() -> None:
         print(curve_table(_trained_as([row for path in args.curve for row in _rows_of(path)], DRAW, epochs, recipe)))
         return
     if args.one is not None:
-        print("RESULT " + json.dumps(one_run(args.one, args.fraction, epochs, recipe, keep)), flush=True)
+        print("RESULT " + json.dumps(one_run(args.one, args.fraction, epochs, recipe, keep, args.folds)), flush=True)
         return
     if args.table:
-        rows = list(_done(args.table, args.fraction, draw=None, epochs=epochs, recipe=recipe, keep=keep).values())
+        rows = list(_done(args.table, args.fraction, draw=None, epochs=epochs, recipe=recipe, keep=keep,
+                          folds=args.folds).values())  # fmt: skip
         print(rules_table(rows) if args.rules else table(rows))
+        if args.folds and rows and not args.rules:
+            print("\n" + pooled_table(rows))
         if args.per_class and rows:
             print("\n" + per_class_table(rows))
         if (epochs or recipe) and not args.rules:
             print(
                 "\n"
                 + paired(
-                    _done(args.table, args.fraction, keep=keep),
-                    _done(args.table, args.fraction, epochs=epochs, recipe=recipe, keep=keep),
+                    _done(args.table, args.fraction, keep=keep, folds=args.folds),
+                    _done(args.table, args.fraction, epochs=epochs, recipe=recipe, keep=keep, folds=args.folds),
                 )
             )
         return
-    done = _done(args.out, args.fraction, epochs=epochs, recipe=recipe, keep=keep)
+    done = _done(args.out, args.fraction, epochs=epochs, recipe=recipe, keep=keep, folds=args.folds)
     todo = [int(s) for s in args.seeds.split(",") if int(s) not in done]
+    if args.folds and any(not 0 <= s < args.folds for s in todo):
+        parser.error(f"--seeds: with --folds {args.folds} each seed names a fold, 0 to {args.folds - 1}")
     print(f"{len(done)} seeds on record, {len(todo)} to go (one at a time: each trains on every core)", flush=True)
     for seed in todo:
-        result = _child(seed, args.fraction, epochs, recipe, keep)
+        result = _child(seed, args.fraction, epochs, recipe, keep, args.folds)
         with args.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
         shown = result.get("error") or {k: round(v, 3) for k, v in result["heldout_accuracy"].items()}
         print(seed, shown, result.get("seconds"), flush=True)
-    rows = list(_done(args.out, args.fraction, epochs=epochs, recipe=recipe, keep=keep).values())
+    rows = list(_done(args.out, args.fraction, epochs=epochs, recipe=recipe, keep=keep, folds=args.folds).values())
     if rows:
         print(table(rows))
 

@@ -54,6 +54,71 @@ def test_heldout_sets_faces_aside_by_near_duplicate_group(tmp_path):
     assert heldout.set_aside(0, 0.3, tmp_path / "run2", tmp_path / "held2", source=source) == counts  # seeded
 
 
+def test_heldout_folds_hold_out_every_face_once_with_groups_whole(tmp_path):
+    heldout = _bench("heldout")
+    source = tmp_path / "faces"
+    _noise_faces(source, 10)
+    for i in range(3):
+        shutil.copyfile(source / "female" / "female_00.png", source / "female" / f"copy_{i}.png")
+    shutil.copyfile(source / "female" / "female_00.png", source / "male" / "mislabelled.png")
+    held_by_fold = []
+    for fold in range(3):
+        # --fraction is not read with folds: every seed deals the same folds and holds out its own.
+        counts = heldout.set_aside(fold, 0.9 if fold else 0.1, tmp_path / f"run{fold}", tmp_path / f"held{fold}",
+                                   source=source, folds=3)  # fmt: skip
+        held = {f"{p.parent.name}/{p.name}" for p in (tmp_path / f"held{fold}").glob("*/*.png")}
+        run = {f"{p.parent.name}/{p.name}" for p in (tmp_path / f"run{fold}").glob("*/*.png")}
+        assert not held & run and len(held | run) == 24
+        assert counts["female"]["heldout"] + counts["male"]["heldout"] == len(held)
+        group = {"female/female_00.png", "female/copy_0.png", "female/copy_1.png", "female/copy_2.png",
+                 "male/mislabelled.png"}  # fmt: skip
+        assert group <= held or group <= run  # a near-duplicate group is never split
+        held_by_fold.append(held)
+    # Every face held out by exactly one of the three runs.
+    assert sum(len(h) for h in held_by_fold) == 24 and len(set().union(*held_by_fold)) == 24
+    # Each class spread evenly: per fold, a class's count within one group (5 faces, the copies) of a third.
+    for label, total in (("female", 13), ("male", 11)):
+        per_fold = [sum(1 for f in held if f.startswith(label + "/")) for held in held_by_fold]
+        assert max(abs(n - total / 3) for n in per_fold) <= 5, per_fold
+    with pytest.raises(ValueError, match="with 3 folds the seeds are 0 to 2"):
+        heldout.set_aside(3, 0.2, tmp_path / "r", tmp_path / "h", source=source, folds=3)
+
+
+def test_heldout_pools_the_folds_and_sets_them_beside_the_learning_curve():
+    heldout = _bench("heldout")
+
+    def row(seed, cnn_held, train, keep=None, folds=None):
+        # As in the learning-curve test: today's rule takes the CNN alone; the other models say 0.5 (male).
+        val = {"label": [0, 1, 0, 1], "cnn": [0.1, 0.9, 0.1, 0.9], **dict.fromkeys(heldout.MODELS[1:], [0.5] * 4)}
+        held_p = [0.1 if ok == (y == 0) else 0.9 for ok, y in zip(cnn_held, [0, 1, 0, 1], strict=True)]
+        held = {"label": [0, 1, 0, 1], "cnn": held_p, **dict.fromkeys(heldout.MODELS[1:], [0.5] * 4)}
+        accuracy = {"cnn": sum(cnn_held) / 4, "resnet50": 0.5, "inceptionv3": 0.5, "mobilenetv2": 0.5}
+        return {"seed": seed, "fraction": 1 / folds if folds else 0.2, "flagged": [],
+                "heldout_accuracy": {**accuracy, "ensemble": 0.0}, "counts": {"train": {"female": train, "male": train}},
+                "probabilities": {"val": val, "heldout": held}, **({"keep": keep} if keep else {}),
+                **({"folds": folds} if folds else {})}  # fmt: skip
+
+    folded = [row(0, [1, 1, 1, 0], 30, folds=2), row(1, [1, 1, 0, 0], 40, folds=2)]
+    text = heldout.pooled_table(folded)
+    assert "2 of 2 folds, 8 held-out faces, each run trained on 0.50 of the faces (70 training images" in text
+    # 5 of 8 faces right, pooled over the folds; the Wilson interval by hand: (5 + 1.92) / 11.84 ± 0.279.
+    assert "| cnn | 5 of 8 | 0.625 | 0.306 to 0.863 |" in text
+    assert "| ensemble | 5 of 8 | 0.625 |" in text and "| resnet50 | 4 of 8 | 0.500 |" in text
+    # Against a model that calls every face male: the ensemble alone is right on three females, it alone on two males.
+    assert "| resnet50 | 3 | 2 | 1.000 |" in text and "| cnn | 0 | 0 | 1.000 |" in text
+    assert "Folds not yet run: 1" in heldout.pooled_table(folded[:1])
+    assert heldout.pooled_table([row(0, [1, 1, 1, 1], 30)]).startswith("No rows of one K-fold deal")
+
+    half = {"female": 0.5, "male": 0.5}
+    curve = [row(0, [1, 1, 1, 1], 100), row(1, [1, 1, 1, 0], 100),
+             row(0, [1, 1, 0, 0], 50, keep=half), row(1, [1, 1, 1, 0], 50, keep=half), *folded]  # fmt: skip
+    text = heldout.curve_table(curve)
+    assert "| 0.50 |" not in text  # the folds' runs hold out other faces: not a share paired seed by seed
+    assert "Measured at 0.50 of the faces with 2 folds" in text and "| cnn | 5 of 8 | 0.625 |" in text
+    # Seed 0's line: 0.5 at 0.4, 1.0 at 0.8, so 0.661 at 0.5; seed 1's: 0.75 throughout.
+    assert "| cnn | 0.705 ± 0.045 |" in text
+
+
 def test_heldout_compares_ensemble_rules_on_validation_alone():
     heldout = _bench("heldout")
     y = [0, 0, 0, 1, 1, 1]
@@ -167,9 +232,10 @@ def test_robustness_keeps_other_options_apart_and_overlays_a_subset(tmp_path):
 @pytest.mark.parametrize("argv", [["--models", "cnn,vgg"], ["--min-steps", "inceptionv3"],
                                   ["--image-size", "inceptionv3=big"], ["--fraction", "1.5"],
                                   ["--epochs", "vgg=3"], ["--epochs", "cnn=0"], ["--recipe", "class_weights=x"],
-                                  ["--recipe", "tta=maybe"], ["--keep", "male=1.5"], ["--keep", "other=0.5"]])  # fmt: skip
+                                  ["--recipe", "tta=maybe"], ["--keep", "male=1.5"], ["--keep", "other=0.5"],
+                                  ["--folds", "1"]])  # fmt: skip
 def test_bench_options_are_checked(argv, monkeypatch, capsys):
-    script = "heldout" if argv[0] in ("--fraction", "--epochs", "--recipe", "--keep") else "robustness"
+    script = "heldout" if argv[0] in ("--fraction", "--epochs", "--recipe", "--keep", "--folds") else "robustness"
     module = _bench(script)
     monkeypatch.setattr(sys, "argv", [script, *argv, "--table", "missing.jsonl"])
     with pytest.raises(SystemExit) as exc:
