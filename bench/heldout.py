@@ -202,7 +202,8 @@ def one_run(seed: int, fraction: float, epochs: dict[str, int] | None = None, re
         threads = {m: metrics[m]["torch_threads"] for m in MODELS}
         distinct = set(threads.values())
         return {
-            "seed": seed, "fraction": fraction, "draw": DRAW, **({"folds": folds} if folds else {}), "faces": counts, "heldout_images": scored["images"],
+            "seed": seed, "fraction": fraction, "draw": DRAW, **({"folds": folds} if folds else {}),
+            "faces": counts, "heldout_images": scored["images"],
             "counts": run["split"]["counts"], "test_accuracy": out["test_accuracy"],
             "heldout_accuracy": {m: r["accuracy"] for m, r in scored["models"].items()},
             "ensemble_members": first.get("members"), "ensemble_weights": first.get("weights"),
@@ -616,7 +617,7 @@ def curve_table(rows: list[dict]) -> str:
         if share is not None and "probabilities" in r and "error" not in r and not r.get("folds"):
             by_share.setdefault(share, {})[r["seed"]] = r
     if not by_share:
-        return "No rows with probabilities and one share for both classes."
+        return pooled_table(folded) if folded else "No rows with probabilities and one share for both classes."
     columns = (*MODELS, "best single", "ensemble (today's rule)")
     # Per share and seed: each column's held-out accuracy (the ensemble's replayed once here, read below).
     figures = {share: {seed: [*(r["heldout_accuracy"][m] for m in MODELS),
@@ -749,7 +750,8 @@ def _bounds(labels, held: dict[str, list[float]]) -> dict[str, tuple[float, str]
 
 def _child(seed: int, fraction: float, epochs: dict[str, int] | None = None, recipe: dict | None = None,
            keep: dict[str, float] | None = None, folds: int | None = None) -> dict:  # fmt: skip
-    cmd = [sys.executable, __file__, "--one", str(seed), "--fraction", str(fraction), *(["--folds", str(folds)] if folds else []),
+    cmd = [sys.executable, __file__, "--one", str(seed), "--fraction", str(fraction),
+           *(["--folds", str(folds)] if folds else []),
            "--epochs", ",".join(f"{m}={n}" for m, n in (epochs or {}).items()),
            "--recipe", ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in (recipe or {}).items()),
            "--keep", ",".join(f"{k}={v}" for k, v in (keep or {}).items())]  # fmt: skip

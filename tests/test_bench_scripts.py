@@ -94,7 +94,8 @@ def test_heldout_pools_the_folds_and_sets_them_beside_the_learning_curve():
         held = {"label": [0, 1, 0, 1], "cnn": held_p, **dict.fromkeys(heldout.MODELS[1:], [0.5] * 4)}
         accuracy = {"cnn": sum(cnn_held) / 4, "resnet50": 0.5, "inceptionv3": 0.5, "mobilenetv2": 0.5}
         return {"seed": seed, "fraction": 1 / folds if folds else 0.2, "flagged": [],
-                "heldout_accuracy": {**accuracy, "ensemble": 0.0}, "counts": {"train": {"female": train, "male": train}},
+                "heldout_accuracy": {**accuracy, "ensemble": 0.0},
+                "counts": {"train": {"female": train, "male": train}},
                 "probabilities": {"val": val, "heldout": held}, **({"keep": keep} if keep else {}),
                 **({"folds": folds} if folds else {})}  # fmt: skip
 
