@@ -20,6 +20,8 @@ Variants (applied by this script, in the training child only; the product's code
   `RandomErasing` does for one image, drawn per image from a generator seeded by the run's seed.
 - `recipe`: the member with `--recipe KEY=VALUE,...` (fields of `gender_tasks.settings.Recipe`) over the `cpu`
   recipe, as `bench/heldout.py --recipe` does; the row's variant names the changes (`recipe label_smoothing=0.2`).
+- `size`: the member at `--image-size PX` instead of its registered `cpu` input size (its epochs and
+  `min_steps` as registered); the row's variant names the size (`size 96`).
 - `views`: the member as registered, its held-out faces also predicted under extra test-time views (each
   view through the exported module, so each is also mirrored): shifts of 2 px (reflection padding), a centre
   crop of the image decoded 8 px larger, a zoom-out of 3 px reflection padding. The table scores view sets.
@@ -58,9 +60,9 @@ from heldout import (  # noqa: E402 - the bench folder's own helpers
     t_text,
     train_alone,
 )
-from scale_bench import machine  # noqa: E402
+from scale_bench import machine, replace_cpu_plan  # noqa: E402
 
-VARIANTS = ("base", "erase", "recipe", "views")
+VARIANTS = ("base", "erase", "recipe", "size", "views")
 ERASE_P, ERASE_AREA, ERASE_ASPECT = 0.5, (0.02, 0.25), 0.3
 VIEW_SETS = {  # name: the views averaged (each view's P(male) is already the mean with its mirror image)
     "as shipped (image + mirror)": ("id",),
@@ -132,8 +134,11 @@ def _views(module, paths: list[Path], size: int) -> dict[str, list[float]]:
         return {name: [round(float(p), 4) for p in np.asarray(module(v)).reshape(-1)] for name, v in inputs.items()}
 
 
-def variant_name(variant: str, recipe: dict) -> str:
-    """What a row's `variant` says: the variant, and for `recipe` the changes (sorted, KEY=VALUE)."""
+def variant_name(variant: str, recipe: dict, image_size: int | None = None) -> str:
+    """What a row's `variant` says: the variant, for `recipe` the changes (sorted, KEY=VALUE), for `size` the
+    input size."""
+    if variant == "size":
+        return f"size {image_size}"
     if variant != "recipe":
         return variant
     return "recipe " + ",".join(
@@ -141,13 +146,15 @@ def variant_name(variant: str, recipe: dict) -> str:
     )
 
 
-def one_run(seed: int, model: str, variant: str, recipe: dict | None = None) -> dict:
+def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, image_size: int | None = None) -> dict:
     """In a child process: set the faces aside, train `model` (with `variant`) on the rest, score them."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     from gender_tasks import layout
 
+    if variant == "size":
+        replace_cpu_plan(model, image_size=image_size)
     if variant == "erase":
         _patch_erasing(seed)
     if variant == "recipe":
@@ -162,7 +169,7 @@ def one_run(seed: int, model: str, variant: str, recipe: dict | None = None) -> 
                          **split_probabilities(store, run["run_key"], model)}  # fmt: skip
         metrics = json.loads((store / layout.model_file_key(run["run_key"], model, "metrics.json")).read_text())
         return {
-            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant_name(variant, recipe or {}),
+            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant_name(variant, recipe or {}, image_size),
             "heldout_accuracy": float(np.mean([int(p >= 0.5) == y for p, y in zip(prob, labels, strict=True)])),
             "test_accuracy": done["trained"]["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
             "machine": machine(), "torch_threads": metrics["torch_threads"], "epochs": metrics["epochs"],
@@ -253,8 +260,9 @@ def _view_table(model: str, runs: list[dict], stored: dict[int, dict]) -> list[s
     return out
 
 
-def _child(seed: int, model: str, variant: str, threads: int, recipe: str = "") -> dict:
-    cmd = [sys.executable, __file__, "--one", str(seed), "--model", model, "--variant", variant, "--recipe", recipe]
+def _child(seed: int, model: str, variant: str, threads: int, recipe: str = "", image_size: int | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(seed), "--model", model, "--variant", variant, "--recipe", recipe,
+           *(["--image-size", str(image_size)] if image_size else [])]  # fmt: skip
     env = {**os.environ, "GENDER_TORCH_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -267,10 +275,13 @@ def _child(seed: int, model: str, variant: str, threads: int, recipe: str = "") 
 def main(argv: list[str] | None = None) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    from gender_tasks.models.registry import get_model_spec
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="cnn")
     parser.add_argument("--variant", choices=VARIANTS, default="erase")
     parser.add_argument("--recipe", default="", help="KEY=VALUE,...: the recipe's changes, for --variant recipe")
+    parser.add_argument("--image-size", type=int, help="PX: the member's input size, for --variant size")
     parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one torch thread each (as the stored rows)")
     parser.add_argument("--out", type=Path, default=Path("member-variants.jsonl"))
@@ -286,8 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     recipe = parse_recipe(parser, args.recipe)
     if (args.variant == "recipe") != bool(recipe):
         parser.error("--recipe KEY=VALUE,... goes with --variant recipe, and only with it")
+    if (args.variant == "size") != (args.image_size is not None):
+        parser.error("--image-size PX goes with --variant size, and only with it")
+    if args.image_size is not None and args.image_size < get_model_spec(args.model).min_image_size:
+        parser.error(f"--image-size: {args.model} needs at least {get_model_spec(args.model).min_image_size} px, "
+                     f"got {args.image_size}")  # fmt: skip
     if args.one is not None:
-        print("RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe)), flush=True)
+        print("RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe, args.image_size)), flush=True)
         return
     stored = _done(args.against, FRACTION)
     if args.table:
@@ -300,12 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     missing = [s for s in seeds if s not in stored]
     if missing:
         parser.error(f"--seeds {missing}: no row of the plan in force in {args.against} to compare with")
-    variant = variant_name(args.variant, recipe)
+    variant = variant_name(args.variant, recipe, args.image_size)
     done = {(r["seed"], r["model"], r["variant"]) for r in _rows(args.out)}
     todo = [s for s in seeds if (s, args.model, variant) not in done]
     print(f"{len(todo)} runs to go, {args.jobs} at a time, one torch thread each", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for row in pool.map(lambda s: _child(s, args.model, args.variant, 1, args.recipe), todo):
+        for row in pool.map(lambda s: _child(s, args.model, args.variant, 1, args.recipe, args.image_size), todo):
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(row["seed"], args.model, variant, row.get("error") or round(row["heldout_accuracy"], 3),
