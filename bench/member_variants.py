@@ -22,6 +22,8 @@ Variants (applied by this script, in the training child only; the product's code
   recipe, as `bench/heldout.py --recipe` does; the row's variant names the changes (`recipe label_smoothing=0.2`).
 - `size`: the member at `--image-size PX` instead of its registered `cpu` input size (its epochs and
   `min_steps` as registered); the row's variant names the size (`size 96`).
+- `epochs`: the member trained `--epochs N` epochs instead of its registered `cpu` epochs (its input size
+  and `min_steps` as registered); the row's variant names them (`epochs 96`).
 - `views`: the member as registered, its held-out faces also predicted under extra test-time views (each
   view through the exported module, so each is also mirrored): shifts of 2 px (reflection padding), a centre
   crop of the image decoded 8 px larger, a zoom-out of 3 px reflection padding. The table scores view sets.
@@ -62,7 +64,7 @@ from heldout import (  # noqa: E402 - the bench folder's own helpers
 )
 from scale_bench import machine, replace_cpu_plan  # noqa: E402
 
-VARIANTS = ("base", "erase", "recipe", "size", "views")
+VARIANTS = ("base", "erase", "recipe", "size", "epochs", "views")
 ERASE_P, ERASE_AREA, ERASE_ASPECT = 0.5, (0.02, 0.25), 0.3
 VIEW_SETS = {  # name: the views averaged (each view's P(male) is already the mean with its mirror image)
     "as shipped (image + mirror)": ("id",),
@@ -134,11 +136,13 @@ def _views(module, paths: list[Path], size: int) -> dict[str, list[float]]:
         return {name: [round(float(p), 4) for p in np.asarray(module(v)).reshape(-1)] for name, v in inputs.items()}
 
 
-def variant_name(variant: str, recipe: dict, image_size: int | None = None) -> str:
+def variant_name(variant: str, recipe: dict, image_size: int | None = None, epochs: int | None = None) -> str:
     """What a row's `variant` says: the variant, for `recipe` the changes (sorted, KEY=VALUE), for `size` the
-    input size."""
+    input size, for `epochs` the epochs."""
     if variant == "size":
         return f"size {image_size}"
+    if variant == "epochs":
+        return f"epochs {epochs}"
     if variant != "recipe":
         return variant
     return "recipe " + ",".join(
@@ -146,7 +150,8 @@ def variant_name(variant: str, recipe: dict, image_size: int | None = None) -> s
     )
 
 
-def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, image_size: int | None = None) -> dict:
+def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, image_size: int | None = None,
+            epochs: int | None = None) -> dict:  # fmt: skip
     """In a child process: set the faces aside, train `model` (with `variant`) on the rest, score them."""
     import logging
 
@@ -155,6 +160,8 @@ def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, ima
 
     if variant == "size":
         replace_cpu_plan(model, image_size=image_size)
+    if variant == "epochs":
+        replace_cpu_plan(model, epochs=epochs)
     if variant == "erase":
         _patch_erasing(seed)
     if variant == "recipe":
@@ -169,7 +176,7 @@ def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, ima
                          **split_probabilities(store, run["run_key"], model)}  # fmt: skip
         metrics = json.loads((store / layout.model_file_key(run["run_key"], model, "metrics.json")).read_text())
         return {
-            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant_name(variant, recipe or {}, image_size),
+            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant_name(variant, recipe or {}, image_size, epochs),
             "heldout_accuracy": float(np.mean([int(p >= 0.5) == y for p, y in zip(prob, labels, strict=True)])),
             "test_accuracy": done["trained"]["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
             "machine": machine(), "torch_threads": metrics["torch_threads"], "epochs": metrics["epochs"],
@@ -260,9 +267,11 @@ def _view_table(model: str, runs: list[dict], stored: dict[int, dict]) -> list[s
     return out
 
 
-def _child(seed: int, model: str, variant: str, threads: int, recipe: str = "", image_size: int | None = None) -> dict:
+def _child(seed: int, model: str, variant: str, threads: int, recipe: str = "", image_size: int | None = None,
+           epochs: int | None = None) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--one", str(seed), "--model", model, "--variant", variant, "--recipe", recipe,
-           *(["--image-size", str(image_size)] if image_size else [])]  # fmt: skip
+           *(["--image-size", str(image_size)] if image_size else []),
+           *(["--epochs", str(epochs)] if epochs else [])]  # fmt: skip
     env = {**os.environ, "GENDER_TORCH_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -282,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", choices=VARIANTS, default="erase")
     parser.add_argument("--recipe", default="", help="KEY=VALUE,...: the recipe's changes, for --variant recipe")
     parser.add_argument("--image-size", type=int, help="PX: the member's input size, for --variant size")
+    parser.add_argument("--epochs", type=int, help="N: the member's epochs, for --variant epochs")
     parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one torch thread each (as the stored rows)")
     parser.add_argument("--out", type=Path, default=Path("member-variants.jsonl"))
@@ -299,11 +309,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--recipe KEY=VALUE,... goes with --variant recipe, and only with it")
     if (args.variant == "size") != (args.image_size is not None):
         parser.error("--image-size PX goes with --variant size, and only with it")
+    if (args.variant == "epochs") != (args.epochs is not None):
+        parser.error("--epochs N goes with --variant epochs, and only with it")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs: expected 1 or more, got {args.epochs}")
     if args.image_size is not None and args.image_size < get_model_spec(args.model).min_image_size:
         parser.error(f"--image-size: {args.model} needs at least {get_model_spec(args.model).min_image_size} px, "
                      f"got {args.image_size}")  # fmt: skip
     if args.one is not None:
-        print("RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe, args.image_size)), flush=True)
+        print(
+            "RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe, args.image_size, args.epochs)),
+            flush=True,
+        )
         return
     stored = _done(args.against, FRACTION)
     if args.table:
@@ -316,12 +333,14 @@ def main(argv: list[str] | None = None) -> None:
     missing = [s for s in seeds if s not in stored]
     if missing:
         parser.error(f"--seeds {missing}: no row of the plan in force in {args.against} to compare with")
-    variant = variant_name(args.variant, recipe, args.image_size)
+    variant = variant_name(args.variant, recipe, args.image_size, args.epochs)
     done = {(r["seed"], r["model"], r["variant"]) for r in _rows(args.out)}
     todo = [s for s in seeds if (s, args.model, variant) not in done]
     print(f"{len(todo)} runs to go, {args.jobs} at a time, one torch thread each", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for row in pool.map(lambda s: _child(s, args.model, args.variant, 1, args.recipe, args.image_size), todo):
+        for row in pool.map(
+            lambda s: _child(s, args.model, args.variant, 1, args.recipe, args.image_size, args.epochs), todo
+        ):
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(row["seed"], args.model, variant, row.get("error") or round(row["heldout_accuracy"], 3),

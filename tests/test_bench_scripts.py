@@ -511,7 +511,8 @@ def test_member_variants_pairs_the_member_and_the_ensemble_with_the_stored_rows(
 @pytest.mark.parametrize("argv", [["--variant", "recipe"], ["--recipe", "label_smoothing=0.2"],
                                   ["--variant", "recipe", "--recipe", "dropout=0.2"], ["--model", "vgg"],
                                   ["--variant", "size"], ["--image-size", "96"],
-                                  ["--variant", "size", "--image-size", "10"]])  # fmt: skip
+                                  ["--variant", "size", "--image-size", "10"], ["--variant", "epochs"],
+                                  ["--epochs", "96"], ["--variant", "epochs", "--epochs", "0"]])  # fmt: skip
 def test_member_variants_options_are_checked(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         _bench("member_variants").main([*argv, "--out", "never-written.jsonl", "--one", "0"])
@@ -524,3 +525,4 @@ def test_member_variants_names_a_recipe_variant_by_its_changes():
     changes = {"weight_decay": 0.2, "label_smoothing": 0.2, "tta": False}
     assert variants.variant_name("recipe", changes) == "recipe label_smoothing=0.2,tta=false,weight_decay=0.2"
     assert variants.variant_name("size", {}, 96) == "size 96"
+    assert variants.variant_name("epochs", {}, epochs=96) == "epochs 96"
