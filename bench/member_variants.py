@@ -176,7 +176,8 @@ def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, ima
                          **split_probabilities(store, run["run_key"], model)}  # fmt: skip
         metrics = json.loads((store / layout.model_file_key(run["run_key"], model, "metrics.json")).read_text())
         return {
-            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model, "variant": variant_name(variant, recipe or {}, image_size, epochs),
+            "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model,
+            "variant": variant_name(variant, recipe or {}, image_size, epochs),
             "heldout_accuracy": float(np.mean([int(p >= 0.5) == y for p, y in zip(prob, labels, strict=True)])),
             "test_accuracy": done["trained"]["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
             "machine": machine(), "torch_threads": metrics["torch_threads"], "epochs": metrics["epochs"],
