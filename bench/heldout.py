@@ -109,16 +109,16 @@ def set_aside(seed: int, fraction: float, train_dir: Path, heldout_dir: Path, so
         if not 0 <= seed < folds:
             raise ValueError(f"seed {seed}: with {folds} folds the seeds are 0 to {folds - 1}, one per fold")
         held_out = {group for group, fold in fold_of(members, folds).items() if fold == seed}
-    rng = random.Random(f"heldout-{seed}")
-    for label in ("female", "male") if not folds else ():
-        order = sorted(g for g, m in members.items() if _majority(m) == label)
-        rng.shuffle(order)
-        wanted, held = round(fraction * sum(len(members[g]) for g in order)), 0
-        for group in order:
-            if held >= wanted:
-                break
-            held_out.add(group)
-            held += len(members[group])
+    else:
+        rng = random.Random(f"heldout-{seed}")
+        for label in ("female", "male"):
+            order = _shuffled_groups(members, label, rng)
+            wanted, held = round(fraction * sum(len(members[g]) for g in order)), 0
+            for group in order:
+                if held >= wanted:
+                    break
+                held_out.add(group)
+                held += len(members[group])
     counts = {label: {"heldout": 0, "run": 0} for label in ("female", "male")}
     for group, faces_of in members.items():
         side, target = ("heldout", heldout_dir) if group in held_out else ("run", train_dir)
@@ -137,14 +137,20 @@ def fold_of(members: dict[str, list[tuple[Path, str]]], folds: int) -> dict[str,
     rng = random.Random(f"heldout-folds-{folds}")
     fold: dict[str, int] = {}
     for label in ("female", "male"):
-        order = sorted(g for g, m in members.items() if _majority(m) == label)
-        rng.shuffle(order)
+        order = _shuffled_groups(members, label, rng)
         order.sort(key=lambda g: -len(members[g]))  # stable: equal sizes keep the random order
         held = [0] * folds
         for group in order:
             fold[group] = held.index(min(held))
             held[fold[group]] += len(members[group])
     return fold
+
+
+def _shuffled_groups(members: dict[str, list[tuple[Path, str]]], label: str, rng: random.Random) -> list[str]:
+    """The groups whose majority label is `label`, in an order drawn with `rng` (from their sorted ids)."""
+    order = sorted(g for g, m in members.items() if _majority(m) == label)
+    rng.shuffle(order)
+    return order
 
 
 def thin_out(run_dir: Path, keep: dict[str, float], seed: int, counts: dict) -> None:
@@ -681,23 +687,25 @@ def pooled_table(rows: list[dict]) -> str:
     the faces only one of the two gets right, and the exact two-sided McNemar p of that split."""
     from scipy.stats import binomtest
 
+    from gender_tasks.evaluation.stats import mcnemar
+
     rows = sorted((r for r in rows if "probabilities" in r and "error" not in r), key=lambda r: r["seed"])
     folds = {r.get("folds") for r in rows}
     if not rows or None in folds or len(folds) != 1:
         return "No rows of one K-fold deal (--folds) with probabilities."
     k = folds.pop()
     missing = sorted(set(range(k)) - {r["seed"] for r in rows})
-    right: dict[str, list[np.ndarray]] = {c: [] for c in (*MODELS, "ensemble")}
+    said: dict[str, list[np.ndarray]] = {c: [] for c in (*MODELS, "ensemble")}  # male (1) or not, per face
     for r in rows:
         held = r["probabilities"]["heldout"]
-        y = np.asarray(held["label"])
         weights = candidate_rules(r["probabilities"], r["flagged"])[1][SHIPPED_RULE]
         for m in MODELS:
-            right[m].append((np.asarray(held[m]) >= 0.5) == y)
-        mixed = sum(w * np.asarray(held[m], dtype=float) for m, w in weights.items()) / sum(weights.values())
-        right["ensemble"].append((mixed >= 0.5) == y)
-    hits = {c: np.concatenate(v) for c, v in right.items()}
-    faces = len(hits["ensemble"])
+            said[m].append(np.asarray(held[m]) >= 0.5)
+        said["ensemble"].append(_mixed(held, weights) >= 0.5)
+    y = np.concatenate([np.asarray(r["probabilities"]["heldout"]["label"]) for r in rows])
+    predicted = {c: np.concatenate(v).astype(int) for c, v in said.items()}
+    hits = {c: p == y for c, p in predicted.items()}
+    faces = len(y)
     train = statistics.mean(sum(r["counts"]["train"].values()) for r in rows)
     note = f" Folds not yet run: {', '.join(map(str, missing))}, so not every face is in." if missing else ""
     lines = [f"{len(rows)} of {k} folds, {faces} held-out faces, each run trained on {1 - 1 / k:.2f} of the faces "
@@ -708,9 +716,8 @@ def pooled_table(rows: list[dict]) -> str:
         lines.append(f"| {c} | {int(hit.sum())} of {faces} | {hit.mean():.3f} | {low:.3f} to {high:.3f} |")
     lines += ["", "| model | only the ensemble right | only the model right | McNemar p |", "|---|---|---|---|"]
     for m in MODELS:
-        ens_only, model_only = int((hits["ensemble"] & ~hits[m]).sum()), int((hits[m] & ~hits["ensemble"]).sum())
-        p = binomtest(ens_only, ens_only + model_only).pvalue if ens_only + model_only else 1.0
-        lines.append(f"| {m} | {ens_only} | {model_only} | {p:.3f} |")
+        test = mcnemar(y, predicted["ensemble"], predicted[m])
+        lines.append(f"| {m} | {test['only_a_right']} | {test['only_b_right']} | {test['p_value']:.3f} |")
     return "\n".join(lines)
 
 
@@ -719,10 +726,14 @@ def _mean_se(values: list[float], sign: str) -> str:
     return f"{mean:{sign}.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
 
 
+def _mixed(probs: dict[str, list[float]], weights: dict[str, float]) -> np.ndarray:
+    """The weighted mean of the models' P(male)."""
+    return sum(w * np.asarray(probs[m], dtype=float) for m, w in weights.items()) / sum(weights.values())
+
+
 def _mixed_accuracy(labels, probs: dict[str, list[float]], weights: dict[str, float]) -> float:
     """Accuracy of the weighted mean of the models' P(male) against `labels` (1 = male)."""
-    mean = sum(w * np.asarray(probs[m], dtype=float) for m, w in weights.items()) / sum(weights.values())
-    return float(((mean >= 0.5) == np.asarray(labels)).mean())
+    return float(((_mixed(probs, weights) >= 0.5) == np.asarray(labels)).mean())
 
 
 BEST_SUBSET = "bound, not a rule: the best equal-weight subset, chosen on the held-out faces themselves"

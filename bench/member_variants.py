@@ -314,9 +314,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--epochs N goes with --variant epochs, and only with it")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs: expected 1 or more, got {args.epochs}")
-    if args.image_size is not None and args.image_size < get_model_spec(args.model).min_image_size:
-        parser.error(f"--image-size: {args.model} needs at least {get_model_spec(args.model).min_image_size} px, "
-                     f"got {args.image_size}")  # fmt: skip
+    smallest = get_model_spec(args.model).min_image_size
+    if args.image_size is not None and args.image_size < smallest:
+        parser.error(f"--image-size: {args.model} needs at least {smallest} px, got {args.image_size}")
     if args.one is not None:
         print(
             "RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe, args.image_size, args.epochs)),
