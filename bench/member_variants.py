@@ -14,7 +14,9 @@ chosen again, on validation only, by the shipped rule and the others of `heldout
 Variants (applied by this script, in the training child only; the product's code is unchanged):
 
 - `base`: the member as registered. The control: on the kind of machine and thread count that wrote the
-  stored rows it must give their figures to the face (the table says in how many seeds it does).
+  stored rows it must give their figures to the face (the table says in how many seeds it does). On another
+  kind of CPU it moves by a face or two; the table then also pairs each variant with the `base` run of the
+  same seed on the same kind of machine, which leaves that noise out.
 - `erase`: random erasing after the recipe's flips (per image: probability 0.5, a rectangle of 2-25 % of the
   image, aspect 0.3-3.3, set to 0 after normalisation, i.e. the channel means), as torchvision's
   `RandomErasing` does for one image, drawn per image from a generator seeded by the run's seed.
@@ -228,9 +230,8 @@ def table(rows: list[dict], stored: dict[int, dict]) -> str:
         for r in runs:
             old = stored[r["seed"]]
             for probs, into in ((_swapped(old, r), ens), (old["probabilities"], ens_old)):
-                weights = candidate_rules(probs, old["flagged"])[1]
-                for rule in (shipped_rule, all_four):
-                    into[rule].append(_mixed_accuracy(probs["heldout"]["label"], probs["heldout"], weights[rule]))
+                for rule, accuracy in _ensembles(probs, old["flagged"], (shipped_rule, all_four)).items():
+                    into[rule].append(accuracy)
         cells = []
         for rule in (shipped_rule, all_four):
             d = [a - b for a, b in zip(ens[rule], ens_old[rule], strict=True)]
@@ -240,7 +241,48 @@ def table(rows: list[dict], stored: dict[int, dict]) -> str:
                      f"| {sum(abs(d) <= 1e-9 for d in diff)} of {len(runs)} | " + " | ".join(cells) + " |")  # fmt: skip
         if variant == "views":
             view_lines += _view_table(model, runs, stored)
-    return "\n".join(lines + ([""] + view_lines if view_lines else []))
+    base_lines = _base_table(rows, stored)
+    return "\n".join(lines + ([""] + view_lines if view_lines else []) + ([""] + base_lines if base_lines else []))
+
+
+def _ensembles(probs: dict, flagged: list[str], rules: tuple[str, ...]) -> dict[str, float]:
+    """Held-out accuracy of the ensemble each rule in `rules` picks on validation from `probs`."""
+    weights = candidate_rules(probs, flagged)[1]
+    return {rule: _mixed_accuracy(probs["heldout"]["label"], probs["heldout"], weights[rule]) for rule in rules}
+
+
+def _kind(row: dict) -> str:
+    return json.dumps(row.get("machine"), sort_keys=True)
+
+
+def _base_table(rows: list[dict], stored: dict[int, dict]) -> list[str]:
+    """Markdown lines: each variant paired seed by seed with the `base` run of the same model and seed on the same
+    kind of machine, both set into the stored rows. Another kind of CPU moves a model by a face or two (the
+    control then differs from the stored rows), and this pairing leaves that out. Empty without such pairs."""
+    base = {(r["model"], r["seed"], _kind(r)): r for r in rows if r["variant"] == "base" and r["seed"] in stored}
+    by: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+    for r in rows:
+        control = base.get((r["model"], r["seed"], _kind(r)))
+        if r["variant"] != "base" and control is not None:
+            by.setdefault((r["model"], r["variant"]), []).append((r, control))
+    if not by:
+        return []
+    lines = ["Paired with the `base` run of the same seed on the same kind of machine:", "",
+             "| model | variant | seeds | member held-out | base | difference | t | better / worse "
+             "| ensemble, shipped rule | base's | difference (t) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (model, variant), pairs in sorted(by.items()):
+        pairs.sort(key=lambda pair: pair[0]["seed"])
+        member = [r["heldout_accuracy"] for r, _ in pairs]
+        controls = [c["heldout_accuracy"] for _, c in pairs]
+        diff = [a - b for a, b in zip(member, controls, strict=True)]
+        ens, ens_base = ([_ensembles(_swapped(stored[r["seed"]], r), stored[r["seed"]]["flagged"], (SHIPPED_RULE,))
+                          [SHIPPED_RULE] for r in runs] for runs in zip(*pairs, strict=True))  # fmt: skip
+        d = [a - b for a, b in zip(ens, ens_base, strict=True)]
+        lines.append(f"| {model} | {variant} | {len(pairs)} | {statistics.mean(member):.3f} | "
+                     f"{statistics.mean(controls):.3f} | {statistics.mean(diff):+.3f} | {t_text(diff)} "
+                     f"| {sum(x > 1e-9 for x in diff)} / {sum(x < -1e-9 for x in diff)} | {statistics.mean(ens):.3f} "
+                     f"| {statistics.mean(ens_base):.3f} | {statistics.mean(d):+.3f} ({t_text(d)}) |")  # fmt: skip
+    return lines
 
 
 def _view_table(model: str, runs: list[dict], stored: dict[int, dict]) -> list[str]:

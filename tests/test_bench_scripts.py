@@ -472,8 +472,7 @@ def _member_row(seed, model, variant, held, val):
         "test": {"label": [1], model: [0.9]}}}  # fmt: skip
 
 
-def test_member_variants_pairs_the_member_and_the_ensemble_with_the_stored_rows():
-    variants = _bench("member_variants")
+def _stored_rows(variants) -> dict[int, dict]:
     stored = {}
     for seed in (0, 1):
         probs = {split: {"label": labels} for split, labels in
@@ -484,6 +483,12 @@ def test_member_variants_pairs_the_member_and_the_ensemble_with_the_stored_rows(
             probs["test"][m] = [0.9]
         held = {m: 0.75 if m == "cnn" else 0.5 for m in variants.MODELS}
         stored[seed] = {"seed": seed, "flagged": [], "heldout_accuracy": held, "probabilities": probs}
+    return stored
+
+
+def test_member_variants_pairs_the_member_and_the_ensemble_with_the_stored_rows():
+    variants = _bench("member_variants")
+    stored = _stored_rows(variants)
     control = [_member_row(s, "cnn", "base", [0.2, 0.6, 0.8, 0.9], [0.2, 0.8]) for s in (0, 1)]
     better = [_member_row(s, "cnn", "erase", [0.2, 0.4, 0.8, 0.9], [0.1, 0.9]) for s in (0, 1)]
     lines = variants.table([*control, *better], stored).splitlines()
@@ -506,6 +511,26 @@ def test_member_variants_pairs_the_member_and_the_ensemble_with_the_stored_rows(
     moved["probabilities"]["val"]["label"] = [1, 0]  # another draw's images: refused, not paired
     with pytest.raises(SystemExit, match="seed 0: the val labels differ"):
         variants.table([moved], stored)
+
+
+def test_member_variants_pairs_a_variant_with_the_base_run_on_the_same_kind_of_machine():
+    variants = _bench("member_variants")
+    stored = _stored_rows(variants)  # the CNN wrong on one held-out face of four
+    avx2, avx512 = {"cpu": "AMD EPYC", "capability": "AVX2"}, {"cpu": "AMD EPYC", "capability": "AVX512"}
+    # On this kind of machine the control is a face worse than the stored rows (another CPU's numerics) ...
+    base = [{**_member_row(s, "cnn", "base", [0.2, 0.6, 0.4, 0.9], [0.2, 0.8]), "machine": avx2} for s in (0, 1)]
+    # ... and the variant equals the stored rows: against them it gains nothing, against its own base a face.
+    sam = [{**_member_row(s, "cnn", "recipe sam_rho=0.05", [0.2, 0.6, 0.8, 0.9], [0.2, 0.8]), "machine": avx2}
+           for s in (0, 1)]  # fmt: skip
+    other = {**_member_row(0, "cnn", "erase", [0.2, 0.4, 0.8, 0.9], [0.2, 0.8]), "machine": avx512}  # no base there
+    text = variants.table([*base, *sam, other], stored)
+    assert "| cnn | recipe sam_rho=0.05 | 2 | 0.750 | +0.000 | identical in every seed |" in text
+    paired = text.split("Paired with the `base` run of the same seed on the same kind of machine:")[1]
+    # The shipped rule picks the CNN alone (perfect and confident on validation), so the ensemble moves with it.
+    assert paired.strip().splitlines()[2:] == [
+        "| cnn | recipe sam_rho=0.05 | 2 | 0.750 | 0.500 | +0.250 | the same in every seed | 2 / 0 | 0.750 | 0.500 "
+        "| +0.250 (the same in every seed) |"]  # fmt: skip
+    assert "Paired with the `base` run" not in variants.table([other], stored)
 
 
 @pytest.mark.parametrize("argv", [["--variant", "recipe"], ["--recipe", "label_smoothing=0.2"],
