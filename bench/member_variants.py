@@ -67,6 +67,7 @@ from heldout import (  # noqa: E402 - the bench folder's own helpers
 from scale_bench import machine, replace_cpu_plan  # noqa: E402
 
 VARIANTS = ("base", "erase", "recipe", "size", "epochs", "views")
+ALL_FOUR = "all, equal weights"  # the rule of heldout.candidate_rules that averages every unflagged model alike
 ERASE_P, ERASE_AREA, ERASE_ASPECT = 0.5, (0.02, 0.25), 0.3
 VIEW_SETS = {  # name: the views averaged (each view's P(male) is already the mean with its mirror image)
     "as shipped (image + mirror)": ("id",),
@@ -220,28 +221,27 @@ def table(rows: list[dict], stored: dict[int, dict]) -> str:
     for r in rows:
         if r["seed"] in stored:
             by.setdefault((r["model"], r["variant"]), []).append(r)
-    shipped_rule, all_four = SHIPPED_RULE, "all, equal weights"
+    rules = (SHIPPED_RULE, ALL_FOUR)
+    # Each ensemble chosen once: every row's (its member set into its seed's stored row) and every seed's stored one.
+    ensembles = {id(r): _ensembles(_swapped(stored[r["seed"]], r), stored[r["seed"]]["flagged"], rules)
+                 for runs in by.values() for r in runs}  # fmt: skip
+    as_stored = {s: _ensembles(stored[s]["probabilities"], stored[s]["flagged"], rules)
+                 for s in {r["seed"] for runs in by.values() for r in runs}}  # fmt: skip
     for (model, variant), runs in sorted(by.items()):
         runs.sort(key=lambda r: r["seed"])
         member = [r["heldout_accuracy"] for r in runs]
         diff = [r["heldout_accuracy"] - stored[r["seed"]]["heldout_accuracy"][model] for r in runs]
-        ens: dict[str, list[float]] = {shipped_rule: [], all_four: []}
-        ens_old: dict[str, list[float]] = {shipped_rule: [], all_four: []}
-        for r in runs:
-            old = stored[r["seed"]]
-            for probs, into in ((_swapped(old, r), ens), (old["probabilities"], ens_old)):
-                for rule, accuracy in _ensembles(probs, old["flagged"], (shipped_rule, all_four)).items():
-                    into[rule].append(accuracy)
         cells = []
-        for rule in (shipped_rule, all_four):
-            d = [a - b for a, b in zip(ens[rule], ens_old[rule], strict=True)]
-            cells += [f"{statistics.mean(ens[rule]):.3f}", f"{statistics.mean(d):+.3f} (t {t_text(d)})"]
+        for rule in rules:
+            ens = [ensembles[id(r)][rule] for r in runs]
+            d = [a - as_stored[r["seed"]][rule] for a, r in zip(ens, runs, strict=True)]
+            cells += [f"{statistics.mean(ens):.3f}", f"{statistics.mean(d):+.3f} (t {t_text(d)})"]
         lines.append(f"| {model} | {variant} | {len(runs)} | {statistics.mean(member):.3f} | {statistics.mean(diff):+.3f} "
-                     f"| {t_text(diff)} | {sum(d > 1e-9 for d in diff)} / {sum(d < -1e-9 for d in diff)} "
+                     f"| {t_text(diff)} | {_better_worse(diff)} "
                      f"| {sum(abs(d) <= 1e-9 for d in diff)} of {len(runs)} | " + " | ".join(cells) + " |")  # fmt: skip
         if variant == "views":
             view_lines += _view_table(model, runs, stored)
-    base_lines = _base_table(rows, stored)
+    base_lines = _base_table(by, {r_id: e[SHIPPED_RULE] for r_id, e in ensembles.items()})
     return "\n".join(lines + ([""] + view_lines if view_lines else []) + ([""] + base_lines if base_lines else []))
 
 
@@ -251,36 +251,46 @@ def _ensembles(probs: dict, flagged: list[str], rules: tuple[str, ...]) -> dict[
     return {rule: _mixed_accuracy(probs["heldout"]["label"], probs["heldout"], weights[rule]) for rule in rules}
 
 
+def _better_worse(diff: list[float]) -> str:
+    """How many of the paired differences are above zero / below zero."""
+    return f"{sum(d > 1e-9 for d in diff)} / {sum(d < -1e-9 for d in diff)}"
+
+
 def _kind(row: dict) -> str:
     return json.dumps(row.get("machine"), sort_keys=True)
 
 
-def _base_table(rows: list[dict], stored: dict[int, dict]) -> list[str]:
+def _base_table(by: dict[tuple[str, str], list[dict]], shipped: dict[int, float]) -> list[str]:
     """Markdown lines: each variant paired seed by seed with the `base` run of the same model and seed on the same
-    kind of machine, both set into the stored rows. Another kind of CPU moves a model by a face or two (the
-    control then differs from the stored rows), and this pairing leaves that out. Empty without such pairs."""
-    base = {(r["model"], r["seed"], _kind(r)): r for r in rows if r["variant"] == "base" and r["seed"] in stored}
-    by: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
-    for r in rows:
-        control = base.get((r["model"], r["seed"], _kind(r)))
-        if r["variant"] != "base" and control is not None:
-            by.setdefault((r["model"], r["variant"]), []).append((r, control))
-    if not by:
+    kind of machine. `by` holds table()'s rows by (model, variant), `shipped` the held-out accuracy of the
+    ensemble the shipped rule picks with each row's member set into the stored row (by the row's id). Another
+    kind of CPU moves a model by a face or two (the control then differs from the stored rows), and this pairing
+    leaves that out. Empty without such pairs."""
+    base = {
+        (r["model"], r["seed"], _kind(r)): r for (_, variant), runs in by.items() if variant == "base" for r in runs
+    }
+    paired: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+    for (model, variant), runs in by.items():
+        for r in runs:
+            control = base.get((model, r["seed"], _kind(r)))
+            if variant != "base" and control is not None:
+                paired.setdefault((model, variant), []).append((r, control))
+    if not paired:
         return []
     lines = ["Paired with the `base` run of the same seed on the same kind of machine:", "",
              "| model | variant | seeds | member held-out | base | difference | t | better / worse "
              "| ensemble, shipped rule | base's | difference (t) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (model, variant), pairs in sorted(by.items()):
+    for (model, variant), pairs in sorted(paired.items()):
         pairs.sort(key=lambda pair: pair[0]["seed"])
         member = [r["heldout_accuracy"] for r, _ in pairs]
         controls = [c["heldout_accuracy"] for _, c in pairs]
         diff = [a - b for a, b in zip(member, controls, strict=True)]
-        ens, ens_base = ([_ensembles(_swapped(stored[r["seed"]], r), stored[r["seed"]]["flagged"], (SHIPPED_RULE,))
-                          [SHIPPED_RULE] for r in runs] for runs in zip(*pairs, strict=True))  # fmt: skip
+        ens = [shipped[id(r)] for r, _ in pairs]
+        ens_base = [shipped[id(c)] for _, c in pairs]
         d = [a - b for a, b in zip(ens, ens_base, strict=True)]
         lines.append(f"| {model} | {variant} | {len(pairs)} | {statistics.mean(member):.3f} | "
                      f"{statistics.mean(controls):.3f} | {statistics.mean(diff):+.3f} | {t_text(diff)} "
-                     f"| {sum(x > 1e-9 for x in diff)} / {sum(x < -1e-9 for x in diff)} | {statistics.mean(ens):.3f} "
+                     f"| {_better_worse(diff)} | {statistics.mean(ens):.3f} "
                      f"| {statistics.mean(ens_base):.3f} | {statistics.mean(d):+.3f} ({t_text(d)}) |")  # fmt: skip
     return lines
 
@@ -302,7 +312,7 @@ def _view_table(model: str, runs: list[dict], stored: dict[int, dict]) -> list[s
             pair.append(float((((p + other) / 2 >= 0.5) == y).mean()))
         first = first or accs
         diff = [a - b for a, b in zip(accs, first, strict=True)]
-        counts = f"{sum(d > 1e-9 for d in diff)} / {sum(d < -1e-9 for d in diff)}"
+        counts = _better_worse(diff)
         paired = "" if model == "mobilenetv2" else f"{statistics.mean(pair):.3f}"
         out.append(
             f"| {name} | {statistics.mean(accs):.3f} | {statistics.mean(diff):+.3f} | {t_text(diff)} | {counts} | {paired} |"
