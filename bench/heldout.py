@@ -451,9 +451,10 @@ def per_class_table(rows: list[dict]) -> str:
         held = r["probabilities"]["heldout"]
         labels = np.asarray(held["label"])
         members = r.get("ensemble_members") or []
-        weights = r.get("ensemble_weights") or [1 / len(members)] * len(members)
+        weights = r.get("ensemble_weights") or [1.0] * len(members)
+        total = sum(weights)  # stored weights are rounded: scaled to sum to 1, as the ensemble's own mean
         probs = {m: np.asarray(held[m]) for m in MODELS}
-        probs["ensemble"] = sum(w * probs[m] for m, w in zip(members, weights, strict=True))
+        probs["ensemble"] = sum(w / total * probs[m] for m, w in zip(members, weights, strict=True))
         for c in COLUMNS:
             said = probs[c] >= 0.5
             female, male = float(np.mean(~said[labels == 0])), float(np.mean(said[labels == 1]))

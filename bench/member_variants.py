@@ -26,6 +26,10 @@ Variants (applied by this script, in the training child only; the product's code
   `min_steps` as registered); the row's variant names the size (`size 96`).
 - `epochs`: the member trained `--epochs N` epochs instead of its registered `cpu` epochs (its input size
   and `min_steps` as registered); the row's variant names them (`epochs 96`).
+- `rate`: the member at peak learning rate `--learning-rate X` instead of the `cpu` profile's (the schedule's
+  shape as shipped); the row's variant names it (`rate 0.001`).
+- `batch`: the member trained in batches of `--batch-size N` instead of the `cpu` profile's 32 (the same
+  epochs, so more or fewer optimizer steps; the peak rate as shipped); the row's variant names it (`batch 16`).
 - `views`: the member as registered, its held-out faces also predicted under extra test-time views (each
   view through the exported module, so each is also mirrored): shifts of 2 px (reflection padding), a centre
   crop of the image decoded 8 px larger, a zoom-out of 3 px reflection padding. The table scores view sets.
@@ -66,7 +70,7 @@ from heldout import (  # noqa: E402 - the bench folder's own helpers
 )
 from scale_bench import machine, replace_cpu_plan  # noqa: E402
 
-VARIANTS = ("base", "erase", "recipe", "size", "epochs", "views")
+VARIANTS = ("base", "erase", "recipe", "size", "epochs", "rate", "batch", "views")
 ALL_FOUR = "all, equal weights"  # the rule of heldout.candidate_rules that averages every unflagged model alike
 ERASE_P, ERASE_AREA, ERASE_ASPECT = 0.5, (0.02, 0.25), 0.3
 VIEW_SETS = {  # name: the views averaged (each view's P(male) is already the mean with its mirror image)
@@ -139,13 +143,18 @@ def _views(module, paths: list[Path], size: int) -> dict[str, list[float]]:
         return {name: [round(float(p), 4) for p in np.asarray(module(v)).reshape(-1)] for name, v in inputs.items()}
 
 
-def variant_name(variant: str, recipe: dict, image_size: int | None = None, epochs: int | None = None) -> str:
+def variant_name(variant: str, recipe: dict, image_size: int | None = None, epochs: int | None = None,
+                 profile: dict | None = None) -> str:  # fmt: skip
     """What a row's `variant` says: the variant, for `recipe` the changes (sorted, KEY=VALUE), for `size` the
-    input size, for `epochs` the epochs."""
+    input size, for `epochs` the epochs, for `rate` and `batch` the peak rate and the batch size."""
     if variant == "size":
         return f"size {image_size}"
     if variant == "epochs":
         return f"epochs {epochs}"
+    if variant == "rate":
+        return f"rate {(profile or {})['learning_rate']:g}"
+    if variant == "batch":
+        return f"batch {(profile or {})['batch_size']}"
     if variant != "recipe":
         return variant
     return "recipe " + ",".join(
@@ -153,8 +162,18 @@ def variant_name(variant: str, recipe: dict, image_size: int | None = None, epoc
     )
 
 
+def set_cpu_profile(changes: dict) -> None:
+    """The `cpu` profile with these of its fields changed (learning_rate, batch_size), in this process only."""
+    import dataclasses
+
+    from gender_tasks.settings.profiles import PROFILES
+
+    if changes:
+        PROFILES["cpu"] = dataclasses.replace(PROFILES["cpu"], **changes)
+
+
 def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, image_size: int | None = None,
-            epochs: int | None = None) -> dict:  # fmt: skip
+            epochs: int | None = None, profile: dict | None = None) -> dict:  # fmt: skip
     """In a child process: set the faces aside, train `model` (with `variant`) on the rest, score them."""
     import logging
 
@@ -169,6 +188,8 @@ def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, ima
         _patch_erasing(seed)
     if variant == "recipe":
         set_cpu_recipe(recipe or {})
+    if variant in ("rate", "batch"):
+        set_cpu_profile(profile or {})
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="member-variants-"))
     try:
@@ -180,7 +201,7 @@ def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, ima
         metrics = json.loads((store / layout.model_file_key(run["run_key"], model, "metrics.json")).read_text())
         return {
             "seed": seed, "fraction": FRACTION, "draw": DRAW, "model": model,
-            "variant": variant_name(variant, recipe or {}, image_size, epochs),
+            "variant": variant_name(variant, recipe or {}, image_size, epochs, profile),
             "heldout_accuracy": float(np.mean([int(p >= 0.5) == y for p, y in zip(prob, labels, strict=True)])),
             "test_accuracy": done["trained"]["test_accuracy"], "seconds": round(time.perf_counter() - started, 1),
             "machine": machine(), "torch_threads": metrics["torch_threads"], "epochs": metrics["epochs"],
@@ -321,10 +342,13 @@ def _view_table(model: str, runs: list[dict], stored: dict[int, dict]) -> list[s
 
 
 def _child(seed: int, model: str, variant: str, threads: int, recipe: str = "", image_size: int | None = None,
-           epochs: int | None = None) -> dict:  # fmt: skip
+           epochs: int | None = None, profile: dict | None = None) -> dict:  # fmt: skip
+    profile = profile or {}
     cmd = [sys.executable, __file__, "--one", str(seed), "--model", model, "--variant", variant, "--recipe", recipe,
            *(["--image-size", str(image_size)] if image_size else []),
-           *(["--epochs", str(epochs)] if epochs else [])]  # fmt: skip
+           *(["--epochs", str(epochs)] if epochs else []),
+           *(["--learning-rate", repr(profile["learning_rate"])] if "learning_rate" in profile else []),
+           *(["--batch-size", str(profile["batch_size"])] if "batch_size" in profile else [])]  # fmt: skip
     env = {**os.environ, "GENDER_TORCH_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -345,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="", help="KEY=VALUE,...: the recipe's changes, for --variant recipe")
     parser.add_argument("--image-size", type=int, help="PX: the member's input size, for --variant size")
     parser.add_argument("--epochs", type=int, help="N: the member's epochs, for --variant epochs")
+    parser.add_argument("--learning-rate", type=float, help="X: the member's peak learning rate, for --variant rate")
+    parser.add_argument("--batch-size", type=int, help="N: the member's batch size, for --variant batch")
     parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one torch thread each (as the stored rows)")
     parser.add_argument("--out", type=Path, default=Path("member-variants.jsonl"))
@@ -366,12 +392,22 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--epochs N goes with --variant epochs, and only with it")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs: expected 1 or more, got {args.epochs}")
+    if (args.variant == "rate") != (args.learning_rate is not None):
+        parser.error("--learning-rate X goes with --variant rate, and only with it")
+    if args.learning_rate is not None and not 0 < args.learning_rate < 1:
+        parser.error(f"--learning-rate: expected a number between 0 and 1, got {args.learning_rate}")
+    if (args.variant == "batch") != (args.batch_size is not None):
+        parser.error("--batch-size N goes with --variant batch, and only with it")
+    if args.batch_size is not None and args.batch_size < 2:
+        parser.error(f"--batch-size: expected 2 or more, got {args.batch_size}")
+    profile = {key: value for key, value in (("learning_rate", args.learning_rate), ("batch_size", args.batch_size))
+               if value is not None}  # fmt: skip
     smallest = get_model_spec(args.model).min_image_size
     if args.image_size is not None and args.image_size < smallest:
         parser.error(f"--image-size: {args.model} needs at least {smallest} px, got {args.image_size}")
     if args.one is not None:
         print(
-            "RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe, args.image_size, args.epochs)),
+            "RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe, args.image_size, args.epochs, profile)),
             flush=True,
         )
         return
@@ -386,13 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     missing = [s for s in seeds if s not in stored]
     if missing:
         parser.error(f"--seeds {missing}: no row of the plan in force in {args.against} to compare with")
-    variant = variant_name(args.variant, recipe, args.image_size, args.epochs)
+    variant = variant_name(args.variant, recipe, args.image_size, args.epochs, profile)
     done = {(r["seed"], r["model"], r["variant"]) for r in _rows(args.out)}
     todo = [s for s in seeds if (s, args.model, variant) not in done]
     print(f"{len(todo)} runs to go, {args.jobs} at a time, one torch thread each", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for row in pool.map(
-            lambda s: _child(s, args.model, args.variant, 1, args.recipe, args.image_size, args.epochs), todo
+            lambda s: _child(s, args.model, args.variant, 1, args.recipe, args.image_size, args.epochs, profile), todo
         ):
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -351,6 +351,8 @@ def test_heldout_keeps_other_recipes_and_balances_apart_and_reads_recall_per_cla
     # cnn: 2 of 3 females right, the male right; the ensemble averages cnn and resnet50: 0.1 0.15 0.4 0.65
     assert "| cnn | 0.667 | 1.000 | 0.833 |" in shown and "| resnet50 | 1.000 | 0.000 | 0.500 |" in shown
     assert "| ensemble | 1.000 | 1.000 | 1.000 |" in shown
+    # weights as stored (rounded) need not sum to 1: the ensemble is their weighted mean all the same
+    assert heldout.per_class_table([{**rows[0], "ensemble_weights": [0.3, 0.3]}]) == shown
     faces = tmp_path / "faces"
     _noise_faces(faces, 10)
     counts = {"female": {"run": 10}, "male": {"run": 10}}
@@ -537,7 +539,10 @@ def test_member_variants_pairs_a_variant_with_the_base_run_on_the_same_kind_of_m
                                   ["--variant", "recipe", "--recipe", "dropout=0.2"], ["--model", "vgg"],
                                   ["--variant", "size"], ["--image-size", "96"],
                                   ["--variant", "size", "--image-size", "10"], ["--variant", "epochs"],
-                                  ["--epochs", "96"], ["--variant", "epochs", "--epochs", "0"]])  # fmt: skip
+                                  ["--epochs", "96"], ["--variant", "epochs", "--epochs", "0"],
+                                  ["--variant", "rate"], ["--learning-rate", "0.001"],
+                                  ["--variant", "rate", "--learning-rate", "2"], ["--variant", "batch"],
+                                  ["--batch-size", "16"], ["--variant", "batch", "--batch-size", "1"]])  # fmt: skip
 def test_member_variants_options_are_checked(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         _bench("member_variants").main([*argv, "--out", "never-written.jsonl", "--one", "0"])
@@ -551,3 +556,18 @@ def test_member_variants_names_a_recipe_variant_by_its_changes():
     assert variants.variant_name("recipe", changes) == "recipe label_smoothing=0.2,tta=false,weight_decay=0.2"
     assert variants.variant_name("size", {}, 96) == "size 96"
     assert variants.variant_name("epochs", {}, epochs=96) == "epochs 96"
+    assert variants.variant_name("rate", {}, profile={"learning_rate": 0.001}) == "rate 0.001"
+    assert variants.variant_name("batch", {}, profile={"batch_size": 16}) == "batch 16"
+
+
+def test_member_variants_rate_and_batch_reach_the_resolved_settings(monkeypatch):
+    from gender_tasks.settings import resolve_settings
+    from gender_tasks.settings.profiles import PROFILES
+
+    monkeypatch.setitem(PROFILES, "cpu", PROFILES["cpu"])  # restored after the test
+    shipped = resolve_settings({"profile": "cpu"})
+    _bench("member_variants").set_cpu_profile({"learning_rate": 0.004, "batch_size": 16})
+    changed = resolve_settings({"profile": "cpu"})
+    assert (changed.learning_rate, changed.batch_size) == (0.004, 16)
+    assert (shipped.learning_rate, shipped.batch_size) == (0.002, 32)
+    assert changed.recipe == shipped.recipe and changed.per_model == shipped.per_model
