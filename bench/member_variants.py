@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--image-size: {args.model} needs at least {smallest} px, got {args.image_size}")
     if args.one is not None:
         print(
-            "RESULT " + json.dumps(one_run(args.one, args.model, args.variant, recipe, args.image_size, args.epochs, profile)),
+            "RESULT "
+            + json.dumps(one_run(args.one, args.model, args.variant, recipe, args.image_size, args.epochs, profile)),
             flush=True,
         )
         return
