@@ -333,6 +333,17 @@ def _row_recipe(row: dict) -> dict:
     return row.get("recipe") or {**cpu_recipe(), **RECIPE_ADDED_SINCE}
 
 
+def set_cpu_profile(changes: dict) -> None:
+    """The `cpu` profile with these of its fields changed (learning_rate, batch_size, recipe, ...), in this
+    process only."""
+    import dataclasses
+
+    from gender_tasks.settings.profiles import PROFILES
+
+    if changes:
+        PROFILES["cpu"] = dataclasses.replace(PROFILES["cpu"], **changes)
+
+
 def set_cpu_recipe(changes: dict) -> None:
     """The `cpu` profile trains with these recipe fields changed, in this process only."""
     import dataclasses
@@ -340,8 +351,7 @@ def set_cpu_recipe(changes: dict) -> None:
     from gender_tasks.settings.profiles import PROFILES
 
     if changes:
-        profile = PROFILES["cpu"]
-        PROFILES["cpu"] = dataclasses.replace(profile, recipe=dataclasses.replace(profile.recipe, **changes))
+        set_cpu_profile({"recipe": dataclasses.replace(PROFILES["cpu"].recipe, **changes)})
 
 
 def parse_keep(parser, text: str) -> dict[str, float]:

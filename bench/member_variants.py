@@ -63,6 +63,7 @@ from heldout import (  # noqa: E402 - the bench folder's own helpers
     _mixed_accuracy,
     candidate_rules,
     parse_recipe,
+    set_cpu_profile,
     set_cpu_recipe,
     split_probabilities,
     t_text,
@@ -160,16 +161,6 @@ def variant_name(variant: str, recipe: dict, image_size: int | None = None, epoc
     return "recipe " + ",".join(
         f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(recipe.items())
     )
-
-
-def set_cpu_profile(changes: dict) -> None:
-    """The `cpu` profile with these of its fields changed (learning_rate, batch_size), in this process only."""
-    import dataclasses
-
-    from gender_tasks.settings.profiles import PROFILES
-
-    if changes:
-        PROFILES["cpu"] = dataclasses.replace(PROFILES["cpu"], **changes)
 
 
 def one_run(seed: int, model: str, variant: str, recipe: dict | None = None, image_size: int | None = None,
