@@ -372,7 +372,32 @@ def test_hidden_entries_are_skipped_and_said(tmp_path, local_storage, caplog):
         out = pipeline.ingest(run)["dataset"]
     manifest = read_manifest(local_storage, manifest_key(out["dataset_id"]))
     assert not manifest["source_path"].str.contains(r"\.cache|\.DS_Store").any() and out["images"] == 2 * PER_CLASS
-    assert "skipped 2 hidden file(s) or folder(s)" in caplog.text and "female/.cache" in caplog.text
+    assert "skipped 2 hidden or system file(s) or folder(s)" in caplog.text and "female/.cache" in caplog.text
+
+
+def test_what_macos_and_windows_write_beside_the_images_is_skipped_and_said(tmp_path, local_storage, caplog):
+    # A zip made by macOS's Finder: the compressed folder beside `__MACOSX/`, which holds an AppleDouble `._`
+    # twin (not an image) of every file; and a folder of pictures Windows Explorer has shown: Thumbs.db and
+    # desktop.ini in the class folders. Neither is a class folder or an image: a user's source as it comes.
+    folder = write_dataset(tmp_path / "finder" / "faces", PER_CLASS)
+    (folder / "female" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not a picture")
+    (folder / "male" / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    for image in sorted((folder / "female").glob("*.jpg"))[:3]:
+        twin = tmp_path / "finder" / "__MACOSX" / "faces" / "female" / f"._{image.name}"
+        twin.parent.mkdir(parents=True, exist_ok=True)
+        twin.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    archive = zip_of(tmp_path / "finder", tmp_path / "faces.zip")
+    assert any(name.startswith("__MACOSX/") for name in zipfile.ZipFile(archive).namelist())
+    for source in (archive, folder):
+        caplog.clear()
+        run = pipeline.prepare({"source": str(source), "storage": local_storage.uri})
+        with caplog.at_level(logging.WARNING, logger="gender_tasks.data.folders"):
+            out = pipeline.ingest(run)["dataset"]
+        manifest = read_manifest(local_storage, manifest_key(out["dataset_id"]))
+        assert out["images"] == 2 * PER_CLASS and manifest["source_path"].str.endswith(".jpg").all()
+        assert "skipped 2 hidden or system file(s) or folder(s)" in caplog.text
+        assert "Thumbs.db" in caplog.text and "desktop.ini" in caplog.text
+        assert caplog.text.count("e.g. entry '__MACOSX' of") == (source == archive)  # said once
 
 
 @pytest.mark.slow  # runs the DAG with dag.test (3 s here)

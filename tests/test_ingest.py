@@ -67,8 +67,8 @@ def test_unknown_class_folder_is_named(tmp_path, any_storage):
 def test_non_image_file_is_named(tmp_path, any_storage):
     root = write_dataset(tmp_path / "d", 3)
     (root / "male" / "notes.txt").write_text("hello")
-    (root / "female" / "thumbs.db").write_text("hello")
-    with pytest.raises(IngestError, match=r"thumbs\.db is not an image.*1 more.*notes\.txt.*move or delete"):
+    (root / "female" / "scores.csv").write_text("hello")
+    with pytest.raises(IngestError, match=r"scores\.csv is not an image.*1 more.*notes\.txt.*move or delete"):
         ingest_folder(root, any_storage)
     assert_nothing_written(any_storage)  # nothing half-written
 

@@ -191,6 +191,22 @@ def test_the_flagged_model_is_warned_about_at_the_top_and_its_row_marked(run, pa
         assert f'<tr data-model="{healthy}"><td' in table1
 
 
+def test_the_warning_counts_models_and_the_ensemble_apart(page):
+    # Flagged, the ensemble is named as the ensemble, never counted as one more model.
+    one = {fx.FLAGGED: page["r"]["flagged"][fx.FLAGGED]}
+    cases = [
+        (one, "Warning: 1 model failed the\nreport's own checks; do not read its numbers"),
+        ({**one, "cnn": one[fx.FLAGGED], "ensemble": one[fx.FLAGGED]}, "Warning: 2 models and the ensemble failed the"),
+        (
+            {"ensemble": one[fx.FLAGGED]},
+            "Warning: the ensemble failed the\nreport's own checks; do not read its numbers",
+        ),
+    ]
+    for flagged, expected in cases:
+        html = sections.render_section("warnings", {**page, "r": {**page["r"], "flagged": flagged}})
+        assert expected in html, html[:300]
+
+
 def test_a_run_without_a_flag_has_no_warning(solo):
     assert solo["r"]["flagged"] == {} and solo["r"]["warnings"] == []
     assert not sections.render_section("warnings", solo).strip()

@@ -38,7 +38,7 @@ MAX_GROUPS = 12
 
 def find_labels_csv(root: Path) -> Path | None:
     """`labels.csv` beside the class folders (which may sit one wrapping folder down)."""
-    dataset_root = next(iter(find_class_dirs(root).values())).parent
+    dataset_root = next(iter(find_class_dirs(root, say_skipped=False).values())).parent
     for folder in (dataset_root, root):
         if (folder / "labels.csv").is_file():
             return folder / "labels.csv"

@@ -7,7 +7,9 @@ regular files only (a FIFO would block the reader forever, a device never ends),
 followed only where they stay inside the source folder, names that are valid UTF-8 without control
 or bidirectional-text characters, folders at most MAX_DEPTH deep, and size limits per file and in
 total. Hidden entries (names starting with ".": editor, OS and tool caches such as `.DS_Store`,
-`.cache/`, `.ipynb_checkpoints/`) are skipped and counted, never taken as images.
+`.cache/`, `.ipynb_checkpoints/`, macOS's `._name` twins) and what operating systems write beside a
+user's files (SYSTEM_NAMES: the `__MACOSX/` folder of every zip macOS's Finder makes, Windows Explorer's
+`Thumbs.db` and `desktop.ini`) are skipped and counted, never taken as images or as class folders.
 
 A zip or S3 source is scanned as a local copy in a temporary folder; `show_copy_as` makes every
 message name its items as the user knows them (an entry of the zip, an S3 URL), never by the
@@ -47,6 +49,23 @@ JOINERS = {"\u200c", "\u200d"}
 REFUSED_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible formatting character", "Cs": "a surrogate",
                       "Zl": "a line separator", "Zp": "a paragraph separator"}  # fmt: skip
 BIDI_CONTROLS = {chr(c) for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+# Names operating systems and archivers write beside a user's files, never data (matched in any case): a zip
+# made by macOS's Finder holds `__MACOSX/` (resource forks: a `._name` twin of every file) beside the folder
+# it compressed, and Windows Explorer leaves thumbnail caches and folder settings in a folder of pictures.
+SYSTEM_NAMES = {"__macosx", "thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini"}
+
+
+def is_skipped(name: str) -> bool:
+    """Hidden (a leading ".") or an operating system's own (SYSTEM_NAMES): skipped and counted, never read."""
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
+
+
+def log_skipped(paths: list[Path]) -> None:
+    if paths:
+        log.warning("skipped %d hidden or system file(s) or folder(s) (names starting with '.', __MACOSX, "
+                    "Thumbs.db, desktop.ini), e.g. %s", len(paths), ", ".join(map(shown, paths[:3])))  # fmt: skip
 
 
 class IngestError(PermanentError):
@@ -103,20 +122,23 @@ def name_problem(name: str) -> str:
     return ""
 
 
-def find_class_dirs(root: Path) -> dict[str, Path]:
+def find_class_dirs(root: Path, *, say_skipped: bool = True) -> dict[str, Path]:
     """Map each class to its folder under `root`, names matched case-insensitively.
 
     The class folders may sit one wrapping folder down (Kaggle's `ThisPersonDoesNotExist/Female`),
     or a few (at most MAX_DEPTH). Any other folder beside them is an error: its images would silently
     be dropped. So are two folders of one class in different case (`Female/` and `female/`): one
-    would be dropped.
+    would be dropped. Hidden and system folders (is_skipped: `__MACOSX/` beside a zipped folder) are passed
+    over, and logged unless `say_skipped` is false (a second look at a source already judged).
     """
-    top = root
+    top, skipped = root, []
     for _ in range(MAX_DEPTH + 1):
         try:
-            subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         except OSError as exc:
             raise IngestError(f"{shown(root)} cannot be listed ({exc.strerror or exc}): fix its permissions") from None
+        skipped += [p for p in subdirs if is_skipped(p.name)]
+        subdirs = [p for p in subdirs if not is_skipped(p.name)]
         by_name: dict[str, Path] = {}
         for p in subdirs:
             if p.name.lower() in by_name:
@@ -133,6 +155,8 @@ def find_class_dirs(root: Path) -> dict[str, Path]:
             f"{shown(top)} holds only a chain of more than {MAX_DEPTH} single folders ({shown(root)}), no class "
             "folders: point the source at the folder that has female/ and male/ in it"
         )
+    if say_skipped:
+        log_skipped(skipped)
     unknown = [shown(p.name) for p in subdirs if p.name.lower() not in CLASSES]
     missing = [c for c in CLASSES if c not in by_name]
     if missing and not unknown:
@@ -150,7 +174,7 @@ def find_class_dirs(root: Path) -> dict[str, Path]:
 
 @dataclass
 class SourceFiles:
-    """What the walk found: images to read (path, label, size) and hidden entries it skipped."""
+    """What the walk found: images to read (path, label, size) and hidden or system entries it skipped."""
 
     files: list[tuple[Path, str, int]] = field(default_factory=list)
     hidden: list[Path] = field(default_factory=list)
@@ -196,7 +220,7 @@ def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found:
         if problem := name_problem(entry.name):
             found.problems.append(f"{shown(path)} {problem}")
             continue
-        if entry.name.startswith("."):
+        if is_skipped(entry.name):
             found.hidden.append(path)
             continue
         st = _follow(path, root_real, found)
@@ -293,9 +317,7 @@ def _judge_found(found: SourceFiles, *, holder: str) -> None:
             f"{shown(first)} is not an image (suffix {first.suffix or 'none'!r}){more}; {holder} "
             f"hold only images ({', '.join(sorted(IMAGE_SUFFIXES))}): move or delete it"
         )
-    if found.hidden:
-        log.warning("skipped %d hidden file(s) or folder(s) (names starting with '.'), e.g. %s",
-                    len(found.hidden), ", ".join(map(shown, found.hidden[:3])))  # fmt: skip
+    log_skipped(found.hidden)
 
 
 def _refuse_total(found: SourceFiles, root: Path, max_total_bytes: int, *, verb: str) -> None:
