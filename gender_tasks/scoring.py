@@ -50,7 +50,7 @@ from . import layout, tables
 from .data.folders import IngestError, list_unlabeled_images, read_regular, shown
 from .data.images import decode_resize, decode_rgb, jpeg_data_uri
 from .data.sources import resolve_source
-from .errors import PermanentError
+from .errors import PermanentError, decode_failure
 from .integrity import sha256_hex
 from .leases import hold_lease, holder_name
 from .settings import RunConfig
@@ -426,7 +426,7 @@ def _score_batch(module, meta: dict, blobs: list[tuple[str, bytes]], identity: d
             raise
         except Exception as exc:  # noqa: BLE001  (PIL raises many types for a broken file)
             decoded.append((name, data, None))
-            rows.append((name, str(exc)[:300] or type(exc).__name__))
+            rows.append((name, decode_failure(exc)))
     good = [d for d in decoded if d[2] is not None]
     probs = np.zeros(0)
     if good:

@@ -503,6 +503,32 @@ def test_predict_skips_fifos_and_links_out_of_the_folder_without_opening_them(tm
     assert not any("linked" in f for f in table.index)
 
 
+def test_predict_passes_over_what_macos_and_windows_write_and_names_a_non_image_plainly(tmp_path, exported, caplog):
+    # A folder copied from a Mac or unpacked from a Finder zip: a `._name` twin of each image (AppleDouble, named
+    # like an image), `__MACOSX/`, and Windows' Thumbs.db. They are no images a user gave, so no rows for them.
+    model = tmp_path / "model.pt2"
+    model.write_bytes(exported)
+    images = write_dataset(tmp_path / "imgs", 2)
+    twin = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+    for image in sorted(images.rglob("*.jpg")):
+        (image.parent / f"._{image.name}").write_bytes(twin)
+    (images / "__MACOSX" / "female").mkdir(parents=True)
+    (images / "__MACOSX" / "female" / "._female_0000.jpg").write_bytes(twin)
+    (images / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (images / "male" / "notes.jpg").write_text("a text file named like an image")
+    out = tmp_path / "out.csv"
+    with caplog.at_level("WARNING", logger="gender_tasks.data.folders"):
+        assert predict_folder(model, images, out) == 4 + 1
+    table = pd.read_csv(out, keep_default_na=False).set_index("file")
+    given = [p.name for p in images.rglob("*.jpg") if not p.name.startswith(".")]
+    assert sorted(Path(f).name for f in table.index) == sorted(given) and len(given) == 5
+    # Pillow's own text names the in-memory buffer by its address (<_io.BytesIO object at 0x7f...>): not said
+    assert (
+        table.loc[str(images / "male" / "notes.jpg"), "error"] == "UnidentifiedImageError: cannot identify image file"
+    )
+    assert "skipped 6 hidden or system file(s) or folder(s)" in caplog.text
+
+
 @pytest.mark.slow
 def test_python_m_predict_given_a_jpeg_as_the_model_prints_one_line(tmp_path):
     """The real command, logging and library warnings included: one line on stderr, exit 2."""

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import layout
-from ..errors import PermanentError
+from ..errors import PermanentError, decode_failure
 from ..leases import hold_lease, holder_name
 from ..settings import RunConfig
 from ..storage import DiskFullError, Storage, human_bytes, put_many
@@ -140,7 +140,7 @@ def _judge(data: bytes, limits: Limits) -> tuple[dict, str]:
     except Image.DecompressionBombError as exc:  # Pillow's own limit, raised by open() from the header
         return row, f"is refused undecoded as a decompression bomb ({exc}); remove or downscale it"
     except Exception as exc:  # PIL raises many types for what is not an image
-        return row, f"is not an image Pillow can read ({type(exc).__name__}: {exc}): remove or replace it"
+        return row, f"is not an image Pillow can read ({decode_failure(exc)}): remove or replace it"
     size = f"{row['width']}x{row['height']} px"
     if row["width"] * row["height"] > limits.max_pixels:
         return row, (f"is {size}, over the {limits.max_pixels:,} px limit (setting max_image_pixels): refused undecoded "
@@ -152,7 +152,7 @@ def _judge(data: bytes, limits: Limits) -> tuple[dict, str]:
         decoded = decode_rgb(data, PHASH_DECODE_SIZE)  # the decode training sees, at the phash's scale
         row.update(decodable=True, phash=image_phash(decoded))
     except Exception as exc:  # truncated or corrupt data
-        row.update(decodable=False, error=f"{type(exc).__name__}: {exc}")
+        row.update(decodable=False, error=decode_failure(exc))
         return row, f"does not decode ({row['error']}): the file is truncated or corrupt; replace it"
     return row, _blank(np.asarray(decoded))
 

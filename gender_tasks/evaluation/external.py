@@ -31,6 +31,7 @@ from ..data.attributes import find_labels_csv, read_labels_table
 from ..data.filters import ExternalSetError, parse_filter, split_spec
 from ..data.folders import IngestError, list_images, read_regular, shown
 from ..data.images import decode_resize
+from ..errors import decode_failure
 from ..settings import ENSEMBLE, RunConfig, Settings
 from ..storage import Storage
 from .metrics import classification_metrics, encode_labels
@@ -104,7 +105,9 @@ def _load(path: Path, sizes: Sequence[int], max_file_bytes: int) -> list[np.ndar
     except MemoryError:
         raise
     except Exception as exc:  # PIL raises many types for a broken file; each means "not a usable image"
-        raise ExternalSetError(f"{shown(path)} cannot be decoded as an image ({exc}): replace or remove it") from None
+        raise ExternalSetError(
+            f"{shown(path)} cannot be decoded as an image ({decode_failure(exc)}): replace or remove it"
+        ) from None
 
 
 def predict_streamed(paths: Sequence[Path], models: dict[str, tuple[Callable, list[int]]], *,

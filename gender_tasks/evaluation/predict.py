@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 
 from .. import layout, tables
-from ..data.folders import IMAGE_SUFFIXES, read_regular, shown
+from ..data.folders import IMAGE_SUFFIXES, is_skipped, log_skipped, read_regular, shown
 from ..data.images import decode_resize
-from ..errors import PermanentError
+from ..errors import PermanentError, decode_failure
 from ..integrity import IntegrityError, repair_hint, verify_bytes
 from ..settings import Settings
 from ..storage import Storage, local_path_of, open_location
@@ -282,7 +282,9 @@ def list_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
 
     Nothing is followed out of the folder and nothing but regular files is taken: a symbolic link is
     skipped unless it names a regular file inside the folder, a FIFO or device is skipped (never
-    opened: it would block the read or never end), and linked folders are not descended into.
+    opened: it would block the read or never end), and linked folders are not descended into. Hidden and
+    system entries (folders.is_skipped: `.DS_Store`, macOS's `._name` twins and `__MACOSX/`, `Thumbs.db`) are
+    passed over as ingest passes them over, and counted in the log.
     """
     folder = Path(folder)
     try:
@@ -295,7 +297,11 @@ def list_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     root = Path(os.path.realpath(folder))
     files: list[Path] = []
     skipped: list[tuple[Path, str]] = []
+    hidden: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        hidden += [Path(dirpath, name) for name in sorted(dirnames + filenames) if is_skipped(name)]
+        dirnames[:] = [d for d in dirnames if not is_skipped(d)]
+        filenames = [name for name in filenames if not is_skipped(name)]
         linked = sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
         if linked:
             log.warning("not searching %d linked folder(s) (links are not followed), e.g. %s", len(linked),
@@ -310,6 +316,7 @@ def list_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
                 skipped.append((path, why))
             else:
                 files.append(path)
+    log_skipped(hidden)
     return files, skipped
 
 
@@ -344,7 +351,7 @@ def predict_folder(model: str | Path, folder: Path, out_csv: Path, batch_size: i
                 arrays.append(decode_inputs(read_regular(path, MAX_IMAGE_BYTES), meta))
                 ok.append(path)
             except Exception as exc:  # one unreadable file must not stop the rest
-                rows.append({"file": str(path), "predicted": "", "prob_male": np.nan, "error": str(exc)})
+                rows.append({"file": str(path), "predicted": "", "prob_male": np.nan, "error": decode_failure(exc)})
         if not arrays:
             continue
         with torch.inference_mode():
