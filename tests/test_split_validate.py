@@ -81,8 +81,14 @@ def test_each_expectation_can_fail(mutate, says):
 
 def test_imbalance_and_leakage_fail():
     m = assign_splits(_manifest(95, 15), 1, [0.7, 0.15, 0.15])
-    with pytest.raises(ValidationFailed, match="female share between 0.2 and 0.8"):
+    with pytest.raises(ValidationFailed, match="female share between 0.2 and 0.8") as err:
         validate_manifest(m, _settings())
+    # the share to three places and the counts behind it, and how to accept a genuine imbalance
+    assert "observed 0.864 (95 of 110 images female)" in str(err.value)
+    assert (
+        'lower min_class_share if the imbalance is genuine (a run setting: --conf \'{"min_class_share": 0.05}'
+        in str(err.value)
+    )
     m = assign_splits(_manifest(), 1, [0.7, 0.15, 0.15])
     train_row = m.index[m["split"] == "train"][0]
     test_row = m.index[m["split"] == "test"][0]

@@ -81,7 +81,10 @@ def _describe_failure(res, frame: pd.DataFrame) -> dict:
             examples.append(f"{row['source_path']} ({row['label']}{'; ' + row['error'] if row.get('error') else ''})")
     detail = ""
     if "observed_value" in result:
-        detail = f"observed {result['observed_value']}"
+        value = result["observed_value"]
+        detail = f"observed {value:.3f}" if isinstance(value, float) and not value.is_integer() else f"observed {value}"
+        if kwargs.get("column") == "is_female" and "is_female" in frame:
+            detail += f" ({int(frame['is_female'].sum()):,} of {len(frame):,} images female)"
     elif result.get("unexpected_count") is not None:
         detail = f"{result['unexpected_count']} offending row(s)"
     return {"expectation": cfg.type, "column": kwargs.get("column"), "says": says, "detail": detail,
