@@ -26,6 +26,15 @@ class IntegrityError(PermanentError):
     """Stored bytes do not match the checksum recorded when they were written; the message names the object."""
 
 
+class NotARegularFile(IntegrityError):
+    """Where an object of local storage should be, something that is no plain file: a FIFO (a read would wait
+    for a writer forever), a device (a read never ends) or a socket. `why` says which, for verify's line."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

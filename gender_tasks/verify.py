@@ -36,7 +36,7 @@ from pathlib import PurePosixPath
 from . import layout
 from .data.manifest import check_rows, parse_manifest
 from .data.shards import INDEX_NAME
-from .integrity import IntegrityError, sha256_hex
+from .integrity import IntegrityError, NotARegularFile, sha256_hex
 from .storage import ObjectInfo, Storage, recorded_sha256
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,22 @@ class _Verifier:
         return self._records[key]
 
     def check(self, key: str) -> tuple[str | None, tuple[str, ...], str, int]:
-        """(problem or None, keys to remove on repair, what rebuilds it, bytes read); problem '' = unverifiable."""
+        """(problem or None, keys to remove on repair, what rebuilds it, bytes read); problem '' = unverifiable.
+
+        A FIFO, device or socket where the object should be (storage.local's NotARegularFile) is never read:
+        it is corrupt whatever its kind, removed on repair with what marks its owner reusable."""
+        try:
+            return self._check(key, self.storage.get_bytes(key))
+        except NotARegularFile as exc:
+            try:
+                _, remove, rebuilt, _ = self._check(key, b"")  # what goes with it, as for bytes that fail their check
+            except IntegrityError:  # its checksum record is no plain file either
+                remove, rebuilt = (), ""
+            return exc.why, tuple(dict.fromkeys((key, *remove))), rebuilt or "the step that writes it, when needed", 0
+
+    def _check(self, key: str, data: bytes) -> tuple[str | None, tuple[str, ...], str, int]:
         storage, name = self.storage, PurePosixPath(key).name
         kind, owner, detail = layout.describe_key(key)
-        data = storage.get_bytes(key)
         size = len(data)
         if kind == "image":
             sha = layout.image_sha(key)

@@ -164,6 +164,35 @@ def test_verify_finds_names_and_repairs_planted_corruption(ingested, capsys):
     assert cli_main(["verify", "--storage", uri]) == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_fifo_where_an_image_was_stored_fails_its_reader_at_once_and_verify_repairs_it(ingested, capsys):
+    # A FIFO in a local store: a plain read waits for a writer forever, so preprocess would hang for good.
+    run, storage = ingested
+    uri, dataset_id = run["storage"], run["dataset"]["dataset_id"]
+    image = _image_keys(storage, run)[0]
+    path = storage.local_path(image)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(
+        IntegrityError, match=r"is not a regular file but a FIFO \(named pipe\).*it was not read.*--repair"
+    ):
+        pipeline.preprocess(run)
+    # listed where the object was, so verify finds it; reported whatever its kind, never opened for a blocking read
+    assert image in storage.list(layout.images_prefix(dataset_id)) and not storage.exists(image)
+    assert cli_main(["verify", "--storage", uri]) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"CORRUPT {storage.url(image)}: not a regular file but a FIFO (named pipe); rebuilt by the next ingest" in out
+    )
+    assert cli_main(["verify", "--storage", uri, "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert f"removed {storage.url(image)}" in out and f"removed {storage.url(layout.manifest_key(dataset_id))}" in out
+    assert not os.path.lexists(path)
+    conf = {k: run["settings"][k] for k in ("source", "storage", "profile", "models", "min_rows", "label_audit")}
+    pipeline.preprocess(pipeline.split(pipeline.ingest(pipeline.prepare(conf))))  # rebuilt from the source
+    assert stat.S_ISREG(os.lstat(path).st_mode) and cli_main(["verify", "--storage", uri]) == 0
+
+
 def test_verify_names_a_bad_storage_and_exits_2(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     assert cli_main(["verify", "--storage", str(tmp_path / "file" / "store")]) == 2

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
+from ..integrity import NotARegularFile, repair_hint
 from .base import (
     DISK_FULL_ERRNOS,
     PROBE_BODY,
@@ -34,6 +36,10 @@ HOW_TO_FREE_STORAGE = (
 # (between the write's mkdir and its file's creation): a delete prunes only empty folders, so one retry
 # loses only to another delete of the same instant.
 FOLDER_RETRIES = 20
+
+
+_SPECIAL = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket"}  # fmt: skip
 
 
 def _is_temp(key: str) -> bool:
@@ -96,8 +102,8 @@ def _files_under(folder: str):
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
-                    elif entry.is_file():
-                        yield entry.path
+                    elif entry.is_file() or not (entry.is_symlink() or entry.is_dir()):
+                        yield entry.path  # a FIFO, device or socket too: it sits where an object would (get_bytes)
         except (FileNotFoundError, NotADirectoryError):
             continue
 
@@ -163,10 +169,24 @@ class LocalStorage:
         _write_atomically(self._path(key), data, root=self.root)
 
     def get_bytes(self, key: str) -> bytes:
+        """The object's bytes. Opened without blocking and checked once open: a FIFO put where an object
+        should be would block a plain read forever, a device never end it; either is a NotARegularFile
+        (an IntegrityError: permanent, and what `verify --repair` removes), at once."""
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url(key)} does not exist") from None
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                why = f"not a regular file but {_SPECIAL.get(stat.S_IFMT(mode), 'a special file')}"
+                raise NotARegularFile(
+                    f"{self.url(key)} is {why}: storage objects are plain files, so something other than the "
+                    f"pipeline put it there; it was not read. {repair_hint(self.uri)}",
+                    why,
+                )
+            return f.read()
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
