@@ -84,6 +84,23 @@ def test_missing_object_names_it(any_storage):
         any_storage.get_bytes("nope.txt")
 
 
+@pytest.mark.timeout(30)
+def test_a_local_object_that_is_no_plain_file_is_refused_unread_and_named(local_storage):
+    # No step writes these; one put where an object should be must fail its reader at once (a plain read of a FIFO
+    # waits for a writer forever), named, as corrupt bytes are.
+    local_storage.put_bytes("a/kept.bin", b"x")
+    os.mkfifo(local_storage.local_path("a/pipe.bin"))
+    local_storage.local_path("a/folder.bin").mkdir()
+    with pytest.raises(
+        IntegrityError, match=r"a/pipe\.bin is not a regular file but a FIFO .*it was not read.*--repair"
+    ):
+        local_storage.get_bytes("a/pipe.bin")
+    with pytest.raises(IntegrityError, match=r"a/folder\.bin is not a regular file but a folder.*remove that folder"):
+        local_storage.get_bytes("a/folder.bin")
+    assert local_storage.list("a/") == ["a/kept.bin", "a/pipe.bin"]  # listed, so that verify finds it
+    assert not local_storage.exists("a/pipe.bin") and local_storage.get_bytes("a/kept.bin") == b"x"
+
+
 @pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/./b", ""])
 def test_keys_cannot_escape(any_storage, key):
     with pytest.raises(StorageError, match="invalid storage key"):

@@ -39,7 +39,7 @@ FOLDER_RETRIES = 20
 
 
 _SPECIAL = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-            stat.S_IFSOCK: "a socket"}  # fmt: skip
+            stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}  # fmt: skip
 
 
 def _is_temp(key: str) -> bool:
@@ -177,15 +177,25 @@ class LocalStorage:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url(key)} does not exist") from None
-        with os.fdopen(fd, "rb") as f:
+        try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
                 why = f"not a regular file but {_SPECIAL.get(stat.S_IFMT(mode), 'a special file')}"
+                fix = (  # verify lists files, and walks into folders: one in an object's place is removed by hand
+                    "remove that folder, then rerun: the run rebuilds what was removed"
+                    if stat.S_ISDIR(mode)
+                    else repair_hint(self.uri)
+                )
                 raise NotARegularFile(
                     f"{self.url(key)} is {why}: storage objects are plain files, so something other than the "
-                    f"pipeline put it there; it was not read. {repair_hint(self.uri)}",
+                    f"pipeline put it there; it was not read. {fix}",
                     why,
                 )
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             return f.read()
 
     def exists(self, key: str) -> bool:
