@@ -400,6 +400,18 @@ def test_what_macos_and_windows_write_beside_the_images_is_skipped_and_said(tmp_
         assert caplog.text.count("e.g. entry '__MACOSX' of") == (source == archive)  # said once
 
 
+def test_a_dataset_at_the_root_of_a_drive_ingests_past_the_drives_own_folders(tmp_path, local_storage, caplog):
+    # female/ and male/ copied to the root of a USB stick or a fresh disk, beside what the file system keeps there
+    root = write_dataset(tmp_path / "drive", PER_CLASS)
+    for name in ("System Volume Information", "$RECYCLE.BIN", "lost+found"):
+        (root / name).mkdir()
+        (root / name / "IndexerVolumeGuid").write_bytes(b"{0}")
+    run = pipeline.prepare({"source": str(root), "storage": local_storage.uri})
+    with caplog.at_level(logging.WARNING, logger="gender_tasks.data.folders"):
+        assert pipeline.ingest(run)["dataset"]["images"] == 2 * PER_CLASS
+    assert "skipped 3 hidden or system file(s) or folder(s)" in caplog.text and "lost+found" in caplog.text
+
+
 @pytest.mark.slow  # runs the DAG with dag.test (3 s here)
 def test_the_dag_fails_a_refusal_without_retrying(tmp_path, local_storage):
     """`_call` turns a PermanentError into AirflowFailException: Airflow fails the task, no retries."""

@@ -9,7 +9,8 @@ or bidirectional-text characters, folders at most MAX_DEPTH deep, and size limit
 total. Hidden entries (names starting with ".": editor, OS and tool caches such as `.DS_Store`,
 `.cache/`, `.ipynb_checkpoints/`, macOS's `._name` twins) and what operating systems write beside a
 user's files (SYSTEM_NAMES: the `__MACOSX/` folder of every zip macOS's Finder makes, Windows Explorer's
-`Thumbs.db` and `desktop.ini`) are skipped and counted, never taken as images or as class folders.
+`Thumbs.db` and `desktop.ini`, a drive root's `System Volume Information/`, `$RECYCLE.BIN/` and `lost+found/`)
+are skipped and counted, never taken as images or as class folders.
 
 A zip or S3 source is scanned as a local copy in a temporary folder; `show_copy_as` makes every
 message name its items as the user knows them (an entry of the zip, an S3 URL), never by the
@@ -53,8 +54,11 @@ BIDI_CONTROLS = {chr(c) for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F)
 
 # Names operating systems and archivers write beside a user's files, never data (matched in any case): a zip
 # made by macOS's Finder holds `__MACOSX/` (resource forks: a `._name` twin of every file) beside the folder
-# it compressed, and Windows Explorer leaves thumbnail caches and folder settings in a folder of pictures.
-SYSTEM_NAMES = {"__macosx", "thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini"}
+# it compressed; Windows Explorer leaves thumbnail caches and folder settings in a folder of pictures; and the
+# root of a drive (a dataset copied to a USB stick or a fresh disk) holds Windows' `System Volume Information/`
+# and `$RECYCLE.BIN/`, or ext4's `lost+found/`.
+SYSTEM_NAMES = {"__macosx", "thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini",
+                "system volume information", "$recycle.bin", "lost+found"}  # fmt: skip
 
 
 def is_skipped(name: str) -> bool:
@@ -65,7 +69,8 @@ def is_skipped(name: str) -> bool:
 def log_skipped(paths: list[Path]) -> None:
     if paths:
         log.warning("skipped %d hidden or system file(s) or folder(s) (names starting with '.', __MACOSX, "
-                    "Thumbs.db, desktop.ini), e.g. %s", len(paths), ", ".join(map(shown, paths[:3])))  # fmt: skip
+                    "Thumbs.db, desktop.ini, a drive's own folders), e.g. %s", len(paths),
+                    ", ".join(map(shown, paths[:3])))  # fmt: skip
 
 
 class IngestError(PermanentError):
