@@ -21,7 +21,7 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +286,15 @@ def _refresh_phashes(storage: Storage, dataset_id: str, rows: list[dict]) -> Non
         write_manifest(storage, key, stored)
 
 
+def _absent(storage: Storage, dataset_id: str, scanned: list, max_file_bytes: int) -> list[tuple[str, Callable]]:
+    """The scanned images that are not in storage as scanned, each with its loader for put_many: missing, or there
+    with another size (a damaged copy, a FIFO put in its place). The keys are content addresses, so one listing
+    with sizes says it; bytes of the right size but changed are verify-on-read's to find."""
+    stored = {o.key: o.size for o in storage.list_info(layout.images_prefix(dataset_id))}
+    return [(s.row["key"], functools.partial(_load, s, max_file_bytes)) for s in scanned
+            if stored.get(s.row["key"]) != s.row["bytes"]]  # fmt: skip
+
+
 class _Written:
     """The storage as put_many sees it, remembering each object it wrote (in this attempt)."""
 
@@ -352,7 +361,17 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
         "upload_seconds": 0.0,
     }
     if storage.exists(layout.manifest_key(dataset_id)):
-        log.info("dataset %s (%d images) is already in %s: nothing to upload", dataset_id, len(rows), storage.uri)
+        # Committed, but its images may have gone since (removed by hand or by a bucket's lifecycle rule, or a
+        # `verify --repair` stopped between an image and its manifest): the source is here, so upload them again.
+        if missing := _absent(storage, dataset_id, scanned, limits.max_file_bytes):
+            log.warning("dataset %s is in %s, but %d of its %d images are not (removed or damaged since it was "
+                        "ingested, e.g. %s): uploading them again from the source", dataset_id, storage.uri,
+                        len(missing), len(rows), storage.url(missing[0][0]))  # fmt: skip
+            with hold_lease(storage, layout.dataset_lease_key(dataset_id, holder_name("ingest")),
+                            owner=f"ingest of {dataset_id}"):  # fmt: skip
+                summary["uploaded"] = put_many(storage, missing, workers=upload_workers)
+        else:
+            log.info("dataset %s (%d images) is already in %s: nothing to upload", dataset_id, len(rows), storage.uri)
         _refresh_phashes(storage, dataset_id, rows)
         return summary
 
@@ -360,10 +379,9 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
     # A lease on the dataset while it uploads: gc removes nothing of it (leases.py), however long this takes.
     with hold_lease(storage, layout.dataset_lease_key(dataset_id, holder_name("ingest")),
                     owner=f"ingest of {dataset_id}") as lease:  # fmt: skip
-        present = set(storage.list(layout.images_prefix(dataset_id)))  # resume an interrupted ingest
-        todo = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
-                if s.row["key"] not in present]  # fmt: skip
-        todo_bytes = sum(s.row["bytes"] for s in scanned if s.row["key"] not in present)
+        todo = _absent(storage, dataset_id, scanned, limits.max_file_bytes)  # resume an interrupted ingest
+        todo_keys = {key for key, _ in todo}
+        todo_bytes = sum(s.row["bytes"] for s in scanned if s.row["key"] in todo_keys)
         progress = _Progress(f"ingest {dataset_id}: uploaded", len(todo))
         written = _Written(storage)
         try:
@@ -371,9 +389,7 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
             # Before the commit, every image must be there: a gc that started before the lease was written, or
             # ran while it lapsed, may have removed some (of an earlier, interrupted ingest) since the listing.
             lease.renew()
-            present = set(storage.list(layout.images_prefix(dataset_id)))
-            gone = [(s.row["key"], functools.partial(_load, s, limits.max_file_bytes)) for s in scanned
-                    if s.row["key"] not in present]  # fmt: skip
+            gone = _absent(storage, dataset_id, scanned, limits.max_file_bytes)
             if gone:
                 log.warning("ingest %s: %d image(s) were removed during the upload (lease lapsed: %s); uploading "
                             "them again", dataset_id, len(gone), lease.lapsed)  # fmt: skip
