@@ -37,7 +37,7 @@ run: $(BIN)/.installed $(AIRFLOW_HOME)/airflow.db
 
 # The fast tier: unit tests, no training, no processes or servers started, no timeouts waited out (under a
 # minute); the `slow` and `services` markers (pyproject.toml) set the rest apart. On TEST_WORKERS
-# pytest-xdist workers too (720 tests: 24-43 s on two on a fast 2-core VM, 52-69 s on a slow one; bench/RESULTS.md).
+# pytest-xdist workers too (721 tests: 24-43 s on two on a fast 2-core VM, 52-69 s on a slow one; bench/RESULTS.md).
 TEST_WORKERS ?= 2
 SLOW_TEST_WORKERS ?= 3
 test-fast: $(BIN)/.installed

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -133,6 +134,22 @@ def test_a_cache_without_its_index_is_not_used_and_is_rewritten(local_storage, s
     with pytest.raises(CacheIncomplete, match="never completed.*run the preprocess step"):
         ShardReader(local_storage, PREFIX, cache_dir=tmp_path / "c")
     write_shards(local_storage, PREFIX, shas, keys, SIZE, rows_per_shard=7, workers=0)
+    assert np.array_equal(ShardReader(local_storage, PREFIX, cache_dir=tmp_path / "c").take(range(30)), expected)
+
+
+@pytest.mark.timeout(60)
+def test_a_committed_cache_missing_a_shard_is_rebuilt_not_reused(local_storage, stored_images, tmp_path, caplog):
+    # The index says the cache is complete, but a shard went since (deleted, or a FIFO put in its place): reused,
+    # every training would fail on it, retry after retry. The writer rebuilds it from the stored images instead.
+    shas, keys, expected = stored_images
+    first = write_shards(local_storage, PREFIX, shas, keys, SIZE, rows_per_shard=7, workers=0)
+    local_storage.delete(shard_key(PREFIX, 1))
+    local_storage.delete(shard_key(PREFIX, 3))
+    os.mkfifo(local_storage.local_path(shard_key(PREFIX, 3)))
+    with caplog.at_level("WARNING", logger="gender_tasks.data.shards"):
+        again = write_shards(local_storage, PREFIX, shas, keys, SIZE, rows_per_shard=7, workers=0)
+    assert f"{PREFIX} lacks 2 of its 5 shards" in caplog.text and "rebuilding it" in caplog.text
+    assert again == first  # the same images decoded the same way: the same shards, byte for byte
     assert np.array_equal(ShardReader(local_storage, PREFIX, cache_dir=tmp_path / "c").take(range(30)), expected)
 
 

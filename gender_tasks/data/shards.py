@@ -110,6 +110,16 @@ def _existing_index(storage: Storage, prefix: str, shas: Sequence[str], size: in
             f"the shard cache {index_key(prefix)} holds other images ({index['rows']} at {index['size']} px) than "
             f"asked ({len(shas)} at {size} px); use a prefix that names the dataset and size, or delete the old cache"
         )
+    # Committed, but shards may have gone since (removed by hand or by a lifecycle rule, a `verify --repair`
+    # stopped before the index, a FIFO in a shard's place: size 0): then every training would fail on the
+    # missing shard, retry after retry. One listing says it; the cache is rebuilt from the stored images.
+    stored = {o.key: o.size for o in storage.list_info(f"{prefix}/")}
+    missing = [key for key in (shard_key(prefix, n) for n in range(index["shard_count"])) if not stored.get(key)]
+    if missing:
+        log.warning("shards: %s lacks %d of its %d shards (removed or emptied since it was written, e.g. %s): "
+                    "rebuilding it", prefix, len(missing), index["shard_count"], storage.url(missing[0]))  # fmt: skip
+        storage.delete(index_key(prefix))
+        return None
     return index
 
 
