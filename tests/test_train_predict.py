@@ -75,6 +75,21 @@ def test_a_second_run_with_the_same_inputs_reuses_the_model_and_a_changed_settin
     assert "cnn epoch 1/2" in caplog.text
 
 
+def test_a_stored_model_that_lost_a_file_is_trained_again_not_reused(prepared, caplog):
+    # Its card is there but a file went since (deleted, a lifecycle rule, a repair stopped before the card):
+    # reused, the run would fail copying it, retry after retry. The next run trains it again instead.
+    first = pipeline.train({**prepared, "run_key": "ra"}, "cnn")
+    storage = open_storage(prepared["storage"])
+    keyed = trained_prefix(prepared["dataset"]["dataset_id"], "cnn", first["train_key"])
+    storage.delete(f"{keyed}/predictions.csv")
+    caplog.set_level("INFO")
+    second = pipeline.train({**prepared, "run_key": "rb"}, "cnn")
+    assert second["reused"] is False and second["train_key"] == first["train_key"]
+    assert f"cnn: the model under {storage.url(keyed)} lacks predictions.csv" in caplog.text
+    assert "cnn epoch 1/2" in caplog.text and storage.exists(f"{model_prefix('rb', 'cnn')}/predictions.csv")
+    assert storage.exists(f"{keyed}/predictions.csv")  # the keyed model is whole again, for the runs after
+
+
 class _Killed(Exception):
     pass
 

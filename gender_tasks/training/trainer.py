@@ -132,9 +132,18 @@ def _reusable(storage: Storage, model_name: str, prefix: str) -> bool:
         log.warning("%s: the model under %s was exported as TorchScript (model.ts) by an earlier version; training it "
                     "again to export a model.pt2", model_name, storage.url(prefix))  # fmt: skip
         return False
-    if card_checksums(card, _VERIFIED, what=storage.url(key), fix=repair_hint(storage.uri)) is None:
+    checksums = card_checksums(card, _VERIFIED, what=storage.url(key), fix=repair_hint(storage.uri))
+    if checksums is None:
         log.warning("%s: the model under %s records no checksums of its files (an earlier version wrote it), so "
                     "it cannot be verified; training it again", model_name, storage.url(prefix))  # fmt: skip
+        return False
+    # The card is there, but files may have gone since (removed by hand or by a lifecycle rule, a `verify
+    # --repair` stopped before the card, a FIFO in a file's place: size 0): reused, the run would fail copying
+    # them, retry after retry. One listing says it.
+    stored = {o.key.rpartition("/")[2]: o.size for o in storage.list_info(f"{prefix}/")}
+    if missing := sorted(name for name in checksums if not stored.get(name)):
+        log.warning("%s: the model under %s lacks %s (removed or emptied since it was trained): training it again",
+                    model_name, storage.url(prefix), ", ".join(missing))  # fmt: skip
         return False
     return True
 
