@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import PermanentError
 from ..settings import CLASSES
-from ..storage import human_bytes
+from ..storage import file_kind, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,6 @@ class SourceFiles:
     problems: list[str] = field(default_factory=list)  # "<path> <why and the fix>"
 
 
-_KINDS = {stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
-          stat.S_IFSOCK: "socket"}  # fmt: skip
-
-
 def _follow(path: Path, root_real: Path, found: SourceFiles) -> os.stat_result | None:
     """The stat of what `path` names, following a symlink only where it stays inside the source."""
     try:
@@ -247,7 +243,7 @@ def _walk(folder: Path, label: str, root_real: Path, max_file_bytes: int, found:
             seen.add(real)
             _walk(path, label, root_real, max_file_bytes, found, seen, depth + 1)
         elif not stat.S_ISREG(st.st_mode):
-            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "special file")
+            kind = file_kind(st.st_mode)
             found.problems.append(f"{shown(path)} is a {kind}, not a regular file: remove it (never opened)")
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
             found.not_images.append(path)

@@ -12,6 +12,7 @@ import errno
 import logging
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -47,6 +48,15 @@ class DiskFullError(PermanentError):
 
 # A write that fails with one of these found no room: no space left on the device, or the quota used up.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# What a path is when it is no regular file (stat.S_IFMT), in words: a source's walk refuses these unopened, and
+# local storage refuses one in an object's place.
+FILE_KINDS = {stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+              stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}  # fmt: skip
+
+
+def file_kind(mode: int) -> str:
+    """The kind of file a stat mode names, for a message ("FIFO (named pipe)", "folder", ...)."""
+    return FILE_KINDS.get(stat.S_IFMT(mode), "special file")
 
 
 def human_bytes(n: float) -> str:

@@ -24,6 +24,7 @@ from .base import (
     check_key,
     check_prefix,
     disk_full,
+    file_kind,
     is_probe,
     probe_key,
 )
@@ -36,10 +37,6 @@ HOW_TO_FREE_STORAGE = (
 # (between the write's mkdir and its file's creation): a delete prunes only empty folders, so one retry
 # loses only to another delete of the same instant.
 FOLDER_RETRIES = 20
-
-
-_SPECIAL = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-            stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}  # fmt: skip
 
 
 def _is_temp(key: str) -> bool:
@@ -180,7 +177,7 @@ class LocalStorage:
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
-                why = f"not a regular file but {_SPECIAL.get(stat.S_IFMT(mode), 'a special file')}"
+                why = f"not a regular file but a {file_kind(mode)}"
                 fix = (  # verify lists files, and walks into folders: one in an object's place is removed by hand
                     "remove that folder, then rerun: the run rebuilds what was removed"
                     if stat.S_ISDIR(mode)
