@@ -295,6 +295,12 @@ def _absent(storage: Storage, dataset_id: str, scanned: list, max_file_bytes: in
             if stored.get(s.row["key"]) != s.row["bytes"]]  # fmt: skip
 
 
+def _lease(storage: Storage, dataset_id: str):
+    """A lease on the dataset while ingest uploads to it: gc removes nothing of it (leases.py), however long."""
+    return hold_lease(storage, layout.dataset_lease_key(dataset_id, holder_name("ingest")),
+                      owner=f"ingest of {dataset_id}")  # fmt: skip
+
+
 class _Written:
     """The storage as put_many sees it, remembering each object it wrote (in this attempt)."""
 
@@ -367,8 +373,7 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
             log.warning("dataset %s is in %s, but %d of its %d images are not (removed or damaged since it was "
                         "ingested, e.g. %s): uploading them again from the source", dataset_id, storage.uri,
                         len(missing), len(rows), storage.url(missing[0][0]))  # fmt: skip
-            with hold_lease(storage, layout.dataset_lease_key(dataset_id, holder_name("ingest")),
-                            owner=f"ingest of {dataset_id}"):  # fmt: skip
+            with _lease(storage, dataset_id):
                 summary["uploaded"] = put_many(storage, missing, workers=upload_workers)
         else:
             log.info("dataset %s (%d images) is already in %s: nothing to upload", dataset_id, len(rows), storage.uri)
@@ -376,9 +381,7 @@ def ingest_folder(root: Path, storage: Storage, limits: Limits | None = None, *,
         return summary
 
     upload_started = time.monotonic()
-    # A lease on the dataset while it uploads: gc removes nothing of it (leases.py), however long this takes.
-    with hold_lease(storage, layout.dataset_lease_key(dataset_id, holder_name("ingest")),
-                    owner=f"ingest of {dataset_id}") as lease:  # fmt: skip
+    with _lease(storage, dataset_id) as lease:
         todo = _absent(storage, dataset_id, scanned, limits.max_file_bytes)  # resume an interrupted ingest
         todo_keys = {key for key, _ in todo}
         todo_bytes = sum(s.row["bytes"] for s in scanned if s.row["key"] in todo_keys)
